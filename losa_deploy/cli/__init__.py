@@ -1,0 +1,116 @@
+"""``losa-deploy``: one module per command under ``losa_deploy/cli/``, each thin (parse, call the API, print).
+
+Every command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict``. The dict is
+what ``--json PATH`` writes. A command whose module does not exist yet is listed anyway and says it is not
+built (exit 2). User errors (:class:`~losa_deploy.errors.LosaError`) print one ``error: ...`` line on
+stderr and exit 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .._version import __version__
+from ..errors import LosaError
+
+# (command, module, the issue that builds it) in the order of the pipeline.
+COMMANDS = (
+    ("env", "env", None),
+    ("inspect", "inspect", None),
+    ("eval", "eval", None),
+    ("import-gguf", "import_gguf", None),
+    ("prune", "prune", "the pruning engine (issue #3)"),
+    ("finetune", "finetune", "LoSA fine-tuning (issue #4)"),
+    ("merge", "merge", "LoSA fine-tuning (issue #4)"),
+    ("pack", "pack", "packing for serving (issue #8)"),
+    ("bench", "bench", "the throughput harness (issue #9)"),
+    ("demo", "demo", None),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``error: ...`` line and exit 2, like every other error."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(f"{__name__}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__name__}.{module}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="losa-deploy", description="Prune, fine-tune, merge, pack and serve sparse LLMs.")
+    parser.add_argument("--version", action="version", version=f"losa-deploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, module_name, pending in COMMANDS:
+        module = _load(module_name)
+        if module is None:
+            p = sub.add_parser(name, help=f"(not built yet: {pending})", add_help=True)
+            p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+            p.set_defaults(run=_pending(name, pending))
+        else:
+            p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+            module.add_arguments(p)
+            p.set_defaults(run=module.run)
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _pending(name: str, pending: str):
+    def run(args):
+        raise LosaError(f"`{name}` is not built yet (it comes with {pending})")
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.json:
+            _check_json_path(args.json)
+        _quiet_libraries()
+        result = args.run(args)
+        if args.json:
+            from ..utils.fs import write_json
+
+            write_json(args.json, {"command": args.command, **(result or {})})
+    except LosaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _check_json_path(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise LosaError(f"--json: directory {parent} does not exist")
+
+
+def _quiet_libraries() -> None:
+    # transformers' own "Loading weights" bars and advisory warnings drown our output.
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+

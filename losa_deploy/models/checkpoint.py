@@ -1,0 +1,181 @@
+"""Loading and saving local Hugging Face causal-LM checkpoints, safely.
+
+* Weights come from safetensors. Pickled ``.bin`` files are accepted only if ``torch.load(...,
+  weights_only=True)`` can read them; anything needing arbitrary unpickling is refused.
+* ``trust_remote_code`` is never enabled unless the caller passes it.
+* Every file is checked before transformers sees it, so a missing directory, a config without weights,
+  a truncated file or an unsupported architecture is a one-line :class:`LosaError`, not a traceback or,
+  worse, a model silently filled with random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import LosaError
+from ..utils.fs import atomic_dir
+from .arch import architecture_for
+
+logger = logging.getLogger("losa_deploy")
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+# Files transformers writes beside the weights that a loaded checkpoint should keep.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LosaError(f"unknown dtype '{name}' (choose from bf16, fp16, fp32)") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: safetensors if present, else pickled ``.bin`` files."""
+    st = sorted(path.glob("*.safetensors"))
+    return st if st else sorted(path.glob("pytorch_model*.bin"))
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise LosaError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise LosaError(f"model path {path} is not a directory (a .gguf file? use `losa-deploy import-gguf`)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LosaError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        return json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LosaError(f"{cfg_path} is not valid JSON ({exc})") from None
+
+
+def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False) -> dict:
+    """Validate a model directory without loading the model; returns its config as a dict."""
+    path = Path(path)
+    config = read_config(path)
+    if "auto_map" in config and not trust_remote_code:
+        raise LosaError(f"{path} ships its own modelling code (auto_map); pass --trust-remote-code to run it")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise LosaError(f"{path}/config.json has no model_type")
+    architecture_for(model_type)
+    files = weight_files(path)
+    if not files:
+        raise LosaError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    for file in files:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file)
+        else:
+            _check_pickle(file)
+    return config
+
+
+def _check_safetensors(file: Path) -> None:
+    """Check the header parses and the file holds every byte the header points at."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as raw:
+            header_len = int.from_bytes(raw.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(raw.read(header_len))
+        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise LosaError(f"{file} is not a valid safetensors file ({exc})") from None
+    if size < 8 + header_len + data_end:
+        raise LosaError(f"{file} is truncated: its header needs {8 + header_len + data_end} bytes, the file has {size}")
+
+
+def _check_pickle(file: Path) -> None:
+    try:
+        torch.load(file, map_location="meta", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise LosaError(
+            f"refusing {file}: it cannot be loaded with weights_only=True ({type(exc).__name__}); "
+            "convert it to safetensors"
+        ) from None
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from a local directory. ``dtype=None`` keeps the stored dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    check_checkpoint(path, trust_remote_code)
+    torch_dtype = parse_dtype(dtype)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype if torch_dtype is not None else "auto",
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+        weights_only=True,
+        output_loading_info=True,
+    )
+    missing = [k for k in info.get("missing_keys", []) if not _is_tied(model, k)]
+    if missing:
+        raise LosaError(f"{path} is missing {len(missing)} weight(s), e.g. {sorted(missing)[0]}")
+    if info.get("mismatched_keys"):
+        raise LosaError(f"{path} has weights of the wrong shape, e.g. {info['mismatched_keys'][0]}")
+    model.eval()
+    return model.to(device)
+
+
+def _is_tied(model, key: str) -> bool:
+    # transformers reports a tied lm_head as missing in some versions; it is not.
+    return key.startswith("lm_head") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise LosaError(f"{path} has no tokenizer files (tokenizer.json or tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise LosaError(f"cannot load the tokenizer in {path}: {type(exc).__name__}: {exc}") from None
+
+
+def save_model(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Save as safetensors (exact tensors), atomically. ``extra_files`` maps file name -> text."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)

@@ -1,0 +1,46 @@
+"""Import a GGUF file into an ordinary HF safetensors checkpoint, through transformers' GGUF loader.
+
+transformers dequantizes the GGUF tensors to float; we drop the ``quantization_config`` it leaves in the
+config (the weights are no longer quantized) and save a plain checkpoint every later stage can read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import LosaError
+from .arch import architecture_for
+from .checkpoint import parse_dtype, save_model
+
+
+def load_gguf(gguf_path: str | os.PathLike, dtype=None):
+    """(model, tokenizer) from a GGUF file, dequantized to ``dtype`` (default float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = Path(gguf_path)
+    if not file.is_file():
+        raise LosaError(f"GGUF file {file} does not exist")
+    with open(file, "rb") as raw:
+        if raw.read(4) != b"GGUF":
+            raise LosaError(f"{file} is not a GGUF file (bad magic)")
+    kwargs = {"gguf_file": file.name, "local_files_only": True}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=parse_dtype(dtype) or "float32", **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LosaError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
+    architecture_for(model.config.model_type)
+    return model, tokenizer
+
+
+def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, dtype=None, overwrite: bool = False) -> Path:
+    """Write the GGUF model as a safetensors checkpoint in ``out`` (atomically)."""
+    model, tokenizer = load_gguf(gguf_path, dtype)
+    # The tensors are dequantized floats now: the checkpoint must not claim a GGUF quantization.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = Path(gguf_path).stem
+    return save_model(model, out, tokenizer=tokenizer, overwrite=overwrite)

@@ -1,0 +1,123 @@
+"""Sparsity patterns of weight matrices: measure them and tell which pattern a weight follows.
+
+Conventions shared by every pruner, kernel and exporter:
+
+* A weight is ``[out, in]``; N:M groups run along the input (K) dimension, ``M`` consecutive columns.
+* When ``in`` is not a multiple of ``M`` the last, partial group of width ``t`` keeps at most
+  ``nm_tail_keep(n, m, t) = ceil(n * t / m)`` weights (at least the group's share, never a whole
+  column's worth more). Packed formats store that tail in the unstructured sub-format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+NM_GROUP_SIZES = (4, 8, 16)
+# A layer counts as N:M when its groups are on average this full (kept weights that happen to be exactly
+# zero make a few groups hold fewer than N).
+_FULL_GROUPS = 0.98
+_DENSE_BELOW = 1e-3  # sparsity under this is "dense" (a few exact zeros occur in real checkpoints)
+
+
+def nm_tail_keep(n: int, m: int, width: int) -> int:
+    """How many weights the partial tail group of ``width < m`` columns keeps under N:M."""
+    return -(-n * width // m)
+
+
+@dataclass(frozen=True)
+class LayerPattern:
+    """What one weight matrix looks like."""
+
+    kind: str  # "dense" | "unstructured" | "nm" | "mixed_nm" (N varies across rows)
+    sparsity: float
+    nnz: int
+    numel: int
+    n: int | None = None  # N (the largest N for mixed_nm)
+    m: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "mixed_nm":
+            return f"mixed N:{self.m} (N<={self.n})"
+        return self.kind
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sparsity(weight: torch.Tensor) -> float:
+    return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+
+
+def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept entries per full group of ``m`` columns: ``[out, in // m]``."""
+    rows, cols = keep.shape
+    full = cols // m
+    return keep[:, : full * m].reshape(rows, full, m).sum(-1)
+
+
+def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group (and the partial tail group) keeps at most its N:M share."""
+    keep = weight != 0
+    if keep.shape[1] >= m and int(nm_group_counts(keep, m).max()) > n:
+        return False
+    tail = keep.shape[1] % m
+    return tail == 0 or int(keep[:, -tail:].sum(1).max()) <= nm_tail_keep(n, m, tail)
+
+
+def detect_pattern(weight: torch.Tensor) -> LayerPattern:
+    """Classify a 2-D weight as dense, unstructured, N:M or mixed N:M (per-row N)."""
+    keep = weight.detach() != 0
+    numel = keep.numel()
+    nnz = int(keep.sum())
+    sp = 1.0 - nnz / max(numel, 1)
+    base = {"sparsity": sp, "nnz": nnz, "numel": numel}
+    if sp < _DENSE_BELOW:
+        return LayerPattern("dense", **base)
+    best = None
+    for m in NM_GROUP_SIZES:
+        found = _nm_fit(keep, m)
+        if found is not None and (best is None or found[1] / m < best[1] / best[2]):
+            best = (found[0], found[1], m)
+    if best is None:
+        return LayerPattern("unstructured", **base)
+    kind, n, m = best
+    return LayerPattern(kind, n=n, m=m, **base)
+
+
+def _nm_fit(keep: torch.Tensor, m: int) -> tuple[str, int] | None:
+    """("nm" | "mixed_nm", N) if the mask is N:M for this M (N per row for mixed), else None."""
+    rows, cols = keep.shape
+    if cols < m:
+        return None
+    counts = nm_group_counts(keep, m)
+    row_n = counts.max(dim=1).values  # the N each row follows
+    n = int(row_n.max())
+    if n >= m or n == 0:
+        return None
+    # Groups must be (nearly) full relative to their row's N: random unstructured masks are not.
+    fill = counts.sum(1).double() / (row_n.double().clamp(min=1) * counts.shape[1])
+    if float(fill.mean()) < _FULL_GROUPS:
+        return None
+    tail = cols % m
+    if tail and bool((keep[:, -tail:].sum(1) > (row_n * tail + m - 1) // m).any()):
+        return None  # the tail group may keep at most nm_tail_keep(row N, m, tail)
+    return ("nm" if int(row_n.min()) == n else "mixed_nm"), n
+
+
+def model_pattern(patterns: dict[str, LayerPattern]) -> str:
+    """The checkpoint-level pattern: dense, unstructured, nm (one N:M everywhere) or mixed_nm."""
+    kinds = {p.kind for p in patterns.values()}
+    sparse = [p for p in patterns.values() if p.kind != "dense"]
+    if not sparse:
+        return "dense"
+    if kinds & {"unstructured"}:
+        return "unstructured"
+    if len({p.m for p in sparse}) > 1:
+        return "unstructured"  # different group sizes: no single N:M kernel applies
+    if "mixed_nm" in kinds or len({p.n for p in sparse}) > 1 or "dense" in kinds:
+        return "mixed_nm"
+    return "nm"

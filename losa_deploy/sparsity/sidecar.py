@@ -1,0 +1,99 @@
+"""The ``losa_sparsity.json`` sidecar: per-layer sparsity and pattern, saved beside the weights.
+
+Format (engines-and-formats.md §4.1): ``format``, ``format_version``, ``producer``, ``base_model``,
+``pattern``, ``global_sparsity``, ``modules`` (per linear: ``shape``, ``sparsity``, ``nnz``, ``nm``,
+``pattern``, ``mask_sha256``), ``method``, ``checks``. ``mask_sha256`` hashes the packed little-endian
+bitmask of ``W != 0``. A sidecar that disagrees with the weights is an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+from ..errors import LosaError
+from ..kernels.formats.bitmask import mask_sha256
+from ..utils.fs import write_json
+from .patterns import LayerPattern, detect_pattern, model_pattern
+
+SIDECAR = "losa_sparsity.json"
+FORMAT = "losa-sparsity"
+FORMAT_VERSION = 1
+
+
+def module_entry(weight: torch.Tensor, pattern: LayerPattern | None = None) -> dict:
+    pattern = pattern or detect_pattern(weight)
+    return {
+        "shape": list(weight.shape),
+        "sparsity": round(pattern.sparsity, 6),
+        "nnz": pattern.nnz,
+        "pattern": pattern.kind,
+        "nm": {"n": pattern.n, "m": pattern.m} if pattern.kind in ("nm", "mixed_nm") else None,
+        "mask_sha256": mask_sha256(weight),
+    }
+
+
+def build_sidecar(weights: Iterable[tuple[str, torch.Tensor]], base_model: dict | None = None,
+                  method: dict | None = None) -> dict:
+    """Describe the named prunable weights (module name -> ``[out, in]`` weight)."""
+    modules, patterns, nnz, numel = {}, {}, 0, 0
+    for name, weight in weights:
+        patterns[name] = detect_pattern(weight)
+        modules[name] = module_entry(weight, patterns[name])
+        nnz += patterns[name].nnz
+        numel += patterns[name].numel
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": f"losa-deploy {__version__}",
+        "base_model": base_model or {},
+        "pattern": model_pattern(patterns),
+        "global_sparsity": round(1.0 - nnz / max(numel, 1), 6),
+        "modules": modules,
+        "method": method or {},
+        "checks": {"negative_zeros": 0},
+    }
+
+
+def write_sidecar(directory: str | os.PathLike, sidecar: dict) -> Path:
+    path = Path(directory) / SIDECAR
+    write_json(path, sidecar)
+    return path
+
+
+def read_sidecar(directory: str | os.PathLike) -> dict | None:
+    """The sidecar of a checkpoint directory, or None if it has none."""
+    path = Path(directory) / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        sidecar = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LosaError(f"{path} is not valid JSON ({exc.msg})") from None
+    if sidecar.get("format") != FORMAT or sidecar.get("format_version") != FORMAT_VERSION:
+        raise LosaError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} sidecar")
+    return sidecar
+
+
+def verify_module(name: str, entry: dict, weight: torch.Tensor) -> None:
+    """Raise if the sidecar entry for ``name`` does not describe ``weight``."""
+    if list(weight.shape) != entry.get("shape"):
+        raise LosaError(f"sidecar disagrees with the weights: {name} has shape {list(weight.shape)}, "
+                        f"sidecar says {entry.get('shape')}")
+    if mask_sha256(weight) != entry.get("mask_sha256"):
+        raise LosaError(f"sidecar disagrees with the weights: the zero pattern of {name} does not match "
+                        "its mask_sha256")
+
+
+def verify_sidecar(sidecar: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Check every module of the sidecar against the weights (module name -> weight)."""
+    missing = sorted(set(sidecar["modules"]) - set(weights))
+    if missing:
+        raise LosaError(f"sidecar disagrees with the weights: no weight for module {missing[0]}")
+    for name, entry in sidecar["modules"].items():
+        verify_module(name, entry, weights[name])

@@ -1,0 +1,45 @@
+"""The CLI contract: every command has --help, --json and the same error convention."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from losa_deploy.cli import COMMANDS
+
+
+@pytest.mark.parametrize("command", [c[0] for c in COMMANDS])
+def test_every_command_has_help(cli, command):
+    code, out, _ = cli(command, "--help")
+    assert code == 0 and "--json" in out and "usage:" in out
+
+
+def test_unbuilt_commands_say_so(cli):
+    import importlib.util
+
+    pending = [c for c, module, _ in COMMANDS if importlib.util.find_spec(f"losa_deploy.cli.{module}") is None]
+    for command in pending:
+        code, _, err = cli(command, "anything")
+        assert code == 2 and err.startswith("error: ") and "not built yet" in err
+
+
+def test_env_reports_kernels_and_cpu(cli, tmp_path):
+    code, out, _ = cli("env", "--json", tmp_path / "env.json")
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert code == 0 and env["command"] == "env"
+    assert env["packages"]["torch"].startswith("2.13.0")
+    assert set(env["cpu"]["features"]) >= {"avx2", "avx512f", "avx512bf16", "avx512vnni", "avx512vbmi2"}
+    assert "losa::pack_mask" in env["kernels"]["ops"] or not env["kernels"]["compiled"]
+    assert "kernels:" in out and "features:" in out
+
+
+@pytest.mark.parametrize("entry", ["script", "module"])
+def test_installed_entry_points_run(entry):
+    script = Path(sys.executable).with_name("losa-deploy")
+    exe = [str(script)] if entry == "script" else [sys.executable, "-m", "losa_deploy"]
+    done = subprocess.run([*exe, "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("losa-deploy ")
+    bad = subprocess.run([*exe, "inspect", "/no/such/dir"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: model directory /no/such/dir does not exist"

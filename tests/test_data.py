@@ -1,0 +1,119 @@
+"""Data sources, slices, windows, instruction examples and self-generated calibration."""
+
+import json
+
+import pytest
+import torch
+
+from losa_deploy.data import (
+    IGNORE_INDEX,
+    calibration_windows,
+    collate,
+    eval_windows,
+    parse_slice,
+    read_source,
+    sample_windows,
+    self_generate,
+    slice_source,
+    tokenize_examples,
+    tokenize_text,
+)
+from losa_deploy.errors import LosaError
+from losa_deploy.models import load_model, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    return load_model(stories_dir), load_tokenizer(stories_dir)
+
+
+def test_formats(tmp_path, assets):
+    (tmp_path / "a.txt").write_text("one story.\n\nanother story.")
+    assert read_source(tmp_path / "a.txt").text == "one story.\n\nanother story."
+    (tmp_path / "b.jsonl").write_text('{"text": "alpha"}\n\n{"text": "beta"}\n')
+    assert read_source(tmp_path / "b.jsonl").text == "alpha\n\nbeta"
+    (tmp_path / "c.json").write_text(json.dumps([{"body": "x1"}, {"body": "x2"}]))
+    assert read_source(tmp_path / "c.json", text_field="body").text == "x1\n\nx2"
+    alpaca = read_source(assets / "data" / "alpaca-700.json")
+    assert alpaca.is_instruct and len(alpaca.examples) == 700
+    first = alpaca.examples[0]
+    assert first.prompt.startswith("Below is an instruction") and first.prompt.endswith("### Response:\n")
+    assert first.response == "They walked to a nearby store."
+    with_input = alpaca.examples[1]
+    assert "### Input:\nThe president delivered a speech yesterday." in with_input.prompt
+
+
+@pytest.mark.parametrize("content,match", [("   \n", "empty"), ("[1, 2]", "list of JSON objects"),
+                                           ('[{"instruction": "a", "output": " "}]', "no usable examples"),
+                                           ('[{"other": 1}]', "no text field"), ("{bad", "not valid JSON")])
+def test_bad_files(tmp_path, content, match):
+    path = tmp_path / ("x.txt" if content.strip() == "" else "x.json")
+    path.write_text(content)
+    with pytest.raises(LosaError, match=match):
+        read_source(path)
+
+
+def test_slices_are_disjoint_and_cover(tinystories):
+    source = read_source(tinystories)
+    text = source.text
+    train = slice_source(source, *parse_slice("0:0.8")).text
+    test = slice_source(source, *parse_slice("0.8:1")).text
+    # The train slice is a prefix and the test slice the rest, split at one blank line: no shared character.
+    assert text.startswith(train) and text.rstrip("\n").endswith(test)
+    cut = len(train)
+    assert text[cut:].strip("\n") == test and text[cut: cut + 2] == "\n\n"
+    assert 0.7 < len(train) / len(text) < 0.9
+    for bad in ("0.5", "0.9:0.1", "a:b", "0:1.5"):
+        with pytest.raises(LosaError, match="bad slice"):
+            parse_slice(bad)
+
+
+def test_windows(stories, tinystories, rng):
+    _, tok = stories
+    ids = tokenize_text(tok, read_source(tinystories).text)
+    seqlen = int(torch.randint(17, 300, (), generator=rng))
+    win = eval_windows(ids, seqlen)
+    assert win.shape == (ids.numel() // seqlen, seqlen)
+    assert torch.equal(win.flatten(), ids[: win.numel()])
+    assert eval_windows(ids, seqlen, max_windows=3).shape == (3, seqlen)
+    with pytest.raises(LosaError, match="shorter than one window"):
+        eval_windows(ids[:10], 11)
+    a, b = sample_windows(ids, 5, seqlen, seed=3), sample_windows(ids, 5, seqlen, seed=3)
+    assert torch.equal(a, b) and not torch.equal(a, sample_windows(ids, 5, seqlen, seed=4))
+    for row in a:  # every sampled window is a real slice of the stream
+        start = (ids.unfold(0, seqlen, 1) == row).all(1).nonzero()
+        assert start.numel() >= 1
+
+
+def test_instruction_examples_mask_the_prompt(stories, assets):
+    _, tok = stories
+    examples = read_source(assets / "data" / "alpaca-700.json").examples[:6]
+    items = tokenize_examples(tok, examples, max_len=512, response_only=True)
+    for ex, item in zip(examples, items):
+        n_prompt = len(tok(ex.prompt)["input_ids"])
+        assert (item.labels[:n_prompt] == IGNORE_INDEX).all()
+        assert torch.equal(item.labels[n_prompt:], item.input_ids[n_prompt:])
+        assert item.input_ids[-1].item() == tok.eos_token_id
+    full = tokenize_examples(tok, examples, max_len=512, response_only=False)
+    assert all(torch.equal(f.labels, f.input_ids) for f in full)
+    batch = collate(items[:3], pad_id=0)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert ((batch["attention_mask"] == 0) <= (batch["labels"] == IGNORE_INDEX)).all()
+    with pytest.raises(LosaError, match="no usable examples"):
+        tokenize_examples(tok, examples, max_len=8)
+
+
+def test_self_generation_is_seeded_and_fills_windows(stories):
+    model, tok = stories
+    a = self_generate(model, tok, nsamples=3, seqlen=24, seed=7, batch_size=2, progress=False)
+    b = self_generate(model, tok, nsamples=3, seqlen=24, seed=7, batch_size=3, progress=False)
+    assert a.shape == (3, 24) and (a[:, 0] == tok.bos_token_id).all()
+    assert not (a[:, 1:] == tok.eos_token_id).any()
+    assert torch.equal(a, b)  # same seed, whatever the batch size
+    assert not torch.equal(a, self_generate(model, tok, 3, 24, seed=8, progress=False))
+    # self-generated text is what the model finds likely: far below a uniform guess (ppl 512)
+    from losa_deploy.eval import perplexity
+
+    assert perplexity(model, a, progress=False)["ppl"] < 50
+    cal = calibration_windows(model, tok, "self", nsamples=2, seqlen=16, seed=1, progress=False)
+    assert cal.shape == (2, 16)

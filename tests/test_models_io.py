@@ -1,0 +1,103 @@
+"""Checkpoints: bit-exact save/load, the architecture adapter on every supported family, safe loading."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from losa_deploy.errors import LosaError
+from losa_deploy.models import get_architecture, load_model, load_tokenizer, save_model
+from losa_deploy.models.tensors import iter_tensors
+
+
+class NotATensor:
+    """Anything weights_only unpickling does not allow (stands for arbitrary pickled code)."""
+
+
+def _state(path):
+    return dict(iter_tensors(path))
+
+
+def test_save_load_is_bit_exact(stories_dir, tmp_path):
+    model = load_model(stories_dir)
+    tokenizer = load_tokenizer(stories_dir)
+    out = save_model(model, tmp_path / "copy", tokenizer=tokenizer)
+    original, saved = _state(stories_dir), _state(out)
+    # A tied lm_head may be stored once or twice; every stored tensor must be identical.
+    for key, tensor in original.items():
+        assert key in saved, key
+        assert saved[key].dtype == tensor.dtype and torch.equal(saved[key], tensor), key
+    reloaded = load_model(out)
+    for (k1, t1), (k2, t2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(t1, t2), k1
+    assert load_tokenizer(out)("Once upon a time")["input_ids"] == tokenizer("Once upon a time")["input_ids"]
+
+
+def test_save_keeps_bf16_bits(stories_dir, tmp_path):
+    model = load_model(stories_dir, dtype="bf16")
+    out = save_model(model, tmp_path / "bf16")
+    for key, tensor in model.state_dict().items():
+        if key in load_file(out / "model.safetensors"):
+            assert torch.equal(load_file(out / "model.safetensors")[key], tensor)
+    assert load_model(out).dtype == torch.bfloat16
+
+
+def test_every_family_loads_and_exposes_its_linears(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    arch = get_architecture(model)
+    linears = arch.linears(model)
+    cfg = model.config
+    assert len(linears) == cfg.num_hidden_layers * len(arch.linear_names)
+    for name, module in linears.items():
+        assert isinstance(module, torch.nn.Linear), name
+        assert module.weight.shape[1] in (cfg.hidden_size, getattr(cfg, "intermediate_size", None),
+                                          getattr(cfg, "ffn_dim", None))
+    # Keys in the checkpoint match the adapter's pattern one to one.
+    pattern = arch.weight_key_pattern()
+    keys = [k for k, _ in iter_tensors(tiny_model_dir) if pattern.match(k)]
+    assert sorted(k[: -len(".weight")] for k in keys) == sorted(linears)
+
+
+def test_load_refuses_remote_code_without_flag(stories_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "remote"
+    shutil.copytree(stories_dir, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LosaError, match="trust-remote-code"):
+        load_model(copy)
+
+
+def test_pickled_weights_need_weights_only(stories_dir, tmp_path):
+    import shutil
+
+    safe = tmp_path / "bin-ok"
+    shutil.copytree(stories_dir, safe)
+    state = load_file(safe / "model.safetensors")
+    (safe / "model.safetensors").unlink()
+    torch.save(state, safe / "pytorch_model.bin")
+    model = load_model(safe)
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+
+    evil = tmp_path / "bin-evil"
+    shutil.copytree(safe, evil)
+    torch.save({"x": NotATensor()}, evil / "pytorch_model.bin")
+    with pytest.raises(LosaError, match="weights_only"):
+        load_model(evil)
+
+
+def test_missing_weights_are_an_error_not_random_init(stories_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(stories_dir, partial)
+    state = load_file(partial / "model.safetensors")
+    state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LosaError, match="missing"):
+        load_model(partial)
