@@ -89,6 +89,8 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     config = PruneConfig(method=method, sparsity=sparsity, structure=structure, allocation=allocation, lam=lam,
                          batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
     config.checked()
+    if calib == SELF and data_slice is not None:
+        raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
     path = resolve_model(model)
     model_config = check_checkpoint(path, trust_remote_code)
     check_output_dir(output, overwrite)

@@ -13,7 +13,7 @@ the dense reference stream when a collector asks for one; the model itself is ne
 How a block is called is captured, not rebuilt: the model runs normally until block 0 and the hidden
 states plus every other argument it receives (attention mask, position embeddings, cache position, ...)
 are recorded. Those arguments depend on the batch shape only (calibration windows have no padding), so
-the first batch of each size runs through the whole model once, recording what every block receives
+the first batch of each size runs on through every block once, recording what each receives
 (models with both sliding-window and full-attention layers pass each its own mask); the other batches
 stop at block 0. This works for every family :func:`~losa_deploy.models.get_architecture` knows.
 
@@ -59,10 +59,12 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     def hook(index):
         def pre_hook(module, args, kwargs):
             if index == 0:
-                hidden.append((args[0] if args else kwargs.pop("hidden_states")).detach())
+                hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
             if record_all[0]:
                 calls[index] = (tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
-            elif index == 0:
+            # Stop before the block runs: at block 0, or at the last block when recording all of them
+            # (so neither the last block nor the LM head ever runs here).
+            if index == (len(blocks) - 1 if record_all[0] else 0):
                 raise _Stop
         return pre_hook
 
