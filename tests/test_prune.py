@@ -148,6 +148,7 @@ def _fails_cleanly(cli, tmp_path, args, match):
     (["--structure", "2:4", "--sparsity", "0.6"], "contradicts 2:4"),
     (["--method", "wanda"], "pass --sparsity"),
     (["--sparsity", "0.5", "--seqlen", "4096"], "between 2 and the model's context (512"),
+    (["--sparsity", "0.5", "--calib", "self", "--slice", "0:0.5"], "does not apply to --calib self"),
 ])
 def test_bad_input(cli, stories_dir, tinystories, tmp_path, args, match):
     _fails_cleanly(cli, tmp_path, [stories_dir, "-o", tmp_path / "out", "--calib", tinystories,
