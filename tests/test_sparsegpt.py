@@ -5,7 +5,7 @@ import torch
 
 from losa_deploy.sparsity import is_nm, nm_tail_keep
 from losa_deploy.sparsity.masks import Target
-from losa_deploy.sparsity.pruners import get_pruner, sparsegpt
+from losa_deploy.sparsity.pruners import get_pruner, sparsegpt_solve
 from losa_deploy.sparsity.stats import InputStats
 
 
@@ -57,7 +57,7 @@ def test_sparsegpt_equals_float64_reference(rng, target, blocksize):
     w, x = _layer(rng)
     h = x.T @ x / x.shape[0]
     ref_w, ref_keep = obs_reference(w, h, target, blocksize)
-    out, keep = sparsegpt(w, h, target, blocksize=blocksize, dtype=torch.float64)
+    out, keep = sparsegpt_solve(w, h, target, blocksize=blocksize, dtype=torch.float64)
     assert torch.equal(keep, ref_keep)
     assert torch.allclose(out, ref_w, rtol=1e-9, atol=1e-9)
     assert torch.equal(out != 0, keep & (ref_w != 0))
@@ -66,7 +66,7 @@ def test_sparsegpt_equals_float64_reference(rng, target, blocksize):
     else:
         assert abs(int((~keep).sum()) - target.sparsity * w.numel()) <= 0.5  # exact per layer
     # The float32 path (the default) lands on the same solution up to float32 rounding.
-    out32, keep32 = sparsegpt(w.float(), h, target, blocksize=blocksize)
+    out32, keep32 = sparsegpt_solve(w.float(), h, target, blocksize=blocksize)
     agree = (keep32 == ref_keep).double().mean()
     assert agree > 0.99
     err_ref = (x @ (ref_w - w).T).norm()
@@ -89,5 +89,5 @@ def test_sparsegpt_nested_in_previous_mask(rng):
     h = x.T @ x
     prev = torch.rand(17, 48, generator=rng) > 0.4
     for target in (Target.unstructured(0.5), Target.nm(2, 4)):
-        out, keep = sparsegpt(w, h, target, prev_mask=prev, blocksize=16)
+        out, keep = sparsegpt_solve(w, h, target, prev_mask=prev, blocksize=16)
         assert not (keep & ~prev).any() and not ((out != 0) & ~prev).any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...errors import LosaError
 from .base import Pruned, Pruner
 from .magnitude import Magnitude
-from .sparsegpt import SparseGPT, sparsegpt
+from .sparsegpt import SparseGPT, sparsegpt_solve
 from .wanda import Wanda, wanda_score
 
 PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (Magnitude, Wanda, SparseGPT)}
@@ -20,5 +20,5 @@ def get_pruner(name: str, **options) -> Pruner:
     return cls(**options) if options else cls()
 
 
-__all__ = ["PRUNERS", "Magnitude", "Pruned", "Pruner", "SparseGPT", "Wanda", "get_pruner", "sparsegpt",
+__all__ = ["PRUNERS", "Magnitude", "Pruned", "Pruner", "SparseGPT", "Wanda", "get_pruner", "sparsegpt_solve",
            "wanda_score"]

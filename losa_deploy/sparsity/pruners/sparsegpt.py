@@ -63,7 +63,7 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, target: Target, prev_mask: torch.Tensor | None = None,
+def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, target: Target, prev_mask: torch.Tensor | None = None,
               blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float32
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned and updated weight in ``dtype``, keep-mask) for ``weight [out, in]`` and ``H [in, in]``."""
@@ -121,7 +121,7 @@ class SparseGPT(Pruner):
               prev_mask: torch.Tensor | None = None) -> Pruned:
         if stats is None:
             raise ValueError("SparseGPT needs the Hessian of the layer's inputs")
-        new, mask = sparsegpt(weight, stats.hessian().to(weight.device), target, prev_mask,
+        new, mask = sparsegpt_solve(weight, stats.hessian().to(weight.device), target, prev_mask,
                               self.blocksize, self.percdamp)
         return Pruned(mask, new.to(weight.dtype))
 
