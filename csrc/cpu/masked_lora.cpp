@@ -1,0 +1,464 @@
+// Fused masked-LoRA training kernels for the CPU (design: shared/design/kernels.md §6 and §4.7).
+//
+// The effective weight of a masked-LoRA linear is W_eff = M ⊙ (W + s·B·A), with W [d, k] frozen,
+// M the keep-mask (losa-bitmask words, formats/bitmask.py), A [r, k], B [d, r]. The reference code
+// builds the d×k delta at every step and keeps it for backward; these kernels never do. Each thread
+// builds one *panel* of W_eff (a band of rows, or of columns) into a buffer that stays in its cache,
+// hands the panel to the GEMM, and reuses the buffer for its next panel:
+//
+//   masked_lora_mm      y  = x · W_effᵀ        [T, d]   row panels      (forward)
+//   masked_lora_mm_t    dX = dY · W_eff        [T, k]   column panels   (backward, input gradient)
+//   masked_lora_grad_ab dA = s·Bᵀ·G_M, dB = s·G_M·Aᵀ with G_M = (dYᵀ·X) ⊙ M, one column panel of G
+//                       at a time (an SDDMM fused with both contractions; G is never whole)
+//
+// `weight` may be absent (W = 0: the adapter-only product of the dropout path) and `scale` may be 0
+// (no adapter: the masked base product). The GEMMs on panels are ATen's (MKL / oneDNN), called from
+// inside our parallel loop so each runs single-threaded on its own panel; the panel build and the
+// gradient masking are ours, vectorised, with the instruction set chosen at run time.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+
+namespace {
+
+// Panel buffers are sized to at most about this many bytes, so a panel stays in the L2/L3 cache of the
+// core that built it while the GEMM streams the activations past it.
+constexpr int64_t kPanelBytes = int64_t{4} << 20;
+constexpr int64_t kWordBits = 32;
+
+// Where a panel of W_eff comes from. A and B are always in the accumulation type (fp32, or fp64 for
+// gradcheck), so a bf16 model keeps full-precision adapters.
+template <typename T, typename Acc>
+struct Source {
+  const T* w;  // [d, k] row-major, or nullptr for W = 0
+  const uint32_t* words;  // [d, ceil(k/32)]
+  const Acc* a;  // [r, k]
+  const Acc* b;  // [d, r]
+  int64_t k, words_per_row, rank;
+  Acc scale;
+};
+
+inline bool kept(const uint32_t* row_words, int64_t col) {
+  return (row_words[col / kWordBits] >> (col % kWordBits)) & 1u;
+}
+
+// ---- portable kernels: plain loops the compiler vectorises for whichever target includes them ----
+
+constexpr int64_t kChunk = 64;
+
+// out[i - i0, j - j0] = M[i, j] ? W[i, j] + s·(B[i, :]·A[:, j]) : 0 for i in [i0, i1), j in [j0, j1).
+template <typename T, typename Acc>
+[[gnu::always_inline]] inline void build_panel_portable(const Source<T, Acc>& src, int64_t i0, int64_t i1,
+                                                        int64_t j0, int64_t j1, T* out, int64_t ldo) {
+  std::array<Acc, kChunk> acc;
+  for (int64_t i = i0; i < i1; ++i) {
+    const Acc* brow = src.b + i * src.rank;
+    const uint32_t* mrow = src.words + i * src.words_per_row;
+    T* orow = out + (i - i0) * ldo - j0;
+    for (int64_t jc = j0; jc < j1; jc += kChunk) {
+      const int64_t n = std::min(kChunk, j1 - jc);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      if (src.scale != Acc(0)) {
+        for (int64_t c = 0; c < src.rank; ++c) {
+          const Acc bc = brow[c] * src.scale;
+          const Acc* arow = src.a + c * src.k + jc;
+          for (int64_t j = 0; j < n; ++j) acc[j] += bc * arow[j];
+        }
+      }
+      if (src.w != nullptr) {
+        const T* wrow = src.w + i * src.k + jc;
+        for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<Acc>(wrow[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) orow[jc + j] = kept(mrow, jc + j) ? static_cast<T>(acc[j]) : T(0);
+    }
+  }
+}
+
+// out[i - i0, j - j0] = M[i, j] ? g[i - i0, j - j0] : 0, widened to the accumulation type.
+template <typename T, typename Acc>
+[[gnu::always_inline]] inline void mask_panel_portable(const T* g, int64_t ldg, const uint32_t* words,
+                                                       int64_t words_per_row, int64_t i0, int64_t i1,
+                                                       int64_t j0, int64_t j1, Acc* out, int64_t ldo) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint32_t* mrow = words + i * words_per_row;
+    const T* grow = g + (i - i0) * ldg - j0;
+    Acc* orow = out + (i - i0) * ldo - j0;
+    for (int64_t j = j0; j < j1; ++j) orow[j] = kept(mrow, j) ? static_cast<Acc>(grow[j]) : Acc(0);
+  }
+}
+
+template <typename T, typename Acc>
+void build_panel_default(const Source<T, Acc>& s, int64_t i0, int64_t i1, int64_t j0, int64_t j1, T* out,
+                         int64_t ldo) {
+  build_panel_portable(s, i0, i1, j0, j1, out, ldo);
+}
+
+template <typename T, typename Acc>
+__attribute__((target("avx2,fma"))) void build_panel_avx2(const Source<T, Acc>& s, int64_t i0, int64_t i1,
+                                                          int64_t j0, int64_t j1, T* out, int64_t ldo) {
+  build_panel_portable(s, i0, i1, j0, j1, out, ldo);
+}
+
+template <typename T, typename Acc>
+void mask_panel_default(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0, int64_t i1,
+                        int64_t j0, int64_t j1, Acc* out, int64_t ldo) {
+  mask_panel_portable(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+}
+
+template <typename T, typename Acc>
+__attribute__((target("avx2,fma"))) void mask_panel_avx2(const T* g, int64_t ldg, const uint32_t* words,
+                                                         int64_t wpr, int64_t i0, int64_t i1, int64_t j0,
+                                                         int64_t j1, Acc* out, int64_t ldo) {
+  mask_panel_portable(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+}
+
+// ---- AVX-512 kernels (fp32 and bf16 storage, fp32 arithmetic) ----
+//
+// 16 columns per vector, four vectors per step so each broadcast of B[i, c] feeds four FMAs. The 16
+// keep bits of a vector are one half of a mask word (panels start at a multiple of 32 columns), so
+// masking is a single zero-masking move. Column tails use masked loads and stores.
+
+#define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+LOSA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+LOSA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+LOSA_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+
+// Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
+LOSA_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(u));
+}
+
+LOSA_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(remaining, 0)) - 1u);
+}
+
+LOSA_AVX512 inline __mmask16 keep_bits(const uint32_t* row_words, int64_t col) {
+  return __mmask16(row_words[col / kWordBits] >> (col % kWordBits));  // col % 32 is 0 or 16
+}
+
+// Rows [i, i + kRows) of columns [j, j + 64): acc = s·B[rows, :]·A[:, cols] (+ W), masked and stored.
+template <typename T, int kRows>
+LOSA_AVX512 inline void build_block_avx512(const Source<T, float>& src, int64_t i, int64_t i0, int64_t j,
+                                           int64_t jend, T* out, int64_t ldo, int64_t j0) {
+  __mmask16 m[4];
+  __m512 acc[kRows][4];
+  for (int v = 0; v < 4; ++v) m[v] = tail_mask(jend - j - 16 * v);
+  for (int row = 0; row < kRows; ++row)
+    for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_setzero_ps();
+  const int64_t rank = src.rank, k = src.k;
+  const float* a = src.a + j;
+  const float* b = src.b + i * rank;
+  for (int64_t c = 0; c < rank; ++c) {
+    __m512 av[4];
+    for (int v = 0; v < 4; ++v) av[v] = load16(a + c * k + 16 * v, m[v]);
+    for (int row = 0; row < kRows; ++row) {
+      const __m512 bc = _mm512_set1_ps(b[row * rank + c]);
+      for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_fmadd_ps(bc, av[v], acc[row][v]);
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(src.scale);
+  for (int row = 0; row < kRows; ++row) {
+    const uint32_t* mrow = src.words + (i + row) * src.words_per_row;
+    T* orow = out + (i + row - i0) * ldo - j0;
+    for (int v = 0; v < 4; ++v) {
+      if (m[v] == 0) break;
+      const int64_t col = j + 16 * v;
+      __m512 value = _mm512_mul_ps(acc[row][v], scale);
+      if (src.w != nullptr) value = _mm512_add_ps(value, load16(src.w + (i + row) * k + col, m[v]));
+      store16(orow + col, _mm512_maskz_mov_ps(keep_bits(mrow, col), value), m[v]);
+    }
+  }
+}
+
+template <typename T>
+LOSA_AVX512 void build_panel_avx512(const Source<T, float>& src, int64_t i0, int64_t i1, int64_t j0,
+                                    int64_t j1, T* out, int64_t ldo) {
+  constexpr int64_t kStep = 64;
+  // Walk the columns in chunks whose slice of A (rank × chunk floats, 16 KiB) stays in L1 across rows;
+  // two rows per block so each load of A feeds eight FMAs.
+  const int64_t chunk = std::max<int64_t>(kStep, (4096 / std::max<int64_t>(src.rank, 1)) / kStep * kStep);
+  const Source<T, float> base{src.w, src.words, src.a, src.b, src.k, src.words_per_row, 0, src.scale};
+  const Source<T, float>& s = src.scale != 0.0f ? src : base;  // rank 0: no adapter, W only
+  for (int64_t jc = j0; jc < j1; jc += chunk) {
+    const int64_t jend = std::min(jc + chunk, j1);
+    int64_t i = i0;
+    for (; i + 2 <= i1; i += 2)
+      for (int64_t j = jc; j < jend; j += kStep) build_block_avx512<T, 2>(s, i, i0, j, jend, out, ldo, j0);
+    for (; i < i1; ++i)
+      for (int64_t j = jc; j < jend; j += kStep) build_block_avx512<T, 1>(s, i, i0, j, jend, out, ldo, j0);
+  }
+}
+
+template <typename T>
+LOSA_AVX512 void mask_panel_avx512(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0,
+                                   int64_t i1, int64_t j0, int64_t j1, float* out, int64_t ldo) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint32_t* mrow = words + i * wpr;
+    const T* grow = g + (i - i0) * ldg - j0;
+    float* orow = out + (i - i0) * ldo - j0;
+    for (int64_t j = j0; j < j1; j += 16) {
+      const __mmask16 m = tail_mask(j1 - j);
+      store16(orow + j, _mm512_maskz_mov_ps(keep_bits(mrow, j), load16(grow + j, m)), m);
+    }
+  }
+}
+
+// ---- run-time choice of instruction set ----
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The best the CPU supports, capped by LOSA_CPU_ISA (default, avx2, avx512) so tests can cover every
+// variant on one machine.
+Isa chosen_isa() {
+  Isa best = Isa::kDefault;
+  if (losa::cpu::has_feature("avx2") && losa::cpu::has_feature("fma")) best = Isa::kAvx2;
+  if (losa::cpu::has_feature("avx512f") && losa::cpu::has_feature("avx512bw") &&
+      losa::cpu::has_feature("avx512vl"))
+    best = Isa::kAvx512;
+  const char* cap = std::getenv("LOSA_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string want(cap);
+  const Isa capped = want == "default" ? Isa::kDefault : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
+  TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512",
+              "LOSA_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
+  return std::min(best, capped);
+}
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "default";
+}
+
+template <typename T, typename Acc>
+void build_panel(const Source<T, Acc>& s, int64_t i0, int64_t i1, int64_t j0, int64_t j1, T* out,
+                 int64_t ldo, Isa isa) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (isa == Isa::kAvx512) return build_panel_avx512<T>(s, i0, i1, j0, j1, out, ldo);
+  }
+  if (isa != Isa::kDefault) return build_panel_avx2(s, i0, i1, j0, j1, out, ldo);
+  build_panel_default(s, i0, i1, j0, j1, out, ldo);
+}
+
+template <typename T, typename Acc>
+void mask_panel(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0, int64_t i1,
+                int64_t j0, int64_t j1, Acc* out, int64_t ldo, Isa isa) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (isa == Isa::kAvx512) return mask_panel_avx512<T>(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+  }
+  if (isa != Isa::kDefault) return mask_panel_avx2(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+  mask_panel_default(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+}
+
+// ---- checks and panel geometry ----
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_operands(const char* op, const at::Tensor& act, const std::optional<at::Tensor>& weight,
+                    const at::Tensor& words, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(act.dim() == 2, op, ": activations must be 2-D, got ", act.dim(), "-D");
+  const auto dt = act.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
+              ": activations must be float32, float64 or bfloat16, got ", dt);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": lora_A and lora_B must be 2-D");
+  const int64_t d = b.size(0), r = b.size(1), k = a.size(1);
+  TORCH_CHECK(a.size(0) == r, op, ": rank mismatch, lora_A has ", a.size(0), " rows, lora_B ", r, " columns");
+  TORCH_CHECK(a.scalar_type() == acc_type(dt) && b.scalar_type() == acc_type(dt), op, ": lora_A and lora_B must be ",
+              acc_type(dt), " for ", dt, " activations");
+  TORCH_CHECK(words.scalar_type() == at::kInt && words.dim() == 2 && words.size(0) == d &&
+                  words.size(1) == (k + kWordBits - 1) / kWordBits,
+              op, ": mask words must be int32 [", d, ", ", (k + kWordBits - 1) / kWordBits, "], got ",
+              words.scalar_type(), " ", words.sizes());
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == d && weight->size(1) == k, op, ": weight must be [", d,
+                ", ", k, "], got ", weight->sizes());
+    TORCH_CHECK(weight->scalar_type() == dt, op, ": weight dtype ", weight->scalar_type(),
+                " differs from the activations' ", dt);
+  }
+  for (const at::Tensor* t : {&act, &words, &a, &b})
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU");
+}
+
+// Width of a panel: 64-256 rows or columns (a multiple of 32, so a column band starts on a mask word),
+// fewer when a panel of `other` elements per row/column would pass kPanelBytes. Narrower panels make
+// the GEMMs on them slower; wider ones fall out of the cache.
+int64_t band(int64_t other, int64_t elem_size, int64_t total) {
+  constexpr int64_t kMin = 64, kMax = 256;
+  const int64_t fit = kPanelBytes / std::max<int64_t>(other * elem_size, 1) / kWordBits * kWordBits;
+  return std::min(std::clamp(fit, kMin, kMax), (total + kWordBits - 1) / kWordBits * kWordBits);
+}
+
+template <typename T, typename Acc>
+Source<T, Acc> source(const std::optional<at::Tensor>& weight, const at::Tensor& words, const at::Tensor& a,
+                      const at::Tensor& b, double scale) {
+  return {weight.has_value() ? weight->data_ptr<T>() : nullptr,
+          reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+          a.data_ptr<Acc>(),
+          b.data_ptr<Acc>(),
+          a.size(1),
+          words.size(1),
+          a.size(0),
+          static_cast<Acc>(scale)};
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return t;
+  return t->contiguous();
+}
+
+// ---- the three ops ----
+
+// The panels are scratch, outside any autograd graph, and the GEMMs on them run on worker threads,
+// which do not inherit the caller's grad mode: each worker dispatches below autograd itself.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+// Panels per parallel task: a single panel runs on the calling thread (no thread-team start-up).
+constexpr int64_t kGrain = 2;
+
+at::Tensor masked_lora_mm(const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
+                          const at::Tensor& words_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                          double scale) {
+  check_operands("masked_lora_mm", x_in, weight_in, words_in, a_in, b_in);
+  TORCH_CHECK(x_in.size(1) == a_in.size(1), "masked_lora_mm: x has ", x_in.size(1), " features, lora_A ",
+              a_in.size(1));
+  const auto x = x_in.contiguous(), words = words_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const auto weight = contiguous(weight_in);
+  const int64_t tokens = x.size(0), d = b.size(0), k = a.size(1);
+  auto y = at::empty({tokens, d}, x.options());
+  const int64_t rows = band(k, x.element_size(), d);
+  const Isa isa = chosen_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_lora_mm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale);
+    at::parallel_for(0, (d + rows - 1) / rows, kGrain, [&](int64_t p0, int64_t p1) {
+      const BelowAutograd below_autograd;
+      auto panel = at::empty({rows, k}, x.options());
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t i0 = p * rows, n = std::min(rows, d - i0);
+        build_panel(src, i0, i0 + n, 0, k, panel.data_ptr<scalar_t>(), k, isa);
+        auto out = y.narrow(1, i0, n);
+        at::mm_out(out, x, panel.narrow(0, 0, n).t());
+      }
+    });
+  });
+  return y;
+}
+
+at::Tensor masked_lora_mm_t(const at::Tensor& grad_in, const std::optional<at::Tensor>& weight_in,
+                            const at::Tensor& words_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                            double scale) {
+  check_operands("masked_lora_mm_t", grad_in, weight_in, words_in, a_in, b_in);
+  TORCH_CHECK(grad_in.size(1) == b_in.size(0), "masked_lora_mm_t: grad has ", grad_in.size(1),
+              " features, lora_B ", b_in.size(0), " rows");
+  const auto grad = grad_in.contiguous(), words = words_in.contiguous(), a = a_in.contiguous(),
+             b = b_in.contiguous();
+  const auto weight = contiguous(weight_in);
+  const int64_t tokens = grad.size(0), d = b.size(0), k = a.size(1);
+  auto dx = at::empty({tokens, k}, grad.options());
+  const int64_t cols = band(d, grad.element_size(), k);
+  const Isa isa = chosen_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_mm_t", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale);
+    at::parallel_for(0, (k + cols - 1) / cols, kGrain, [&](int64_t p0, int64_t p1) {
+      const BelowAutograd below_autograd;
+      auto panel = at::empty({d, cols}, grad.options());
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t j0 = p * cols, n = std::min(cols, k - j0);
+        auto view = panel.narrow(1, 0, n);
+        build_panel(src, 0, d, j0, j0 + n, panel.data_ptr<scalar_t>(), cols, isa);
+        auto out = dx.narrow(1, j0, n);
+        at::mm_out(out, grad, view);
+      }
+    });
+  });
+  return dx;
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                       const at::Tensor& words_in, const at::Tensor& a_in,
+                                                       const at::Tensor& b_in, double scale) {
+  check_operands("masked_lora_grad_ab", grad_in, std::nullopt, words_in, a_in, b_in);
+  TORCH_CHECK(x_in.scalar_type() == grad_in.scalar_type() && x_in.dim() == 2 && x_in.size(0) == grad_in.size(0) &&
+                  x_in.size(1) == a_in.size(1) && grad_in.size(1) == b_in.size(0),
+              "masked_lora_grad_ab: grad ", grad_in.sizes(), " and x ", x_in.sizes(), " do not match lora_B ",
+              b_in.sizes(), " and lora_A ", a_in.sizes());
+  const auto grad = grad_in.contiguous(), x = x_in.contiguous(), words = words_in.contiguous(),
+             a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t d = b.size(0), r = b.size(1), k = a.size(1);
+  const auto acc_opts = a.options();
+  auto da = at::empty({r, k}, acc_opts);
+  const int64_t cols = band(d, sizeof(float) + x.element_size(), k);
+  const int64_t panels = (k + cols - 1) / cols;
+  // dB sums over every column panel: one partial per worker, added up at the end.
+  std::vector<at::Tensor> db_parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)));
+  const Isa isa = chosen_isa();
+  const auto grad_t = grad.t();
+  const auto bt = b.t();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_grad_ab", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t parts = static_cast<int64_t>(db_parts.size());
+    at::parallel_for(0, parts, kGrain, [&](int64_t w0, int64_t w1) {
+      const BelowAutograd below_autograd;
+      auto g = at::empty({d, cols}, grad.options());
+      auto gm = std::is_same_v<scalar_t, acc_t> ? g : at::empty({d, cols}, acc_opts);
+      for (int64_t worker = w0; worker < w1; ++worker) {
+        auto db = at::zeros({d, r}, acc_opts);
+        for (int64_t p = worker; p < panels; p += parts) {
+          const int64_t j0 = p * cols, n = std::min(cols, k - j0);
+          auto g_view = g.narrow(1, 0, n);
+          at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // G panel = dYᵀ·X[:, j0:j0+n]
+          mask_panel<scalar_t, acc_t>(g.data_ptr<scalar_t>(), cols,
+                                      reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                                      words.size(1), 0, d, j0, j0 + n, gm.data_ptr<acc_t>(), cols, isa);
+          const auto gm_view = gm.narrow(1, 0, n);
+          auto da_view = da.narrow(1, j0, n);
+          at::mm_out(da_view, bt, gm_view).mul_(scale);
+          at::addmm_out(db, db, gm_view, a.narrow(1, j0, n).t(), 1.0, scale);
+        }
+        db_parts[worker] = db;
+      }
+    });
+  });
+  auto db = db_parts[0];
+  for (size_t i = 1; i < db_parts.size(); ++i) db.add_(db_parts[i]);
+  return {da, db};
+}
+
+std::string masked_lora_isa() { return isa_name(chosen_isa()); }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(losa, m) {
+  m.def("masked_lora_mm(Tensor x, Tensor? weight, Tensor mask_words, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  m.def("masked_lora_mm_t(Tensor grad, Tensor? weight, Tensor mask_words, Tensor lora_A, Tensor lora_B, float scale) -> Tensor");
+  m.def("masked_lora_grad_ab(Tensor grad, Tensor x, Tensor mask_words, Tensor lora_A, Tensor lora_B, float scale) -> (Tensor, Tensor)");
+  m.def("masked_lora_isa() -> str", &masked_lora_isa);
+}
+
+TORCH_LIBRARY_IMPL(losa, CPU, m) {
+  m.impl("masked_lora_mm", &masked_lora_mm);
+  m.impl("masked_lora_mm_t", &masked_lora_mm_t);
+  m.impl("masked_lora_grad_ab", &masked_lora_grad_ab);
+}
