@@ -87,16 +87,40 @@ template <typename T, typename Acc>
   }
 }
 
-// out[i - i0, j - j0] = M[i, j] ? g[i - i0, j - j0] : 0, widened to the accumulation type.
+// One column panel [j0, j1) of G = dYᵀ·X (all d rows, row stride ldg) is masked and contracted at once:
+//   dA[:, j0:j1] += s·Bᵀ·G_M        dB += s·G_M·A[:, j0:j1]ᵀ        (G_M = G ⊙ M)
+// The masked row is widened into `row` (j1 - j0 accumulation-type values), G_M itself is never stored.
 template <typename T, typename Acc>
-[[gnu::always_inline]] inline void mask_panel_portable(const T* g, int64_t ldg, const uint32_t* words,
-                                                       int64_t words_per_row, int64_t i0, int64_t i1,
-                                                       int64_t j0, int64_t j1, Acc* out, int64_t ldo) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint32_t* mrow = words + i * words_per_row;
-    const T* grow = g + (i - i0) * ldg - j0;
-    Acc* orow = out + (i - i0) * ldo - j0;
-    for (int64_t j = j0; j < j1; ++j) orow[j] = kept(mrow, j) ? static_cast<Acc>(grow[j]) : Acc(0);
+struct Contraction {
+  const uint32_t* words;
+  const Acc* a;  // [r, k]
+  const Acc* b;  // [d, r]
+  Acc* da;       // [r, k], this worker's columns only
+  Acc* db;       // [d, r], this worker's partial sum
+  int64_t d, k, words_per_row, rank;
+  Acc scale;
+};
+
+template <typename T, typename Acc>
+[[gnu::always_inline]] inline void contract_panel_portable(const Contraction<T, Acc>& c, const T* g, int64_t ldg,
+                                                           int64_t j0, int64_t j1, Acc* row) {
+  const int64_t n = j1 - j0;
+  for (int64_t i = 0; i < c.d; ++i) {
+    const uint32_t* mrow = c.words + i * c.words_per_row;
+    const T* grow = g + i * ldg;
+    for (int64_t j = 0; j < n; ++j) row[j] = kept(mrow, j0 + j) ? c.scale * static_cast<Acc>(grow[j]) : Acc(0);
+    for (int64_t q = 0; q < c.rank; ++q) {
+      const Acc bq = c.b[i * c.rank + q];
+      const Acc* arow = c.a + q * c.k + j0;
+      Acc* darow = c.da + q * c.k + j0;
+      Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        darow[j] += bq * row[j];
+        sum += row[j] * arow[j];
+      }
+      c.db[i * c.rank + q] += sum;
+    }
   }
 }
 
@@ -113,16 +137,15 @@ __attribute__((target("avx2,fma"))) void build_panel_avx2(const Source<T, Acc>& 
 }
 
 template <typename T, typename Acc>
-void mask_panel_default(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0, int64_t i1,
-                        int64_t j0, int64_t j1, Acc* out, int64_t ldo) {
-  mask_panel_portable(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+void contract_panel_default(const Contraction<T, Acc>& c, const T* g, int64_t ldg, int64_t j0, int64_t j1,
+                            Acc* row) {
+  contract_panel_portable(c, g, ldg, j0, j1, row);
 }
 
 template <typename T, typename Acc>
-__attribute__((target("avx2,fma"))) void mask_panel_avx2(const T* g, int64_t ldg, const uint32_t* words,
-                                                         int64_t wpr, int64_t i0, int64_t i1, int64_t j0,
-                                                         int64_t j1, Acc* out, int64_t ldo) {
-  mask_panel_portable(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+__attribute__((target("avx2,fma"))) void contract_panel_avx2(const Contraction<T, Acc>& c, const T* g, int64_t ldg,
+                                                             int64_t j0, int64_t j1, Acc* row) {
+  contract_panel_portable(c, g, ldg, j0, j1, row);
 }
 
 // ---- AVX-512 kernels (fp32 and bf16 storage, fp32 arithmetic) ----
@@ -212,16 +235,61 @@ LOSA_AVX512 void build_panel_avx512(const Source<T, float>& src, int64_t i0, int
   }
 }
 
+// out = s·G[i, :] ⊙ M[i, j0:j0+n], zero-padded to a multiple of 16.
 template <typename T>
-LOSA_AVX512 void mask_panel_avx512(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0,
-                                   int64_t i1, int64_t j0, int64_t j1, float* out, int64_t ldo) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const uint32_t* mrow = words + i * wpr;
-    const T* grow = g + (i - i0) * ldg - j0;
-    float* orow = out + (i - i0) * ldo - j0;
-    for (int64_t j = j0; j < j1; j += 16) {
-      const __mmask16 m = tail_mask(j1 - j);
-      store16(orow + j, _mm512_maskz_mov_ps(keep_bits(mrow, j), load16(grow + j, m)), m);
+LOSA_AVX512 inline void widen_row_avx512(const Contraction<T, float>& c, const T* grow, int64_t i, int64_t j0,
+                                         int64_t n, __m512 scale, float* out) {
+  const uint32_t* mrow = c.words + i * c.words_per_row;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 v = _mm512_mul_ps(scale, load16(grow + j, m));
+    _mm512_storeu_ps(out + j, _mm512_maskz_mov_ps(keep_bits(mrow, j0 + j) & m, v));
+  }
+}
+
+// Two rows of G per pass, so each load and store of dA and each load of A serves both rows.
+template <typename T>
+LOSA_AVX512 void contract_panel_avx512(const Contraction<T, float>& c, const T* g, int64_t ldg, int64_t j0,
+                                       int64_t j1, float* row) {
+  const int64_t n = j1 - j0, rank = c.rank;
+  const __m512 scale = _mm512_set1_ps(c.scale);
+  float* row1 = row + (n + 15) / 16 * 16;
+  int64_t i = 0;
+  for (; i + 2 <= c.d; i += 2) {
+    widen_row_avx512(c, g + i * ldg, i, j0, n, scale, row);
+    widen_row_avx512(c, g + (i + 1) * ldg, i + 1, j0, n, scale, row1);
+    for (int64_t q = 0; q < rank; ++q) {
+      const __m512 b0 = _mm512_set1_ps(c.b[i * rank + q]), b1 = _mm512_set1_ps(c.b[(i + 1) * rank + q]);
+      const float* arow = c.a + q * c.k + j0;
+      float* darow = c.da + q * c.k + j0;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        const __m512 g0 = _mm512_loadu_ps(row + j), g1 = _mm512_loadu_ps(row1 + j);
+        const __m512 av = _mm512_maskz_loadu_ps(m, arow + j);
+        s0 = _mm512_fmadd_ps(g0, av, s0);
+        s1 = _mm512_fmadd_ps(g1, av, s1);
+        const __m512 upd = _mm512_fmadd_ps(b1, g1, _mm512_fmadd_ps(b0, g0, _mm512_maskz_loadu_ps(m, darow + j)));
+        _mm512_mask_storeu_ps(darow + j, m, upd);
+      }
+      c.db[i * rank + q] += _mm512_reduce_add_ps(s0);
+      c.db[(i + 1) * rank + q] += _mm512_reduce_add_ps(s1);
+    }
+  }
+  if (i < c.d) {  // odd row count: the last row alone, through the same arithmetic
+    widen_row_avx512(c, g + i * ldg, i, j0, n, scale, row);
+    for (int64_t q = 0; q < rank; ++q) {
+      const __m512 b0 = _mm512_set1_ps(c.b[i * rank + q]);
+      const float* arow = c.a + q * c.k + j0;
+      float* darow = c.da + q * c.k + j0;
+      __m512 s0 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = tail_mask(n - j);
+        const __m512 g0 = _mm512_loadu_ps(row + j);
+        s0 = _mm512_fmadd_ps(g0, _mm512_maskz_loadu_ps(m, arow + j), s0);
+        _mm512_mask_storeu_ps(darow + j, m, _mm512_fmadd_ps(b0, g0, _mm512_maskz_loadu_ps(m, darow + j)));
+      }
+      c.db[i * rank + q] += _mm512_reduce_add_ps(s0);
     }
   }
 }
@@ -262,13 +330,13 @@ void build_panel(const Source<T, Acc>& s, int64_t i0, int64_t i1, int64_t j0, in
 }
 
 template <typename T, typename Acc>
-void mask_panel(const T* g, int64_t ldg, const uint32_t* words, int64_t wpr, int64_t i0, int64_t i1,
-                int64_t j0, int64_t j1, Acc* out, int64_t ldo, Isa isa) {
+void contract_panel(const Contraction<T, Acc>& c, const T* g, int64_t ldg, int64_t j0, int64_t j1, Acc* row,
+                    Isa isa) {
   if constexpr (std::is_same_v<Acc, float>) {
-    if (isa == Isa::kAvx512) return mask_panel_avx512<T>(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+    if (isa == Isa::kAvx512) return contract_panel_avx512<T>(c, g, ldg, j0, j1, row);
   }
-  if (isa != Isa::kDefault) return mask_panel_avx2(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
-  mask_panel_default(g, ldg, words, wpr, i0, i1, j0, j1, out, ldo);
+  if (isa != Isa::kDefault) return contract_panel_avx2(c, g, ldg, j0, j1, row);
+  contract_panel_default(c, g, ldg, j0, j1, row);
 }
 
 // ---- checks and panel geometry ----
@@ -408,42 +476,42 @@ std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in
              a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t d = b.size(0), r = b.size(1), k = a.size(1);
   const auto acc_opts = a.options();
-  auto da = at::empty({r, k}, acc_opts);
-  const int64_t cols = band(d, sizeof(float) + x.element_size(), k);
+  auto da = at::zeros({r, k}, acc_opts);
+  const int64_t cols = band(d, x.element_size(), k);
   const int64_t panels = (k + cols - 1) / cols;
-  // dB sums over every column panel: one partial per worker, added up at the end.
-  std::vector<at::Tensor> db_parts(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)));
+  // Workers own disjoint column panels, hence disjoint columns of dA; dB sums over every panel, so
+  // each worker keeps a partial dB, added up at the end.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+  auto db_parts = at::zeros({workers, d, r}, acc_opts);
   const Isa isa = chosen_isa();
   const auto grad_t = grad.t();
-  const auto bt = b.t();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_grad_ab", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t parts = static_cast<int64_t>(db_parts.size());
-    at::parallel_for(0, parts, kGrain, [&](int64_t w0, int64_t w1) {
+    at::parallel_for(0, workers, kGrain, [&](int64_t w0, int64_t w1) {
       const BelowAutograd below_autograd;
       auto g = at::empty({d, cols}, grad.options());
-      auto gm = std::is_same_v<scalar_t, acc_t> ? g : at::empty({d, cols}, acc_opts);
+      std::vector<acc_t> row(2 * (cols + 16));
       for (int64_t worker = w0; worker < w1; ++worker) {
-        auto db = at::zeros({d, r}, acc_opts);
-        for (int64_t p = worker; p < panels; p += parts) {
+        const Contraction<scalar_t, acc_t> c{reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                                             a.data_ptr<acc_t>(),
+                                             b.data_ptr<acc_t>(),
+                                             da.data_ptr<acc_t>(),
+                                             db_parts[worker].data_ptr<acc_t>(),
+                                             d,
+                                             k,
+                                             words.size(1),
+                                             r,
+                                             static_cast<acc_t>(scale)};
+        for (int64_t p = worker; p < panels; p += workers) {
           const int64_t j0 = p * cols, n = std::min(cols, k - j0);
           auto g_view = g.narrow(1, 0, n);
-          at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // G panel = dYᵀ·X[:, j0:j0+n]
-          mask_panel<scalar_t, acc_t>(g.data_ptr<scalar_t>(), cols,
-                                      reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
-                                      words.size(1), 0, d, j0, j0 + n, gm.data_ptr<acc_t>(), cols, isa);
-          const auto gm_view = gm.narrow(1, 0, n);
-          auto da_view = da.narrow(1, j0, n);
-          at::mm_out(da_view, bt, gm_view).mul_(scale);
-          at::addmm_out(db, db, gm_view, a.narrow(1, j0, n).t(), 1.0, scale);
+          at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // the G panel: dYᵀ·X[:, j0:j0+n]
+          contract_panel(c, g.data_ptr<scalar_t>(), cols, j0, j0 + n, row.data(), isa);
         }
-        db_parts[worker] = db;
       }
     });
   });
-  auto db = db_parts[0];
-  for (size_t i = 1; i < db_parts.size(); ++i) db.add_(db_parts[i]);
-  return {da, db};
+  return {da, db_parts.sum(0)};
 }
 
 std::string masked_lora_isa() { return isa_name(chosen_isa()); }
