@@ -13,6 +13,7 @@ import os
 from .data import SELF, eval_windows, parse_slice, read_source, self_generate, slice_source, tokenize_text
 from .errors import LosaError
 from .eval.perplexity import perplexity
+from .kernels.masked_lora import masked_lora_linear
 from .models import check_checkpoint, context_length, load_model, load_tokenizer, resolve_model
 from .sparsity.report import inspect_checkpoint
 
@@ -48,4 +49,4 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
     return {**result, "model": str(path), "data": str(data), "slice": data_slice or "0:1", "dtype": dtype}
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer"]
+__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "masked_lora_linear"]

@@ -13,8 +13,13 @@
 //
 // `weight` may be absent (W = 0: the adapter-only product of the dropout path) and `scale` may be 0
 // (no adapter: the masked base product). The GEMMs on panels are ATen's (MKL / oneDNN), called from
-// inside our parallel loop so each runs single-threaded on its own panel; the panel build and the
-// gradient masking are ours, vectorised, with the instruction set chosen at run time.
+// inside our parallel loop so each runs single-threaded on its own panel; the panel build and the masked
+// contraction are ours, vectorised, with the instruction set chosen at run time.
+
+// GCC 12 flags the deliberately undefined pass-through operands inside its own AVX-512 intrinsics
+// (GCC bug 105593, fixed in 13): a warning about the compiler's header, not this file.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,9 +29,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -49,6 +54,11 @@ struct Source {
   const Acc* b;  // [d, r]
   int64_t k, words_per_row, rank;
   Acc scale;
+  // bf16 panels on AVX512-BF16 CPUs: the rank in pairs for vdpbf16ps, each 32-bit word two bf16. Word j
+  // of pair p of a_pairs is (A[2p, j], A[2p+1, j]); word p of row i of b_pairs is s·(B[i, 2p], B[i, 2p+1]).
+  const uint32_t* a_pairs = nullptr;  // [ceil(r/2), k]
+  const uint32_t* b_pairs = nullptr;  // [d, ceil(r/2)]
+  int64_t pairs = 0;
 };
 
 inline bool kept(const uint32_t* row_words, int64_t col) {
@@ -150,11 +160,12 @@ __attribute__((target("avx2,fma"))) void contract_panel_avx2(const Contraction<T
 
 // ---- AVX-512 kernels (fp32 and bf16 storage, fp32 arithmetic) ----
 //
-// 16 columns per vector, four vectors per step so each broadcast of B[i, c] feeds four FMAs. The 16
-// keep bits of a vector are one half of a mask word (panels start at a multiple of 32 columns), so
-// masking is a single zero-masking move. Column tails use masked loads and stores.
+// 16 columns per vector. The 16 keep bits of a vector are one half of a mask word (panels start at a
+// multiple of 32 columns), so masking is a single zero-masking move. Column tails use masked loads and
+// stores.
 
 #define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define LOSA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 LOSA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
@@ -182,7 +193,25 @@ LOSA_AVX512 inline __mmask16 keep_bits(const uint32_t* row_words, int64_t col) {
   return __mmask16(row_words[col / kWordBits] >> (col % kWordBits));  // col % 32 is 0 or 16
 }
 
-// Rows [i, i + kRows) of columns [j, j + 64): acc = s·B[rows, :]·A[:, cols] (+ W), masked and stored.
+// Rows [i, i + kRows) of columns [j, j + 64) of a panel: acc (+ W), masked and stored.
+template <typename T, int kRows>
+LOSA_AVX512 inline void store_block_avx512(const Source<T, float>& src, __m512 (&acc)[kRows][4],
+                                           const __mmask16 (&m)[4], int64_t i, int64_t i0, int64_t j, T* out,
+                                           int64_t ldo, int64_t j0) {
+  for (int row = 0; row < kRows; ++row) {
+    const uint32_t* mrow = src.words + (i + row) * src.words_per_row;
+    T* orow = out + (i + row - i0) * ldo - j0;
+    for (int v = 0; v < 4 && m[v] != 0; ++v) {
+      const int64_t col = j + 16 * v;
+      __m512 value = acc[row][v];
+      if (src.w != nullptr) value = _mm512_add_ps(value, load16(src.w + (i + row) * src.k + col, m[v]));
+      store16(orow + col, _mm512_maskz_mov_ps(keep_bits(mrow, col), value), m[v]);
+    }
+  }
+}
+
+// Rows [i, i + kRows), columns [j, j + 64): s·B[rows, :]·A[:, cols] (+ W), masked and stored. Four rows
+// per block, so each load of A feeds sixteen FMAs.
 template <typename T, int kRows>
 LOSA_AVX512 inline void build_block_avx512(const Source<T, float>& src, int64_t i, int64_t i0, int64_t j,
                                            int64_t jend, T* out, int64_t ldo, int64_t j0) {
@@ -191,47 +220,75 @@ LOSA_AVX512 inline void build_block_avx512(const Source<T, float>& src, int64_t 
   for (int v = 0; v < 4; ++v) m[v] = tail_mask(jend - j - 16 * v);
   for (int row = 0; row < kRows; ++row)
     for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_setzero_ps();
-  const int64_t rank = src.rank, k = src.k;
   const float* a = src.a + j;
-  const float* b = src.b + i * rank;
-  for (int64_t c = 0; c < rank; ++c) {
+  const float* b = src.b + i * src.rank;
+  for (int64_t c = 0; c < src.rank; ++c) {
     __m512 av[4];
-    for (int v = 0; v < 4; ++v) av[v] = load16(a + c * k + 16 * v, m[v]);
+    for (int v = 0; v < 4; ++v) av[v] = load16(a + c * src.k + 16 * v, m[v]);
     for (int row = 0; row < kRows; ++row) {
-      const __m512 bc = _mm512_set1_ps(b[row * rank + c]);
+      const __m512 bc = _mm512_set1_ps(b[row * src.rank + c] * src.scale);
       for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_fmadd_ps(bc, av[v], acc[row][v]);
     }
   }
-  const __m512 scale = _mm512_set1_ps(src.scale);
-  for (int row = 0; row < kRows; ++row) {
-    const uint32_t* mrow = src.words + (i + row) * src.words_per_row;
-    T* orow = out + (i + row - i0) * ldo - j0;
-    for (int v = 0; v < 4; ++v) {
-      if (m[v] == 0) break;
-      const int64_t col = j + 16 * v;
-      __m512 value = _mm512_mul_ps(acc[row][v], scale);
-      if (src.w != nullptr) value = _mm512_add_ps(value, load16(src.w + (i + row) * k + col, m[v]));
-      store16(orow + col, _mm512_maskz_mov_ps(keep_bits(mrow, col), value), m[v]);
+  store_block_avx512<T, kRows>(src, acc, m, i, i0, j, out, ldo, j0);
+}
+
+// The same block for bf16 panels with vdpbf16ps: two ranks per instruction, from bf16 copies of A and
+// s·B (the panel is rounded to bf16 anyway; bf16 autocast multiplies B·A in bf16 too).
+template <int kRows>
+LOSA_AVX512_BF16 inline void build_block_avx512_bf16(const Source<c10::BFloat16, float>& src, int64_t i,
+                                                     int64_t i0, int64_t j, int64_t jend, c10::BFloat16* out,
+                                                     int64_t ldo, int64_t j0) {
+  __mmask16 m[4];
+  __m512 acc[kRows][4];
+  for (int v = 0; v < 4; ++v) m[v] = tail_mask(jend - j - 16 * v);
+  for (int row = 0; row < kRows; ++row)
+    for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_setzero_ps();
+  const uint32_t* a = src.a_pairs + j;
+  const uint32_t* b = src.b_pairs + i * src.pairs;
+  for (int64_t p = 0; p < src.pairs; ++p) {
+    __m512bh av[4];
+    for (int v = 0; v < 4; ++v) av[v] = (__m512bh)_mm512_maskz_loadu_epi32(m[v], a + p * src.k + 16 * v);
+    for (int row = 0; row < kRows; ++row) {
+      const __m512bh bc = (__m512bh)_mm512_set1_epi32(static_cast<int>(b[row * src.pairs + p]));
+      for (int v = 0; v < 4; ++v) acc[row][v] = _mm512_dpbf16_ps(acc[row][v], av[v], bc);
     }
   }
+  store_block_avx512<c10::BFloat16, kRows>(src, acc, m, i, i0, j, out, ldo, j0);
+}
+
+// Walk the columns in chunks whose slice of A (16 KiB) stays in L1 across the rows of the panel.
+inline int64_t a_chunk(int64_t a_rows) {
+  constexpr int64_t kStep = 64;
+  return std::max<int64_t>(kStep, (4096 / std::max<int64_t>(a_rows, 1)) / kStep * kStep);
 }
 
 template <typename T>
 LOSA_AVX512 void build_panel_avx512(const Source<T, float>& src, int64_t i0, int64_t i1, int64_t j0,
                                     int64_t j1, T* out, int64_t ldo) {
-  constexpr int64_t kStep = 64;
-  // Walk the columns in chunks whose slice of A (rank × chunk floats, 16 KiB) stays in L1 across rows;
-  // two rows per block so each load of A feeds eight FMAs.
-  const int64_t chunk = std::max<int64_t>(kStep, (4096 / std::max<int64_t>(src.rank, 1)) / kStep * kStep);
-  const Source<T, float> base{src.w, src.words, src.a, src.b, src.k, src.words_per_row, 0, src.scale};
-  const Source<T, float>& s = src.scale != 0.0f ? src : base;  // rank 0: no adapter, W only
+  Source<T, float> s = src;
+  if (s.scale == 0.0f) s.rank = 0;  // no adapter: W only
+  const int64_t chunk = a_chunk(s.rank);
   for (int64_t jc = j0; jc < j1; jc += chunk) {
     const int64_t jend = std::min(jc + chunk, j1);
     int64_t i = i0;
-    for (; i + 2 <= i1; i += 2)
-      for (int64_t j = jc; j < jend; j += kStep) build_block_avx512<T, 2>(s, i, i0, j, jend, out, ldo, j0);
+    for (; i + 4 <= i1; i += 4)
+      for (int64_t j = jc; j < jend; j += 64) build_block_avx512<T, 4>(s, i, i0, j, jend, out, ldo, j0);
     for (; i < i1; ++i)
-      for (int64_t j = jc; j < jend; j += kStep) build_block_avx512<T, 1>(s, i, i0, j, jend, out, ldo, j0);
+      for (int64_t j = jc; j < jend; j += 64) build_block_avx512<T, 1>(s, i, i0, j, jend, out, ldo, j0);
+  }
+}
+
+LOSA_AVX512_BF16 void build_panel_avx512_bf16(const Source<c10::BFloat16, float>& s, int64_t i0, int64_t i1,
+                                              int64_t j0, int64_t j1, c10::BFloat16* out, int64_t ldo) {
+  const int64_t chunk = a_chunk(2 * s.pairs);
+  for (int64_t jc = j0; jc < j1; jc += chunk) {
+    const int64_t jend = std::min(jc + chunk, j1);
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4)
+      for (int64_t j = jc; j < jend; j += 64) build_block_avx512_bf16<4>(s, i, i0, j, jend, out, ldo, j0);
+    for (; i < i1; ++i)
+      for (int64_t j = jc; j < jend; j += 64) build_block_avx512_bf16<1>(s, i, i0, j, jend, out, ldo, j0);
   }
 }
 
@@ -247,83 +304,89 @@ LOSA_AVX512 inline void widen_row_avx512(const Contraction<T, float>& c, const T
   }
 }
 
-// Two rows of G per pass, so each load and store of dA and each load of A serves both rows.
+// Rows [i, i + kRows) of the widened G panel (`rows`) into dA[:, j0:j0+n] and dB[i:i+kRows, :]. With two
+// rows, each load and store of dA and each load of A serves both.
+template <typename T, int kRows>
+LOSA_AVX512 inline void contract_rows_avx512(const Contraction<T, float>& c, int64_t i, int64_t j0, int64_t n,
+                                             float* const* rows) {
+  for (int64_t q = 0; q < c.rank; ++q) {
+    const float* arow = c.a + q * c.k + j0;
+    float* darow = c.da + q * c.k + j0;
+    __m512 bq[kRows], dot[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      bq[r] = _mm512_set1_ps(c.b[(i + r) * c.rank + q]);
+      dot[r] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = tail_mask(n - j);
+      const __m512 av = _mm512_maskz_loadu_ps(m, arow + j);
+      __m512 da = _mm512_maskz_loadu_ps(m, darow + j);
+      for (int r = 0; r < kRows; ++r) {
+        const __m512 g = _mm512_loadu_ps(rows[r] + j);  // zero past n
+        dot[r] = _mm512_fmadd_ps(g, av, dot[r]);
+        da = _mm512_fmadd_ps(bq[r], g, da);
+      }
+      _mm512_mask_storeu_ps(darow + j, m, da);
+    }
+    for (int r = 0; r < kRows; ++r) c.db[(i + r) * c.rank + q] += _mm512_reduce_add_ps(dot[r]);
+  }
+}
+
 template <typename T>
 LOSA_AVX512 void contract_panel_avx512(const Contraction<T, float>& c, const T* g, int64_t ldg, int64_t j0,
                                        int64_t j1, float* row) {
-  const int64_t n = j1 - j0, rank = c.rank;
+  const int64_t n = j1 - j0;
   const __m512 scale = _mm512_set1_ps(c.scale);
-  float* row1 = row + (n + 15) / 16 * 16;
+  const int64_t stride = (n + 15) / 16 * 16;
+  float* const rows[4] = {row, row + stride, row + 2 * stride, row + 3 * stride};
   int64_t i = 0;
-  for (; i + 2 <= c.d; i += 2) {
-    widen_row_avx512(c, g + i * ldg, i, j0, n, scale, row);
-    widen_row_avx512(c, g + (i + 1) * ldg, i + 1, j0, n, scale, row1);
-    for (int64_t q = 0; q < rank; ++q) {
-      const __m512 b0 = _mm512_set1_ps(c.b[i * rank + q]), b1 = _mm512_set1_ps(c.b[(i + 1) * rank + q]);
-      const float* arow = c.a + q * c.k + j0;
-      float* darow = c.da + q * c.k + j0;
-      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        const __m512 g0 = _mm512_loadu_ps(row + j), g1 = _mm512_loadu_ps(row1 + j);
-        const __m512 av = _mm512_maskz_loadu_ps(m, arow + j);
-        s0 = _mm512_fmadd_ps(g0, av, s0);
-        s1 = _mm512_fmadd_ps(g1, av, s1);
-        const __m512 upd = _mm512_fmadd_ps(b1, g1, _mm512_fmadd_ps(b0, g0, _mm512_maskz_loadu_ps(m, darow + j)));
-        _mm512_mask_storeu_ps(darow + j, m, upd);
-      }
-      c.db[i * rank + q] += _mm512_reduce_add_ps(s0);
-      c.db[(i + 1) * rank + q] += _mm512_reduce_add_ps(s1);
-    }
+  for (; i + 4 <= c.d; i += 4) {
+    for (int r = 0; r < 4; ++r) widen_row_avx512(c, g + (i + r) * ldg, i + r, j0, n, scale, rows[r]);
+    contract_rows_avx512<T, 4>(c, i, j0, n, rows);
   }
-  if (i < c.d) {  // odd row count: the last row alone, through the same arithmetic
-    widen_row_avx512(c, g + i * ldg, i, j0, n, scale, row);
-    for (int64_t q = 0; q < rank; ++q) {
-      const __m512 b0 = _mm512_set1_ps(c.b[i * rank + q]);
-      const float* arow = c.a + q * c.k + j0;
-      float* darow = c.da + q * c.k + j0;
-      __m512 s0 = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 m = tail_mask(n - j);
-        const __m512 g0 = _mm512_loadu_ps(row + j);
-        s0 = _mm512_fmadd_ps(g0, _mm512_maskz_loadu_ps(m, arow + j), s0);
-        _mm512_mask_storeu_ps(darow + j, m, _mm512_fmadd_ps(b0, g0, _mm512_maskz_loadu_ps(m, darow + j)));
-      }
-      c.db[i * rank + q] += _mm512_reduce_add_ps(s0);
-    }
+  for (; i < c.d; ++i) {
+    widen_row_avx512(c, g + i * ldg, i, j0, n, scale, rows[0]);
+    contract_rows_avx512<T, 1>(c, i, j0, n, rows);
   }
 }
 
 // ---- run-time choice of instruction set ----
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
 
-// The best the CPU supports, capped by LOSA_CPU_ISA (default, avx2, avx512) so tests can cover every
-// variant on one machine.
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512_bf16";
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
+// The best the CPU supports, capped by LOSA_CPU_ISA (default, avx2, avx512, avx512_bf16) so tests can
+// cover every variant on one machine.
 Isa chosen_isa() {
   Isa best = Isa::kDefault;
   if (losa::cpu::has_feature("avx2") && losa::cpu::has_feature("fma")) best = Isa::kAvx2;
   if (losa::cpu::has_feature("avx512f") && losa::cpu::has_feature("avx512bw") &&
-      losa::cpu::has_feature("avx512vl"))
-    best = Isa::kAvx512;
+      losa::cpu::has_feature("avx512vl")) {
+    best = losa::cpu::has_feature("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
+  }
   const char* cap = std::getenv("LOSA_CPU_ISA");
   if (cap == nullptr || *cap == '\0') return best;
-  const std::string want(cap);
-  const Isa capped = want == "default" ? Isa::kDefault : want == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
-  TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512",
-              "LOSA_CPU_ISA must be default, avx2 or avx512, got '", want, "'");
-  return std::min(best, capped);
-}
-
-const char* isa_name(Isa isa) {
-  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "default";
+  for (const Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
+    if (cap == std::string(isa_name(isa))) return std::min(best, isa);
+  TORCH_CHECK(false, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", cap, "'");
 }
 
 template <typename T, typename Acc>
 void build_panel(const Source<T, Acc>& s, int64_t i0, int64_t i1, int64_t j0, int64_t j1, T* out,
                  int64_t ldo, Isa isa) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (s.pairs > 0) return build_panel_avx512_bf16(s, i0, i1, j0, j1, out, ldo);
+  }
   if constexpr (std::is_same_v<Acc, float>) {
-    if (isa == Isa::kAvx512) return build_panel_avx512<T>(s, i0, i1, j0, j1, out, ldo);
+    if (isa >= Isa::kAvx512) return build_panel_avx512<T>(s, i0, i1, j0, j1, out, ldo);
   }
   if (isa != Isa::kDefault) return build_panel_avx2(s, i0, i1, j0, j1, out, ldo);
   build_panel_default(s, i0, i1, j0, j1, out, ldo);
@@ -333,7 +396,7 @@ template <typename T, typename Acc>
 void contract_panel(const Contraction<T, Acc>& c, const T* g, int64_t ldg, int64_t j0, int64_t j1, Acc* row,
                     Isa isa) {
   if constexpr (std::is_same_v<Acc, float>) {
-    if (isa == Isa::kAvx512) return contract_panel_avx512<T>(c, g, ldg, j0, j1, row);
+    if (isa >= Isa::kAvx512) return contract_panel_avx512<T>(c, g, ldg, j0, j1, row);
   }
   if (isa != Isa::kDefault) return contract_panel_avx2(c, g, ldg, j0, j1, row);
   contract_panel_default(c, g, ldg, j0, j1, row);
@@ -377,17 +440,37 @@ int64_t band(int64_t other, int64_t elem_size, int64_t total) {
   return std::min(std::clamp(fit, kMin, kMax), (total + kWordBits - 1) / kWordBits * kWordBits);
 }
 
+// The rank pairs of Source (bf16 words, two per rank pair), or two undefined tensors when the panel is
+// not bf16, the CPU has no AVX512-BF16 or there is no adapter.
+std::pair<at::Tensor, at::Tensor> rank_pairs(const at::Tensor& a, const at::Tensor& b, double scale,
+                                             at::ScalarType panel, Isa isa) {
+  if (panel != at::kBFloat16 || isa != Isa::kAvx512Bf16 || scale == 0.0 || a.size(0) == 0) return {};
+  const int64_t pad = a.size(0) % 2;
+  const auto a2 = at::constant_pad_nd(a, {0, 0, 0, pad}).to(at::kBFloat16);  // [r + pad, k]
+  const auto b2 = at::constant_pad_nd(b * scale, {0, pad}).to(at::kBFloat16);  // [d, r + pad]
+  const int64_t pairs = a2.size(0) / 2, k = a.size(1);
+  // Interleave the two ranks of a pair along the last axis, then read each (lo, hi) bf16 pair as a word.
+  return {a2.view({pairs, 2, k}).transpose(1, 2).contiguous().view(at::kInt).view({pairs, k}),
+          b2.contiguous().view(at::kInt)};
+}
+
 template <typename T, typename Acc>
 Source<T, Acc> source(const std::optional<at::Tensor>& weight, const at::Tensor& words, const at::Tensor& a,
-                      const at::Tensor& b, double scale) {
-  return {weight.has_value() ? weight->data_ptr<T>() : nullptr,
-          reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
-          a.data_ptr<Acc>(),
-          b.data_ptr<Acc>(),
-          a.size(1),
-          words.size(1),
-          a.size(0),
-          static_cast<Acc>(scale)};
+                      const at::Tensor& b, double scale, const std::pair<at::Tensor, at::Tensor>& pairs) {
+  Source<T, Acc> s{weight.has_value() ? weight->data_ptr<T>() : nullptr,
+                   reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                   a.data_ptr<Acc>(),
+                   b.data_ptr<Acc>(),
+                   a.size(1),
+                   words.size(1),
+                   a.size(0),
+                   static_cast<Acc>(scale)};
+  if (pairs.first.defined()) {
+    s.a_pairs = reinterpret_cast<const uint32_t*>(pairs.first.data_ptr<int32_t>());
+    s.b_pairs = reinterpret_cast<const uint32_t*>(pairs.second.data_ptr<int32_t>());
+    s.pairs = pairs.first.size(0);
+  }
+  return s;
 }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
@@ -397,12 +480,31 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
 
 // ---- the three ops ----
 
-// The panels are scratch, outside any autograd graph, and the GEMMs on them run on worker threads,
-// which do not inherit the caller's grad mode: each worker dispatches below autograd itself.
-using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+// Runs work(worker, claim) on up to one worker per thread; `claim()` hands out the panels [0, panels) one
+// at a time and then -1. Claiming (instead of a fixed split) keeps a worker that the OS preempts (the
+// machines are shared) or a slow panel from holding the others back. One panel, or one thread, runs on
+// the calling thread without starting the thread team.
+template <typename Work>
+void parallel_panels(int64_t panels, const Work& work) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
+  std::atomic<int64_t> next{0};
+  const auto claim = [&] {
+    const int64_t p = next.fetch_add(1);
+    return p < panels ? p : int64_t{-1};
+  };
+  // The panels are scratch outside any autograd graph, and worker threads do not inherit the caller's
+  // grad mode: every worker dispatches its ATen calls below autograd itself.
+  const auto run = [&](int64_t worker) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    work(worker, claim);
+  };
+  if (workers == 1) return run(0);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) run(w);
+  });
+}
 
-// Panels per parallel task: a single panel runs on the calling thread (no thread-team start-up).
-constexpr int64_t kGrain = 2;
+int64_t count(int64_t total, int64_t per) { return (total + per - 1) / per; }
 
 at::Tensor masked_lora_mm(const at::Tensor& x_in, const std::optional<at::Tensor>& weight_in,
                           const at::Tensor& words_in, const at::Tensor& a_in, const at::Tensor& b_in,
@@ -416,13 +518,13 @@ at::Tensor masked_lora_mm(const at::Tensor& x_in, const std::optional<at::Tensor
   auto y = at::empty({tokens, d}, x.options());
   const int64_t rows = band(k, x.element_size(), d);
   const Isa isa = chosen_isa();
+  const auto pairs = rank_pairs(a, b, scale, x.scalar_type(), isa);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_lora_mm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale);
-    at::parallel_for(0, (d + rows - 1) / rows, kGrain, [&](int64_t p0, int64_t p1) {
-      const BelowAutograd below_autograd;
+    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale, pairs);
+    parallel_panels(count(d, rows), [&](int64_t, const auto& claim) {
       auto panel = at::empty({rows, k}, x.options());
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p; (p = claim()) >= 0;) {
         const int64_t i0 = p * rows, n = std::min(rows, d - i0);
         build_panel(src, i0, i0 + n, 0, k, panel.data_ptr<scalar_t>(), k, isa);
         auto out = y.narrow(1, i0, n);
@@ -446,13 +548,13 @@ at::Tensor masked_lora_mm_t(const at::Tensor& grad_in, const std::optional<at::T
   auto dx = at::empty({tokens, k}, grad.options());
   const int64_t cols = band(d, grad.element_size(), k);
   const Isa isa = chosen_isa();
+  const auto pairs = rank_pairs(a, b, scale, grad.scalar_type(), isa);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_mm_t", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale);
-    at::parallel_for(0, (k + cols - 1) / cols, kGrain, [&](int64_t p0, int64_t p1) {
-      const BelowAutograd below_autograd;
+    const auto src = source<scalar_t, acc_t>(weight, words, a, b, scale, pairs);
+    parallel_panels(count(k, cols), [&](int64_t, const auto& claim) {
       auto panel = at::empty({d, cols}, grad.options());
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t p; (p = claim()) >= 0;) {
         const int64_t j0 = p * cols, n = std::min(cols, k - j0);
         auto view = panel.narrow(1, 0, n);
         build_panel(src, 0, d, j0, j0 + n, panel.data_ptr<scalar_t>(), cols, isa);
@@ -478,36 +580,32 @@ std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in
   const auto acc_opts = a.options();
   auto da = at::zeros({r, k}, acc_opts);
   const int64_t cols = band(d, x.element_size(), k);
-  const int64_t panels = (k + cols - 1) / cols;
-  // Workers own disjoint column panels, hence disjoint columns of dA; dB sums over every panel, so
-  // each worker keeps a partial dB, added up at the end.
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels));
-  auto db_parts = at::zeros({workers, d, r}, acc_opts);
+  const int64_t panels = count(k, cols);
+  // Panels are disjoint columns of dA; dB sums over every panel, so each worker keeps a partial dB,
+  // added up at the end.
+  auto db_parts = at::zeros({std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)), d, r}, acc_opts);
   const Isa isa = chosen_isa();
   const auto grad_t = grad.t();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_grad_ab", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, workers, kGrain, [&](int64_t w0, int64_t w1) {
-      const BelowAutograd below_autograd;
+    parallel_panels(panels, [&](int64_t worker, const auto& claim) {
       auto g = at::empty({d, cols}, grad.options());
-      std::vector<acc_t> row(2 * (cols + 16));
-      for (int64_t worker = w0; worker < w1; ++worker) {
-        const Contraction<scalar_t, acc_t> c{reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
-                                             a.data_ptr<acc_t>(),
-                                             b.data_ptr<acc_t>(),
-                                             da.data_ptr<acc_t>(),
-                                             db_parts[worker].data_ptr<acc_t>(),
-                                             d,
-                                             k,
-                                             words.size(1),
-                                             r,
-                                             static_cast<acc_t>(scale)};
-        for (int64_t p = worker; p < panels; p += workers) {
-          const int64_t j0 = p * cols, n = std::min(cols, k - j0);
-          auto g_view = g.narrow(1, 0, n);
-          at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // the G panel: dYᵀ·X[:, j0:j0+n]
-          contract_panel(c, g.data_ptr<scalar_t>(), cols, j0, j0 + n, row.data(), isa);
-        }
+      std::vector<acc_t> row(4 * (cols + 16));
+      const Contraction<scalar_t, acc_t> c{reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                                           a.data_ptr<acc_t>(),
+                                           b.data_ptr<acc_t>(),
+                                           da.data_ptr<acc_t>(),
+                                           db_parts[worker].data_ptr<acc_t>(),
+                                           d,
+                                           k,
+                                           words.size(1),
+                                           r,
+                                           static_cast<acc_t>(scale)};
+      for (int64_t p; (p = claim()) >= 0;) {
+        const int64_t j0 = p * cols, n = std::min(cols, k - j0);
+        auto g_view = g.narrow(1, 0, n);
+        at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // the G panel: dYᵀ·X[:, j0:j0+n]
+        contract_panel(c, g.data_ptr<scalar_t>(), cols, j0, j0 + n, row.data(), isa);
       }
     });
   });
