@@ -287,13 +287,17 @@ def mask_words(mask: torch.Tensor, shape: tuple[int, int], device: torch.device)
 # ---- references (tests, benchmarks, the merge) ----
 
 
+def _bool_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """The bool [d, k] mask, from a bool mask or from bitmask words."""
+    d, k = shape
+    return mask if mask.dtype == torch.bool else unpack_mask_reference(mask_words(mask, (d, k), mask.device), k)
+
+
 def effective_weight(weight, mask, lora_A, lora_B, scale, dtype=None) -> torch.Tensor:
     """The dense M ⊙ (W + s·B·A), computed in fp32 (fp64 for fp64 inputs) and cast once to ``dtype``
     (default: ``weight.dtype``). This is the merged weight; it is d×k, so not for training."""
     acc = _accumulation_dtype(weight.dtype)
-    d, k = weight.shape
-    m = mask if mask.dtype == torch.bool else unpack_mask_reference(mask_words(mask, (d, k), mask.device), k)
-    merged = (weight.to(acc) + scale * (lora_B.to(acc) @ lora_A.to(acc))) * m
+    merged = (weight.to(acc) + scale * (lora_B.to(acc) @ lora_A.to(acc))) * _bool_mask(mask, weight.shape)
     return merged.to(dtype or weight.dtype)
 
 
@@ -305,7 +309,7 @@ def masked_lora_linear_materialized(x, weight, mask, lora_A, lora_B, scale, bias
     ``weight`` must already be zero outside the mask (the pruner's invariant), as the reference code
     assumes. The reference in tests and the baseline in benchmarks.
     """
-    m = mask if mask.dtype == torch.bool else unpack_mask_reference(mask, weight.shape[1])
+    m = _bool_mask(mask, weight.shape)
     x_adapter = x
     if training and dropout > 0:
         keep = _dropout_keep((math.prod(x.shape[:-1]), x.shape[-1]), dropout, x.device, generator)
