@@ -4,8 +4,6 @@ panels) against the materialising reference, gradcheck in float64, dropout, dtyp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,10 +20,7 @@ from losa_deploy.kernels.masked_lora import (
     resolve_backend,
 )
 
-# Triton decides when a kernel module is imported whether its kernels are compiled or interpreted; without
-# a GPU they must be interpreted. Our Triton module is imported lazily, so setting this here is in time.
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# conftest.py turns on Triton's interpreter where there is no GPU; then Triton runs on CPU tensors.
 TRITON_DEVICE = "cpu" if triton_kernels.interpreted() else "cuda"
 
 needs_ext = pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
