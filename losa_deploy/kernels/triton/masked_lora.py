@@ -145,7 +145,7 @@ def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
         precision = "ieee"
     else:
         precision = "tf32"
-    block = 32 if interpreted() or act.dtype != torch.bfloat16 and act.dtype != torch.float16 else 64
+    block = 64 if act.dtype in (torch.bfloat16, torch.float16) and not interpreted() else 32
     return dict(R=max(16, triton.next_power_of_2(lora_A.shape[0])), ACC=_TL_ACC[lora_A.dtype], PRECISION=precision,
                 UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block)
 
