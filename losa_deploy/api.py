@@ -26,6 +26,7 @@ from .data import (
 )
 from .errors import LosaError
 from .eval.perplexity import perplexity
+from .kernels.masked_lora import masked_lora_linear
 from .models import (
     check_checkpoint,
     context_length,
@@ -133,4 +134,4 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     return {"output": str(output), "model": str(path), "calibration": calibration, **report}
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "prune"]
+__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "masked_lora_linear", "prune"]

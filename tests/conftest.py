@@ -11,6 +11,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Without a GPU, Triton kernels are tested in Triton's CPU interpreter. Triton reads this when a kernel
+# module is imported, so it is set here, before any test module can import one.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def _assets_dir() -> Path:
     return Path(os.environ.get("LOSA_ASSETS", ROOT.parent / "shared" / "assets")).resolve()
