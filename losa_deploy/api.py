@@ -48,4 +48,18 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
     return {**result, "model": str(path), "data": str(data), "slice": data_slice or "0:1", "dtype": dtype}
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer"]
+def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str | None = None,
+         overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Pack a checkpoint for serving: ``format`` is hf, nm-vllm, losa, vllm or deepsparse.
+
+    Streams tensor by tensor into a temporary directory renamed to ``out`` when complete. ``dtype``
+    (bf16, fp16, fp32) converts floating tensors; None keeps the stored dtype. Returns the files written,
+    their sizes and the sparsity of the written weights (see :mod:`losa_deploy.export`).
+    """
+    from .export import pack_checkpoint
+
+    return pack_checkpoint(model, out, format=format, dtype=dtype, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code, progress=progress)
+
+
+__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "pack"]
