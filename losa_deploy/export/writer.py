@@ -33,10 +33,10 @@ class SafetensorsWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, prefix: str = "model",
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int | None = None, metadata: dict[str, str] | None = None):
         self.directory = Path(directory)
         self.prefix = prefix
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes or DEFAULT_SHARD_BYTES
         self.metadata = {"format": "pt", **(metadata or {})}
         self.total_bytes = 0
         self._shards: list[tuple[Path, dict]] = []  # (finished file, header) per shard
