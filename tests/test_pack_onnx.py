@@ -13,7 +13,7 @@ from conftest import PACK_NEW_TOKENS, greedy_reference
 from onnx import numpy_helper
 
 from losa_deploy import pack
-from losa_deploy.engines.onnx_generate import onnx_generate
+from losa_deploy.engines.onnx_generate import deepsparse_pipeline_generate, onnx_generate
 from losa_deploy.envinfo import deepsparse_python
 from losa_deploy.models import load_model
 
@@ -76,3 +76,16 @@ def test_deepsparse_matches_transformers(packed, pack_prompts):
         pytest.skip("the DeepSparse venv is missing (make deepsparse-venv)")
     folder, references = packed
     _assert_matches(onnx_generate(folder, pack_prompts, PACK_NEW_TOKENS, engine="deepsparse"), references)
+
+
+def test_deepsparse_text_generation_pipeline_accepts_the_export(packed):
+    """DeepSparse's own TextGeneration pipeline (its tokenizer, engines and internal KV cache) opens the
+    folder and generates the same greedy tokens."""
+    from conftest import PACK_PROMPTS
+
+    if deepsparse_python() is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("the DeepSparse venv is missing (make deepsparse-venv)")
+        pytest.skip("the DeepSparse venv is missing (make deepsparse-venv)")
+    folder, references = packed
+    _assert_matches(deepsparse_pipeline_generate(folder, list(PACK_PROMPTS), PACK_NEW_TOKENS), references)

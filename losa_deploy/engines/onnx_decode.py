@@ -3,11 +3,14 @@
 This file imports only numpy and the standard library (the engines lazily), because it also runs as a
 script inside the DeepSparse venv, which has neither torch nor losa_deploy::
 
-    python onnx_decode.py {onnxruntime|deepsparse} MODEL_DIR REQUEST.npz RESULT.npz
+    python onnx_decode.py {onnxruntime|deepsparse|pipeline} MODEL_DIR REQUEST.npz RESULT.npz
 
-REQUEST holds ``prompt_0 ... prompt_{n-1}`` (int64 token ids), ``new_tokens``, ``sequence_length`` and
-``chunk_length``; RESULT gets ``tokens_i`` (the generated ids) and ``logits_i`` ([new_tokens, vocab], the
-logits each generated token was chosen from).
+REQUEST holds ``prompt_0 ... prompt_{n-1}`` (int64 token ids; for ``pipeline``, the prompt texts),
+``new_tokens``, ``sequence_length`` and ``chunk_length``; RESULT gets ``tokens_i`` (the generated ids)
+and ``logits_i`` ([new_tokens, vocab], the logits each generated token was chosen from).
+
+``pipeline`` runs DeepSparse's own ``TextGeneration`` pipeline (internal KV cache, greedy) instead of our
+loop, to show the export is what that pipeline expects.
 
 The protocol is DeepSparse's own (``transformers/utils/helpers.py`` and ``decoder_kv_cache.py`` in
 deepsparse 1.8.0), so the graph is exercised exactly as its text-generation pipeline runs it:
@@ -150,15 +153,38 @@ def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, 
     return run
 
 
+def pipeline_generate(model_dir: str, texts: list[str], new_tokens: int, sequence_length: int,
+                      prompt_chunk: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Greedy generation through ``deepsparse.TextGeneration`` (its tokenizer, engines and KV cache)."""
+    from deepsparse import TextGeneration
+
+    pipeline = TextGeneration(model_path=model_dir, sequence_length=sequence_length,
+                              prompt_sequence_length=prompt_chunk, internal_kv_cache=True)
+    results = []
+    for text in texts:
+        out = pipeline(sequences=text, max_new_tokens=new_tokens, do_sample=False, output_scores=True)
+        # deepsparse 1.8 returns one token more than max_new_tokens (the prompt's own prediction is not
+        # counted): keep the first new_tokens. Greedy: each token is the argmax of its scores.
+        scores = np.asarray(out.generations[0].score, dtype=np.float32)[:new_tokens]
+        results.append((scores.argmax(-1).astype(np.int64), scores))
+    return results
+
+
 def main(argv: list[str]) -> int:
     engine, model_dir, request_path, result_path = argv
     request = np.load(request_path)
     prompts = [request[f"prompt_{i}"] for i in range(sum(k.startswith("prompt_") for k in request.files))]
-    decoder = open_decoder(engine, model_dir, int(request["sequence_length"]), int(request["chunk_length"]),
-                           work_dir=os.path.dirname(os.path.abspath(result_path)))
+    new_tokens, sequence_length = int(request["new_tokens"]), int(request["sequence_length"])
+    chunk = int(request["chunk_length"])
+    if engine == "pipeline":
+        outputs = pipeline_generate(model_dir, [str(p) for p in prompts], new_tokens, sequence_length, chunk)
+    else:
+        decoder = open_decoder(engine, model_dir, sequence_length, chunk,
+                               work_dir=os.path.dirname(os.path.abspath(result_path)))
+        outputs = [decoder.generate(prompt, new_tokens) for prompt in prompts]
     result = {}
-    for i, prompt in enumerate(prompts):
-        result[f"tokens_{i}"], result[f"logits_{i}"] = decoder.generate(prompt, int(request["new_tokens"]))
+    for i, (tokens, logits) in enumerate(outputs):
+        result[f"tokens_{i}"], result[f"logits_{i}"] = tokens, logits
     np.savez(result_path, **result)
     return 0
 

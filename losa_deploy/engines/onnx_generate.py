@@ -38,11 +38,25 @@ def onnx_generate(model_dir: str | os.PathLike, prompts: list[list[int]], new_to
     if engine == "onnxruntime":
         decoder = onnx_decode.open_decoder(engine, str(model_dir), sequence_length, chunk_length)
         return [decoder.generate(ids, new_tokens) for ids in arrays]
-    return _deepsparse_generate(Path(model_dir), arrays, new_tokens, sequence_length, chunk_length, timeout)
+    return _in_deepsparse_venv("deepsparse", Path(model_dir), arrays, new_tokens, sequence_length, chunk_length,
+                               timeout)
 
 
-def _deepsparse_generate(model_dir: Path, prompts: list[np.ndarray], new_tokens: int, sequence_length: int,
-                         chunk_length: int, timeout: float) -> list[tuple[np.ndarray, np.ndarray]]:
+def deepsparse_pipeline_generate(model_dir: str | os.PathLike, texts: list[str], new_tokens: int,
+                                 sequence_length: int = 64, chunk_length: int = 4,
+                                 timeout: float = 900) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per prompt text: (generated ids, logits) from DeepSparse's own ``TextGeneration`` pipeline (greedy,
+    internal KV cache). Needs ``transformers`` in the DeepSparse venv (``make deepsparse-venv`` installs it)."""
+    if not (Path(model_dir) / "model.onnx").is_file():
+        raise LosaError(f"{model_dir} has no model.onnx (pack it with --format deepsparse)")
+    prompts = [np.array(text) for text in texts]
+    return _in_deepsparse_venv("pipeline", Path(model_dir), prompts, new_tokens, sequence_length, chunk_length,
+                               timeout)
+
+
+def _in_deepsparse_venv(mode: str, model_dir: Path, prompts: list[np.ndarray], new_tokens: int,
+                        sequence_length: int, chunk_length: int, timeout: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run :mod:`.onnx_decode` as a script under the DeepSparse venv's interpreter, through ``.npz`` files."""
     python = deepsparse_python()
     if python is None:
         raise LosaError("the DeepSparse venv is missing: run `make deepsparse-venv` or set LOSA_DEEPSPARSE_PYTHON")
@@ -50,7 +64,7 @@ def _deepsparse_generate(model_dir: Path, prompts: list[np.ndarray], new_tokens:
         request, result = Path(work) / "request.npz", Path(work) / "result.npz"
         np.savez(request, new_tokens=new_tokens, sequence_length=sequence_length, chunk_length=chunk_length,
                  **{f"prompt_{i}": p for i, p in enumerate(prompts)})
-        cmd = [str(python), onnx_decode.__file__, "deepsparse", str(model_dir.resolve()), str(request), str(result)]
+        cmd = [str(python), onnx_decode.__file__, mode, str(model_dir.resolve()), str(request), str(result)]
         done = subprocess.run(cmd, capture_output=True, timeout=timeout)
         if done.returncode != 0 or not result.is_file():
             lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]

@@ -61,7 +61,7 @@ def pack_checkpoint(model: str | os.PathLike, out: str | os.PathLike, format: st
         config = exporter.edit_config({**source.config, "dtype": source.output_dtype_name}, sidecar)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in _SIDE_FILES:
-            if (source.path / name).is_file():
+            if (source.path / name).is_file() and not (tmp / name).exists():  # an exporter may adapt one
                 shutil.copyfile(source.path / name, tmp / name)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     warning = source.warn_if_dense(sidecar)

@@ -8,10 +8,14 @@ pruned entries stay exact zeros (constant folding only transposes them). The fol
 
 Tracing needs the module, so this format holds the model once (fp32); the weights still arrive through
 the same checked, scrubbed stream as every other format, straight into an empty (meta) model.
+
+``tokenizer.json`` is rewritten in the layout old ``tokenizers`` read (:mod:`.legacy_tokenizer`), so that
+DeepSparse's own ``TextGeneration`` pipeline (it needs ``transformers < 4.40``) opens the folder too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 
 from ..errors import LosaError
 from .base import Exporter
+from .legacy_tokenizer import legacy_tokenizer_json
 from .onnx_decoder import INPUTS, SUPPORTED_MODEL_TYPES, CachedDecoderStep, cache_names
 from .source import PackSource
 
@@ -51,7 +56,22 @@ class DeepSparseExporter(Exporter):
             torch.onnx.export(step, step.example_inputs(), str(path), dynamo=False, opset_version=OPSET,
                               input_names=[*INPUTS, *past_in], output_names=["logits", *present_out],
                               dynamic_axes=step.dynamic_axes(), do_constant_folding=True)
-        return sorted(p for p in out.iterdir() if p.is_file())
+        weights = sorted(p for p in out.iterdir() if p.is_file())
+        _write_legacy_tokenizer(source, out)
+        return weights
+
+
+def _write_legacy_tokenizer(source: PackSource, out: Path) -> None:
+    """tokenizer.json that DeepSparse's own pipeline (tokenizers 0.15) can read, when it can be expressed."""
+    path = source.path / "tokenizer.json"
+    if not path.is_file():
+        return
+    legacy = legacy_tokenizer_json(json.loads(path.read_text()))
+    if legacy is None:
+        logger.warning("losa-deploy: tokenizer.json kept in the current layout; DeepSparse's TextGeneration "
+                       "pipeline (tokenizers < 0.19) may not read it, our ONNX loop does not need it")
+        return
+    (out / "tokenizer.json").write_text(json.dumps(legacy, ensure_ascii=False, indent=2))
 
 
 def _model_from_stream(source: PackSource) -> torch.nn.Module:

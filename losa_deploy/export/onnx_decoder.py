@@ -97,19 +97,26 @@ class CachedDecoderStep(nn.Module):
         key = key * cos + _rotate_half(key) * sin
         key = torch.cat((past_key, key), dim=2)
         value = torch.cat((past_value, value), dim=2)
-        scores = torch.matmul(query, self._repeat_kv(key).transpose(2, 3)) * attn.scaling + bias
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, self._repeat_kv(value)).transpose(1, 2).reshape(batch, length, -1)
-        return attn.o_proj(out), key, value
+        return attn.o_proj(self._grouped_attention(query, key, value, bias, attn.scaling)), key, value
 
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """GQA: each KV head serves ``kv_groups`` query heads (the expand + reshape of transformers'
-        ``repeat_kv``, which DeepSparse compiles; a Gather over heads it cannot)."""
-        if self.kv_groups == 1:
-            return x
-        batch, kv_heads, length, dim = x.shape
-        return x[:, :, None].expand(batch, kv_heads, self.kv_groups, length, dim).reshape(
-            batch, kv_heads * self.kv_groups, length, dim)
+    def _grouped_attention(self, query, key, value, bias, scaling):
+        """softmax(q kᵀ · scaling + bias) v, with GQA done by folding each KV head's ``kv_groups`` query heads
+        into its rows (query head ``h`` reads KV head ``h // kv_groups``, as transformers' ``repeat_kv``).
+
+        Keys and values are never repeated, so the cache concat feeds the matmuls directly: the pattern
+        DeepSparse's internal KV-cache fusion needs (it rejects an expand/reshape in between).
+        """
+        batch, heads, length, dim = query.shape
+        kv_heads, groups = key.shape[1], self.kv_groups
+        query = query.reshape(batch, kv_heads, groups * length, dim)
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if groups > 1:
+            scores = (scores.reshape(batch, kv_heads, groups, length, -1) + bias[:, :, None]).reshape(
+                batch, kv_heads, groups * length, -1)
+        else:
+            scores = scores + bias
+        out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [batch, kv_heads, groups * length, dim]
+        return out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
 
     def example_inputs(self, input_ids_length: int = 4, sequence_length: int = 16) -> tuple[torch.Tensor, ...]:
         """Inputs of the right dtypes and ranks for tracing (the exported dims stay symbolic)."""
