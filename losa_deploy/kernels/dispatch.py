@@ -1,0 +1,143 @@
+"""``sparse_linear(x, packed, bias)``: y = x · Wᵀ (+ bias) for a packed sparse weight, on the best kernel.
+
+Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
+
+* ``auto``: the compiled op when the extension is loaded and has a kernel for the device (the CPU kernels
+  here; a CUDA kernel registered for the same op, issue #7, is picked up the same way), with the best
+  instruction set of this CPU; the pure-PyTorch path otherwise.
+* ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
+* ``torch``: decompress and ``F.linear`` in fp32 (slow, exact; every device).
+
+``panel_tokens``: the token count from which the CPU op decompresses panels of rows and runs torch's
+dense GEMM on them instead of its row kernel (default: the op's, tuned by benchmarks/kernels_cpu.py).
+
+The ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as opaque)
+and an autograd formula for ``x`` and ``bias`` (the packed weight stays frozen).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LosaError
+from . import ops
+from .formats.bitmask import BitmaskWeight, unpack_mask
+from .formats.nm import NMKernelLayout, NMWeight
+
+CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
+BACKENDS = ("auto", "torch", *CPU_BACKENDS)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_OPS = {"bitmask_linear": 5, "nm_linear": 7}  # op -> index of its bias argument
+
+Packed = BitmaskWeight | NMWeight | NMKernelLayout
+
+
+def kernel_weight(packed: Packed) -> BitmaskWeight | NMKernelLayout:
+    """The layout the kernels read: a bitmask weight as it is, an N:M weight in its load-time layout."""
+    if isinstance(packed, NMWeight):
+        return packed.kernel_layout()
+    if isinstance(packed, BitmaskWeight | NMKernelLayout):
+        return packed
+    raise LosaError(f"sparse_linear needs a BitmaskWeight or NMWeight, got {type(packed).__name__}")
+
+
+def _backend(backend: str | None) -> str:
+    chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
+    if chosen not in BACKENDS:
+        raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
+    return chosen
+
+
+def _has_kernel(op_name: str, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"losa::{op_name}", key)
+
+
+def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *, backend: str | None = None,
+                  panel_tokens: int | None = None) -> torch.Tensor:
+    """``x`` of shape ``(..., in)`` times the packed ``[out, in]`` weight, transposed, plus ``bias``.
+
+    The result has ``x``'s dtype; the kernels accumulate in fp32. An ``NMWeight`` is converted to its kernel
+    layout on every call: convert once with ``packed.kernel_layout()`` (``SparseLinear`` does).
+    """
+    weight = kernel_weight(packed)
+    rows, cols = weight.shape
+    if x.dim() < 1 or x.shape[-1] != cols:
+        raise LosaError(f"sparse_linear: x has shape {tuple(x.shape)}, the weight takes {cols} input features")
+    if x.device != weight.values.device:
+        raise LosaError(f"sparse_linear: x is on {x.device}, the packed weight on {weight.values.device}")
+    if bias is not None and (bias.shape != (rows,) or bias.device != x.device):
+        raise LosaError(f"sparse_linear: bias must be [{rows}] on {x.device}, got {tuple(bias.shape)} on "
+                        f"{bias.device}")
+    chosen = _backend(backend)
+    op_name = "bitmask_linear" if isinstance(weight, BitmaskWeight) else "nm_linear"
+    losa = ops()
+    use_op = chosen != "torch" and losa is not None and _has_kernel(op_name, x.device)
+    if chosen in CPU_BACKENDS and not (use_op and x.device.type == "cpu"):
+        raise LosaError(f"sparse backend {chosen!r} needs the compiled extension and a CPU tensor")
+    if not use_op or x.dtype not in KERNEL_DTYPES:
+        return _torch_linear(x, weight, bias)
+    isa = chosen if chosen in CPU_BACKENDS else "auto"
+    panel = panel_tokens or 0
+    if isinstance(weight, BitmaskWeight):
+        return losa.bitmask_linear(x, weight.values, weight.mask, weight.row_ptr, cols, bias, isa, panel)
+    return losa.nm_linear(x, weight.values, weight.mask, weight.block_n, cols, weight.m, weight.rows_per_block,
+                          bias, isa, panel)
+
+
+def _torch_linear(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
+    """The pure-PyTorch path: decompress and multiply with fp32 accumulation (fp64 stays fp64)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.linear(x.to(compute), weight.to_dense().to(compute), None if bias is None else bias.to(compute))
+    return y.to(x.dtype)
+
+
+# -- torch.library registrations: fake (meta) implementations and autograd ----------------------------
+
+
+def _dense_from_arrays(values: torch.Tensor, mask: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Both kernel layouts store each row's values in column order at its mask bits."""
+    keep = unpack_mask(mask, in_features).to(values.device)
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+
+
+def _fake_linear(x, values, mask, *args, **kwargs):
+    return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+def _autograd(bias_index: int):
+    """Backward for ``x`` and ``bias`` of an op whose bias is argument ``bias_index``."""
+
+    def setup_context(ctx, inputs, output):
+        x, values, mask, _, in_features = inputs[:5]
+        ctx.x_dtype = x.dtype
+        ctx.in_features = in_features
+        ctx.save_for_backward(values, mask)
+
+    def backward(ctx, grad):
+        if any(ctx.needs_input_grad[1:bias_index]):
+            raise RuntimeError("losa sparse linear: the packed weight is frozen (no gradient for it)")
+        values, mask = ctx.saved_tensors
+        grads = [None] * len(ctx.needs_input_grad)
+        if ctx.needs_input_grad[0]:
+            grads[0] = (grad.float() @ _dense_from_arrays(values, mask, ctx.in_features).float()).to(ctx.x_dtype)
+        if ctx.needs_input_grad[bias_index]:
+            grads[bias_index] = grad.float().reshape(-1, grad.shape[-1]).sum(0)
+        return tuple(grads)
+
+    return setup_context, backward
+
+
+def register_op_metadata() -> None:
+    """Called once when the extension loads: fake kernels and autograd for the sparse-linear ops."""
+    for name, bias_index in _OPS.items():
+        qualified = f"losa::{name}"
+        torch.library.register_fake(qualified)(_fake_linear)
+        setup_context, backward = _autograd(bias_index)
+        torch.library.register_autograd(qualified, backward, setup_context=setup_context)
+
+
+__all__ = ["BACKENDS", "CPU_BACKENDS", "kernel_weight", "register_op_metadata", "sparse_linear"]
