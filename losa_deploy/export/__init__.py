@@ -29,10 +29,13 @@ from ..utils.fs import atomic_dir, check_output_dir
 from .base import Exporter
 from .deepsparse import DeepSparseExporter
 from .hf import HFExporter
+from .losa import LosaExporter
 from .nm_vllm import NMVLLMExporter
 from .source import PackSource
+from .vllm import VLLMExporter
 
-FORMATS: dict[str, Exporter] = {e.name: e for e in (HFExporter(), NMVLLMExporter(), DeepSparseExporter())}
+FORMATS: dict[str, Exporter] = {e.name: e for e in (HFExporter(), NMVLLMExporter(), LosaExporter(),
+                                                      VLLMExporter(), DeepSparseExporter())}
 # Written beside the weights when the source has them.
 _SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
