@@ -14,6 +14,7 @@ from .data import SELF, eval_windows, parse_slice, read_source, self_generate, s
 from .errors import LosaError
 from .eval.perplexity import perplexity
 from .models import check_checkpoint, context_length, load_model, load_tokenizer, resolve_model
+from .runtime import SparseLinear, sparsify_
 from .sparsity.report import inspect_checkpoint
 
 
@@ -48,4 +49,4 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
     return {**result, "model": str(path), "data": str(data), "slice": data_slice or "0:1", "dtype": dtype}
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer"]
+__all__ = ["SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "sparsify_"]
