@@ -14,6 +14,7 @@ from .data import SELF, eval_windows, parse_slice, read_source, self_generate, s
 from .errors import LosaError
 from .eval.perplexity import perplexity
 from .models import check_checkpoint, context_length, load_model, load_tokenizer, resolve_model
+from .runtime import SparseLinear, sparsify_
 from .sparsity.report import inspect_checkpoint
 
 
@@ -62,4 +63,4 @@ def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                            trust_remote_code=trust_remote_code, progress=progress)
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "pack"]
+__all__ = ["SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "pack", "sparsify_"]

@@ -433,7 +433,8 @@ void decompress_rows(const SparseRows& w, int64_t r0, int64_t r1, typename K::xr
 // Driver
 
 template <class K>
-at::Tensor run(const SparseRows& w, const at::Tensor& x2, at::ScalarType xdtype, int64_t panel_tokens) {
+at::Tensor run(const SparseRows& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+               at::ScalarType xdtype, int64_t panel_tokens) {
   const int64_t tokens = x2.size(0);
   auto y = at::empty({tokens, w.rows}, x2.options().dtype(at::kFloat));
   if (tokens == 0 || w.rows == 0) return y;
@@ -450,10 +451,13 @@ at::Tensor run(const SparseRows& w, const at::Tensor& x2, at::ScalarType xdtype,
     // Rows are cheap for a few tokens: split them evenly, one contiguous range per thread.
     const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(tokens, 1));
     at::parallel_for(0, w.rows, grain, [&](int64_t r0, int64_t r1) { run_rows<K>(w, a, r0, r1, out); });
+    if (bias) y.add_(bias->to(at::kFloat));
     return y;
   }
-  // Panel path: about 2 MiB of dense rows at a time, so each panel stays in L2 for the GEMM.
+  // Panel path: about 2 MiB of dense rows at a time, so each panel stays in L2 for the GEMM. The bias
+  // goes into the GEMM (addmm), so a bf16 GEMM rounds its output once, not before the bias is added.
   const at::Tensor xk = x2.to(xdtype).contiguous();
+  const std::optional<at::Tensor> bk = bias ? std::optional<at::Tensor>(bias->to(xdtype)) : std::nullopt;
   const int64_t bytes_per_row = std::max<int64_t>(1, w.cols) * at::elementSize(xdtype);
   const int64_t panel_rows = std::clamp<int64_t>((int64_t{2} << 20) / bytes_per_row / 16 * 16, 16, w.rows);
   auto panel = at::empty({panel_rows, w.cols}, x2.options().dtype(xdtype));
@@ -463,20 +467,22 @@ at::Tensor run(const SparseRows& w, const at::Tensor& x2, at::ScalarType xdtype,
     at::parallel_for(r0, r0 + n, 8, [&](int64_t b, int64_t e) {
       decompress_rows<K>(w, b, e, panel_ptr + (b - r0) * w.cols);
     });
-    y.narrow(1, r0, n).copy_(at::mm(xk, panel.narrow(0, 0, n).t()));
+    const at::Tensor wt = panel.narrow(0, 0, n).t();
+    y.narrow(1, r0, n).copy_(bk ? at::addmm(bk->narrow(0, r0, n), xk, wt) : at::mm(xk, wt));
   }
   return y;
 }
 
 template <template <typename> class K>
-at::Tensor run_fp32(const SparseRows& w, const at::Tensor& x2, int64_t panel_tokens) {
+at::Tensor run_fp32(const SparseRows& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
+                    int64_t panel_tokens) {
   switch (w.dtype) {
     case at::kBFloat16:
-      return run<K<Bf16>>(w, x2, at::kFloat, panel_tokens);
+      return run<K<Bf16>>(w, x2, bias, at::kFloat, panel_tokens);
     case at::kHalf:
-      return run<K<Fp16>>(w, x2, at::kFloat, panel_tokens);
+      return run<K<Fp16>>(w, x2, bias, at::kFloat, panel_tokens);
     default:
-      return run<K<F32>>(w, x2, at::kFloat, panel_tokens);
+      return run<K<F32>>(w, x2, bias, at::kFloat, panel_tokens);
   }
 }
 
@@ -519,15 +525,14 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
 
   at::Tensor y;
   if (isa == Isa::kAvx512Bf16 && xdt == at::kBFloat16 && w.dtype == at::kBFloat16)
-    y = run<Avx512Bf16>(w, x2, at::kBFloat16, panel_tokens);
+    y = run<Avx512Bf16>(w, x2, bias, at::kBFloat16, panel_tokens);
   else if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16)
-    y = run_fp32<Avx512>(w, x2, panel_tokens);
+    y = run_fp32<Avx512>(w, x2, bias, panel_tokens);
   else if (isa == Isa::kAvx2)
-    y = run_fp32<Avx2>(w, x2, panel_tokens);
+    y = run_fp32<Avx2>(w, x2, bias, panel_tokens);
   else
-    y = run_fp32<Portable>(w, x2, panel_tokens);
+    y = run_fp32<Portable>(w, x2, bias, panel_tokens);
 
-  if (bias) y.add_(bias->to(at::kFloat));
   auto out_shape = x.sizes().vec();
   out_shape.back() = w.rows;
   return y.to(xdt).view(out_shape);

@@ -44,16 +44,20 @@ def kernel_weight(packed: Packed) -> BitmaskWeight | NMKernelLayout:
     raise LosaError(f"sparse_linear needs a BitmaskWeight or NMWeight, got {type(packed).__name__}")
 
 
-def _backend(backend: str | None) -> str:
+@torch.compiler.assume_constant_result  # decided once per graph under torch.compile, not traced
+def _kernel_isa(op_name: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
+    """The ``isa`` argument of the compiled op for this call, or ``""`` for the pure-PyTorch path."""
     chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
     if chosen not in BACKENDS:
         raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
-    return chosen
-
-
-def _has_kernel(op_name: str, device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"losa::{op_name}", key)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    has_kernel = (chosen != "torch" and ops() is not None and key is not None
+                  and torch._C._dispatch_has_kernel_for_dispatch_key(f"losa::{op_name}", key))
+    if chosen in CPU_BACKENDS and not (has_kernel and device_type == "cpu"):
+        raise LosaError(f"sparse backend {chosen!r} needs the compiled extension and a CPU tensor")
+    if not has_kernel or dtype not in KERNEL_DTYPES:
+        return ""
+    return chosen if chosen in CPU_BACKENDS else "auto"
 
 
 def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, *, backend: str | None = None,
@@ -65,6 +69,8 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
     """
     weight = kernel_weight(packed)
     rows, cols = weight.shape
+    if not x.is_floating_point():
+        raise LosaError(f"sparse_linear: x must be floating point, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != cols:
         raise LosaError(f"sparse_linear: x has shape {tuple(x.shape)}, the weight takes {cols} input features")
     if x.device != weight.values.device:
@@ -72,20 +78,15 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
     if bias is not None and (bias.shape != (rows,) or bias.device != x.device):
         raise LosaError(f"sparse_linear: bias must be [{rows}] on {x.device}, got {tuple(bias.shape)} on "
                         f"{bias.device}")
-    chosen = _backend(backend)
-    op_name = "bitmask_linear" if isinstance(weight, BitmaskWeight) else "nm_linear"
-    losa = ops()
-    use_op = chosen != "torch" and losa is not None and _has_kernel(op_name, x.device)
-    if chosen in CPU_BACKENDS and not (use_op and x.device.type == "cpu"):
-        raise LosaError(f"sparse backend {chosen!r} needs the compiled extension and a CPU tensor")
-    if not use_op or x.dtype not in KERNEL_DTYPES:
+    bitmask = isinstance(weight, BitmaskWeight)
+    isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", x.device.type, x.dtype, backend)
+    if not isa:
         return _torch_linear(x, weight, bias)
-    isa = chosen if chosen in CPU_BACKENDS else "auto"
     panel = panel_tokens or 0
-    if isinstance(weight, BitmaskWeight):
-        return losa.bitmask_linear(x, weight.values, weight.mask, weight.row_ptr, cols, bias, isa, panel)
-    return losa.nm_linear(x, weight.values, weight.mask, weight.block_n, cols, weight.m, weight.rows_per_block,
-                          bias, isa, panel)
+    if bitmask:
+        return torch.ops.losa.bitmask_linear(x, weight.values, weight.mask, weight.row_ptr, cols, bias, isa, panel)
+    return torch.ops.losa.nm_linear(x, weight.values, weight.mask, weight.block_n, cols, weight.m,
+                                    weight.rows_per_block, bias, isa, panel)
 
 
 def _torch_linear(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
