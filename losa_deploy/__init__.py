@@ -8,7 +8,7 @@ stays cheap (transformers is imported on first use).
 from ._version import __version__
 from .errors import LosaError
 
-_API = {"SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "pack", "sparsify_"}
+_API = {"SparseLinear", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "pack", "sparsify_"}
 
 
 def __getattr__(name):

@@ -63,4 +63,17 @@ def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
                            trust_remote_code=trust_remote_code, progress=progress)
 
 
-__all__ = ["SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "pack", "sparsify_"]
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None, backend: str | None = None,
+         trust_remote_code: bool = False):
+    """A ``losa`` or ``vllm`` packed checkpoint as a ready Hugging Face model (eval mode, on ``device``)
+    whose packed linears are :class:`SparseLinear` modules running our kernels: the serving API.
+
+    ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available).
+    """
+    from .runtime.loader import load_packed
+
+    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code)
+
+
+__all__ = ["SparseLinear", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "pack",
+           "sparsify_"]

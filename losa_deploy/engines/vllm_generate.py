@@ -3,9 +3,10 @@ entry point must sit behind ``if __name__ == "__main__":``)::
 
     python -m losa_deploy.engines.vllm_generate REQUEST.json RESULT.json
 
-REQUEST: ``{"model": DIR, "prompts": [[ids], ...], "new_tokens": N, "dtype": "float32", "max_model_len": 128,
-"gpu_memory_utilization": 0.05, "enforce_eager": true}``. RESULT: ``{"tokens": [[ids], ...], "logprobs":
-[[logprob of each chosen token], ...], "workers": [...]}``, where ``workers`` is what
+REQUEST: a list of runs ``{"model": DIR, "prompts": [[ids], ...], "new_tokens": N, "dtype": "float32",
+"max_model_len": 128, "gpu_memory_utilization": 0.1, "enforce_eager": true}``, served one after the other
+in this process (each engine is shut down before the next starts). RESULT: per run ``{"tokens": [[ids],
+...], "logprobs": [[logprob of each chosen token], ...], "workers": [...]}``, where ``workers`` is what
 :func:`losa_deploy.engines.vllm_plugin.describe` reports from inside each model process (the engine core):
 the process id and how many layers run through the ``losa_sparse`` method. Generation never stops at EOS
 (``ignore_eos``), like the other engines in the tests. On vLLM's CPU backend ``gpu_memory_utilization`` is
@@ -30,7 +31,7 @@ def generate(request: dict) -> dict:
 
     llm = LLM(model=request["model"], dtype=request.get("dtype", "auto"),
               max_model_len=request.get("max_model_len", 128),
-              gpu_memory_utilization=request.get("gpu_memory_utilization", 0.05),
+              gpu_memory_utilization=request.get("gpu_memory_utilization", 0.1),
               enforce_eager=request.get("enforce_eager", True), seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["new_tokens"], ignore_eos=True, logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params, use_tqdm=False)
@@ -39,17 +40,19 @@ def generate(request: dict) -> dict:
         completion = out.outputs[0]
         tokens.append(list(completion.token_ids))
         logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)])
-    return {"tokens": tokens, "logprobs": logprobs, "workers": llm.apply_model(describe),
-            "client_pid": os.getpid()}
+    result = {"tokens": tokens, "logprobs": logprobs, "workers": llm.apply_model(describe),
+              "client_pid": os.getpid()}
+    llm.llm_engine.engine_core.shutdown()  # free its processes and memory before the next run
+    return result
 
 
 def main(argv: list[str]) -> int:
     request_path, result_path = argv
     with open(request_path) as handle:
-        request = json.load(handle)
-    result = generate(request)
+        runs = json.load(handle)
+    results = [generate(run) for run in runs]
     with open(result_path, "w") as handle:
-        json.dump(result, handle)
+        json.dump(results, handle)
     return 0
 
 

@@ -61,7 +61,7 @@ def pack_checkpoint(model: str | os.PathLike, out: str | os.PathLike, format: st
         weight_files = exporter.write_weights(source, tmp)
         sidecar = source.output_sidecar()
         write_sidecar(tmp, sidecar)
-        config = exporter.edit_config({**source.config, "dtype": source.output_dtype_name}, sidecar)
+        config = exporter.edit_config({**source.config, "dtype": source.output_dtype_name}, sidecar, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in _SIDE_FILES:
             if (source.path / name).is_file() and not (tmp / name).exists():  # an exporter may adapt one

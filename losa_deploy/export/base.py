@@ -35,6 +35,7 @@ class Exporter:
         """Stream the source's tensors into ``out``; return the files written."""
         raise NotImplementedError
 
-    def edit_config(self, config: dict, sidecar: dict) -> dict:
-        """config.json of the output (already carrying the output dtype)."""
+    def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
+        """config.json of the output (``config`` already carries the output dtype; ``out`` holds the
+        written weights)."""
         return config

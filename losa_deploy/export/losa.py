@@ -1,21 +1,24 @@
 """``losa``: our compressed checkpoint. Every prunable linear is stored packed, the rest as in ``hf``.
 
-Each ``<p>.weight`` of a prunable linear becomes the tensors of one packed format
-(:mod:`losa_deploy.kernels.formats`): ``<p>.nm_*`` (:class:`NMWeight`) when the weight is N:M or mixed
-N:M, else ``<p>.lb_*`` (:class:`BitmaskWeight`, losa-bitmask v1). A dense layer is packed as a bitmask too
-(every bit set), so every target reads the same way; packing a dense model warns. Biases, norms and
-embeddings are written unchanged.
+Each ``<p>.weight`` of a prunable linear becomes the tensors of one packed format, chosen by
+:func:`losa_deploy.runtime.sparse_linear.pack_weight` (the runtime's own rule): ``<p>.nm_*``
+(:class:`~losa_deploy.kernels.formats.nm.NMWeight`) for N:M and mixed N:M weights, else ``<p>.lb_*``
+(:class:`~losa_deploy.kernels.formats.bitmask.BitmaskWeight`, losa-bitmask v1). A dense layer is packed
+as a bitmask too (every bit set), so every target reads the same way; packing a dense model warns.
+Biases, norms and embeddings are written unchanged.
 
-config.json gets a ``losa_sparse`` block naming the format of every packed module;
-:func:`losa_deploy.load` reads it. The ``vllm`` format writes the same block as ``quantization_config``.
+config.json gets a ``losa_sparse`` block naming the format of every packed module, read back from the
+written files; :func:`losa_deploy.load` reads it. The ``vllm`` format writes the same block as
+``quantization_config``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..kernels.formats.bitmask import BitmaskWeight
-from ..kernels.formats.nm import NMWeight
+from safetensors import safe_open
+
+from ..runtime.sparse_linear import pack_weight
 from .base import Exporter
 from .source import PackSource
 from .writer import SafetensorsWriter
@@ -23,8 +26,8 @@ from .writer import SafetensorsWriter
 CONFIG_KEY = "losa_sparse"
 FORMAT = "losa-bitmask"
 FORMAT_VERSION = 1
-# The packed format each sidecar pattern is stored in.
-PACKING = {"nm": "nm", "mixed_nm": "nm", "unstructured": "bitmask", "dense": "bitmask"}
+# The tensor that marks a module's packed format in the checkpoint.
+_MARKERS = {"lb_values": "bitmask", "nm_values": "nm"}
 
 
 class LosaExporter(Exporter):
@@ -35,30 +38,23 @@ class LosaExporter(Exporter):
         with SafetensorsWriter(out) as writer:
             for key, tensor in source.tensors():
                 name = source.module_name(key)
-                if name is None:
-                    writer.add(key, tensor)
-                    continue
-                packed = pack_weight(tensor, source.sidecar.patterns[name].kind)
-                for packed_key, packed_tensor in packed.state_dict(name).items():
+                tensors = {key: tensor} if name is None else pack_weight(tensor).state_dict(name)
+                for packed_key, packed_tensor in tensors.items():
                     writer.add(packed_key, packed_tensor)
         return writer.files
 
-    def edit_config(self, config: dict, sidecar: dict) -> dict:
-        return {**config, CONFIG_KEY: packing_config(sidecar)}
+    def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
+        return {**config, CONFIG_KEY: packing_config(out)}
 
 
-def pack_weight(weight, pattern_kind: str) -> BitmaskWeight | NMWeight:
-    """The packed form of one prunable weight, chosen from its sparsity pattern."""
-    if PACKING[pattern_kind] == "nm":
-        return NMWeight.from_dense(weight)
-    return BitmaskWeight.from_dense(weight)
-
-
-def packing_config(sidecar: dict) -> dict:
-    """The config.json block that says which packed format each target module is stored in (no
+def packing_config(out: Path) -> dict:
+    """The config.json block naming the packed format of each module, read from the written headers (no
     ``producer`` key: vLLM reads ``quantization_config.producer`` as a ModelOpt-style dict)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "modules": {name: PACKING[entry["pattern"]] for name, entry in sorted(sidecar["modules"].items())},
-    }
+    modules = {}
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf in _MARKERS:
+                    modules[module] = _MARKERS[leaf]
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": dict(sorted(modules.items()))}

@@ -11,6 +11,8 @@ attribute to transformers and stock vLLM, so the checkpoint still loads everywhe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .hf import HFExporter
 
 
@@ -18,7 +20,7 @@ class NMVLLMExporter(HFExporter):
     name = "nm-vllm"
     description = "the hf output plus the top-level sparsity_config hint nm-vllm reads"
 
-    def edit_config(self, config: dict, sidecar: dict) -> dict:
+    def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
         config = {**config, "sparsity_config": sparsity_hint(sidecar)}
         # nm-vllm pins transformers 4.x, which reads the dtype from `torch_dtype`.
         config["torch_dtype"] = config["dtype"]

@@ -8,14 +8,15 @@ per-module packing map as the ``losa`` format.
 
 from __future__ import annotations
 
-from .losa import LosaExporter, packing_config
+from pathlib import Path
 
-QUANT_METHOD = "losa_sparse"
+from ..engines.vllm_plugin import QUANT_METHOD
+from .losa import LosaExporter, packing_config
 
 
 class VLLMExporter(LosaExporter):
     name = "vllm"
     description = "the losa checkpoint + quantization_config for our vLLM plugin (quant_method losa_sparse)"
 
-    def edit_config(self, config: dict, sidecar: dict) -> dict:
-        return {**config, "quantization_config": {"quant_method": QUANT_METHOD, **packing_config(sidecar)}}
+    def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
+        return {**config, "quantization_config": {"quant_method": QUANT_METHOD, **packing_config(out)}}

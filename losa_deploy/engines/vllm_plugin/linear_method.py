@@ -22,9 +22,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.utils import set_weight_attrs
 
-from ...kernels import ops
-from ...kernels.dispatch import _has_kernel as _dispatch_has_kernel
-from ...kernels.dispatch import kernel_weight, sparse_linear
+from ...kernels.dispatch import _kernel_isa, kernel_weight, sparse_linear
 from ...kernels.formats.bitmask import BitmaskWeight
 from ...kernels.formats.nm import NMWeight
 from .sharding import take
@@ -84,7 +82,7 @@ class LosaSparseLinearMethod(LinearMethodBase):
         del layer.losa_loaded
         layer.losa_weights = weights
         layer.losa_dense = None
-        if not _has_kernel(device):
+        if not _has_kernel(device, layer.losa_dtype):
             logger.warning("losa_sparse: no compiled sparse kernel for %s; %s runs as a dense matmul",
                            device, layer.prefix)
             layer.losa_dense = torch.cat([w.to_dense() for w in weights])
@@ -131,5 +129,6 @@ def _to(packed: BitmaskWeight | NMWeight, device: torch.device, dtype: torch.dty
     return dataclasses.replace(packed, **tensors)
 
 
-def _has_kernel(device: torch.device) -> bool:
-    return ops() is not None and all(_dispatch_has_kernel(op, device) for op in ("bitmask_linear", "nm_linear"))
+def _has_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether sparse_linear would run a compiled kernel here (the dispatcher's own decision)."""
+    return all(_kernel_isa(op, device.type, dtype, None) for op in ("bitmask_linear", "nm_linear"))
