@@ -37,7 +37,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(KERNEL_SRC)
 
 deepsparse-venv: $(DS_STAMP)
 
-$(DS_STAMP):
+$(DS_STAMP): Makefile
 	$(PYTHON) -m venv $(DS_VENV)
 	$(DS_VENV)/bin/python -m pip install -q --disable-pip-version-check "deepsparse==1.8.0" "numpy<2" "onnx<1.15" \
 		"transformers<4.40" "datasets<2.19" "pyarrow<20"
