@@ -172,3 +172,14 @@ def test_output_cannot_be_the_input(sparse_stories, tmp_path):
     with pytest.raises(LosaError, match="is the input model"):
         pack(copy, copy, overwrite=True, progress=False)
     assert (copy / "model.safetensors").is_file()
+
+
+def test_fp16_overflow_is_refused(cli, sparse_stories, tmp_path):
+    src = tmp_path / "big"
+    shutil.copytree(sparse_stories, src)
+    state = load_file(src / "model.safetensors")
+    state["model.norm.weight"][3] = 1e6  # finite in fp32, inf in fp16
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out", "--dtype", "fp16"], "outside the range of float16")
+    code, _, _ = cli("pack", src, "-o", tmp_path / "out", "--dtype", "bf16", "--no-progress")
+    assert code == 0  # bf16 has fp32's range
