@@ -38,7 +38,7 @@ namespace losa::cpu {
 
 namespace {
 
-bool supports(Isa isa) {
+bool detect(Isa isa) {
   switch (isa) {
     case Isa::kPortable:
       return true;
@@ -46,12 +46,18 @@ bool supports(Isa isa) {
       return has_feature("avx2") && has_feature("fma") && has_feature("bmi2") && has_feature("f16c") &&
              has_feature("popcnt");
     case Isa::kAvx512:
-      return supports(Isa::kAvx2) && has_feature("avx512f") && has_feature("avx512bw") &&
+      return detect(Isa::kAvx2) && has_feature("avx512f") && has_feature("avx512bw") &&
              has_feature("avx512vl") && has_feature("avx512vbmi2");
     case Isa::kAvx512Bf16:
-      return supports(Isa::kAvx512) && has_feature("avx512bf16");
+      return detect(Isa::kAvx512) && has_feature("avx512bf16");
   }
   return false;
+}
+
+bool supports(Isa isa) {
+  static const std::array<bool, 4> known = {detect(Isa::kPortable), detect(Isa::kAvx2), detect(Isa::kAvx512),
+                                            detect(Isa::kAvx512Bf16)};
+  return known[static_cast<int>(isa)];
 }
 
 constexpr std::array<Isa, 4> kAllIsas = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
@@ -555,6 +561,46 @@ at::Tensor run_fp32(const SparseRows& w, const at::Tensor& x2, const std::option
 }
 
 }  // namespace
+
+at::Tensor sparse_to_dense(const SparseRows& w) {
+  TORCH_CHECK(w.cols >= 0 && w.rows >= 0, "sparse_to_dense: bad shape");
+  auto dense = at::empty({w.rows, w.cols}, at::TensorOptions().dtype(at::kFloat));
+  float* out = dense.data_ptr<float>();
+  const auto fill = [&](auto kernel) {
+    using K = decltype(kernel);
+    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { decompress_rows<K>(w, r0, r1, out + r0 * w.cols); });
+  };
+  const auto by_isa = [&](auto value_type) {
+    using V = decltype(value_type);
+    if (supports(Isa::kAvx512))
+      fill(Avx512<V>{});
+    else if (supports(Isa::kAvx2))
+      fill(Avx2<V>{});
+    else
+      fill(Portable<V>{});
+  };
+  if (w.dtype == at::kBFloat16)
+    by_isa(Bf16{});
+  else if (w.dtype == at::kHalf)
+    by_isa(Fp16{});
+  else
+    by_isa(F32{});
+  return dense;
+}
+
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+                                                         at::ScalarType x_dtype, bool need_x,
+                                                         std::optional<at::ScalarType> bias_dtype) {
+  const at::Tensor grad = grad_y.reshape({-1, w.rows}).to(at::kFloat);
+  at::Tensor grad_x, grad_bias;
+  if (need_x) {
+    auto shape = grad_y.sizes().vec();
+    shape.back() = w.cols;
+    grad_x = grad.mm(sparse_to_dense(w)).to(x_dtype).view(shape);
+  }
+  if (bias_dtype) grad_bias = grad.sum(0).to(*bias_dtype);
+  return {grad_x, grad_bias};
+}
 
 void check_values(const at::Tensor& values, const char* op) {
   TORCH_CHECK(values.device().is_cpu(), op, ": values must be on the CPU, got ", values.device());
