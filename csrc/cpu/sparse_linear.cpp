@@ -278,7 +278,7 @@ LOSA_AVX512 LOSA_INLINE void expand32(const float* v, uint32_t m, F32, __m512& l
 // Register blocking for a block of TB tokens: R rows share every activation load (the activations of
 // several tokens outgrow L1, so each load should feed several rows), and U chunks per loop iteration
 // give enough independent accumulator chains to hide the dot-product latency.
-constexpr int rows_for(int tokens) { return tokens == 1 ? 1 : tokens <= 4 ? 4 : 3; }
+constexpr int rows_for(int tokens) { return tokens <= 4 ? 2 : 3; }
 constexpr int unroll_for(int tokens, int rows) { return tokens * rows >= 4 ? 1 : 4 / (tokens * rows); }
 
 // Value offsets of U consecutive chunks of each of R rows, computed before any load so the loads do not
