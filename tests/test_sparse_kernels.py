@@ -189,13 +189,18 @@ def test_ops_are_registered_for_compile_and_autograd(rng):
                           (x, packed.values, packed.mask, packed.row_ptr, 45, bias, "auto", 0))
     torch.library.opcheck(torch.ops.losa.nm_linear.default,
                           (x, layout.values, layout.mask, layout.block_n, 45, 4, 64, bias, "auto", 0))
-    # Gradients reach x and the bias; the packed weight is frozen.
-    xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
-    sparse_linear(xg, packed, bg).square().sum().backward()
-    xr, br = x.clone().requires_grad_(), bias.clone().requires_grad_()
-    torch.nn.functional.linear(xr, w, br).square().sum().backward()
-    torch.testing.assert_close(xg.grad, xr.grad)
-    torch.testing.assert_close(bg.grad, br.grad)
+    # Gradients reach x (with batch dims) and the bias; the packed weight is frozen.
+    w_nm = layout.to_dense()
+    for weight, dense in ((packed, w), (layout, w_nm)):
+        xg, bg = x.expand(2, 3, 45).clone().requires_grad_(), bias.clone().requires_grad_()
+        sparse_linear(xg, weight, bg).square().sum().backward()
+        xr, br = xg.detach().clone().requires_grad_(), bias.clone().requires_grad_()
+        torch.nn.functional.linear(xr, dense, br).square().sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad)
+        torch.testing.assert_close(bg.grad, br.grad)
+    with pytest.raises(RuntimeError, match="frozen"):
+        ops().bitmask_linear(x, packed.values.clone().requires_grad_(), packed.mask, packed.row_ptr, 45, None,
+                             "auto", 0)
     # One opaque op in a torch.compile graph, no graph break.
     compiled = torch.compile(lambda t: sparse_linear(t, packed, bias) * 2, fullgraph=True, backend="eager")
     check_close(compiled(x) / 2, x, w, bias)

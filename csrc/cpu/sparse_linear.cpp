@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 #include <cstring>
 #include <vector>
 
@@ -37,7 +38,7 @@ namespace losa::cpu {
 
 namespace {
 
-bool supports(Isa isa) {
+bool detect(Isa isa) {
   switch (isa) {
     case Isa::kPortable:
       return true;
@@ -45,12 +46,18 @@ bool supports(Isa isa) {
       return has_feature("avx2") && has_feature("fma") && has_feature("bmi2") && has_feature("f16c") &&
              has_feature("popcnt");
     case Isa::kAvx512:
-      return supports(Isa::kAvx2) && has_feature("avx512f") && has_feature("avx512bw") &&
+      return detect(Isa::kAvx2) && has_feature("avx512f") && has_feature("avx512bw") &&
              has_feature("avx512vl") && has_feature("avx512vbmi2");
     case Isa::kAvx512Bf16:
-      return supports(Isa::kAvx512) && has_feature("avx512bf16");
+      return detect(Isa::kAvx512) && has_feature("avx512bf16");
   }
   return false;
+}
+
+bool supports(Isa isa) {
+  static const std::array<bool, 4> known = {detect(Isa::kPortable), detect(Isa::kAvx2), detect(Isa::kAvx512),
+                                            detect(Isa::kAvx512Bf16)};
+  return known[static_cast<int>(isa)];
 }
 
 constexpr std::array<Isa, 4> kAllIsas = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
@@ -113,6 +120,13 @@ template <typename V>
 struct Portable {
   using raw = typename V::raw;
   using xraw = float;
+  static constexpr int row_block(int) { return 1; }
+
+  template <int TB, int R>
+  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const float* x,
+                   int64_t ld, float* out) {
+    for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
+  }
 
   template <int TB>
   static void row(const raw* v, const uint32_t* mask, int64_t words, int /*fixed*/, const float* x, int64_t ld,
@@ -177,6 +191,13 @@ template <typename V>
 struct Avx2 {
   using raw = typename V::raw;
   using xraw = float;
+  static constexpr int row_block(int) { return 1; }
+
+  template <int TB, int R>
+  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const float* x,
+                   int64_t ld, float* out) {
+    for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
+  }
 
   template <int TB>
   LOSA_AVX2 static void row(const raw* v, const uint32_t* mask, int64_t words, int /*fixed*/, const float* x,
@@ -254,53 +275,78 @@ LOSA_AVX512 LOSA_INLINE void expand32(const float* v, uint32_t m, F32, __m512& l
   hi = expand_ps(v + _mm_popcnt_u32(m & 0xFFFFu), m >> 16);
 }
 
-// Chunks decoded per loop iteration: enough independent accumulator chains to hide the FMA latency.
-constexpr int unroll_for(int tokens) { return tokens == 1 ? 4 : tokens <= 3 ? 2 : 1; }
+// Register blocking for a block of TB tokens: R rows share every activation load (the activations of
+// several tokens outgrow L1, so each load should feed several rows), and U chunks per loop iteration
+// give enough independent accumulator chains to hide the dot-product latency.
+constexpr int rows_for(int tokens) { return tokens <= 4 ? 2 : 3; }
+constexpr int unroll_for(int tokens, int rows) { return tokens * rows >= 4 ? 1 : 4 / (tokens * rows); }
+
+// Value offsets of U consecutive chunks of each of R rows, computed before any load so the loads do not
+// wait on a chain of popcounts. Full chunks of an N:M row hold `fixed` values.
+template <int R, int U>
+LOSA_AVX512 LOSA_INLINE void chunk_offsets(const uint32_t* mask, int64_t words, int64_t w, int fixed,
+                                          int (&off)[R][U + 1]) {
+  for (int j = 0; j < R; ++j) {
+    off[j][0] = 0;
+    for (int u = 0; u < U; ++u)
+      off[j][u + 1] = off[j][u] + (fixed ? fixed : static_cast<int>(_mm_popcnt_u32(mask[j * words + w + u])));
+  }
+}
 
 template <typename V>
 struct Avx512 {
   using raw = typename V::raw;
   using xraw = float;
+  static constexpr int row_block(int tokens) { return rows_for(tokens); }
 
-  template <int TB>
-  LOSA_AVX512 static void row(const raw* v, const uint32_t* mask, int64_t words, int fixed, const float* x,
-                              int64_t ld, float* out) {
-    constexpr int U = unroll_for(TB);
-    __m512 acc[U][TB];
-    for (int u = 0; u < U; ++u)
-      for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
+  // Rows j < R start at v[j]; their masks are `words` apart. out[j * TB + t] = row j · token t.
+  template <int TB, int R>
+  LOSA_AVX512 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
+                               const float* x, int64_t ld, float* out) {
+    constexpr int U = unroll_for(TB, R);
+    __m512 acc[U][R][TB];
+    for (auto& a : acc)
+      for (auto& b : a)
+        for (auto& c : b) c = _mm512_setzero_ps();
+    const raw* v[R];
+    for (int j = 0; j < R; ++j) v[j] = vp[j];
     int64_t w = 0;
-    // Full chunks may have a known count (N:M); the last chunk (possibly partial) is always counted.
+    // The last chunk (possibly partial) always goes through the counted loop below.
     for (; w + U < words; w += U) {
-      int off[U + 1];
-      off[0] = 0;
-      for (int u = 0; u < U; ++u) off[u + 1] = off[u] + (fixed ? fixed : _mm_popcnt_u32(mask[w + u]));
+      int off[R][U + 1];
+      chunk_offsets<R, U>(mask, words, w, fixed, off);
       for (int u = 0; u < U; ++u) {
-        __m512 lo, hi;
-        expand32(v + off[u], mask[w + u], V{}, lo, hi);
-        const float* xc = x + 32 * (w + u);
+        __m512 lo[R], hi[R];
+        for (int j = 0; j < R; ++j) expand32(v[j] + off[j][u], mask[j * words + w + u], V{}, lo[j], hi[j]);
         for (int t = 0; t < TB; ++t) {
-          acc[u][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc + t * ld), acc[u][t]);
-          acc[u][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc + t * ld + 16), acc[u][t]);
+          const __m512 x0 = _mm512_loadu_ps(x + t * ld + 32 * (w + u));
+          const __m512 x1 = _mm512_loadu_ps(x + t * ld + 32 * (w + u) + 16);
+          for (int j = 0; j < R; ++j)
+            acc[u][j][t] = _mm512_fmadd_ps(hi[j], x1, _mm512_fmadd_ps(lo[j], x0, acc[u][j][t]));
         }
       }
-      v += off[U];
+      for (int j = 0; j < R; ++j) v[j] += off[j][U];
     }
     for (; w < words; ++w) {
-      __m512 lo, hi;
-      expand32(v, mask[w], V{}, lo, hi);
-      v += _mm_popcnt_u32(mask[w]);
-      const float* xc = x + 32 * w;
+      __m512 lo[R], hi[R];
+      for (int j = 0; j < R; ++j) {
+        const uint32_t m = mask[j * words + w];
+        expand32(v[j], m, V{}, lo[j], hi[j]);
+        v[j] += _mm_popcnt_u32(m);
+      }
       for (int t = 0; t < TB; ++t) {
-        acc[0][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xc + t * ld), acc[0][t]);
-        acc[0][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xc + t * ld + 16), acc[0][t]);
+        const __m512 x0 = _mm512_loadu_ps(x + t * ld + 32 * w);
+        const __m512 x1 = _mm512_loadu_ps(x + t * ld + 32 * w + 16);
+        for (int j = 0; j < R; ++j)
+          acc[0][j][t] = _mm512_fmadd_ps(hi[j], x1, _mm512_fmadd_ps(lo[j], x0, acc[0][j][t]));
       }
     }
-    for (int t = 0; t < TB; ++t) {
-      __m512 s = acc[0][t];
-      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
-      out[t] = _mm512_reduce_add_ps(s);
-    }
+    for (int j = 0; j < R; ++j)
+      for (int t = 0; t < TB; ++t) {
+        __m512 s = acc[0][j][t];
+        for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][j][t]);
+        out[j * TB + t] = _mm512_reduce_add_ps(s);
+      }
   }
 
   LOSA_AVX512 static void decompress(const raw* v, const uint32_t* mask, int64_t words, int64_t cols,
@@ -314,7 +360,7 @@ struct Avx512 {
         _mm512_storeu_ps(out + 32 * w, lo);
         _mm512_storeu_ps(out + 32 * w + 16, hi);
       } else {
-        const uint32_t keep = n >= 32 ? ~0u : (1u << n) - 1;
+        const uint32_t keep = (1u << n) - 1;
         _mm512_mask_storeu_ps(out + 32 * w, _cvtu32_mask16(keep & 0xFFFFu), lo);
         _mm512_mask_storeu_ps(out + 32 * w + 16, _cvtu32_mask16(keep >> 16), hi);
       }
@@ -325,39 +371,50 @@ struct Avx512 {
 struct Avx512Bf16 {
   using raw = uint16_t;
   using xraw = uint16_t;  // bf16 activations
+  static constexpr int row_block(int tokens) { return rows_for(tokens); }
 
-  template <int TB>
-  LOSA_AVX512BF16 static void row(const raw* v, const uint32_t* mask, int64_t words, int fixed,
-                                  const uint16_t* x, int64_t ld, float* out) {
-    constexpr int U = unroll_for(TB);
-    __m512 acc[U][TB];
-    for (int u = 0; u < U; ++u)
-      for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
+  template <int TB, int R>
+  LOSA_AVX512BF16 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
+                                   const uint16_t* x, int64_t ld, float* out) {
+    constexpr int U = unroll_for(TB, R);
+    __m512 acc[U][R][TB];
+    for (auto& a : acc)
+      for (auto& b : a)
+        for (auto& c : b) c = _mm512_setzero_ps();
+    const raw* v[R];
+    for (int j = 0; j < R; ++j) v[j] = vp[j];
     int64_t w = 0;
     for (; w + U < words; w += U) {
-      int off[U + 1];
-      off[0] = 0;
-      for (int u = 0; u < U; ++u) off[u + 1] = off[u] + (fixed ? fixed : _mm_popcnt_u32(mask[w + u]));
+      int off[R][U + 1];
+      chunk_offsets<R, U>(mask, words, w, fixed, off);
       for (int u = 0; u < U; ++u) {
-        const __m512i e = expand_epi16(v + off[u], mask[w + u]);
-        const uint16_t* xc = x + 32 * (w + u);
-        for (int t = 0; t < TB; ++t)
-          acc[u][t] = _mm512_dpbf16_ps(acc[u][t], (__m512bh)e, (__m512bh)_mm512_loadu_si512(xc + t * ld));
+        __m512i e[R];
+        for (int j = 0; j < R; ++j) e[j] = expand_epi16(v[j] + off[j][u], mask[j * words + w + u]);
+        for (int t = 0; t < TB; ++t) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ld + 32 * (w + u));
+          for (int j = 0; j < R; ++j) acc[u][j][t] = _mm512_dpbf16_ps(acc[u][j][t], (__m512bh)e[j], xv);
+        }
       }
-      v += off[U];
+      for (int j = 0; j < R; ++j) v[j] += off[j][U];
     }
     for (; w < words; ++w) {
-      const __m512i e = expand_epi16(v, mask[w]);
-      v += _mm_popcnt_u32(mask[w]);
-      const uint16_t* xc = x + 32 * w;
-      for (int t = 0; t < TB; ++t)
-        acc[0][t] = _mm512_dpbf16_ps(acc[0][t], (__m512bh)e, (__m512bh)_mm512_loadu_si512(xc + t * ld));
+      __m512i e[R];
+      for (int j = 0; j < R; ++j) {
+        const uint32_t m = mask[j * words + w];
+        e[j] = expand_epi16(v[j], m);
+        v[j] += _mm_popcnt_u32(m);
+      }
+      for (int t = 0; t < TB; ++t) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ld + 32 * w);
+        for (int j = 0; j < R; ++j) acc[0][j][t] = _mm512_dpbf16_ps(acc[0][j][t], (__m512bh)e[j], xv);
+      }
     }
-    for (int t = 0; t < TB; ++t) {
-      __m512 s = acc[0][t];
-      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][t]);
-      out[t] = _mm512_reduce_add_ps(s);
-    }
+    for (int j = 0; j < R; ++j)
+      for (int t = 0; t < TB; ++t) {
+        __m512 s = acc[0][j][t];
+        for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][j][t]);
+        out[j * TB + t] = _mm512_reduce_add_ps(s);
+      }
   }
 
   LOSA_AVX512BF16 static void decompress(const raw* v, const uint32_t* mask, int64_t words, int64_t cols,
@@ -393,31 +450,48 @@ struct Activations {
   int64_t tokens, ld;  // ld >= 32 * words; columns past cols are zero
 };
 
-template <class K, int TB>
-void row_block(const typename K::raw* v, const uint32_t* mask, int64_t words, int fixed,
-               const typename K::xraw* x, int64_t ld, float* out) {
-  K::template row<TB>(v, mask, words, fixed, x, ld, out);
+// R rows starting at r, tokens [t0, t0 + TB).
+template <class K, int R, int TB>
+void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
+               std::vector<typename K::raw> (&scratch)[4], float* y) {
+  using raw = typename K::raw;
+  const raw* v[R];
+  for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
+  float out[R * TB];
+  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r),
+                          static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, out);
+  for (int j = 0; j < R; ++j)
+    for (int t = 0; t < TB; ++t) y[(t0 + t) * w.rows + r + j] = out[j * TB + t];
 }
 
+template <class K, int R>
+using GroupFn = void (*)(const SparseRows&, const Activations&, int64_t, int64_t,
+                         std::vector<typename K::raw> (&)[4], float*);
+
+template <class K, int R, std::size_t... I>
+constexpr std::array<GroupFn<K, R>, sizeof...(I)> group_table(std::index_sequence<I...>) {
+  return {row_group<K, R, static_cast<int>(I) + 1>...};
+}
+
+// Rows [r0, r1) for every token. Rows go in groups of K::row_block(first token block) (single rows where
+// a group would cross the range end or an N:M row-block boundary); each group runs all token blocks of up
+// to 8 tokens while its values are still in L1, so the weight streams from memory once.
 template <class K>
 void run_rows(const SparseRows& w, const Activations& a, int64_t r0, int64_t r1, float* y) {
-  using raw = typename K::raw;
-  using xraw = typename K::xraw;
-  using RowFn = void (*)(const raw*, const uint32_t*, int64_t, int, const xraw*, int64_t, float*);
-  static constexpr RowFn kRow[kMaxTokenBlock] = {
-      row_block<K, 1>, row_block<K, 2>, row_block<K, 3>, row_block<K, 4>,
-      row_block<K, 5>, row_block<K, 6>, row_block<K, 7>, row_block<K, 8>};
-  std::vector<raw> scratch;
-  const xraw* x = static_cast<const xraw*>(a.data);
-  for (int64_t r = r0; r < r1; ++r) {
-    const raw* v = row_values(w, r, scratch);
-    const uint32_t* mask = w.mask + r * w.words;
+  static constexpr auto kOne = group_table<K, 1>(std::make_index_sequence<kMaxTokenBlock>{});
+  static constexpr auto kTwo = group_table<K, 2>(std::make_index_sequence<kMaxTokenBlock>{});
+  static constexpr auto kThree = group_table<K, 3>(std::make_index_sequence<kMaxTokenBlock>{});
+  static constexpr auto kFour = group_table<K, 4>(std::make_index_sequence<kMaxTokenBlock>{});
+  std::vector<typename K::raw> scratch[4];
+  const int group = K::row_block(static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens)));
+  for (int64_t r = r0; r < r1;) {
+    const bool whole = r + group <= r1 && (w.row_ptr || r / w.rows_per_block == (r + group - 1) / w.rows_per_block);
+    const int rows = whole ? group : 1;
     for (int64_t t0 = 0; t0 < a.tokens; t0 += kMaxTokenBlock) {
       const int tb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens - t0));
-      float out[kMaxTokenBlock];
-      kRow[tb - 1](v, mask, w.words, w.chunk_values(r), x + t0 * a.ld, a.ld, out);
-      for (int t = 0; t < tb; ++t) y[(t0 + t) * w.rows + r] = out[t];
+      (rows == 4 ? kFour : rows == 3 ? kThree : rows == 2 ? kTwo : kOne)[tb - 1](w, a, r, t0, scratch, y);
     }
+    r += rows;
   }
 }
 
@@ -487,6 +561,46 @@ at::Tensor run_fp32(const SparseRows& w, const at::Tensor& x2, const std::option
 }
 
 }  // namespace
+
+at::Tensor sparse_to_dense(const SparseRows& w) {
+  TORCH_CHECK(w.cols >= 0 && w.rows >= 0, "sparse_to_dense: bad shape");
+  auto dense = at::empty({w.rows, w.cols}, at::TensorOptions().dtype(at::kFloat));
+  float* out = dense.data_ptr<float>();
+  const auto fill = [&](auto kernel) {
+    using K = decltype(kernel);
+    at::parallel_for(0, w.rows, 16, [&](int64_t r0, int64_t r1) { decompress_rows<K>(w, r0, r1, out + r0 * w.cols); });
+  };
+  const auto by_isa = [&](auto value_type) {
+    using V = decltype(value_type);
+    if (supports(Isa::kAvx512))
+      fill(Avx512<V>{});
+    else if (supports(Isa::kAvx2))
+      fill(Avx2<V>{});
+    else
+      fill(Portable<V>{});
+  };
+  if (w.dtype == at::kBFloat16)
+    by_isa(Bf16{});
+  else if (w.dtype == at::kHalf)
+    by_isa(Fp16{});
+  else
+    by_isa(F32{});
+  return dense;
+}
+
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+                                                         at::ScalarType x_dtype, bool need_x,
+                                                         std::optional<at::ScalarType> bias_dtype) {
+  const at::Tensor grad = grad_y.reshape({-1, w.rows}).to(at::kFloat);
+  at::Tensor grad_x, grad_bias;
+  if (need_x) {
+    auto shape = grad_y.sizes().vec();
+    shape.back() = w.cols;
+    grad_x = grad.mm(sparse_to_dense(w)).to(x_dtype).view(shape);
+  }
+  if (bias_dtype) grad_bias = grad.sum(0).to(*bias_dtype);
+  return {grad_x, grad_bias};
+}
 
 void check_values(const at::Tensor& values, const char* op) {
   TORCH_CHECK(values.device().is_cpu(), op, ": values must be on the CPU, got ", values.device());

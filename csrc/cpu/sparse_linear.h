@@ -67,6 +67,14 @@ struct SparseRows {
 at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              const std::string& isa, int64_t panel_tokens, const char* op);
 
+// The dense fp32 weight [rows, cols] (for the backward pass).
+at::Tensor sparse_to_dense(const SparseRows& w);
+
+// Gradients of y = x·Wᵀ + b for x and b (the packed weight is frozen); undefined where not needed.
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+                                                         at::ScalarType x_dtype, bool need_x,
+                                                         std::optional<at::ScalarType> bias_dtype);
+
 // Checks shared by the op families' argument validation.
 void check_values(const at::Tensor& values, const char* op);
 void check_mask(const at::Tensor& mask, int64_t cols, const char* op);

@@ -12,11 +12,12 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 dense GEMM on them instead of its row kernel (default: the op's, tuned by benchmarks/kernels_cpu.py).
 
 The ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as opaque)
-and an autograd formula for ``x`` and ``bias`` (the packed weight stays frozen).
+and (in C++) an autograd formula for ``x`` and ``bias`` (the packed weight stays frozen).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -24,13 +25,13 @@ import torch.nn.functional as F
 
 from ..errors import LosaError
 from . import ops
-from .formats.bitmask import BitmaskWeight, unpack_mask
+from .formats.bitmask import BitmaskWeight
 from .formats.nm import NMKernelLayout, NMWeight
 
 CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
 BACKENDS = ("auto", "torch", *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_OPS = {"bitmask_linear": 5, "nm_linear": 7}  # op -> index of its bias argument
+_OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout
 
@@ -47,7 +48,11 @@ def kernel_weight(packed: Packed) -> BitmaskWeight | NMKernelLayout:
 @torch.compiler.assume_constant_result  # decided once per graph under torch.compile, not traced
 def _kernel_isa(op_name: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
     """The ``isa`` argument of the compiled op for this call, or ``""`` for the pure-PyTorch path."""
-    chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
+    return _choose_isa(op_name, device_type, dtype, backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto")
+
+
+@functools.lru_cache(maxsize=64)  # the answer depends only on the arguments: decode calls this per layer
+def _choose_isa(op_name: str, device_type: str, dtype: torch.dtype, chosen: str) -> str:
     if chosen not in BACKENDS:
         raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
@@ -96,49 +101,18 @@ def _torch_linear(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias:
     return y.to(x.dtype)
 
 
-# -- torch.library registrations: fake (meta) implementations and autograd ----------------------------
-
-
-def _dense_from_arrays(values: torch.Tensor, mask: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Both kernel layouts store each row's values in column order at its mask bits."""
-    keep = unpack_mask(mask, in_features).to(values.device)
-    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter_(keep, values)
+# -- torch.library: fake (meta) kernels, so torch.compile and vLLM treat the ops as opaque -------------
+# (Autograd is registered in C++, next to the CPU kernels: gradients for x and the bias.)
 
 
 def _fake_linear(x, values, mask, *args, **kwargs):
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
 
-def _autograd(bias_index: int):
-    """Backward for ``x`` and ``bias`` of an op whose bias is argument ``bias_index``."""
-
-    def setup_context(ctx, inputs, output):
-        x, values, mask, _, in_features = inputs[:5]
-        ctx.x_dtype = x.dtype
-        ctx.in_features = in_features
-        ctx.save_for_backward(values, mask)
-
-    def backward(ctx, grad):
-        if any(ctx.needs_input_grad[1:bias_index]):
-            raise RuntimeError("losa sparse linear: the packed weight is frozen (no gradient for it)")
-        values, mask = ctx.saved_tensors
-        grads = [None] * len(ctx.needs_input_grad)
-        if ctx.needs_input_grad[0]:
-            grads[0] = (grad.float() @ _dense_from_arrays(values, mask, ctx.in_features).float()).to(ctx.x_dtype)
-        if ctx.needs_input_grad[bias_index]:
-            grads[bias_index] = grad.float().reshape(-1, grad.shape[-1]).sum(0)
-        return tuple(grads)
-
-    return setup_context, backward
-
-
 def register_op_metadata() -> None:
-    """Called once when the extension loads: fake kernels and autograd for the sparse-linear ops."""
-    for name, bias_index in _OPS.items():
-        qualified = f"losa::{name}"
-        torch.library.register_fake(qualified)(_fake_linear)
-        setup_context, backward = _autograd(bias_index)
-        torch.library.register_autograd(qualified, backward, setup_context=setup_context)
+    """Called once when the extension loads."""
+    for name in _OPS:
+        torch.library.register_fake(f"losa::{name}")(_fake_linear)
 
 
 __all__ = ["BACKENDS", "CPU_BACKENDS", "kernel_weight", "register_op_metadata", "sparse_linear"]
