@@ -43,8 +43,8 @@ class PackSource:
     progress: bool = True
     input_sidecar: dict | None = None  # the checkpoint's own sidecar, verified as the weights stream by
     sidecar: SidecarBuilder = field(default_factory=SidecarBuilder)
-    stats: dict = field(default_factory=lambda: {"negative_zeros_scrubbed": 0, "underflowed_to_zero": 0,
-                                                         "dense_bytes": 0})
+    stats: dict = field(default_factory=lambda: dict.fromkeys(
+        ("negative_zeros_scrubbed", "underflowed_to_zero", "dense_bytes"), 0))
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype: torch.dtype | None, trust_remote_code: bool = False,
