@@ -36,6 +36,7 @@ from .models import (
     resolve_model,
     save_model,
 )
+from .runtime import SparseLinear, sparsify_
 from .sparsity import SIDECAR, build_sidecar
 from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
@@ -134,4 +135,31 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     return {"output": str(output), "model": str(path), "calibration": calibration, **report}
 
 
-__all__ = ["evaluate", "inspect", "load_model", "load_tokenizer", "masked_lora_linear", "prune"]
+def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str | None = None,
+         overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Pack a checkpoint for serving: ``format`` is hf, nm-vllm, losa, vllm or deepsparse.
+
+    Streams tensor by tensor into a temporary directory renamed to ``out`` when complete. ``dtype``
+    (bf16, fp16, fp32) converts floating tensors; None keeps the stored dtype. Returns the files written,
+    their sizes and the sparsity of the written weights (see :mod:`losa_deploy.export`).
+    """
+    from .export import pack_checkpoint
+
+    return pack_checkpoint(model, out, format=format, dtype=dtype, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code, progress=progress)
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None, backend: str | None = None,
+         trust_remote_code: bool = False):
+    """A ``losa`` or ``vllm`` packed checkpoint as a ready Hugging Face model (eval mode, on ``device``)
+    whose packed linears are :class:`SparseLinear` modules running our kernels: the serving API.
+
+    ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available).
+    """
+    from .runtime.loader import load_packed
+
+    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code)
+
+
+__all__ = ["SparseLinear", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "masked_lora_linear",
+           "pack", "prune", "sparsify_"]
