@@ -13,6 +13,9 @@ inline std::map<std::string, bool> detect_features() {
   __builtin_cpu_init();
   f["avx2"] = __builtin_cpu_supports("avx2");
   f["fma"] = __builtin_cpu_supports("fma");
+  f["bmi2"] = __builtin_cpu_supports("bmi2");
+  f["f16c"] = __builtin_cpu_supports("f16c");
+  f["popcnt"] = __builtin_cpu_supports("popcnt");
   f["avx512f"] = __builtin_cpu_supports("avx512f");
   f["avx512bw"] = __builtin_cpu_supports("avx512bw");
   f["avx512vl"] = __builtin_cpu_supports("avx512vl");

@@ -26,6 +26,10 @@ def extension():
             module = importlib.import_module("losa_deploy._C")
         except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
             _error = f"{type(exc).__name__}: {exc}"
+        else:
+            from .dispatch import register_op_metadata
+
+            register_op_metadata()
     if module is None:
         logger.warning("losa-deploy: compiled kernels unavailable (%s); using the pure-PyTorch paths. "
                        "Rebuild with `pip install --no-build-isolation -e .`.", _error)

@@ -1,0 +1,342 @@
+"""CPU sparse-linear kernels against dense PyTorch and DeepSparse at LLaMA-2-7B linear shapes (issue #10).
+
+For each shape (4096x4096: q/k/v/o; 11008x4096: gate/up; 4096x11008: down), pattern (50/70/90%
+unstructured: the bitmask kernel; 2:4: the N:M kernel) and token count (1, 8, 32) it times, interleaved
+(every repetition runs each contender once, in turn):
+
+* ours: ``losa_deploy.kernels.sparse_linear`` with bf16 values and bf16 activations;
+* torch dense bf16 and fp32: ``F.linear`` on the same (dense, zero-filled) weight;
+* DeepSparse 1.8 (tokens 1 by default): an ONNX ``MatMul`` holding the same sparse weight in fp32, on its
+  engine, in ``.venv-deepsparse`` (driven through files and a pipe: benchmarks/deepsparse_worker.py).
+
+Every contender uses the same number of threads. Before each timed call a buffer four times the size of
+the last-level cache is read, so the weights come from DRAM as in decode (a model's layers never stay
+cached from one token to the next). The machine's read bandwidth is measured in the same run (a 512 MiB
+streaming read with the same threads: ``losa::stream_read`` and ``torch.sum``, the faster one counts;
+before and after the timings, the higher counts), and each kernel's achieved GB/s is its packed bytes
+(values + masks + offsets) over its median time.
+
+    .venv/bin/python benchmarks/kernels_cpu.py                  # the full table, JSON + RESULTS.md + PNG
+    .venv/bin/python benchmarks/kernels_cpu.py --quick --no-results   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from losa_deploy.envinfo import cpu_info, deepsparse_python
+from losa_deploy.kernels import ops, sparse_linear
+from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.nm import NMWeight
+from losa_deploy.utils.fs import atomic_file, write_json
+from losa_deploy.utils.plots import save_figure
+
+HERE = Path(__file__).resolve().parent
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+PATTERNS = ("50%", "70%", "90%", "2:4")
+TOKENS = (1, 8, 32)
+SECTION = "## CPU sparse kernels (issue #10)"
+FLUSH_BYTES = 128 << 20  # 4x the 32 MiB L3 of the reference machine
+
+
+def config_key(rows: int, cols: int, pattern: str, tokens: int) -> str:
+    return f"{rows}x{cols}-{pattern.replace('%', 'pct').replace(':', 'of')}-t{tokens}"
+
+
+def make_weight(rows: int, cols: int, pattern: str, seed: int) -> torch.Tensor:
+    """A bf16 weight with exact zeros: unstructured at the given sparsity, or 2:4 along the input. The
+    same arguments give the same weight (the DeepSparse side rebuilds it)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}-{rows}x{cols}-{pattern}".encode()))
+    w = torch.randn(rows, cols, generator=gen)
+    if pattern == "2:4":
+        drop = torch.rand(rows, cols // 4, 4, generator=gen).argsort(-1)[..., :2]
+        w.view(rows, -1, 4).scatter_(-1, drop, 0.0)
+    else:
+        w[torch.rand(rows, cols, generator=gen) < float(pattern.rstrip("%")) / 100] = 0.0
+    return w.to(torch.bfloat16)
+
+
+class Flusher:
+    """Reads a buffer larger than the caches, so the next call finds its weights in DRAM."""
+
+    def __init__(self):
+        self.buffer = torch.ones(FLUSH_BYTES // 8, dtype=torch.int64)
+
+    def __call__(self):
+        losa = ops()
+        losa.stream_read(self.buffer) if losa is not None else self.buffer.sum()
+
+
+def read_bandwidth(reps: int = 7) -> dict:
+    """GB/s of a 512 MiB streaming read with the current threads (median of ``reps``), two probes."""
+    buffer = torch.ones(64 << 20, dtype=torch.int64)
+    probes = {"torch.sum": lambda: buffer.sum()}
+    if ops() is not None:
+        probes["losa.stream_read"] = lambda: ops().stream_read(buffer)
+    out = {}
+    for name, fn in probes.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = buffer.nbytes / statistics.median(times) / 1e9
+    return out
+
+
+class DeepSparse:
+    """The DeepSparse worker process: compiles one engine per (shape, pattern, tokens), then times runs."""
+
+    def __init__(self, python: Path, configs: list[tuple[int, int, str, int]], seed: int, threads: int):
+        self.tmp = tempfile.TemporaryDirectory(prefix="losa-deepsparse-")
+        job_dir = Path(self.tmp.name)
+        jobs = []
+        for rows, cols, pattern, tokens in configs:
+            key = config_key(rows, cols, pattern, tokens)
+            np.save(job_dir / f"{key}.npy", make_weight(rows, cols, pattern, seed).float().t().contiguous().numpy())
+            jobs.append({"id": key, "weight": f"{key}.npy", "tokens": tokens})
+        (job_dir / "jobs.json").write_text(json.dumps(jobs))
+        print(f"compiling {len(jobs)} DeepSparse engines ...", file=sys.stderr, flush=True)
+        self.proc = subprocess.Popen([str(python), str(HERE / "deepsparse_worker.py"), str(job_dir), "--threads",
+                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError("the DeepSparse worker exited before it was ready (see its stderr above)")
+        self.version = json.loads(ready)["version"]
+        for job in jobs:  # the engines hold their weights; the files are no longer needed
+            (job_dir / job["weight"]).unlink()
+
+    def time(self, key: str) -> float:
+        self.proc.stdin.write(json.dumps({"id": key}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["seconds"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.tmp.cleanup()
+
+
+def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, ds_tokens):
+    """All token counts of one (shape, pattern): one weight, interleaved timings per token count."""
+    dense_bf16 = make_weight(rows, cols, pattern, seed)
+    gen = torch.Generator().manual_seed(seed)
+    dense_fp32 = dense_bf16.float()
+    if pattern == "2:4":
+        packed, kernel = NMWeight.from_dense(dense_bf16, 2, 4).kernel_layout(), "nm"
+    else:
+        packed, kernel = BitmaskWeight.from_dense(dense_bf16), "bitmask"
+    results = []
+    for tokens in tokens_list:
+        x = torch.randn(tokens, cols, generator=gen).to(torch.bfloat16)
+        xf = x.float()
+        ref = xf @ dense_fp32.t()
+        err = float((sparse_linear(x, packed).float() - ref).abs().max() / ref.abs().max())
+        assert err < 2e-2, f"kernel output is off by {err:.3g} (relative)"
+        contenders = {
+            "ours": lambda x=x: sparse_linear(x, packed),
+            "torch_bf16": lambda x=x: F.linear(x, dense_bf16),
+            "torch_fp32": lambda xf=xf: F.linear(xf, dense_fp32),
+        }
+        key = config_key(rows, cols, pattern, tokens)
+        use_ds = deepsparse is not None and tokens in ds_tokens
+        for fn in contenders.values():
+            fn()
+        times = {name: [] for name in [*contenders, *(["deepsparse"] if use_ds else [])]}
+        for _ in range(reps):
+            for name, fn in contenders.items():
+                flush()
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            if use_ds:
+                times["deepsparse"].append(deepsparse.time(key))
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        row = {"shape": [rows, cols], "pattern": pattern, "tokens": tokens, "kernel": kernel,
+               "packed_bytes": packed.nbytes, "dense_bf16_bytes": dense_bf16.nbytes,
+               **{f"{name}_ms": 1e3 * t for name, t in med.items()},
+               "ours_gbs": packed.nbytes / med["ours"] / 1e9,
+               "speedup_vs_torch_bf16": med["torch_bf16"] / med["ours"],
+               "speedup_vs_torch_fp32": med["torch_fp32"] / med["ours"]}
+        if use_ds:
+            row["speedup_vs_deepsparse"] = med["deepsparse"] / med["ours"]
+        results.append(row)
+        print(f"{rows}x{cols} {pattern:>4} t{tokens:<3} ours {row['ours_ms']:.3f} ms "
+              f"({row['ours_gbs']:.1f} GB/s)  x{row['speedup_vs_torch_bf16']:.2f} vs bf16  "
+              f"x{row['speedup_vs_torch_fp32']:.2f} vs fp32"
+              + (f"  x{row['speedup_vs_deepsparse']:.2f} vs DeepSparse" if use_ds else ""), file=sys.stderr, flush=True)
+    return results
+
+
+def check_bars(results: list[dict], bandwidth: float) -> list[dict]:
+    """The issue's performance bars, each with the measured worst case."""
+    def pick(tokens, patterns):
+        return [r for r in results if r["tokens"] == tokens and r["pattern"] in patterns]
+
+    bars = []
+
+    def bar(name, rows, value, threshold):
+        if rows:
+            worst = min(rows, key=value)
+            bars.append({"bar": name, "threshold": threshold, "worst": value(worst),
+                         "worst_at": f"{worst['shape'][0]}x{worst['shape'][1]} {worst['pattern']} t{worst['tokens']}",
+                         "met": all(value(r) >= threshold for r in rows)})
+
+    bar("tokens 1: packed bytes at >= 80% of read bandwidth (50%, 70%, 2:4)", pick(1, ("50%", "70%", "2:4")),
+        lambda r: r["ours_gbs"] / bandwidth, 0.8)
+    bar("tokens 1: >= 2.4x torch dense bf16 at 70%", pick(1, ("70%",)), lambda r: r["speedup_vs_torch_bf16"], 2.4)
+    bar("tokens 1: >= 1.6x torch dense bf16 at 50% and 2:4", pick(1, ("50%", "2:4")),
+        lambda r: r["speedup_vs_torch_bf16"], 1.6)
+    bar("tokens 8: >= 1.5x torch dense bf16 at 70%", pick(8, ("70%",)), lambda r: r["speedup_vs_torch_bf16"], 1.5)
+    bar("tokens 1: >= 1.8x faster than DeepSparse", [r for r in pick(1, PATTERNS) if "deepsparse_ms" in r],
+        lambda r: r["speedup_vs_deepsparse"], 1.8)
+    return bars
+
+
+def markdown(report: dict) -> str:
+    bw = report["read_bandwidth_gbs"]
+    lines = [
+        SECTION, "",
+        f"Command: `{report['command']}`  ",
+        f"Machine: {report['machine']['model']}, {report['threads']} threads, torch {report['torch']}, "
+        f"DeepSparse {report['deepsparse'] or 'not installed'}. **Shared** with other helpers' jobs: load "
+        f"average {report['load_average'][0]:.1f} at the start, {report['load_average'][1]:.1f} at the end; "
+        "absolute times are noisy, ratios are measured side by side (interleaved).  ",
+        f"Read bandwidth (512 MiB streaming read, {report['threads']} threads): {bw:.1f} GB/s "
+        f"(before {report['bandwidth_before']}, after {report['bandwidth_after']}).  ",
+        "Times are medians of the interleaved repetitions, weights cold (a 128 MiB buffer is read before every "
+        "call). Ours: bf16 values and activations; 50/70/90% use the bitmask kernel, 2:4 the N:M kernel. "
+        "GB/s = packed bytes / time. DeepSparse: fp32 ONNX MatMul with the same zeros.", "",
+        "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s (% of read bw) | torch bf16 ms | "
+        "speedup | torch fp32 ms | speedup | DeepSparse ms | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        ds = (f"{r['deepsparse_ms']:.3f} | {r['speedup_vs_deepsparse']:.2f}x" if "deepsparse_ms" in r else "- | -")
+        lines.append(
+            f"| {r['shape'][0]}x{r['shape'][1]} | {r['pattern']} | {r['tokens']} | {r['packed_bytes'] / 2**20:.1f} | "
+            f"{r['ours_ms']:.3f} | {r['ours_gbs']:.1f} ({100 * r['ours_gbs'] / bw:.0f}%) | "
+            f"{r['torch_bf16_ms']:.3f} | {r['speedup_vs_torch_bf16']:.2f}x | {r['torch_fp32_ms']:.3f} | "
+            f"{r['speedup_vs_torch_fp32']:.2f}x | {ds} |")
+    lines += ["", "| performance bar | worst measured | at | met |", "|---|---|---|---|"]
+    for b in report["bars"]:
+        worst = f"{100 * b['worst']:.0f}% of bw" if "bandwidth" in b["bar"] else f"{b['worst']:.2f}x"
+        lines.append(f"| {b['bar']} | {worst} | {b['worst_at']} | {'yes' if b['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results_section(path: Path, text: str) -> None:
+    """Replace this script's own section of RESULTS.md (or append it); other sections stay as they are."""
+    old = path.read_text() if path.exists() else "# Measured results\n"
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + ("" if end < 0 else old[end:])
+    with atomic_file(path) as handle:
+        handle.write(new)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["tokens"] == 1]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 2), 3.6))
+    labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['pattern']}" for r in rows]
+    ax.bar(range(len(rows)), [r["ours_gbs"] for r in rows], color="tab:blue", label="ours (packed bytes / time)")
+    ax.bar(range(len(rows)), [r["dense_bf16_bytes"] / r["torch_bf16_ms"] / 1e6 for r in rows], width=0.35,
+           color="tab:gray", label="torch dense bf16 (dense bytes / time)")
+    bw = report["read_bandwidth_gbs"]
+    ax.axhline(bw, color="black", linewidth=1, label=f"read bandwidth {bw:.1f} GB/s")
+    ax.axhline(0.8 * bw, color="black", linewidth=1, linestyle="--", label="80% of it")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"sparse linear, 1 token, bf16, {report['threads']} threads")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--deepsparse-tokens", default="1", help="token counts DeepSparse runs ('' for none)")
+    parser.add_argument("--no-deepsparse", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="4096x4096, 50%%/70%%/2:4, tokens 1 and 8, 5 reps")
+    parser.add_argument("--json", type=Path, default=HERE / "kernels_cpu.json")
+    parser.add_argument("--plot", type=Path, default=HERE / "kernels_cpu.png")
+    parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md, the JSON or the plot")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.patterns, args.tokens, args.reps = "4096x4096", "50%,70%,2:4", "1,8", 5
+    if ops() is None:
+        raise SystemExit("the compiled extension is not loaded: build it first (make install)")
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    patterns = args.patterns.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    ds_tokens = {int(t) for t in args.deepsparse_tokens.split(",") if t} & set(tokens)
+    load_start = os.getloadavg()[0]
+
+    bandwidth_before = read_bandwidth()
+    print(f"read bandwidth {bandwidth_before}", file=sys.stderr, flush=True)
+    deepsparse = None
+    python = deepsparse_python()
+    if ds_tokens and not args.no_deepsparse and python is not None:
+        configs = [(rows, cols, pattern, t) for rows, cols in shapes for pattern in patterns for t in sorted(ds_tokens)]
+        deepsparse = DeepSparse(python, configs, args.seed, args.threads)
+    flush = Flusher()
+    results = []
+    try:
+        for rows, cols in shapes:
+            for pattern in patterns:
+                results += run_config(rows, cols, pattern, tokens, args.reps, args.seed, flush, deepsparse, ds_tokens)
+    finally:
+        if deepsparse is not None:
+            deepsparse.close()
+    bandwidth_after = read_bandwidth()
+    bandwidth = max(*bandwidth_before.values(), *bandwidth_after.values())
+    report = {
+        "command": " ".join(["python", "benchmarks/kernels_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__,
+        "deepsparse": deepsparse.version if deepsparse is not None else None,
+        "load_average": [load_start, os.getloadavg()[0]],
+        "bandwidth_before": {k: round(v, 2) for k, v in bandwidth_before.items()},
+        "bandwidth_after": {k: round(v, 2) for k, v in bandwidth_after.items()},
+        "read_bandwidth_gbs": bandwidth, "reps": args.reps, "results": results,
+    }
+    report["bars"] = check_bars(results, bandwidth)
+    text = markdown(report)
+    print(text)
+    if not args.no_results:
+        write_json(args.json, report)
+        write_results_section(args.results, text)
+        plot(report, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+// The CPU sparse-linear engine shared by the bitmask and N:M op families: y = x · Wᵀ (+ bias) for a
+// weight stored as rows of 32-column mask words plus the row's kept values in column order.
+//
+// Both packed layouts reduce to that picture (losa_deploy/kernels/formats describes the bytes):
+//   * bitmask: the values of row r start at row_ptr[r]; each 32-column chunk holds popcount(word) values;
+//   * N:M (load-time layout): rows of a row block have a fixed stride, and when M divides 32 every full
+//     chunk holds exactly 32·N/M values, so the value cursor advances by a constant (no popcount).
+//
+// Paths (design: shared/design/kernels.md §4):
+//   * tokens < panel_tokens: a row kernel decodes each 32-column chunk once and applies it to a block
+//     of up to 8 tokens (the row's values stay in L1 across token blocks);
+//   * tokens >= panel_tokens (prefill): decompress a panel of rows into a dense buffer and hand it to
+//     torch's GEMM (oneDNN/MKL). Sparsity saves no FLOPs there; a tuned dense GEMM on an L2-sized panel
+//     beats any micro-kernel we would write, and the decompression is a small share of the time.
+// Instruction sets are compiled per function (__attribute__((target))) and chosen at run time.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace losa::cpu {
+
+enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+// "auto" (or ""): the best this CPU supports. A named ISA the CPU lacks is an error.
+// Names: portable, avx2, avx512, avx512_bf16 (the Python layer maps $LOSA_SPARSE_BACKEND onto them).
+Isa resolve_isa(const std::string& requested);
+const char* isa_name(Isa isa);
+
+// Token count from which the panel (decompress + dense GEMM) path is used when the caller passes <= 0.
+constexpr int64_t kDefaultPanelTokens = 24;
+
+struct SparseRows {
+  int64_t rows = 0, cols = 0, words = 0;  // words = ceil(cols / 32)
+  const uint32_t* mask = nullptr;         // [rows, words]
+  const void* values = nullptr;
+  at::ScalarType dtype = at::kFloat;      // of the values: bf16, fp16 or fp32
+  int64_t num_values = 0;                 // elements allocated at `values` (bounds for the wide loads)
+
+  // Bitmask addressing.
+  const int64_t* row_ptr = nullptr;  // [rows + 1]
+  // N:M addressing (row_ptr == nullptr): row r of block b = r / rows_per_block starts at
+  // block_start[b] + (r - b * rows_per_block) * block_stride[b]; full chunks hold block_chunk[b] values
+  // (0 means "count the mask bits").
+  int64_t rows_per_block = 0;
+  const int64_t* block_start = nullptr;
+  const int64_t* block_stride = nullptr;
+  const int32_t* block_chunk = nullptr;
+
+  int64_t row_begin(int64_t r) const {
+    if (row_ptr) return row_ptr[r];
+    const int64_t b = r / rows_per_block;
+    return block_start[b] + (r - b * rows_per_block) * block_stride[b];
+  }
+  int64_t row_end(int64_t r) const {
+    if (row_ptr) return row_ptr[r + 1];
+    return row_begin(r) + block_stride[r / rows_per_block];
+  }
+  int chunk_values(int64_t r) const { return row_ptr ? 0 : block_chunk[r / rows_per_block]; }
+};
+
+// Checks x and bias against the weight and runs the kernel. x is (..., cols); the result is
+// (..., rows) in x's dtype, accumulated in fp32.
+at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                             const std::string& isa, int64_t panel_tokens, const char* op);
+
+// The dense fp32 weight [rows, cols] (for the backward pass).
+at::Tensor sparse_to_dense(const SparseRows& w);
+
+// Gradients of y = x·Wᵀ + b for x and b (the packed weight is frozen); undefined where not needed.
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+                                                         at::ScalarType x_dtype, bool need_x,
+                                                         std::optional<at::ScalarType> bias_dtype);
+
+// Checks shared by the op families' argument validation.
+void check_values(const at::Tensor& values, const char* op);
+void check_mask(const at::Tensor& mask, int64_t cols, const char* op);
+
+}  // namespace losa::cpu

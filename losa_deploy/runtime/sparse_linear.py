@@ -1,0 +1,140 @@
+"""``SparseLinear``: a drop-in ``nn.Linear`` replacement that holds a packed sparse weight.
+
+The module keeps the kernel layout in memory (a bitmask weight as it is; an N:M weight in its load-time
+layout) and runs ``losa_deploy.kernels.sparse_linear``. Its ``state_dict`` holds the canonical on-disk
+arrays (``<p>.lb_*`` or ``<p>.nm_*``, engines-and-formats.md §4.2) and the bias, so saving a sparsified
+model writes a losa-bitmask checkpoint and loading one restores it. ``.to(dtype)`` converts the values
+like it converts a dense weight; the packed weight is frozen (gradients flow to the input and the bias).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LosaError
+from ..kernels.dispatch import kernel_weight, sparse_linear
+from ..kernels.formats.bitmask import BitmaskWeight
+from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
+from ..sparsity.patterns import detect_pattern
+
+FORMATS = ("auto", "bitmask", "nm")
+_BITMASK_KEYS = ("lb_shape", "lb_values", "lb_mask", "lb_row_ptr")
+_NM_KEYS = ("nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n")
+
+
+def choose_format(weight: torch.Tensor) -> str:
+    """``nm`` when the weight follows an N:M pattern whose groups tile 32-column chunks, else ``bitmask``."""
+    pattern = detect_pattern(weight)
+    return "nm" if pattern.kind in ("nm", "mixed_nm") and 32 % pattern.m == 0 else "bitmask"
+
+
+def pack_weight(weight: torch.Tensor, format: str = "auto", dtype: torch.dtype | None = None,
+                rows_per_block: int = DEFAULT_ROWS_PER_BLOCK) -> BitmaskWeight | NMWeight:
+    """Pack a dense sparse weight in the asked format (``auto``: see :func:`choose_format`)."""
+    if format not in FORMATS:
+        raise LosaError(f"unknown sparse format {format!r} (choose from {', '.join(FORMATS)})")
+    if format == "auto":
+        format = choose_format(weight)
+    if format == "nm":
+        return NMWeight.from_dense(weight, rows_per_block=rows_per_block, dtype=dtype)
+    return BitmaskWeight.from_dense(weight, dtype=dtype)
+
+
+class SparseLinear(nn.Module):
+    """``y = x · Wᵀ + b`` with ``W`` packed (bitmask or N:M); behaves like the ``nn.Linear`` it replaces."""
+
+    def __init__(self, weight: BitmaskWeight | NMWeight | NMKernelLayout, bias: torch.Tensor | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.backend = backend  # None: $LOSA_SPARSE_BACKEND or auto (see kernels.dispatch)
+        self._set_packed(kernel_weight(weight))
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise LosaError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, format: str = "auto", dtype: torch.dtype | None = None,
+                    backend: str | None = None) -> SparseLinear:
+        """Pack ``linear``'s weight (values in ``dtype``, default the weight's own, so the result is exact)."""
+        return cls(pack_weight(linear.weight, format, dtype), linear.bias, backend)
+
+    def to_dense_linear(self) -> nn.Linear:
+        dense = self.packed.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=dense.device, dtype=dense.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dense)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.packed, self.bias, backend=self.backend)
+
+    @property
+    def format(self) -> str:
+        if isinstance(self.packed, BitmaskWeight):
+            return "bitmask"
+        n = self.packed.block_n
+        return f"{int(n.max())}:{self.packed.m}" if bool((n == n.max()).all()) else f"mixed N:{self.packed.m}"
+
+    @property
+    def sparsity(self) -> float:
+        # N:M layouts also store zero-valued filler, so count non-zero values rather than slots.
+        kept = int(self.packed.values.count_nonzero())
+        return 1.0 - kept / max(self.in_features * self.out_features, 1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.format}, values={self.packed.values.dtype}")
+
+    # -- the packed tensors are buffers (so .to() moves and converts them) and the packed object views them
+
+    def _set_packed(self, packed: BitmaskWeight | NMKernelLayout) -> None:
+        self.packed = packed
+        for name, tensor in packed.tensors().items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
+        return self
+
+    # -- state dict: the canonical on-disk arrays ---------------------------------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        canonical = self.packed if isinstance(self.packed, BitmaskWeight) else self.packed.canonical()
+        destination.update(canonical.state_dict(prefix))
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        is_nm = prefix + "nm_values" in state_dict
+        try:
+            packed = (NMWeight.from_state_dict(state_dict, prefix).kernel_layout() if is_nm
+                      else BitmaskWeight.from_state_dict(state_dict, prefix))
+        except LosaError as exc:
+            error_msgs.append(f"{prefix.rstrip('.')}: {exc}")
+            return
+        if packed.shape != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix.rstrip('.')}: packed weight is {packed.shape}, the module is "
+                              f"{(self.out_features, self.in_features)}")
+            return
+        device = self.packed.values.device
+        self._set_packed(packed.replace(**{k: v.to(device) for k, v in packed.tensors().items()}))
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[prefix + "bias"])
+            elif strict:
+                missing_keys.append(prefix + "bias")
+        own = {*(_NM_KEYS if is_nm else _BITMASK_KEYS), *(["bias"] if self.bias is not None else [])}
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in own)
+
+
+__all__ = ["FORMATS", "SparseLinear", "choose_format", "pack_weight"]

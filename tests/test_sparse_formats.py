@@ -1,0 +1,161 @@
+"""Packed formats: bitmask and N:M pack / unpack bit-exactly, their on-disk arrays round-trip, the kernel
+layout of N:M matches, and malformed arrays or weights that do not fit are clear errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sparse_weights import random_nm, random_sparse
+
+from losa_deploy.errors import LosaError
+from losa_deploy.kernels.formats.bitmask import BitmaskWeight, mask_sha256, popcount, to_disk, unpack_mask
+from losa_deploy.kernels.formats.nm import NMKernelLayout, NMWeight, mask_bytes
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.93, 1.0])
+def test_bitmask_round_trip(rng, dtype, sparsity):
+    w = random_sparse(45, 173, sparsity, rng, dtype)
+    w[3] = 0  # an empty row
+    packed = BitmaskWeight.from_dense(w)
+    assert torch.equal(packed.to_dense(), w)
+    assert packed.nnz == int((w != 0).sum())
+    assert packed.values.dtype == dtype and packed.mask.shape == (45, 6)
+    state = packed.state_dict("model.layers.0.mlp.down_proj")
+    assert state["model.layers.0.mlp.down_proj.lb_mask"].dtype == torch.uint32
+    assert state["model.layers.0.mlp.down_proj.lb_shape"].tolist() == [45, 173]
+    again = BitmaskWeight.from_state_dict(state, "model.layers.0.mlp.down_proj")
+    assert torch.equal(again.to_dense(), w)
+    # The mask words are those the sidecar hashes.
+    import hashlib
+    assert hashlib.sha256(to_disk(packed.mask).numpy().tobytes()).hexdigest() == mask_sha256(w)
+
+
+def test_bitmask_values_in_another_dtype(rng):
+    w = random_sparse(20, 70, 0.6, rng)
+    packed = BitmaskWeight.from_dense(w, dtype=torch.bfloat16)
+    assert torch.equal(packed.to_dense(), w.to(torch.bfloat16))
+
+
+def test_popcount_matches_unpacked_bits(rng):
+    mask = torch.rand(30, 200, generator=rng) < 0.4
+    from losa_deploy.kernels.formats.bitmask import pack_mask
+    words = pack_mask(mask)
+    expected = unpack_mask(words, 200).view(30, -1).sum(1)
+    assert torch.equal(popcount(words).sum(1), expected)
+
+
+def test_bitmask_rejects_malformed_arrays(rng):
+    packed = BitmaskWeight.from_dense(random_sparse(10, 40, 0.5, rng))
+    bad_ptr = packed.row_ptr.clone()
+    bad_ptr[4] += 1
+    with pytest.raises(LosaError, match="row_ptr"):
+        BitmaskWeight(packed.shape, packed.values, packed.mask, bad_ptr)
+    with pytest.raises(LosaError, match="values"):
+        BitmaskWeight(packed.shape, packed.values.to(torch.int32), packed.mask, packed.row_ptr)
+    spill = packed.mask.clone()
+    spill[0, -1] |= 1 << 20  # column 52 of a 40-wide row
+    ptr = packed.row_ptr.clone()
+    ptr[1:] += 1
+    values = torch.cat([packed.values, packed.values[:1]])
+    with pytest.raises(LosaError, match="past column"):
+        BitmaskWeight(packed.shape, values, spill, ptr)
+    state = packed.state_dict("p")
+    del state["p.lb_row_ptr"]
+    with pytest.raises(LosaError, match="missing p.lb_row_ptr"):
+        BitmaskWeight.from_state_dict(state, "p")
+    with pytest.raises(LosaError, match="2-D"):
+        BitmaskWeight.from_dense(torch.ones(3))
+    with pytest.raises(LosaError, match="bfloat16, float16 or float32"):
+        BitmaskWeight.from_dense(torch.ones(3, 3, dtype=torch.float64))
+
+
+NM_CASES = [(2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (7, 8), (4, 16), (11, 16), (2, 5), (3, 7), (1, 2)]
+
+
+@pytest.mark.parametrize("n,m", NM_CASES)
+def test_nm_round_trip_and_kernel_layout(rng, n, m):
+    cols = 173 if m != 2 else 171  # ragged: a tail group for every M here
+    w = random_nm(70, cols, n, m, rng)
+    packed = NMWeight.from_dense(w, n, m)
+    assert (packed.n, packed.m, packed.block_n) == (n, m, None)
+    assert packed.mask.shape == (70, mask_bytes(cols, m))
+    assert torch.equal(packed.to_dense(), w)
+    again = NMWeight.from_state_dict(packed.state_dict("p"), "p")
+    assert torch.equal(again.values, packed.values) and torch.equal(again.mask, packed.mask)
+    layout = packed.kernel_layout()
+    assert torch.equal(layout.to_dense(), w)
+    assert torch.equal(layout.canonical().to_dense(), w)
+    # Every group of the kernel layout marks exactly N positions: values per row are fixed.
+    assert layout.values.numel() == 70 * ((cols // m) * n + -(-n * (cols % m) // m))
+
+
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_nm_mask_bytes_are_bitmask_words(rng, m):
+    """For M in 4, 8, 16 a row's N:M mask bytes are its losa-bitmask words, bit for bit."""
+    w = random_nm(9, 128, m // 2, m, rng)
+    packed = NMWeight.from_dense(w, m // 2, m)
+    words = BitmaskWeight.from_dense(w).mask
+    assert torch.equal(packed.mask.view(9, -1), to_disk(words).view(torch.uint8).view(9, -1))
+
+
+def test_nm_detects_pattern_and_mixed_n(rng):
+    row_n = torch.tensor([2] * 64 + [4] * 64 + [1] * 10)
+    w = random_nm(138, 100, row_n, 8, rng, underfill=0.0)
+    packed = NMWeight.from_dense(w)
+    assert packed.m == 8 and packed.n == 4 and packed.block_n.tolist() == [2, 4, 1]
+    assert "p.nm_n" in packed.state_dict("p")
+    assert torch.equal(packed.to_dense(), w)
+    layout = packed.kernel_layout()
+    assert layout.block_n.tolist() == [2, 4, 1]
+    assert torch.equal(layout.to_dense(), w)
+    uniform = NMWeight.from_dense(w, 4, 8)  # the same weight as plain 4:8
+    assert uniform.block_n is None and torch.equal(uniform.to_dense(), w)
+
+
+def test_nm_rejects_weights_that_do_not_fit(rng):
+    w = random_nm(20, 64, 3, 8, rng, underfill=0.0)
+    with pytest.raises(LosaError, match="not 2:8 sparse: row"):
+        NMWeight.from_dense(w, 2, 8)
+    with pytest.raises(LosaError, match="not N:M sparse"):
+        NMWeight.from_dense(random_sparse(20, 64, 0.5, rng))
+    tail = random_nm(4, 66, 2, 8, rng, underfill=0.0)
+    tail[0, 64:] = 1.0  # the 2-wide tail group of 2:8 keeps at most ceil(2*2/8) = 1
+    with pytest.raises(LosaError, match="tail group allows 1"):
+        NMWeight.from_dense(tail, 2, 8)
+    with pytest.raises(LosaError, match="M <= 16"):
+        NMWeight.from_dense(w, 2, 32)
+    with pytest.raises(LosaError, match="0 <= N < M"):
+        NMWeight.from_dense(w, 8, 8)
+
+
+def test_nm_rejects_malformed_arrays(rng):
+    packed = NMWeight.from_dense(random_nm(10, 40, 2, 4, rng), 2, 4)
+    crowded = packed.mask.clone()
+    crowded[3, 0] = 0x0F  # four positions in a 2:4 group
+    with pytest.raises(LosaError, match="row 3 group 0 keeps more"):
+        NMWeight(packed.shape, 2, 4, packed.values, crowded)
+    with pytest.raises(LosaError, match="values must be"):
+        NMWeight(packed.shape, 2, 4, packed.values[:, :-1], packed.mask)
+    layout = packed.kernel_layout()
+    with pytest.raises(LosaError, match="exactly its N"):
+        NMKernelLayout(layout.shape, 4, layout.rows_per_block, layout.block_n, layout.values,
+                       layout.mask & ~1)
+    state = packed.state_dict("p")
+    state["p.nm_pattern"] = torch.tensor([2, 4], dtype=torch.int64)
+    with pytest.raises(LosaError, match="nm_pattern"):
+        NMWeight.from_state_dict(state, "p")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 150), m=st.integers(2, 16), data=st.data(),
+       seed=st.integers(0, 2**31))
+def test_nm_round_trip_fuzz(rows, cols, m, data, seed):
+    n = data.draw(st.integers(1, m - 1))
+    gen = torch.Generator().manual_seed(seed)
+    w = random_nm(rows, cols, n, m, gen, underfill=0.2)
+    packed = NMWeight.from_dense(w, n, m, rows_per_block=data.draw(st.integers(1, 70)))
+    assert torch.equal(packed.to_dense(), w)
+    assert torch.equal(packed.kernel_layout().to_dense(), w)
