@@ -4,7 +4,8 @@
     unmasked:  y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b  (plain LoRA; merging it makes W dense)
 
 The mask ``M`` is data, not a side effect: the pruner produces it and it is the source of truth, with
-the invariant (W ≠ 0) ⊆ M. A and B are fp32 master weights whatever the base dtype. The rank can change
+the invariant (W ≠ 0) ⊆ M. It is held as losa-bitmask words (1 bit per weight), the form the fused
+kernels read. A and B are fp32 master weights whatever the base dtype. The rank can change
 between training phases: growing appends components with zero contribution (new B columns are zero),
 shrinking keeps the best rank-r approximation of B·A (``"svd"``) or the first r components (``"index"``).
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LosaError
+from ..kernels.formats.bitmask import pack_mask, unpack_mask
 from ..kernels.masked_lora import masked_lora_linear
 
 
@@ -30,8 +32,10 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
-        self.register_buffer("mask", (self.weight != 0) if masked else None)
+        self.register_buffer("mask_words", pack_mask(self.weight.detach().cpu() != 0).to(self.weight.device)
+                             if masked else None)
         self.scale, self.max_rank, self.dropout, self.init = scale, max_rank, dropout, init
+        self.enabled = True  # False: the plain base linear (LoSA's dense reference runs use it)
         self.lora_A = nn.Parameter(self._new_rows(rank, generator))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
 
@@ -41,13 +45,21 @@ class LoraLinear(nn.Module):
 
     @property
     def masked(self) -> bool:
-        return self.mask is not None
+        return self.mask_words is not None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The bool keep-mask ``[out, in]`` (unpacked on demand), or None for an unmasked adapter."""
+        return None if self.mask_words is None else unpack_mask(self.mask_words.cpu(), self.in_features).to(
+            self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if not self.enabled:
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
         if self.masked:
-            return masked_lora_linear(x, self.weight, self.mask, A, B, self.scale, self.bias,
-                                      dropout=self.dropout, training=self.training)
+            return masked_lora_linear(x, self.weight, self.mask_words, self.lora_A, self.lora_B, self.scale,
+                                      self.bias, dropout=self.dropout, training=self.training)
+        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
         return F.linear(x, self.weight.to(x.dtype), self.bias) + self.scale * F.linear(F.linear(xd, A), B)
 
@@ -71,7 +83,7 @@ class LoraLinear(nn.Module):
                 raise LosaError("the new mask would un-prune weights (masks must be nested)")
             if bool((weight.ne(0) & ~mask).any()):
                 raise LosaError("the new base weight has non-zeros outside its mask")
-            self.mask = mask
+            self.mask_words = pack_mask(mask.cpu()).to(self.weight.device)
         self.weight.data = weight.to(self.weight.dtype).contiguous()
 
     # --- rank changes ----------------------------------------------------------------------------
@@ -104,9 +116,7 @@ class LoraLinear(nn.Module):
         """A plain nn.Linear holding the merged weight, cast once (see ``adapters.merge``)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            dtype=self.weight.dtype, device=self.weight.device)
-        merged = self.merged_weight()
-        if self.masked:
-            merged = merged * self.mask  # exact zeros outside the mask, whatever fp32 rounding did
+        merged = self.merged_weight()  # already exactly zero outside the mask: delta() is masked
         # Cast once, then + 0.0: it turns every -0.0 (also one born of underflow in the cast) into +0.0.
         linear.weight.data = merged.to(self.weight.dtype) + 0.0
         if self.bias is not None:

@@ -106,6 +106,18 @@ def merge_adapters(model: nn.Module) -> dict:
     return stats
 
 
+def unload_adapters(model: nn.Module) -> None:
+    """Put the plain base linears back (the adapters are dropped; save them first)."""
+    for name, layer in list(adapters_of(model).items()):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           dtype=layer.weight.dtype, device=layer.weight.device)
+        linear.weight.data = layer.weight.detach()
+        if layer.bias is not None:
+            linear.bias.data = layer.bias.detach()
+        parent, _, child = name.rpartition(".")
+        _replace(model.get_submodule(parent), child, linear)
+
+
 def _replace(parent: nn.Module, dotted: str, module: nn.Module) -> None:
     owner, _, leaf = dotted.rpartition(".")
     setattr(parent.get_submodule(owner) if owner else parent, leaf, module)

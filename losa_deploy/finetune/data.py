@@ -24,12 +24,12 @@ def tokens_of(example: TokenizedExample) -> int:
     return example.input_ids.numel()
 
 
-def split_budget(examples: list[TokenizedExample], phases: int, budget_tokens: int | None
-                 ) -> list[list[TokenizedExample]]:
-    """``phases`` disjoint consecutive slices of (about) ``budget_tokens / phases`` tokens each.
+def split_budget(examples: list[TokenizedExample], phases: int, budget_tokens: int | None,
+                 weights: list[float] | None = None) -> list[list[TokenizedExample]]:
+    """``phases`` disjoint consecutive slices of the budget, in proportion to ``weights`` (default even).
 
-    ``None`` uses all the data, split evenly. Every method on the same budget sees the same examples, in
-    the same order, so comparisons between methods are fair.
+    ``None`` uses all the data. Every method on the same budget sees the same examples, in the same
+    order, so comparisons between methods are fair.
     """
     total = sum(tokens_of(e) for e in examples)
     budget = total if budget_tokens is None else budget_tokens
@@ -37,9 +37,11 @@ def split_budget(examples: list[TokenizedExample], phases: int, budget_tokens: i
         raise LosaError(f"token budget {budget} exceeds the {total} tokens of the training data")
     if budget < phases:
         raise LosaError(f"token budget {budget} is too small for {phases} phases")
+    weights = weights or [1.0] * phases
+    bounds = [round(budget * sum(weights[:p]) / sum(weights)) for p in range(phases + 1)]
     slices, start = [], 0
     for p in range(phases):
-        want, got, end = budget * (p + 1) // phases - budget * p // phases, 0, start
+        want, got, end = bounds[p + 1] - bounds[p], 0, start
         while end < len(examples) and got < want:
             got += tokens_of(examples[end])
             end += 1

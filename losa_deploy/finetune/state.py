@@ -30,16 +30,18 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(path: str | os.PathLike, model, phase: int, settings: dict, history: list[dict]) -> None:
+def save_checkpoint(path: str | os.PathLike, model, phase: int, settings: dict, history: list[dict],
+                    extra: dict | None = None) -> None:
     layers = adapters_of(model)
     base = {f"{n}.weight": m.weight.detach().contiguous() for n, m in layers.items()}
-    masks = {f"{n}.mask": bitmask.to_disk(bitmask.pack_mask(m.mask)) for n, m in layers.items() if m.masked}
+    masks = {f"{n}.mask": bitmask.to_disk(m.mask_words.cpu()) for n, m in layers.items() if m.masked}
     with atomic_dir(path, overwrite=True) as tmp:
         save_file(base, tmp / "base.safetensors")
         save_file(adapter_state_dict(model), tmp / "adapter.safetensors")
         if masks:
             save_file(masks, tmp / "masks.safetensors")
-        state = {"phase": phase, "fingerprint": fingerprint(settings), "settings": settings, "history": history}
+        state = {"phase": phase, "fingerprint": fingerprint(settings), "settings": settings, "history": history,
+                 "extra": extra or {}}
         (tmp / STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
 
 
@@ -63,7 +65,7 @@ def restore_checkpoint(path: str | os.PathLike, model) -> None:
         for name, layer in adapters_of(model).items():
             layer.weight.data = base[f"{name}.weight"].to(layer.weight.dtype)
             if layer.masked:
-                layer.mask = bitmask.unpack_mask(bitmask.from_disk(masks[f"{name}.mask"]), layer.in_features)
+                layer.mask_words = bitmask.from_disk(masks[f"{name}.mask"]).to(layer.weight.device)
         load_adapter_state_dict(model, load_file(path / "adapter.safetensors"))
 
 
