@@ -533,7 +533,7 @@ at::Tensor run(const SparseRows& w, const at::Tensor& x2, const std::optional<at
   const at::Tensor xk = x2.to(xdtype).contiguous();
   const std::optional<at::Tensor> bk = bias ? std::optional<at::Tensor>(bias->to(xdtype)) : std::nullopt;
   const int64_t bytes_per_row = std::max<int64_t>(1, w.cols) * at::elementSize(xdtype);
-  const int64_t panel_rows = std::clamp<int64_t>((int64_t{2} << 20) / bytes_per_row / 16 * 16, 16, w.rows);
+  const int64_t panel_rows = std::clamp<int64_t>((int64_t{1} << 21) / bytes_per_row / 16 * 16, 16, w.rows);
   auto panel = at::empty({panel_rows, w.cols}, x2.options().dtype(xdtype));
   auto* panel_ptr = static_cast<typename K::xraw*>(panel.data_ptr());
   for (int64_t r0 = 0; r0 < w.rows; r0 += panel_rows) {
