@@ -113,35 +113,19 @@ struct F32 {
 
 constexpr int kMaxTokenBlock = 8;
 
-// The next row group's values and mask words, prefetched (into L1) a few lines per step while the current
-// group computes, so the memory stream runs ahead of the decoder. Measured on the reference machine (two
-// threads, one token, 4096x4096 at 50% from DRAM): ~14-24 GB/s without it, ~18-27 GB/s with it; prefetching
-// into L2 instead, or two groups ahead, was no better.
-struct Prefetch {
-  const char* values = nullptr;
-  int64_t value_lines = 0;
-  const char* mask = nullptr;
-  int64_t mask_lines = 0;
-};
+// Software prefetch for the decode kernels (one or two tokens): each row's value stream is prefetched
+// kPrefetchBytes ahead, one line per loop step (about what a step consumes at 50% density), so the loads
+// find their lines in L1. The last row of a group runs into the next group's first row. Measured on the
+// reference machine (two threads, one token, weights in DRAM): see benchmarks/RESULTS.md. More tokens
+// are compute-bound, and their activations already fill L1: no prefetch there.
+#ifndef LOSA_PREFETCH_BYTES
+#define LOSA_PREFETCH_BYTES 1024
+#endif
+constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
 
-class Prefetcher {
- public:
-  Prefetcher(const Prefetch& pf, int64_t steps)
-      : values_(pf.values), mask_(pf.mask), value_step_(per_step(pf.value_lines, steps)),
-        mask_step_(per_step(pf.mask_lines, steps)) {}
-  // A few lines per step, in order; the last step may run a few lines past the region (harmless: a
-  // prefetch never faults).
-  LOSA_INLINE void step() {
-    for (int64_t i = 0; i < value_step_; ++i, values_ += 64) _mm_prefetch(values_, _MM_HINT_T0);
-    for (int64_t i = 0; i < mask_step_; ++i, mask_ += 64) _mm_prefetch(mask_, _MM_HINT_T0);
-  }
-
- private:
-  static int64_t per_step(int64_t lines, int64_t steps) { return (lines + steps - 1) / std::max<int64_t>(steps, 1); }
-  const char* values_;
-  const char* mask_;
-  int64_t value_step_, mask_step_;
-};
+// Prefetch into L1 through inline asm: with the intrinsic, GCC 12 stops keeping the accumulator arrays in
+// registers (it stores them back every iteration), which cost more than the prefetch saved.
+LOSA_INLINE void prefetch_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
 
 // ---------------------------------------------------------------------------------------------------
 // Portable kernel
@@ -154,7 +138,7 @@ struct Portable {
 
   template <int TB, int R>
   static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const float* x,
-                   int64_t ld, const Prefetch&, float* out) {
+                   int64_t ld, float* out) {
     for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
   }
 
@@ -225,7 +209,7 @@ struct Avx2 {
 
   template <int TB, int R>
   static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const float* x,
-                   int64_t ld, const Prefetch&, float* out) {
+                   int64_t ld, float* out) {
     for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
   }
 
@@ -307,8 +291,9 @@ LOSA_AVX512 LOSA_INLINE void expand32(const float* v, uint32_t m, F32, __m512& l
 
 // Register blocking for a block of TB tokens: R rows share every activation load (the activations of
 // several tokens outgrow L1, so each load should feed several rows), and U chunks per loop iteration
-// give enough independent accumulator chains to hide the dot-product latency.
-constexpr int rows_for(int tokens) { return tokens <= 4 ? 2 : 3; }
+// give enough independent accumulator chains to hide the dot-product latency. Two rows measured best
+// for 1-8 tokens (three rows spill accumulators at 8 tokens; four were slower at 1-4).
+constexpr int rows_for(int) { return 2; }
 constexpr int unroll_for(int tokens, int rows) { return tokens * rows >= 4 ? 1 : 4 / (tokens * rows); }
 
 // Value offsets of U consecutive chunks of each of R rows, computed before any load so the loads do not
@@ -332,9 +317,8 @@ struct Avx512 {
   // Rows j < R start at v[j]; their masks are `words` apart. out[j * TB + t] = row j · token t.
   template <int TB, int R>
   LOSA_AVX512 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
-                               const float* x, int64_t ld, const Prefetch& pf, float* out) {
+                               const float* x, int64_t ld, float* out) {
     constexpr int U = unroll_for(TB, R);
-    Prefetcher prefetch(pf, words / U);
     __m512 acc[U][R][TB];
     for (auto& a : acc)
       for (auto& b : a)
@@ -346,7 +330,9 @@ struct Avx512 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      prefetch.step();
+      if constexpr (TB <= 2)
+        for (int j = 0; j < R; ++j)
+          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
       for (int u = 0; u < U; ++u) {
         __m512 lo[R], hi[R];
         for (int j = 0; j < R; ++j) expand32(v[j] + off[j][u], mask[j * words + w + u], V{}, lo[j], hi[j]);
@@ -407,9 +393,8 @@ struct Avx512Bf16 {
 
   template <int TB, int R>
   LOSA_AVX512BF16 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
-                                   const uint16_t* x, int64_t ld, const Prefetch& pf, float* out) {
+                                   const uint16_t* x, int64_t ld, float* out) {
     constexpr int U = unroll_for(TB, R);
-    Prefetcher prefetch(pf, words / U);
     __m512 acc[U][R][TB];
     for (auto& a : acc)
       for (auto& b : a)
@@ -420,7 +405,9 @@ struct Avx512Bf16 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      prefetch.step();
+      if constexpr (TB <= 2)
+        for (int j = 0; j < R; ++j)
+          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
       for (int u = 0; u < U; ++u) {
         __m512i e[R];
         for (int j = 0; j < R; ++j) e[j] = expand_epi16(v[j] + off[j][u], mask[j * words + w + u]);
@@ -486,33 +473,21 @@ struct Activations {
 
 // R rows starting at r, tokens [t0, t0 + TB).
 template <class K, int R, int TB>
-void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t r_end, int64_t t0,
-               std::vector<typename K::raw> (&scratch)[4], float* y) {
+void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
+               std::vector<typename K::raw> (&scratch)[2], float* y) {
   using raw = typename K::raw;
   const raw* v[R];
   for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
-  // While the first token block runs, prefetch the next group (rows [r + R, r + 2R) of this range).
-  Prefetch pf;
-  const int64_t next_begin = r + R, next_end = std::min(r + 2 * R, r_end);
-  if (t0 == 0 && next_begin < next_end) {
-    const auto* values = static_cast<const char*>(w.values);
-    const int64_t begin = w.row_begin(next_begin) * static_cast<int64_t>(sizeof(raw));
-    const int64_t end = w.row_end(next_end - 1) * static_cast<int64_t>(sizeof(raw));
-    pf.values = values + begin / 64 * 64;
-    pf.value_lines = (end - begin / 64 * 64 + 63) / 64;
-    pf.mask = reinterpret_cast<const char*>(w.mask + next_begin * w.words);
-    pf.mask_lines = ((next_end - next_begin) * w.words * 4 + 63) / 64;
-  }
   float out[R * TB];
   K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r),
-                          static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, pf, out);
+                          static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, out);
   for (int j = 0; j < R; ++j)
     for (int t = 0; t < TB; ++t) y[(t0 + t) * w.rows + r + j] = out[j * TB + t];
 }
 
 template <class K, int R>
-using GroupFn = void (*)(const SparseRows&, const Activations&, int64_t, int64_t, int64_t,
-                         std::vector<typename K::raw> (&)[4], float*);
+using GroupFn = void (*)(const SparseRows&, const Activations&, int64_t, int64_t,
+                         std::vector<typename K::raw> (&)[2], float*);
 
 template <class K, int R, std::size_t... I>
 constexpr std::array<GroupFn<K, R>, sizeof...(I)> group_table(std::index_sequence<I...>) {
@@ -526,16 +501,14 @@ template <class K>
 void run_rows(const SparseRows& w, const Activations& a, int64_t r0, int64_t r1, float* y) {
   static constexpr auto kOne = group_table<K, 1>(std::make_index_sequence<kMaxTokenBlock>{});
   static constexpr auto kTwo = group_table<K, 2>(std::make_index_sequence<kMaxTokenBlock>{});
-  static constexpr auto kThree = group_table<K, 3>(std::make_index_sequence<kMaxTokenBlock>{});
-  static constexpr auto kFour = group_table<K, 4>(std::make_index_sequence<kMaxTokenBlock>{});
-  std::vector<typename K::raw> scratch[4];
+  std::vector<typename K::raw> scratch[2];
   const int group = K::row_block(static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens)));
   for (int64_t r = r0; r < r1;) {
     const bool whole = r + group <= r1 && (w.row_ptr || r / w.rows_per_block == (r + group - 1) / w.rows_per_block);
     const int rows = whole ? group : 1;
     for (int64_t t0 = 0; t0 < a.tokens; t0 += kMaxTokenBlock) {
       const int tb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens - t0));
-      (rows == 4 ? kFour : rows == 3 ? kThree : rows == 2 ? kTwo : kOne)[tb - 1](w, a, r, r1, t0, scratch, y);
+      (rows == 2 ? kTwo : kOne)[tb - 1](w, a, r, t0, scratch, y);
     }
     r += rows;
   }
