@@ -113,6 +113,20 @@ struct F32 {
 
 constexpr int kMaxTokenBlock = 8;
 
+// Software prefetch for the decode kernels (one or two tokens): each row's value stream is prefetched
+// kPrefetchBytes ahead, one line per loop step (about what a step consumes at 50% density), so the loads
+// find their lines in L1. The last row of a group runs into the next group's first row. Measured on the
+// reference machine (two threads, one token, weights in DRAM): see benchmarks/RESULTS.md. More tokens
+// are compute-bound, and their activations already fill L1: no prefetch there.
+#ifndef LOSA_PREFETCH_BYTES
+#define LOSA_PREFETCH_BYTES 1024
+#endif
+constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
+
+// Prefetch into L1 through inline asm: with the intrinsic, GCC 12 stops keeping the accumulator arrays in
+// registers (it stores them back every iteration), which cost more than the prefetch saved.
+LOSA_INLINE void prefetch_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+
 // ---------------------------------------------------------------------------------------------------
 // Portable kernel
 
@@ -277,8 +291,9 @@ LOSA_AVX512 LOSA_INLINE void expand32(const float* v, uint32_t m, F32, __m512& l
 
 // Register blocking for a block of TB tokens: R rows share every activation load (the activations of
 // several tokens outgrow L1, so each load should feed several rows), and U chunks per loop iteration
-// give enough independent accumulator chains to hide the dot-product latency.
-constexpr int rows_for(int tokens) { return tokens <= 4 ? 2 : 3; }
+// give enough independent accumulator chains to hide the dot-product latency. Two rows measured best
+// for 1-8 tokens (three rows spill accumulators at 8 tokens; four were slower at 1-4).
+constexpr int rows_for(int) { return 2; }
 constexpr int unroll_for(int tokens, int rows) { return tokens * rows >= 4 ? 1 : 4 / (tokens * rows); }
 
 // Value offsets of U consecutive chunks of each of R rows, computed before any load so the loads do not
@@ -315,6 +330,9 @@ struct Avx512 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
+      if constexpr (TB <= 2)
+        for (int j = 0; j < R; ++j)
+          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
       for (int u = 0; u < U; ++u) {
         __m512 lo[R], hi[R];
         for (int j = 0; j < R; ++j) expand32(v[j] + off[j][u], mask[j * words + w + u], V{}, lo[j], hi[j]);
@@ -387,6 +405,9 @@ struct Avx512Bf16 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
+      if constexpr (TB <= 2)
+        for (int j = 0; j < R; ++j)
+          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
       for (int u = 0; u < U; ++u) {
         __m512i e[R];
         for (int j = 0; j < R; ++j) e[j] = expand_epi16(v[j] + off[j][u], mask[j * words + w + u]);
@@ -453,7 +474,7 @@ struct Activations {
 // R rows starting at r, tokens [t0, t0 + TB).
 template <class K, int R, int TB>
 void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
-               std::vector<typename K::raw> (&scratch)[4], float* y) {
+               std::vector<typename K::raw> (&scratch)[2], float* y) {
   using raw = typename K::raw;
   const raw* v[R];
   for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
@@ -466,7 +487,7 @@ void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
 
 template <class K, int R>
 using GroupFn = void (*)(const SparseRows&, const Activations&, int64_t, int64_t,
-                         std::vector<typename K::raw> (&)[4], float*);
+                         std::vector<typename K::raw> (&)[2], float*);
 
 template <class K, int R, std::size_t... I>
 constexpr std::array<GroupFn<K, R>, sizeof...(I)> group_table(std::index_sequence<I...>) {
@@ -480,16 +501,14 @@ template <class K>
 void run_rows(const SparseRows& w, const Activations& a, int64_t r0, int64_t r1, float* y) {
   static constexpr auto kOne = group_table<K, 1>(std::make_index_sequence<kMaxTokenBlock>{});
   static constexpr auto kTwo = group_table<K, 2>(std::make_index_sequence<kMaxTokenBlock>{});
-  static constexpr auto kThree = group_table<K, 3>(std::make_index_sequence<kMaxTokenBlock>{});
-  static constexpr auto kFour = group_table<K, 4>(std::make_index_sequence<kMaxTokenBlock>{});
-  std::vector<typename K::raw> scratch[4];
+  std::vector<typename K::raw> scratch[2];
   const int group = K::row_block(static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens)));
   for (int64_t r = r0; r < r1;) {
     const bool whole = r + group <= r1 && (w.row_ptr || r / w.rows_per_block == (r + group - 1) / w.rows_per_block);
     const int rows = whole ? group : 1;
     for (int64_t t0 = 0; t0 < a.tokens; t0 += kMaxTokenBlock) {
       const int tb = static_cast<int>(std::min<int64_t>(kMaxTokenBlock, a.tokens - t0));
-      (rows == 4 ? kFour : rows == 3 ? kThree : rows == 2 ? kTwo : kOne)[tb - 1](w, a, r, t0, scratch, y);
+      (rows == 2 ? kTwo : kOne)[tb - 1](w, a, r, t0, scratch, y);
     }
     r += rows;
   }
@@ -528,12 +547,13 @@ at::Tensor run(const SparseRows& w, const at::Tensor& x2, const std::optional<at
     if (bias) y.add_(bias->to(at::kFloat));
     return y;
   }
-  // Panel path: about 2 MiB of dense rows at a time, so each panel stays in L2 for the GEMM. The bias
-  // goes into the GEMM (addmm), so a bf16 GEMM rounds its output once, not before the bias is added.
+  // Panel path: about 2 MiB of dense rows at a time (at least 256 rows: narrower GEMMs lose more than the
+  // cache saves; measured 0.65x -> 0.99x of dense at 4096x11008, 32 tokens). The bias goes into the GEMM
+  // (addmm), so a bf16 GEMM rounds its output once, not before the bias is added.
   const at::Tensor xk = x2.to(xdtype).contiguous();
   const std::optional<at::Tensor> bk = bias ? std::optional<at::Tensor>(bias->to(xdtype)) : std::nullopt;
   const int64_t bytes_per_row = std::max<int64_t>(1, w.cols) * at::elementSize(xdtype);
-  const int64_t panel_rows = std::clamp<int64_t>((int64_t{2} << 20) / bytes_per_row / 16 * 16, 16, w.rows);
+  const int64_t panel_rows = std::min<int64_t>(std::max<int64_t>((int64_t{2} << 20) / bytes_per_row / 16 * 16, 256), w.rows);
   auto panel = at::empty({panel_rows, w.cols}, x2.options().dtype(xdtype));
   auto* panel_ptr = static_cast<typename K::xraw*>(panel.data_ptr());
   for (int64_t r0 = 0; r0 < w.rows; r0 += panel_rows) {

@@ -31,7 +31,7 @@ Isa resolve_isa(const std::string& requested);
 const char* isa_name(Isa isa);
 
 // Token count from which the panel (decompress + dense GEMM) path is used when the caller passes <= 0.
-constexpr int64_t kDefaultPanelTokens = 24;
+constexpr int64_t kDefaultPanelTokens = 32;
 
 struct SparseRows {
   int64_t rows = 0, cols = 0, words = 0;  // words = ceil(cols / 32)
