@@ -65,6 +65,8 @@ def run(args) -> dict:
         data_slice=args.data_slice, budget_tokens=args.budget_tokens, response_only=not args.all_tokens,
         eval_data=args.eval_data, eval_slice=args.eval_slice, save_base=args.save_base, resume=args.resume,
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, progress=show_progress(args))
+    if report["rank"] != 0:
+        return None  # data-parallel workers: rank 0 reports and writes
     rows = [[p["phase"], f"{100 * p['sparsity']:.2f}%" if "sparsity" in p else "-",
              p.get("average_rank", "-"), f"{p['losses'][-1]:.4f}" if p["losses"] else "-",
              f"{p['eval_ppl']:.3f}" if "eval_ppl" in p else "-", f"{p['train_seconds']:.1f}"]

@@ -127,7 +127,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
                             extra={"block_n": schedule.block_n if schedule else None})
         distributed.barrier()
     report = {"method": asdict(method), "train": train.to_dict(), "phases": history, "one_shot": one_shot,
-              "seconds": time.perf_counter() - started, "world_size": world,
+              "seconds": time.perf_counter() - started, "world_size": world, "rank": rank,
               "train_seconds": sum(r["train_seconds"] for r in history),
               "prune_seconds": sum(r["prune_seconds"] for r in history)}
     if rank == 0:
