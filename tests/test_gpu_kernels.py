@@ -123,7 +123,12 @@ def test_chunk_offsets_and_row_tables(rng):
     tables = NMGPULayout.build(nm)
     stride = (101 // 8) * nm.row_n() + (nm.row_n() * (101 % 8) + 7) // 8
     assert torch.equal(tables.row_start, torch.cat([torch.zeros(1, dtype=torch.int64), stride.cumsum(0)[:-1]]))
-    assert torch.equal(tables.row_n.to(torch.int64), nm.row_n())
+    assert torch.equal(tables.word_values.to(torch.int64), nm.row_n() * 4)
+    # every full word of the filled layout holds exactly 32·N/M values: the fixed stride the kernel relies on
+    full = popcount(nm.mask[:, : 101 // 32])
+    assert torch.equal(full, (nm.row_n() * 4)[:, None].expand_as(full))
+    # M not dividing 32 runs as a bitmask over the filled stream
+    assert isinstance(gpu_layout(make_weight("2:6", 9, 50, rng, torch.float32)[1]), BitmaskGPULayout)
 
 
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
@@ -191,9 +196,11 @@ def test_dispatch_choices_and_bad_input(rng):
         BitmaskGPULayout(packed, layout.chunk_offset[:, :0])
     with pytest.raises(LosaError, match="no GPU layout"):
         gpu_layout(w)
-    with pytest.raises(LosaError, match="row_n must be int32"):
-        nm = make_weight("2:4", 8, 40, rng, torch.float32)[1]
+    nm = make_weight("2:4", 8, 40, rng, torch.float32)[1]
+    with pytest.raises(LosaError, match="word_values must be int32"):
         NMGPULayout(nm, NMGPULayout.build(nm).row_start, torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(LosaError, match="M dividing 32"):
+        NMGPULayout.build(make_weight("2:6", 8, 40, rng, torch.float32)[1])
     y = sparse_matmul(x[:0], layout)
     assert y.shape == (0, 8)
 

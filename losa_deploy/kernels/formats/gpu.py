@@ -13,10 +13,13 @@ sum over the block it already holds in registers. That costs 4 bytes per 256 wei
 2% of the 0.725 B/weight of a 70%-sparse bf16 bitmask). The CUDA decode kernel
 (``csrc/cuda/bitmask_gemv.cu``) does not need the table: a warp walks a whole row and scans popcounts.
 
-:class:`NMGPULayout` adds ``row_start`` (int64 ``[out]``, the first value of each row; the CPU kernel
-derives it from the block table on the host) and ``row_n`` (int32 ``[out]``, N of each row). Group ``g``
-of row ``r`` then starts at ``row_start[r] + g * row_n[r]``: a fixed stride, no prefix sums; within a
-group the filled mask (every group marks exactly N positions) gives each kept column its slot.
+:class:`NMGPULayout` (M divides 32) adds ``row_start`` (int64 ``[out]``, the first value of each row;
+the CPU kernel derives it from the block table on the host) and ``word_values`` (int32 ``[out]``,
+32·N/M for the row's N). In the filled load-time layout every group marks exactly N positions, so every
+full 32-column word holds exactly 32·N/M values and word ``w`` of row ``r`` starts at
+``row_start[r] + w * word_values[r]``: a fixed stride, no prefix sums beyond the word itself. (The tail
+word is partial, but it is the last one.) For an M that does not divide 32 the filled layout is run as
+what it also is, a bitmask weight (its ``row_ptr`` is ``row_start`` plus the end).
 """
 
 from __future__ import annotations
@@ -74,26 +77,26 @@ class BitmaskGPULayout:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NMGPULayout:
-    """An :class:`NMKernelLayout` plus per-row starts and N (see the module docstring)."""
+    """An :class:`NMKernelLayout` (M dividing 32) plus per-row starts and word strides (module docstring)."""
 
     weight: NMKernelLayout
     row_start: torch.Tensor  # int64 [out]
-    row_n: torch.Tensor  # int32 [out]
+    word_values: torch.Tensor  # int32 [out]: 32 * N / M
 
     @classmethod
     def build(cls, weight: NMKernelLayout) -> NMGPULayout:
-        cols, m = weight.shape[1], weight.m
-        row_n = weight.row_n().to(weight.values.device)
-        stride = (cols // m) * row_n + (row_n * (cols % m) + m - 1) // m  # the tail keeps ceil(N*t/M)
-        return cls(weight, (stride.cumsum(0) - stride).contiguous(), row_n.to(torch.int32).contiguous())
+        if WORD_BITS % weight.m:
+            raise LosaError(f"N:M GPU layout needs M dividing 32, got M = {weight.m} (run it as a bitmask)")
+        row_start, row_n = _nm_rows(weight)
+        return cls(weight, row_start, (row_n * (WORD_BITS // weight.m)).to(torch.int32).contiguous())
 
     def __post_init__(self):
         rows = self.weight.shape[0]
         if self.row_start.dtype != torch.int64 or tuple(self.row_start.shape) != (rows,):
             raise LosaError(f"N:M GPU layout: row_start must be int64 [{rows}]")
-        if self.row_n.dtype != torch.int32 or tuple(self.row_n.shape) != (rows,):
-            raise LosaError(f"N:M GPU layout: row_n must be int32 [{rows}]")
-        if not self.row_start.device == self.row_n.device == self.weight.values.device:
+        if self.word_values.dtype != torch.int32 or tuple(self.word_values.shape) != (rows,):
+            raise LosaError(f"N:M GPU layout: word_values must be int32 [{rows}]")
+        if not self.row_start.device == self.word_values.device == self.weight.values.device:
             raise LosaError("N:M GPU layout: tables are not on the weight's device")
 
     @property
@@ -105,6 +108,14 @@ class NMGPULayout:
         return self.weight.values.device
 
 
+def _nm_rows(weight: NMKernelLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_start int64, N int64) of every row of the filled layout, on the weight's device."""
+    cols, m = weight.shape[1], weight.m
+    row_n = weight.row_n().to(weight.values.device)
+    stride = (cols // m) * row_n + (row_n * (cols % m) + m - 1) // m  # the tail keeps ceil(N*t/M)
+    return (stride.cumsum(0) - stride).contiguous(), row_n
+
+
 GPULayout = BitmaskGPULayout | NMGPULayout
 
 
@@ -112,8 +123,12 @@ def gpu_layout(weight: BitmaskWeight | NMKernelLayout) -> GPULayout:
     """The GPU layout of a kernel weight (tables built on the weight's device)."""
     if isinstance(weight, BitmaskWeight):
         return BitmaskGPULayout.build(weight)
-    if isinstance(weight, NMKernelLayout):
+    if isinstance(weight, NMKernelLayout) and WORD_BITS % weight.m == 0:
         return NMGPULayout.build(weight)
+    if isinstance(weight, NMKernelLayout):  # the filled values and masks are a bitmask weight too
+        row_start, _ = _nm_rows(weight)
+        row_ptr = torch.cat([row_start, row_start.new_tensor([weight.values.numel()])])
+        return BitmaskGPULayout.build(BitmaskWeight(weight.shape, weight.values, weight.mask, row_ptr))
     raise LosaError(f"no GPU layout for {type(weight).__name__}")
 
 

@@ -1,13 +1,13 @@
 """Triton sparse GEMV / GEMM for the bitmask and N:M GPU layouts (kernels.md §5.1-5.2, formats/gpu.py).
 
 y = x · Wᵀ (+ bias) with W packed. Every program decodes tiles of W in registers, never in memory:
-a tile is ``[BLOCK_R rows, G groups, M columns]`` (bitmask: a group is one 32-column mask word; N:M: one
-group of M columns). A kept column's value sits at
+a tile is ``[BLOCK_R rows, G mask words, 32 columns]``. A kept column's value sits at
 
 - bitmask: ``row_ptr[r] + chunk_offset[r, k0/256]`` + the kept columns of the tile before it, a prefix
   sum over the tile (``tl.cumsum`` of the word popcounts, then of the bits inside each word);
-- N:M: ``row_start[r] + g·N_r`` + the kept columns of its group before it: a fixed stride, the prefix
-  sum never leaves the group.
+- N:M (M divides 32): ``row_start[r] + w·(32N/M)`` + the kept columns of word w before it. In the filled
+  load-time layout every full word holds exactly 32N/M values, so the stride is fixed and the prefix
+  sum never leaves the word.
 
 Two paths, picked by token count (:func:`sparse_matmul`):
 
@@ -41,29 +41,26 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, cols, col_ok, n_words, n_chunks,
-            IS_NM: tl.constexpr, M: tl.constexpr):
-    """The ``[R, G, MP]`` tile of W at columns ``cols`` (``[G, MP]``), in the values' dtype; zero where not kept.
+def _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks, IS_NM: tl.constexpr):
+    """The ``[R, G, 32]`` tile of W at columns ``k0 + 32g + j``, in the values' dtype; zero where not kept.
 
-    Bitmask: ``row_a`` = row_ptr, ``row_b`` unused (the chunk table is read here). N:M: ``row_a`` = row start,
-    ``row_b`` = N of the row.
+    Bitmask: ``row_a`` = row_ptr, ``row_b`` = the chunk table (read here). N:M: ``row_a`` = the row's start,
+    ``row_b`` = the values in each of its full words. Bits past the row width are zero in both formats, so
+    no column check is needed.
     """
     rows64 = rows.to(tl.int64)
-    if IS_NM:
-        inside = row_ok[:, None, None] & col_ok[None, :, :]
-        word = tl.load(mask_ptr + rows64[:, None, None] * n_words + (cols // 32)[None, :, :], mask=inside, other=0)
-        bit = (word >> (cols % 32)[None, :, :]) & 1
-        group = (k0 // M + g).to(tl.int64)
-        slot = row_a[:, None, None] + group[None, :, None] * row_b[:, None, None] + tl.cumsum(bit, 2) - 1
-    else:  # M == 32: group g is mask word k0/32 + g; bits past the row width are zero in the format
-        word_idx = k0 // 32 + g
-        word = tl.load(mask_ptr + rows64[:, None] * n_words + word_idx[None, :],
-                       mask=row_ok[:, None] & (word_idx < n_words)[None, :], other=0)
-        bit = (word[:, :, None] >> j[None, None, :]) & 1
+    word_idx = k0 // 32 + g
+    word = tl.load(mask_ptr + rows64[:, None] * n_words + word_idx[None, :],
+                   mask=row_ok[:, None] & (word_idx < n_words)[None, :], other=0)
+    bit = (word[:, :, None] >> j[None, None, :]) & 1
+    if IS_NM:  # every word before this one is full: a fixed stride
+        base = row_a
+        before = word_idx.to(tl.int64)[None, :] * row_b[:, None]
+    else:  # the chunk table, then the popcounts of the tile's words before this one
+        base = row_a + tl.load(row_b + rows64 * n_chunks + k0 // 256, mask=row_ok, other=0)
         count = tl.sum(bit, 2)
         before = tl.cumsum(count, 1) - count
-        base = row_a + tl.load(row_b + rows64 * n_chunks + k0 // 256, mask=row_ok, other=0)
-        slot = base[:, None, None] + before[:, :, None] + tl.cumsum(bit, 2) - 1
+    slot = base[:, None, None] + before[:, :, None] + tl.cumsum(bit, 2) - 1
     return tl.load(values_ptr + slot, mask=bit != 0, other=0.0)
 
 
@@ -71,7 +68,7 @@ def _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, cols, co
 def _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM: tl.constexpr):
     row_a = tl.load(ptr_a + rows, mask=row_ok, other=0)  # int64: row_ptr (bitmask) or row_start (N:M)
     if IS_NM:
-        row_b = tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)  # N of the row
+        row_b = tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)  # values per full word
     else:
         row_b = ptr_b  # the chunk table, read per tile in _decode
     return row_a, row_b
@@ -93,23 +90,22 @@ def _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS: t
 @triton.jit
 def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
                    tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
-                   IS_NM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G: tl.constexpr,
-                   BLOCK_R: tl.constexpr, T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+                   IS_NM: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
     row_a, row_b = _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM)
     g = tl.arange(0, G)
-    j = tl.arange(0, MP)
+    j = tl.arange(0, 32)
     toks = tl.arange(0, T)
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, n_cols)
     acc = tl.zeros((BLOCK_R, T), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R, G, MP), dtype=tl.float32)  # 1 token: reduce once, after the loop
-    for k0 in range(k_begin, k_end, G * M):
-        cols = k0 + g[:, None] * M + j[None, :]
-        col_ok = (cols < n_cols) & (j < M)[None, :]
-        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, cols, col_ok, n_words, n_chunks,
-                    IS_NM, M).to(tl.float32)
+    acc1 = tl.zeros((BLOCK_R, G, 32), dtype=tl.float32)  # 1 token: reduce once, after the loop
+    for k0 in range(k_begin, k_end, G * 32):
+        cols = k0 + g[:, None] * 32 + j[None, :]
+        col_ok = cols < n_cols
+        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks,
+                    IS_NM).to(tl.float32)
         if T == 1:
             acc1 += w * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
         else:
@@ -125,8 +121,7 @@ def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
 @triton.jit
 def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
                 tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
-                IS_NM: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, G: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                IS_NM: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = toks < tokens
@@ -134,19 +129,18 @@ def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
     row_ok = rows < n_rows
     row_a, row_b = _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM)
     g = tl.arange(0, G)
-    j = tl.arange(0, MP)
+    j = tl.arange(0, 32)
     k_begin = tl.program_id(2) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, n_cols)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, G * M):
-        cols = k0 + g[:, None] * M + j[None, :]
-        col_ok = (cols < n_cols) & (j < M)[None, :]
+    for k0 in range(k_begin, k_end, G * 32):
+        cols = k0 + g[:, None] * 32 + j[None, :]
+        col_ok = cols < n_cols
         x = tl.load(x_ptr + toks.to(tl.int64)[:, None, None] * n_cols + cols[None, :, :],
                     mask=tok_ok[:, None, None] & col_ok[None, :, :], other=0.0)
-        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, cols, col_ok, n_words, n_chunks,
-                    IS_NM, M)
-        x2 = tl.reshape(x, (BLOCK_T, G * MP))
-        w2 = tl.reshape(w.to(x.dtype), (BLOCK_R, G * MP))
+        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks, IS_NM)
+        x2 = tl.reshape(x, (BLOCK_T, G * 32))
+        w2 = tl.reshape(w.to(x.dtype), (BLOCK_R, G * 32))
         acc = dot(x2, tl.trans(w2), acc, PRECISION, UPCAST)
     _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
 
@@ -193,17 +187,17 @@ def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
 def _tables(layout: GPULayout):
     if isinstance(layout, BitmaskGPULayout):
         w = layout.weight
-        return w.values, w.mask, w.row_ptr, layout.chunk_offset, False, 32
+        return w.values, w.mask, w.row_ptr, layout.chunk_offset, False
     if isinstance(layout, NMGPULayout):
         w = layout.weight
-        return w.values, w.mask, layout.row_start, layout.row_n, True, w.m
+        return w.values, w.mask, layout.row_start, layout.word_values, True
     raise LosaError(f"sparse_matmul needs a BitmaskGPULayout or NMGPULayout, got {type(layout).__name__}")
 
 
 def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None = None,
                   config: Config | None = None) -> torch.Tensor:
     """``x [tokens, in]`` · Wᵀ (+ bias) -> ``[tokens, out]`` in x's dtype (fp32 accumulation)."""
-    values, mask, ptr_a, ptr_b, is_nm, m = _tables(layout)
+    values, mask, ptr_a, ptr_b, is_nm = _tables(layout)
     rows, cols = layout.shape
     if x.dim() != 2 or x.shape[1] != cols:
         raise LosaError(f"sparse_matmul: x must be [tokens, {cols}], got {tuple(x.shape)}")
@@ -223,18 +217,17 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
         y = x.new_zeros(tokens, rows)
         return y if bias is None else y + bias.to(x.dtype)
     x = x.contiguous()
-    mp = triton.next_power_of_2(m)
-    group = cfg.block_k // mp  # groups per tile; a tile covers group*m columns
-    k_steps = -(-cols // (group * m))
+    group = cfg.block_k // 32  # mask words per tile
+    k_steps = -(-cols // cfg.block_k)
     row_blocks = -(-rows // cfg.block_r)
     token_blocks = 1 if cfg.path == "decode" else -(-tokens // cfg.block_t)
     split = cfg.split_k or _split_k(row_blocks * token_blocks, k_steps, x.device)
     split = max(1, min(split, k_steps))
-    k_per_split = -(-k_steps // split) * group * m
+    k_per_split = -(-k_steps // split) * cfg.block_k
     split = -(-cols // k_per_split)
     atomic = split > 1
     y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device) if atomic else x.new_empty(tokens, rows)
-    common = dict(IS_NM=is_nm, M=m, MP=mp, G=group, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
+    common = dict(IS_NM=is_nm, G=group, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
                   ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x, y, bias if bias is not None else y, values, mask, ptr_a, ptr_b, tokens, rows, cols, mask.shape[1],
             ptr_b.shape[1] if not is_nm else 0, k_per_split)
