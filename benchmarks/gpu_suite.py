@@ -54,14 +54,20 @@ BARS = (("70%", 1, 2.0), ("50%", 1, 1.5), ("70%", 16, 1.3))  # (pattern, tokens,
 
 
 def triton_candidates(tokens: int):
-    from losa_deploy.kernels.triton.sparse_gemm import DECODE_MAX_TOKENS, Config
+    from losa_deploy.kernels.triton.sparse_gemm import DECODE_MAX_TOKENS, Config, default_config
 
     if tokens <= DECODE_MAX_TOKENS:
-        return [Config("decode", 4), Config("decode", 8), Config("decode", 8, split_k=1),
-                Config("decode", 16, num_warps=8), Config("decode", 4, block_k=512, num_stages=3)]
-    bt = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
-    return [Config("dot", 32, block_t=bt), Config("dot", 64, block_t=bt), Config("dot", 64, block_t=bt, num_warps=8),
-            Config("dot", 128, block_t=bt, num_warps=8), Config("dot", 32, block_t=bt, split_k=1, num_stages=3)]
+        others = [Config("decode", 8), Config("decode", 8, split_k=1), Config("decode", 16, num_warps=8),
+                  Config("decode", 4, block_k=128, num_stages=3), Config("decode", 2, num_warps=2)]
+    else:
+        bt = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+        others = [Config("dot", 64, block_k=128, block_t=bt, num_warps=8),
+                  Config("dot", 64, block_k=64, block_t=bt, num_warps=8),
+                  Config("dot", 128, block_k=64, block_t=bt, num_warps=8),
+                  Config("dot", 32, block_k=128, block_t=bt, num_warps=4),
+                  Config("dot", 64, block_k=64, block_t=bt, num_warps=8, num_stages=3, split_k=1)]
+    default = default_config(tokens)
+    return [default, *[c for c in others if c != default]]
 
 
 def make_weight(rows: int, cols: int, pattern: str, gen: torch.Generator) -> torch.Tensor:

@@ -186,8 +186,8 @@ def test_dispatch_choices_and_bad_input(rng):
         sparse_matmul(x[:, :39], layout)
     with pytest.raises(LosaError, match="at most 8 tokens"):
         sparse_matmul(torch.randn(9, 40), layout, config=Config("decode", 16))
-    with pytest.raises(LosaError, match="multiple of 256"):
-        sparse_matmul(x, layout, config=Config("dot", 16, block_k=128))
+    with pytest.raises(LosaError, match="block_k must be"):
+        sparse_matmul(x, layout, config=Config("dot", 16, block_k=512))
     with pytest.raises(LosaError, match="bf16, fp16 or fp32"):
         sparse_matmul(x.double(), layout)
     with pytest.raises(LosaError, match="path must be"):

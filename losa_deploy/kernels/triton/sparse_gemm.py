@@ -1,13 +1,14 @@
 """Triton sparse GEMV / GEMM for the bitmask and N:M GPU layouts (kernels.md §5.1-5.2, formats/gpu.py).
 
 y = x · Wᵀ (+ bias) with W packed. Every program decodes tiles of W in registers, never in memory:
-a tile is ``[BLOCK_R rows, G mask words, 32 columns]``. A kept column's value sits at
+programs walk 256-column chunks, each in tiles of ``[BLOCK_R rows, BLOCK_K columns]`` (BLOCK_K divides
+256). A kept column's value sits at (the row's first value in the tile) + (the kept columns of the tile
+before it), the second term a prefix sum along the tile (``tl.cumsum`` of the mask bits). The first is
+the previous tile's plus its kept count, and at a chunk start
 
-- bitmask: ``row_ptr[r] + chunk_offset[r, k0/256]`` + the kept columns of the tile before it, a prefix
-  sum over the tile (``tl.cumsum`` of the word popcounts, then of the bits inside each word);
-- N:M (M divides 32): ``row_start[r] + w·(32N/M)`` + the kept columns of word w before it. In the filled
-  load-time layout every full word holds exactly 32N/M values, so the stride is fixed and the prefix
-  sum never leaves the word.
+- bitmask: ``row_ptr[r] + chunk_offset[r, c/256]`` (formats/gpu.py);
+- N:M (M divides 32): ``row_start[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
+  32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
 
 Two paths, picked by token count (:func:`sparse_matmul`):
 
@@ -41,37 +42,26 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks, IS_NM: tl.constexpr):
-    """The ``[R, G, 32]`` tile of W at columns ``k0 + 32g + j``, in the values' dtype; zero where not kept.
-
-    Bitmask: ``row_a`` = row_ptr, ``row_b`` = the chunk table (read here). N:M: ``row_a`` = the row's start,
-    ``row_b`` = the values in each of its full words. Bits past the row width are zero in both formats, so
-    no column check is needed.
-    """
-    rows64 = rows.to(tl.int64)
-    word_idx = k0 // 32 + g
-    word = tl.load(mask_ptr + rows64[:, None] * n_words + word_idx[None, :],
-                   mask=row_ok[:, None] & (word_idx < n_words)[None, :], other=0)
-    bit = (word[:, :, None] >> j[None, None, :]) & 1
-    if IS_NM:  # every word before this one is full: a fixed stride
-        base = row_a
-        before = word_idx.to(tl.int64)[None, :] * row_b[:, None]
-    else:  # the chunk table, then the popcounts of the tile's words before this one
-        base = row_a + tl.load(row_b + rows64 * n_chunks + k0 // 256, mask=row_ok, other=0)
-        count = tl.sum(bit, 2)
-        before = tl.cumsum(count, 1) - count
-    slot = base[:, None, None] + before[:, :, None] + tl.cumsum(bit, 2) - 1
-    return tl.load(values_ptr + slot, mask=bit != 0, other=0.0)
+def _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words):
+    """The ``[R, len(cols)]`` tile of W at columns ``cols`` (consecutive, from a multiple of 32), in the
+    values' dtype and zero where not kept, and the kept count of each row in it. ``base`` [R]: the index of
+    each row's first value at ``cols[0]``. Bits past the row width are zero in both formats, so no column
+    check is needed."""
+    word = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :],
+                   mask=row_ok[:, None] & (cols < n_words * 32)[None, :], other=0)
+    bit = (word >> (cols % 32)[None, :]) & 1
+    before = tl.cumsum(bit, 1)
+    w = tl.load(values_ptr + (base[:, None] + (before - 1)), mask=bit != 0, other=0.0)
+    return w, tl.sum(bit, 1)
 
 
 @triton.jit
-def _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM: tl.constexpr):
-    row_a = tl.load(ptr_a + rows, mask=row_ok, other=0)  # int64: row_ptr (bitmask) or row_start (N:M)
-    if IS_NM:
-        row_b = tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)  # values per full word
-    else:
-        row_b = ptr_b  # the chunk table, read per tile in _decode
-    return row_a, row_b
+def _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM: tl.constexpr):
+    """[R] int64: the index of each row's first value at column ``c0`` (a multiple of 256)."""
+    start = tl.load(ptr_a + rows, mask=row_ok, other=0)  # row_ptr (bitmask) or row_start (N:M)
+    if IS_NM:  # every word before c0 is full: a fixed stride
+        return start + (c0 // 32) * tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)
+    return start + tl.load(ptr_b + rows.to(tl.int64) * n_chunks + c0 // 256, mask=row_ok, other=0)
 
 
 @triton.jit
@@ -90,58 +80,56 @@ def _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS: t
 @triton.jit
 def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
                    tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
-                   IS_NM: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+                   IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    row_a, row_b = _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM)
-    g = tl.arange(0, G)
-    j = tl.arange(0, 32)
     toks = tl.arange(0, T)
     k_begin = tl.program_id(1) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, n_cols)
     acc = tl.zeros((BLOCK_R, T), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R, G, 32), dtype=tl.float32)  # 1 token: reduce once, after the loop
-    for k0 in range(k_begin, k_end, G * 32):
-        cols = k0 + g[:, None] * 32 + j[None, :]
-        col_ok = cols < n_cols
-        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks,
-                    IS_NM).to(tl.float32)
-        if T == 1:
-            acc1 += w * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :, :]
-        else:
-            for t in tl.static_range(T):
-                xt = tl.load(x_ptr + t * n_cols + cols, mask=col_ok & (cols * 0 + t < tokens), other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(w * xt[None, :, :], 2), 1)
-                acc += tl.where(toks[None, :] == t, part[:, None], 0.0)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # 1 token: reduce once, after the loop
+    for c0 in range(k_begin, k_end, 256):
+        base = _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM)
+        for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            base += kept
+            w = w.to(tl.float32)
+            if T == 1:
+                acc1 += w * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                for t in tl.static_range(T):
+                    xt = tl.load(x_ptr + t * n_cols + cols, mask=col_ok & (cols * 0 + t < tokens), other=0.0)
+                    part = tl.sum(w * xt.to(tl.float32)[None, :], 1)
+                    acc += tl.where(toks[None, :] == t, part[:, None], 0.0)
     if T == 1:
-        acc += tl.sum(tl.sum(acc1, 2), 1)[:, None]
+        acc += tl.sum(acc1, 1)[:, None]
     _store(y_ptr, bias_ptr, tl.trans(acc), toks, toks < tokens, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
 
 
 @triton.jit
 def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
                 tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
-                IS_NM: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tok_ok = toks < tokens
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    row_a, row_b = _row_tables(ptr_a, ptr_b, rows, row_ok, IS_NM)
-    g = tl.arange(0, G)
-    j = tl.arange(0, 32)
     k_begin = tl.program_id(2) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, n_cols)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, k_end, G * 32):
-        cols = k0 + g[:, None] * 32 + j[None, :]
-        col_ok = cols < n_cols
-        x = tl.load(x_ptr + toks.to(tl.int64)[:, None, None] * n_cols + cols[None, :, :],
-                    mask=tok_ok[:, None, None] & col_ok[None, :, :], other=0.0)
-        w = _decode(values_ptr, mask_ptr, row_a, row_b, rows, row_ok, k0, g, j, n_words, n_chunks, IS_NM)
-        x2 = tl.reshape(x, (BLOCK_T, G * 32))
-        w2 = tl.reshape(w.to(x.dtype), (BLOCK_R, G * 32))
-        acc = dot(x2, tl.trans(w2), acc, PRECISION, UPCAST)
+    for c0 in range(k_begin, k_end, 256):
+        base = _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM)
+        for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * n_cols + cols[None, :],
+                        mask=tok_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            base += kept
+            acc = dot(x, tl.trans(w.to(x.dtype)), acc, PRECISION, UPCAST)
     _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
 
 
@@ -150,7 +138,8 @@ def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Launch parameters of one call (``split_k`` 0: choose from the SM count)."""
+    """Launch parameters of one call. ``block_k`` divides 256 (the chunk of the offset table); ``split_k``
+    0 chooses the column ranges from the SM count; ``block_t`` is the dot path's token tile."""
 
     path: str
     block_r: int
@@ -162,13 +151,15 @@ class Config:
 
 
 def default_config(tokens: int) -> Config:
-    """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x (benchmarks/gpu_suite.py tunes it)."""
+    """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x (benchmarks/gpu_suite.py
+    measures it against the alternatives). Dot tiles are sized so the compiled kernel does not spill."""
     if interpreted():  # few, large programs: the interpreter's cost is per program and per op
         return Config("decode", 16) if tokens <= DECODE_MAX_TOKENS else Config("dot", 16, block_t=16)
     if tokens <= DECODE_MAX_TOKENS:
-        return Config("decode", 8 if tokens <= 2 else 4)
-    block_t = 16 if tokens <= 16 else 32 if tokens <= 32 else 64
-    return Config("dot", 64, block_t=block_t, num_warps=4 if block_t <= 32 else 8)
+        return Config("decode", 4)
+    if tokens <= 16:
+        return Config("dot", 64, block_k=128, block_t=16, num_warps=8)
+    return Config("dot", 64, block_k=64, block_t=32 if tokens <= 32 else 64, num_warps=8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -211,23 +202,22 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
         raise LosaError(f"sparse_matmul: path must be one of {', '.join(PATHS)}, got {cfg.path!r}")
     if cfg.path == "decode" and tokens > DECODE_MAX_TOKENS:
         raise LosaError(f"sparse_matmul: the decode path takes at most {DECODE_MAX_TOKENS} tokens, got {tokens}")
-    if cfg.block_k % CHUNK_COLS:
-        raise LosaError(f"sparse_matmul: block_k must be a multiple of {CHUNK_COLS}, got {cfg.block_k}")
+    if cfg.block_k not in (32, 64, 128, 256):
+        raise LosaError(f"sparse_matmul: block_k must be 32, 64, 128 or 256, got {cfg.block_k}")
     if tokens == 0 or rows == 0 or cols == 0:
         y = x.new_zeros(tokens, rows)
         return y if bias is None else y + bias.to(x.dtype)
     x = x.contiguous()
-    group = cfg.block_k // 32  # mask words per tile
-    k_steps = -(-cols // cfg.block_k)
+    k_steps = -(-cols // CHUNK_COLS)
     row_blocks = -(-rows // cfg.block_r)
     token_blocks = 1 if cfg.path == "decode" else -(-tokens // cfg.block_t)
     split = cfg.split_k or _split_k(row_blocks * token_blocks, k_steps, x.device)
     split = max(1, min(split, k_steps))
-    k_per_split = -(-k_steps // split) * cfg.block_k
+    k_per_split = -(-k_steps // split) * CHUNK_COLS
     split = -(-cols // k_per_split)
     atomic = split > 1
     y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device) if atomic else x.new_empty(tokens, rows)
-    common = dict(IS_NM=is_nm, G=group, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
+    common = dict(IS_NM=is_nm, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
                   ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x, y, bias if bias is not None else y, values, mask, ptr_a, ptr_b, tokens, rows, cols, mask.shape[1],
             ptr_b.shape[1] if not is_nm else 0, k_per_split)
