@@ -4,9 +4,10 @@
 #   2. the GPU kernel and masked-LoRA tests on the real GPU;
 #   3. benchmarks/gpu_suite.py (checks + timings + the masked-LoRA GPU benchmark).
 # Logs and JSON go to $OUT (default ./gpu_out): device.txt, build.log, pytest.log, suite.log,
-# gpu_suite.json, gpu_suite_masked_lora.json. A failing step is reported and the next one still runs.
+# gpu_suite.json, gpu_suite_masked_lora.json. A failing step is reported and the next one still runs;
+# BUILD_TIMEOUT and TEST_TIMEOUT (seconds) bound the first two; arguments go to gpu_suite.py.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh
+#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh [--sweep-budget 100]
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -24,7 +25,7 @@ cat "$OUT/device.txt"
 
 echo "== build (pip install -e ., CUDA op for sm_90)"
 start=$SECONDS
-if MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
+if MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 timeout "${BUILD_TIMEOUT:-300}" $PY -m pip install --no-deps --no-build-isolation -e . >"$OUT/build.log" 2>&1; then
   echo "built in $((SECONDS - start)) s"
 else
   echo "BUILD FAILED after $((SECONDS - start)) s (Triton kernels still run):"; tail -40 "$OUT/build.log"; status=1
@@ -35,7 +36,8 @@ print('extension loaded:', k.has_extension(), k.extension_error() or '', '| CUDA
 echo "== tests on the GPU"
 start=$SECONDS
 workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-$PY -m pytest tests/test_gpu_kernels.py tests/test_masked_lora*.py -x -q -p no:cacheprovider $workers \
+timeout "${TEST_TIMEOUT:-200}" $PY -m pytest tests/test_gpu_kernels.py tests/test_masked_lora*.py -x -q \
+  -p no:cacheprovider $workers \
   >"$OUT/pytest.log" 2>&1 || status=1
 tail -25 "$OUT/pytest.log"
 echo "tests took $((SECONDS - start)) s"
