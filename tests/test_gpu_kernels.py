@@ -122,7 +122,7 @@ def test_chunk_offsets_and_row_tables(rng):
     _, nm = make_weight("mixed:8", 21, 101, rng, torch.float32)
     tables = NMGPULayout.build(nm)
     stride = (101 // 8) * nm.row_n() + (nm.row_n() * (101 % 8) + 7) // 8
-    assert torch.equal(tables.row_start, torch.cat([torch.zeros(1, dtype=torch.int64), stride.cumsum(0)[:-1]]))
+    assert torch.equal(tables.row_ptr, torch.cat([torch.zeros(1, dtype=torch.int64), stride.cumsum(0)]))
     assert torch.equal(tables.word_values.to(torch.int64), nm.row_n() * 4)
     # every full word of the filled layout holds exactly 32·N/M values: the fixed stride the kernel relies on
     full = popcount(nm.mask[:, : 101 // 32])
@@ -133,15 +133,20 @@ def test_chunk_offsets_and_row_tables(rng):
 
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 2, 4, 7])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 23])
 def test_cuda_op_matches_float64(dtype, tokens, rng):
-    for rows, cols, sparsity in [(37, 2101, 0.7), (64, 4096, 0.5), (5, 33, 0.0), (11, 300, 0.95)]:
-        w, packed = make_weight("bitmask", rows, cols, rng, dtype, sparsity=sparsity)
-        x = torch.randn(tokens, cols, generator=rng).to(dtype)
-        bias = torch.randn(rows, generator=rng).to(dtype)
-        cuda = packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()})
-        y = sparse_linear(x.cuda(), cuda, bias.cuda(), backend="cuda")
-        check_linear(y, x, w, bias)
+    """Every token width the kernel is instantiated for (and padding to it), row steps of 1024/2048
+    columns with ragged tails, N:M weights through their bitmask view, and the dense fallback (fp32)."""
+    cases = [("bitmask", 37, 2101, 0.7), ("bitmask", 64, 4096, 0.5), ("bitmask", 5, 33, 0.0),
+             ("bitmask", 11, 300, 0.95), ("2:4", 19, 1030, 0), ("mixed:8", 21, 700, 0)]
+    for fmt, rows, cols, sparsity in cases:
+        for dt in (dtype, torch.float32) if fmt == "bitmask" and rows == 5 else (dtype,):
+            w, packed = make_weight(fmt, rows, cols, rng, dt, sparsity=sparsity)
+            x = torch.randn(tokens, cols, generator=rng).to(dt)
+            bias = torch.randn(rows, generator=rng).to(dt)
+            cuda = packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()})
+            y = sparse_linear(x.cuda(), gpu_layout(cuda), bias.cuda(), backend="cuda")
+            check_linear(y, x, w, bias)
 
 
 def test_sparse_linear_module_runs_triton_on_a_real_model(stories_dir, rng):
@@ -198,7 +203,7 @@ def test_dispatch_choices_and_bad_input(rng):
         gpu_layout(w)
     nm = make_weight("2:4", 8, 40, rng, torch.float32)[1]
     with pytest.raises(LosaError, match="word_values must be int32"):
-        NMGPULayout(nm, NMGPULayout.build(nm).row_start, torch.zeros(8, dtype=torch.int64))
+        NMGPULayout(nm, NMGPULayout.build(nm).row_ptr, torch.zeros(8, dtype=torch.int64))
     with pytest.raises(LosaError, match="M dividing 32"):
         NMGPULayout.build(make_weight("2:6", 8, 40, rng, torch.float32)[1])
     y = sparse_matmul(x[:0], layout)

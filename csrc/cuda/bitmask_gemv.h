@@ -1,7 +1,7 @@
 // The CUDA bitmask decode kernel's interface (csrc/cuda/bitmask_gemv.cu), in plain C++ so the kernel
 // compiles with nvcc alone (tests/test_gpu_kernels.py builds it for sm_80 and sm_90 without torch).
 //
-// y[t, r] = sum_c x[t, c] · W[r, c] (+ bias[r]) for 1-4 tokens, W in the losa-bitmask layout exactly as
+// y[t, r] = sum_c x[t, c] · W[r, c] (+ bias[r]) for 1-16 tokens, W in the losa-bitmask layout exactly as
 // stored (losa_deploy/kernels/formats/bitmask.py): mask words [rows, words], row_ptr [rows + 1], values
 // [nnz]. No derived tables: a warp walks one row and finds its value offsets with a warp scan.
 #pragma once
@@ -26,7 +26,7 @@ struct BitmaskGemvArgs {
   Half16 dtype = Half16::kBFloat16;
 };
 
-constexpr int kMaxTokens = 4;
+constexpr int kMaxTokens = 16;
 
 // Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued).
 cudaError_t bitmask_gemv(const BitmaskGemvArgs& args, cudaStream_t stream);

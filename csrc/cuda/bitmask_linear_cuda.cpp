@@ -2,7 +2,7 @@
 // csrc/cpu/bitmask_linear.cpp). Compiled only in CUDA builds (setup.py); the Python dispatcher sends it
 // decode-sized inputs (kernels/dispatch.py), but it is correct for any input:
 //   * bf16 / fp16 x with values of the same dtype: the warp-per-row decode kernel (bitmask_gemv.cu),
-//     up to four tokens per launch;
+//     up to 16 tokens per launch (N:M weights arrive here through their bitmask view, formats/gpu.py);
 //   * anything else (fp32, mixed dtypes): the weight is decompressed and torch's dense linear runs.
 // `isa` and `panel_tokens` are CPU tuning knobs and are ignored here.
 #include <ATen/ATen.h>

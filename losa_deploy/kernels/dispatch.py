@@ -5,12 +5,13 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 * ``auto``: on a CPU tensor, the compiled CPU op with the best instruction set of this CPU (the
   pure-PyTorch path when the extension is missing). On a CUDA tensor, by token count (the rows of x):
   the CUDA decode kernel (``csrc/cuda/bitmask_gemv.cu``, registered as the CUDA kernel of
-  ``losa::bitmask_linear``) for a bitmask weight with 16-bit values and at most
-  :data:`CUDA_OP_MAX_TOKENS` tokens; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``:
+  ``losa::bitmask_linear``; N:M weights run through their bitmask view) for 16-bit x and values and at
+  most :data:`CUDA_OP_MAX_TOKENS` tokens; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``:
   register decode + FMA up to 8 tokens, decode + ``tl.dot`` beyond); the pure-PyTorch path when
   neither is available.
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
-* ``cuda``: the CUDA op (bitmask weights, CUDA tensors, any token count, four tokens per launch).
+* ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
+  with same-dtype values are decompressed and run densely).
 * ``triton``: the Triton kernels (a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``).
 * ``torch``: decompress and ``F.linear`` in fp32 (slow, exact; every device).
 
@@ -44,7 +45,7 @@ CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
 GPU_BACKENDS = ("cuda", "triton")
 BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CUDA_OP_MAX_TOKENS = 4  # the CUDA decode kernel's sweet spot (kernels.md §5.1); Triton above
+CUDA_OP_MAX_TOKENS = 16  # the CUDA decode kernel's range (kernels.md §5.1); Triton above
 _OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
@@ -135,11 +136,10 @@ def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: to
     if needs_grad:
         raise LosaError(f"sparse backend {chosen!r} is inference-only; x or bias requires grad")
     values = weight.values
-    cuda_ok = (has_cuda_op() and x.is_cuda and isinstance(weight, BitmaskWeight))
+    cuda_ok = has_cuda_op() and x.is_cuda
     if chosen == "cuda":
         if not cuda_ok:
-            raise LosaError("sparse backend 'cuda' needs the extension built with CUDA, a CUDA tensor and a "
-                            "bitmask weight")
+            raise LosaError("sparse backend 'cuda' needs the extension built with CUDA and a CUDA tensor")
         return "cuda"
     tokens = x.numel() // max(x.shape[-1], 1)
     if (chosen == "auto" and cuda_ok and tokens <= CUDA_OP_MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
@@ -159,13 +159,13 @@ def _gpu_linear(x, weight, gpu: GPULayout | None, bias, chosen: str) -> torch.Te
     kernel = gpu_kernel(x, weight, bias, chosen)
     if kernel == "torch":
         return _torch_linear(x, weight, bias)
-    if kernel == "cuda":
-        return torch.ops.losa.bitmask_linear(x, weight.values, weight.mask, weight.row_ptr, weight.shape[1], bias,
-                                             "auto", 0)
+    gpu = gpu or gpu_layout(weight)
+    rows, cols = weight.shape
+    if kernel == "cuda":  # N:M weights too, through their bitmask view (formats/gpu.py)
+        return torch.ops.losa.bitmask_linear(x, gpu.values, gpu.mask, gpu.row_ptr, cols, bias, "auto", 0)
     from .triton.sparse_gemm import sparse_matmul
 
-    rows, cols = weight.shape
-    y = sparse_matmul(x.reshape(-1, cols), gpu or gpu_layout(weight), bias)
+    y = sparse_matmul(x.reshape(-1, cols), gpu, bias)
     return y.reshape(*x.shape[:-1], rows)
 
 

@@ -7,7 +7,7 @@ before it), the second term a prefix sum along the tile (``tl.cumsum`` of the ma
 the previous tile's plus its kept count, and at a chunk start
 
 - bitmask: ``row_ptr[r] + chunk_offset[r, c/256]`` (formats/gpu.py);
-- N:M (M divides 32): ``row_start[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
+- N:M (M divides 32): ``row_ptr[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
   32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
 
 Two paths, picked by token count (:func:`sparse_matmul`):
@@ -58,7 +58,7 @@ def _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words):
 @triton.jit
 def _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM: tl.constexpr):
     """[R] int64: the index of each row's first value at column ``c0`` (a multiple of 256)."""
-    start = tl.load(ptr_a + rows, mask=row_ok, other=0)  # row_ptr (bitmask) or row_start (N:M)
+    start = tl.load(ptr_a + rows, mask=row_ok, other=0)  # row_ptr
     if IS_NM:  # every word before c0 is full: a fixed stride
         return start + (c0 // 32) * tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)
     return start + tl.load(ptr_b + rows.to(tl.int64) * n_chunks + c0 // 256, mask=row_ok, other=0)
@@ -181,7 +181,7 @@ def _tables(layout: GPULayout):
         return w.values, w.mask, w.row_ptr, layout.chunk_offset, False
     if isinstance(layout, NMGPULayout):
         w = layout.weight
-        return w.values, w.mask, layout.row_start, layout.word_values, True
+        return w.values, w.mask, layout.row_ptr, layout.word_values, True
     raise LosaError(f"sparse_matmul needs a BitmaskGPULayout or NMGPULayout, got {type(layout).__name__}")
 
 
