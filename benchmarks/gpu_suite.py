@@ -156,6 +156,9 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
     for name in ("auto", "cuda", "cslt"):
         if name in times:
             row[f"{name}_us"] = times[name]
+    if "auto" in times:  # bytes the kernel must read over its time (x and y are small)
+        row["auto_GBps"] = row["bytes_packed"] / times["auto"] / 1e3
+    row["dense_GBps"] = row["bytes_dense"] / dense_us / 1e3
     if tritons:
         row["triton_us"] = row["triton_best_us"]
     sparse_times = [times[k] for k in times if k != "cslt"]
@@ -204,8 +207,8 @@ def write(path: str, info: dict, rows: list[dict], lora) -> None:
         json.dump(dict(info=info, rows=rows, masked_lora=lora), handle, indent=1, default=str)
 
 
-HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | cuda µs | best Triton µs "
-          "(config) | best × | cuSPARSELt µs | cslt × |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | auto GB/s | cuda µs | "
+          "best Triton µs (config) | best × | cuSPARSELt µs | cslt × |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -214,7 +217,8 @@ def _fmt(value, spec=".1f") -> str:
 
 def table_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['pattern']} | {r['tokens']} | {r['dense_us']:.1f} | {_fmt(r.get('auto_us'))} "
-            f"({r.get('auto_kernel', '?')}) | {_fmt(r.get('speedup_auto'), '.2f')} | {_fmt(r.get('cuda_us'))} | "
+            f"({r.get('auto_kernel', '?')}) | {_fmt(r.get('speedup_auto'), '.2f')} | {_fmt(r.get('auto_GBps'), '.0f')} | "
+            f"{_fmt(r.get('cuda_us'))} | "
             f"{_fmt(r.get('triton_best_us'))} ({r.get('triton_best', '—')}) | {_fmt(r.get('speedup_best'), '.2f')} | "
             f"{_fmt(r.get('cslt_us'))} | {_fmt(r.get('speedup_cslt'), '.2f')} |")
 
@@ -229,6 +233,13 @@ def bar_lines(rows: list[dict]) -> list[str]:
                              f"best {got_best:.2f}x -> {'MET' if got_auto >= need else 'not met'} (auto), "
                              f"{'MET' if got_best >= need else 'not met'} (best)")
     return lines
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read and written (the HBM ceiling)."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / bench(lambda: dst.copy_(src)) / 1e3
 
 
 def masked_lora(args) -> list[dict] | str:
@@ -280,6 +291,8 @@ def main(argv=None) -> int:
     info = dict(device=props.name if props else "cpu (Triton interpreter)",
                 sms=props.multi_processor_count if props else 0, torch=torch.__version__, triton=triton.__version__,
                 cuda_op=has_cuda_op(), seed=args.seed, command=" ".join(sys.argv))
+    if args.device == "cuda":
+        info["copy_GBps"] = copy_bandwidth()
     print(json.dumps(info), flush=True)
     start = time.perf_counter()
     print(HEADER, flush=True)
@@ -290,7 +303,7 @@ def main(argv=None) -> int:
     write(args.out, info, rows, lora)
     errors = [(r["shape"], r["pattern"], r["tokens"], k, v) for r in rows for k, v in r["errors"].items()]
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, CUDA op built: {info['cuda_op']}, "
-          f"{info['seconds']:.0f} s")
+          f"copy {info.get('copy_GBps', 0):.0f} GB/s, {info['seconds']:.0f} s")
     for e in errors:
         print("check/run failure:", *e)
     if isinstance(lora, str):

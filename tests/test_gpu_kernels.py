@@ -149,20 +149,26 @@ def test_cuda_op_matches_float64(dtype, tokens, rng):
             check_linear(y, x, w, bias)
 
 
-def test_sparse_linear_module_runs_triton_on_a_real_model(stories_dir, rng):
-    """stories260K (ragged FFN of 172), every linear 60% pruned, swapped for SparseLinear: the Triton path
-    (backend forced, so it runs under the interpreter too) gives the dense model's logits."""
+@pytest.mark.parametrize("dtype,backend", [
+    (torch.float32, "triton"),
+    pytest.param(torch.bfloat16, "auto", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+])
+def test_sparse_linear_module_on_a_real_model(stories_dir, rng, dtype, backend):
+    """stories260K (ragged FFN of 172), every linear 60% pruned, swapped for SparseLinear and moved to the
+    device: the Triton path (forced, so it runs under the interpreter too) and, on a GPU, the default
+    dispatch in bf16 (the CUDA kernel) give the dense model's logits."""
     from losa_deploy.models import load_model
     from losa_deploy.runtime.sparsify import sparsify_
 
-    model = load_model(stories_dir).float().eval()
+    model = load_model(stories_dir).to(dtype).eval()
     prune_linears_(model, sparsity=0.6)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=rng)
     with torch.no_grad():
-        want = model(ids).logits
-        sparsify_(model, backend="triton", progress=False)
-        got = model.to(DEVICE)(ids.to(DEVICE)).logits.cpu()
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+        want = model.float()(ids).logits
+        sparsify_(model.to(dtype), backend=backend, progress=False)
+        got = model.to(DEVICE)(ids.to(DEVICE)).logits.float().cpu()
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 activations through five layers
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
     layers = [m for m in model.modules() if type(m).__name__ == "SparseLinear"]
     assert layers and all((m.gpu_layout is not None) == (DEVICE == "cuda") for m in layers)
 

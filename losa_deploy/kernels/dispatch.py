@@ -45,7 +45,7 @@ CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
 GPU_BACKENDS = ("cuda", "triton")
 BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CUDA_OP_MAX_TOKENS = 16  # the CUDA decode kernel's range (kernels.md §5.1); Triton above
+CUDA_OP_MAX_TOKENS = 128  # the CUDA kernel (16 tokens per launch) up to here, Triton above
 _OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
