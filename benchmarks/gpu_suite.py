@@ -188,6 +188,8 @@ def run_grid(args, info: dict) -> list[dict]:
             packed = pack(w, pattern)
             layout = gpu_layout(packed)
             sparse24, cslt_error = semi_structured(w) if pattern == "2:4" else (None, None)
+            if sparse24 is not None:
+                info["cslt_backend"] = type(sparse24).__name__  # cuSPARSELt or CUTLASS, as torch chose
             for tokens in args.tokens:
                 start = time.perf_counter()
                 case_start = time.perf_counter()

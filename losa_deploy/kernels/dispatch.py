@@ -6,9 +6,9 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   pure-PyTorch path when the extension is missing). On a CUDA tensor, by token count (the rows of x):
   the CUDA decode kernel (``csrc/cuda/bitmask_gemv.cu``, registered as the CUDA kernel of
   ``losa::bitmask_linear``; N:M weights run through their bitmask view) for 16-bit x and values and at
-  most :data:`CUDA_OP_MAX_TOKENS` tokens; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``:
-  register decode + FMA up to 8 tokens, decode + ``tl.dot`` beyond); the pure-PyTorch path when
-  neither is available.
+  most :data:`CUDA_OP_MAX_TOKENS` tokens (N:M: 2 to 16); otherwise the Triton kernels
+  (``kernels/triton/sparse_gemm.py``: register decode + FMA up to 8 tokens, decode + ``tl.dot`` beyond);
+  the pure-PyTorch path when neither is available.
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
@@ -45,7 +45,13 @@ CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
 GPU_BACKENDS = ("cuda", "triton")
 BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CUDA_OP_MAX_TOKENS = 128  # the CUDA kernel (16 tokens per launch) up to here, Triton above
+# The CUDA kernel up to 16 tokens (one launch), Triton above. Measured on an H200 over the LLaMA-2-7B
+# shapes (benchmarks/RESULTS.md), best Triton config time / CUDA time, bitmask weights: 1.5-3.9 at 1
+# token, 2.2-3.2 at 8, 0.87-2.0 at 16, 0.48-1.04 at 32, 0.22-0.56 at 128 (the CUDA op relaunches per 16
+# tokens). 2:4 weights: 0.72-0.82 at 1 token (in the CUDA kernel, with a structured pattern every lane's
+# i-th kept column falls in the same shared-memory bank), 1.9-2.0 at 8, 1.0-1.5 at 16: so N:M weights
+# at 1 token run Triton's decode.
+CUDA_OP_MAX_TOKENS = 16
 _OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
@@ -142,7 +148,8 @@ def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: to
             raise LosaError("sparse backend 'cuda' needs the extension built with CUDA and a CUDA tensor")
         return "cuda"
     tokens = x.numel() // max(x.shape[-1], 1)
-    if (chosen == "auto" and cuda_ok and tokens <= CUDA_OP_MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
+    in_range = tokens <= CUDA_OP_MAX_TOKENS and (isinstance(weight, BitmaskWeight) or tokens > 1)
+    if (chosen == "auto" and cuda_ok and in_range and x.dtype in (torch.bfloat16, torch.float16)
             and values.dtype == x.dtype):
         return "cuda"
     triton_ok = triton_kernels.available() and (x.is_cuda or triton_kernels.interpreted())
