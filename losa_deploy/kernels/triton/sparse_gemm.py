@@ -10,13 +10,17 @@ the previous tile's plus its kept count, and at a chunk start
 - N:M (M divides 32): ``row_ptr[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
   32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
 
-Two paths, picked by token count (:func:`sparse_matmul`):
+Two paths, picked by token count (:func:`default_config`):
 
 - ``decode`` (1-8 tokens): FMA of the decoded tile with each token's x slice, fp32 accumulation, one
   reduction at the end (1 token) or per tile (2-8 tokens). Split-K over column ranges, with fp32 atomic
   adds, when there are too few row blocks to fill the GPU.
-- ``dot`` (more tokens): the decoded tile is reshaped to ``[BLOCK_R, BLOCK_K]`` and multiplied with the
+- ``dot`` (more tokens): the decoded ``[BLOCK_R, BLOCK_K]`` tile is multiplied with the
   ``[BLOCK_T, BLOCK_K]`` x tile on the tensor cores (``tl.dot``); split-K the same way.
+
+Measured on an H200 (benchmarks/RESULTS.md) these are the portable path, not the fast one: the decode
+costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a 4096x4096 GEMV,
+where cuBLAS takes 18 µs); the CUDA op (csrc/cuda/bitmask_gemv.cu) runs 1-16 tokens.
 
 Activations and values may be bf16, fp16 or fp32 (the values are cast to x's dtype for the dot);
 the result has x's dtype.
@@ -56,12 +60,13 @@ def _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words):
 
 
 @triton.jit
-def _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM: tl.constexpr):
-    """[R] int64: the index of each row's first value at column ``c0`` (a multiple of 256)."""
-    start = tl.load(ptr_a + rows, mask=row_ok, other=0)  # row_ptr
+def _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM: tl.constexpr):
+    """[R] int64: the index of each row's first value at column ``c0`` (a multiple of 256). ``table_ptr``:
+    the chunk offsets (bitmask) or the values per full word (N:M)."""
+    start = tl.load(row_ptr + rows, mask=row_ok, other=0)
     if IS_NM:  # every word before c0 is full: a fixed stride
-        return start + (c0 // 32) * tl.load(ptr_b + rows, mask=row_ok, other=0).to(tl.int64)
-    return start + tl.load(ptr_b + rows.to(tl.int64) * n_chunks + c0 // 256, mask=row_ok, other=0)
+        return start + (c0 // 32) * tl.load(table_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return start + tl.load(table_ptr + rows.to(tl.int64) * n_chunks + c0 // 256, mask=row_ok, other=0)
 
 
 @triton.jit
@@ -78,7 +83,7 @@ def _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS: t
 
 
 @triton.jit
-def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
+def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr,
                    tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
                    IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
@@ -90,7 +95,7 @@ def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
     acc = tl.zeros((BLOCK_R, T), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # 1 token: reduce once, after the loop
     for c0 in range(k_begin, k_end, 256):
-        base = _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM)
+        base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
         for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
@@ -110,7 +115,7 @@ def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
 
 
 @triton.jit
-def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
+def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr,
                 tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
                 IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
                 HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -122,7 +127,7 @@ def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, ptr_a, ptr_b,
     k_end = tl.minimum(k_begin + k_per_split, n_cols)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for c0 in range(k_begin, k_end, 256):
-        base = _chunk_base(ptr_a, ptr_b, rows, row_ok, c0, n_chunks, IS_NM)
+        base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
         for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * n_cols + cols[None, :],
@@ -153,7 +158,10 @@ class Config:
 def default_config(tokens: int) -> Config:
     """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x: the fastest of the candidates
     benchmarks/gpu_suite.py sweeps, over the LLaMA-2-7B shapes and patterns on an H200 (benchmarks/RESULTS.md;
-    decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or within 3% at 16-128)."""
+    decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or within 3% at 16-128).
+    Up to 16 tokens they compile without register spills (tests/test_gpu_kernels.py checks it for sm_90);
+    the 32- and 64-token dot tiles spill a little (8 and 280 bytes of stack with Triton 3.9) and still
+    measured fastest."""
     if interpreted():  # few, large programs: the interpreter's cost is per program and per op
         return Config("decode", 16) if tokens <= DECODE_MAX_TOKENS else Config("dot", 16, block_t=16)
     if tokens <= DECODE_MAX_TOKENS:
@@ -174,20 +182,20 @@ def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
     return max(1, min(want, k_steps // 4))
 
 
-def _tables(layout: GPULayout):
+def _chunk_table(layout: GPULayout) -> tuple[torch.Tensor, bool]:
+    """The per-chunk table the kernels read (bitmask: chunk_offset; N:M: word_values) and whether it is N:M."""
     if isinstance(layout, BitmaskGPULayout):
-        w = layout.weight
-        return w.values, w.mask, w.row_ptr, layout.chunk_offset, False
+        return layout.chunk_offset, False
     if isinstance(layout, NMGPULayout):
-        w = layout.weight
-        return w.values, w.mask, layout.row_ptr, layout.word_values, True
+        return layout.word_values, True
     raise LosaError(f"sparse_matmul needs a BitmaskGPULayout or NMGPULayout, got {type(layout).__name__}")
 
 
 def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None = None,
                   config: Config | None = None) -> torch.Tensor:
     """``x [tokens, in]`` · Wᵀ (+ bias) -> ``[tokens, out]`` in x's dtype (fp32 accumulation)."""
-    values, mask, ptr_a, ptr_b, is_nm = _tables(layout)
+    table, is_nm = _chunk_table(layout)
+    values, mask = layout.values, layout.mask
     rows, cols = layout.shape
     if x.dim() != 2 or x.shape[1] != cols:
         raise LosaError(f"sparse_matmul: x must be [tokens, {cols}], got {tuple(x.shape)}")
@@ -218,8 +226,8 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
     y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device) if atomic else x.new_empty(tokens, rows)
     common = dict(IS_NM=is_nm, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
                   ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x, y, bias if bias is not None else y, values, mask, ptr_a, ptr_b, tokens, rows, cols, mask.shape[1],
-            ptr_b.shape[1] if not is_nm else 0, k_per_split)
+    args = (x, y, bias if bias is not None else y, values, mask, layout.row_ptr, table, tokens, rows, cols,
+            mask.shape[1], 0 if is_nm else table.shape[1], k_per_split)
     if cfg.path == "decode":
         _decode_kernel[(row_blocks, split)](*args, T=triton.next_power_of_2(tokens), **common)
     else:
