@@ -2,17 +2,28 @@
 
 Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 
-* ``auto``: the compiled op when the extension is loaded and has a kernel for the device (the CPU kernels
-  here; a CUDA kernel registered for the same op, issue #7, is picked up the same way), with the best
-  instruction set of this CPU; the pure-PyTorch path otherwise.
+* ``auto``: on a CPU tensor, the compiled CPU op with the best instruction set of this CPU (the
+  pure-PyTorch path when the extension is missing). On a CUDA tensor, by token count (the rows of x):
+  the CUDA decode kernel (``csrc/cuda/bitmask_gemv.cu``, registered as the CUDA kernel of
+  ``losa::bitmask_linear``; N:M weights run through their bitmask view) for 16-bit x and values and at
+  most :data:`CUDA_OP_MAX_TOKENS` tokens (N:M: 2 to 16); otherwise the Triton kernels
+  (``kernels/triton/sparse_gemm.py``: register decode + FMA up to 8 tokens, decode + ``tl.dot`` beyond);
+  the pure-PyTorch path when neither is available.
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
+* ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
+  with same-dtype values are decompressed and run densely).
+* ``triton``: the Triton kernels (a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``).
 * ``torch``: decompress and ``F.linear`` in fp32 (slow, exact; every device).
 
 ``panel_tokens``: the token count from which the CPU op decompresses panels of rows and runs torch's
 dense GEMM on them instead of its row kernel (default: the op's, tuned by benchmarks/kernels_cpu.py).
 
-The ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as opaque)
-and (in C++) an autograd formula for ``x`` and ``bias`` (the packed weight stays frozen).
+The GPU kernels read a :mod:`GPU layout <.formats.gpu>` (the packed arrays plus small offset tables):
+pass one (``SparseLinear`` keeps one per module on CUDA) or it is built on every call.
+
+The compiled ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as
+opaque) and (in C++) an autograd formula for ``x`` and ``bias`` on the CPU. The GPU kernels are for
+inference: when x or the bias needs a gradient on a GPU, the (differentiable) pure-PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -25,19 +36,31 @@ import torch.nn.functional as F
 
 from ..errors import LosaError
 from . import ops
+from . import triton as triton_kernels
 from .formats.bitmask import BitmaskWeight
+from .formats.gpu import BitmaskGPULayout, GPULayout, NMGPULayout, gpu_layout
 from .formats.nm import NMKernelLayout, NMWeight
 
 CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
-BACKENDS = ("auto", "torch", *CPU_BACKENDS)
+GPU_BACKENDS = ("cuda", "triton")
+BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The CUDA kernel up to 16 tokens (one launch), Triton above. Measured on an H200 over the LLaMA-2-7B
+# shapes (benchmarks/RESULTS.md), best Triton config time / CUDA time, bitmask weights: 1.5-3.9 at 1
+# token, 2.2-3.2 at 8, 0.87-2.0 at 16, 0.48-1.04 at 32, 0.22-0.56 at 128 (the CUDA op relaunches per 16
+# tokens). 2:4 weights: 0.72-0.82 at 1 token (in the CUDA kernel, with a structured pattern every lane's
+# i-th kept column falls in the same shared-memory bank), 1.9-2.0 at 8, 1.0-1.5 at 16: so N:M weights
+# at 1 token run Triton's decode.
+CUDA_OP_MAX_TOKENS = 16
 _OPS = ("bitmask_linear", "nm_linear")
 
-Packed = BitmaskWeight | NMWeight | NMKernelLayout
+Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
 
 
 def kernel_weight(packed: Packed) -> BitmaskWeight | NMKernelLayout:
     """The layout the kernels read: a bitmask weight as it is, an N:M weight in its load-time layout."""
+    if isinstance(packed, BitmaskGPULayout | NMGPULayout):
+        return packed.weight
     if isinstance(packed, NMWeight):
         return packed.kernel_layout()
     if isinstance(packed, BitmaskWeight | NMKernelLayout):
@@ -70,7 +93,8 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
     """``x`` of shape ``(..., in)`` times the packed ``[out, in]`` weight, transposed, plus ``bias``.
 
     The result has ``x``'s dtype; the kernels accumulate in fp32. An ``NMWeight`` is converted to its kernel
-    layout on every call: convert once with ``packed.kernel_layout()`` (``SparseLinear`` does).
+    layout on every call: convert once with ``packed.kernel_layout()`` (``SparseLinear`` does); likewise
+    the GPU kernels' layout (``formats.gpu.gpu_layout``).
     """
     weight = kernel_weight(packed)
     rows, cols = weight.shape
@@ -83,6 +107,10 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
     if bias is not None and (bias.shape != (rows,) or bias.device != x.device):
         raise LosaError(f"sparse_linear: bias must be [{rows}] on {x.device}, got {tuple(bias.shape)} on "
                         f"{bias.device}")
+    chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
+    if x.device.type == "cuda" or chosen in GPU_BACKENDS:
+        gpu = packed if isinstance(packed, BitmaskGPULayout | NMGPULayout) else None
+        return _gpu_linear(x, weight, gpu, bias, chosen)
     bitmask = isinstance(weight, BitmaskWeight)
     isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", x.device.type, x.dtype, backend)
     if not isa:
@@ -92,6 +120,60 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
         return torch.ops.losa.bitmask_linear(x, weight.values, weight.mask, weight.row_ptr, cols, bias, isa, panel)
     return torch.ops.losa.nm_linear(x, weight.values, weight.mask, weight.block_n, cols, weight.m,
                                     weight.rows_per_block, bias, isa, panel)
+
+
+@functools.lru_cache(maxsize=1)
+def has_cuda_op() -> bool:
+    """Whether the extension was built with the CUDA decode kernel."""
+    return ops() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("losa::bitmask_linear", "CUDA")
+
+
+def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: torch.Tensor | None,
+               chosen: str = "auto") -> str:
+    """Which implementation :func:`sparse_linear` runs for x on a GPU (or forced GPU backend): ``cuda``,
+    ``triton`` or ``torch``."""
+    if chosen not in BACKENDS:
+        raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
+    if chosen in CPU_BACKENDS:
+        raise LosaError(f"sparse backend {chosen!r} is a CPU kernel; x is on {x.device}")
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    if chosen == "torch" or (needs_grad and chosen == "auto"):
+        return "torch"
+    if needs_grad:
+        raise LosaError(f"sparse backend {chosen!r} is inference-only; x or bias requires grad")
+    values = weight.values
+    cuda_ok = has_cuda_op() and x.is_cuda
+    if chosen == "cuda":
+        if not cuda_ok:
+            raise LosaError("sparse backend 'cuda' needs the extension built with CUDA and a CUDA tensor")
+        return "cuda"
+    tokens = x.numel() // max(x.shape[-1], 1)
+    in_range = tokens <= CUDA_OP_MAX_TOKENS and (isinstance(weight, BitmaskWeight) or tokens > 1)
+    if (chosen == "auto" and cuda_ok and in_range and x.dtype in (torch.bfloat16, torch.float16)
+            and values.dtype == x.dtype):
+        return "cuda"
+    triton_ok = triton_kernels.available() and (x.is_cuda or triton_kernels.interpreted())
+    if chosen == "triton" and not triton_ok:
+        raise LosaError("sparse backend 'triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1)")
+    if triton_ok and x.dtype in KERNEL_DTYPES and values.dtype in KERNEL_DTYPES:
+        return "triton"
+    if chosen == "triton":
+        raise LosaError(f"sparse backend 'triton' takes bf16/fp16/fp32, got x {x.dtype}, values {values.dtype}")
+    return "torch"
+
+
+def _gpu_linear(x, weight, gpu: GPULayout | None, bias, chosen: str) -> torch.Tensor:
+    kernel = gpu_kernel(x, weight, bias, chosen)
+    if kernel == "torch":
+        return _torch_linear(x, weight, bias)
+    gpu = gpu or gpu_layout(weight)
+    rows, cols = weight.shape
+    if kernel == "cuda":  # N:M weights too, through their bitmask view (formats/gpu.py)
+        return torch.ops.losa.bitmask_linear(x, gpu.values, gpu.mask, gpu.row_ptr, cols, bias, "auto", 0)
+    from .triton.sparse_gemm import sparse_matmul
+
+    y = sparse_matmul(x.reshape(-1, cols), gpu, bias)
+    return y.reshape(*x.shape[:-1], rows)
 
 
 def _torch_linear(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: torch.Tensor | None) -> torch.Tensor:
@@ -115,4 +197,14 @@ def register_op_metadata() -> None:
         torch.library.register_fake(f"losa::{name}")(_fake_linear)
 
 
-__all__ = ["BACKENDS", "CPU_BACKENDS", "kernel_weight", "register_op_metadata", "sparse_linear"]
+__all__ = [
+    "BACKENDS",
+    "CPU_BACKENDS",
+    "CUDA_OP_MAX_TOKENS",
+    "GPU_BACKENDS",
+    "gpu_kernel",
+    "has_cuda_op",
+    "kernel_weight",
+    "register_op_metadata",
+    "sparse_linear",
+]

@@ -5,6 +5,11 @@ layout) and runs ``losa_deploy.kernels.sparse_linear``. Its ``state_dict`` holds
 arrays (``<p>.lb_*`` or ``<p>.nm_*``, engines-and-formats.md §4.2) and the bias, so saving a sparsified
 model writes a losa-bitmask checkpoint and loading one restores it. ``.to(dtype)`` converts the values
 like it converts a dense weight; the packed weight is frozen (gradients flow to the input and the bias).
+
+On CUDA (after ``.to("cuda")``, or built from CUDA tensors) the module also keeps the GPU kernels' layout
+(``kernels/formats/gpu.py``: the same tensors plus small offset tables, rebuilt whenever the tensors move
+or change dtype), so each forward runs the GPU kernel the token count calls for (``kernels.dispatch``)
+without rebuilding anything. On the CPU nothing changes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 from ..errors import LosaError
 from ..kernels.dispatch import kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
+from ..kernels.formats.gpu import GPULayout, gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
 from ..sparsity.patterns import detect_pattern
 
@@ -71,7 +77,7 @@ class SparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.packed, self.bias, backend=self.backend)
+        return sparse_linear(x, self.gpu_layout or self.packed, self.bias, backend=self.backend)
 
     @property
     def format(self) -> str:
@@ -96,11 +102,17 @@ class SparseLinear(nn.Module):
         self.packed = packed
         for name, tensor in packed.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
+        self._refresh_gpu_layout()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
+        self._refresh_gpu_layout()
         return self
+
+    def _refresh_gpu_layout(self) -> None:
+        self.gpu_layout: GPULayout | None = (gpu_layout(self.packed) if self.packed.values.device.type == "cuda"
+                                             else None)
 
     # -- state dict: the canonical on-disk arrays ---------------------------------------------------------
 

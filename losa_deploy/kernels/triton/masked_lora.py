@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import interpreted
+from .common import dot as _dot
 
 
 @triton.jit
@@ -45,16 +46,6 @@ def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, r
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=inside, other=0.0)
         tile += w.to(ACC)
     return tl.where(keep, tile, 0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584): there, widen
-    # the operands first. bf16 products are exact in fp32, so only the summation order differs.
-    if UPCAST and a.dtype == tl.bfloat16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit

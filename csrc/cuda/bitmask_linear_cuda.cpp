@@ -1,0 +1,88 @@
+// The CUDA implementation of losa::bitmask_linear (the op is defined with its CPU kernel in
+// csrc/cpu/bitmask_linear.cpp). Compiled only in CUDA builds (setup.py); the Python dispatcher sends it
+// decode-sized inputs (kernels/dispatch.py), but it is correct for any input:
+//   * bf16 / fp16 x with values of the same dtype: the warp-per-row decode kernel (bitmask_gemv.cu),
+//     up to 16 tokens per launch (N:M weights arrive here through their bitmask view, formats/gpu.py);
+//   * anything else (fp32, mixed dtypes): the weight is decompressed and torch's dense linear runs.
+// `isa` and `panel_tokens` are CPU tuning knobs and are ignored here.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/bitmask_gemv.h"
+
+namespace {
+
+constexpr const char* kOp = "bitmask_linear (CUDA)";
+
+at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& mask, int64_t cols) {
+  const auto shifts = at::arange(32, mask.options());
+  const auto bits = mask.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1).to(at::kBool);
+  const auto keep = bits.reshape({mask.size(0), -1}).narrow(1, 0, cols);
+  return at::zeros({mask.size(0), cols}, values.options()).masked_scatter_(keep, values);
+}
+
+at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                               const at::Tensor& row_ptr, int64_t in_features, const std::optional<at::Tensor>& bias,
+                               c10::string_view /*isa*/, int64_t /*panel_tokens*/) {
+  const int64_t rows = mask.size(0), words = (in_features + 31) / 32;
+  TORCH_CHECK(x.is_cuda() && values.is_cuda() && mask.is_cuda() && row_ptr.is_cuda(), kOp,
+              ": x, values, mask and row_ptr must be CUDA tensors");
+  TORCH_CHECK(values.get_device() == x.get_device() && mask.get_device() == x.get_device() &&
+                  row_ptr.get_device() == x.get_device(),
+              kOp, ": all tensors must be on one device");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
+              in_features);
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), kOp, ": values must be contiguous 1-D");
+  TORCH_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.size(1) == words && mask.is_contiguous(), kOp,
+              ": mask must be contiguous int32 [rows, ", words, "]");
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 &&
+                  row_ptr.is_contiguous(),
+              kOp, ": row_ptr must be contiguous int64 [", rows + 1, "]");
+  if (bias) {
+    TORCH_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
+                "] tensor");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dtype = x.scalar_type();
+  const bool half16 = (dtype == at::kBFloat16 || dtype == at::kHalf) && values.scalar_type() == dtype;
+  if (!half16) {
+    const auto y = at::linear(x.to(at::kFloat), dense_weight(values, mask, in_features).to(at::kFloat),
+                              bias ? std::optional<at::Tensor>(bias->to(at::kFloat)) : std::nullopt);
+    return y.to(dtype);
+  }
+
+  const auto x2 = x.reshape({-1, in_features}).contiguous();
+  const int64_t tokens = x2.size(0);
+  auto y = at::empty({tokens, rows}, x.options());
+  // 16-byte vector loads need an aligned base; fresh allocations are (the caching allocator aligns to 512 B).
+  const auto vals = reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0 ? values : values.clone();
+  const auto b = bias ? std::optional<at::Tensor>(bias->to(dtype).contiguous()) : std::nullopt;
+  losa::cuda::BitmaskGemvArgs args;
+  args.values = vals.data_ptr();
+  args.mask = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  args.row_ptr = row_ptr.data_ptr<int64_t>();
+  args.bias = b ? b->data_ptr() : nullptr;
+  args.rows = rows;
+  args.cols = in_features;
+  args.words = words;
+  args.nnz = values.numel();
+  args.dtype = dtype == at::kBFloat16 ? losa::cuda::Half16::kBFloat16 : losa::cuda::Half16::kFloat16;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto elem = x2.element_size();
+  for (int64_t t0 = 0; t0 < tokens; t0 += losa::cuda::kMaxTokens) {
+    args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kMaxTokens, tokens - t0));
+    args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
+    args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
+    const cudaError_t err = losa::cuda::bitmask_gemv(args, stream);
+    TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = rows;
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(losa, CUDA, m) { m.impl("bitmask_linear", &bitmask_linear_cuda); }

@@ -1,0 +1,19 @@
+"""Small ``@triton.jit`` helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a · b`` with ``tl.dot``.
+
+    The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584): there (``UPCAST``),
+    widen the operands first. bf16 products are exact in fp32, so only the summation order differs.
+    """
+    if UPCAST and a.dtype == tl.bfloat16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)

@@ -1,0 +1,242 @@
+"""Triton sparse GEMV / GEMM for the bitmask and N:M GPU layouts (kernels.md §5.1-5.2, formats/gpu.py).
+
+y = x · Wᵀ (+ bias) with W packed. Every program decodes tiles of W in registers, never in memory:
+programs walk 256-column chunks, each in tiles of ``[BLOCK_R rows, BLOCK_K columns]`` (BLOCK_K divides
+256). A kept column's value sits at (the row's first value in the tile) + (the kept columns of the tile
+before it), the second term a prefix sum along the tile (``tl.cumsum`` of the mask bits). The first is
+the previous tile's plus its kept count, and at a chunk start
+
+- bitmask: ``row_ptr[r] + chunk_offset[r, c/256]`` (formats/gpu.py);
+- N:M (M divides 32): ``row_ptr[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
+  32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
+
+Two paths, picked by token count (:func:`default_config`):
+
+- ``decode`` (1-8 tokens): FMA of the decoded tile with each token's x slice, fp32 accumulation, one
+  reduction at the end (1 token) or per tile (2-8 tokens). Split-K over column ranges, with fp32 atomic
+  adds, when there are too few row blocks to fill the GPU.
+- ``dot`` (more tokens): the decoded ``[BLOCK_R, BLOCK_K]`` tile is multiplied with the
+  ``[BLOCK_T, BLOCK_K]`` x tile on the tensor cores (``tl.dot``); split-K the same way.
+
+Measured on an H200 (benchmarks/RESULTS.md) these are the portable path, not the fast one: the decode
+costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a 4096x4096 GEMV,
+where cuBLAS takes 18 µs); the CUDA op (csrc/cuda/bitmask_gemv.cu) runs 1-16 tokens.
+
+Activations and values may be bf16, fp16 or fp32 (the values are cast to x's dtype for the dot);
+the result has x's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ...errors import LosaError
+from ..formats.gpu import CHUNK_COLS, BitmaskGPULayout, GPULayout, NMGPULayout
+from . import interpreted
+from .common import dot
+
+PATHS = ("decode", "dot")
+DECODE_MAX_TOKENS = 8
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words):
+    """The ``[R, len(cols)]`` tile of W at columns ``cols`` (consecutive, from a multiple of 32), in the
+    values' dtype and zero where not kept, and the kept count of each row in it. ``base`` [R]: the index of
+    each row's first value at ``cols[0]``. Bits past the row width are zero in both formats, so no column
+    check is needed."""
+    word = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :],
+                   mask=row_ok[:, None] & (cols < n_words * 32)[None, :], other=0)
+    bit = (word >> (cols % 32)[None, :]) & 1
+    before = tl.cumsum(bit, 1)
+    w = tl.load(values_ptr + (base[:, None] + (before - 1)), mask=bit != 0, other=0.0)
+    return w, tl.sum(bit, 1)
+
+
+@triton.jit
+def _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM: tl.constexpr):
+    """[R] int64: the index of each row's first value at column ``c0`` (a multiple of 256). ``table_ptr``:
+    the chunk offsets (bitmask) or the values per full word (N:M)."""
+    start = tl.load(row_ptr + rows, mask=row_ok, other=0)
+    if IS_NM:  # every word before c0 is full: a fixed stride
+        return start + (c0 // 32) * tl.load(table_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return start + tl.load(table_ptr + rows.to(tl.int64) * n_chunks + c0 // 256, mask=row_ok, other=0)
+
+
+@triton.jit
+def _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """acc is ``[tokens, rows]`` fp32; y is ``[tokens, n_rows]`` (fp32 scratch when ATOMIC)."""
+    offs = toks.to(tl.int64)[:, None] * n_rows + rows[None, :]
+    ok = tok_ok[:, None] & row_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs, acc, mask=ok)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr,
+                   tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
+                   IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, T: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    toks = tl.arange(0, T)
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, n_cols)
+    acc = tl.zeros((BLOCK_R, T), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)  # 1 token: reduce once, after the loop
+    for c0 in range(k_begin, k_end, 256):
+        base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
+        for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_cols
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            base += kept
+            w = w.to(tl.float32)
+            if T == 1:
+                acc1 += w * tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                for t in tl.static_range(T):
+                    xt = tl.load(x_ptr + t * n_cols + cols, mask=col_ok & (cols * 0 + t < tokens), other=0.0)
+                    part = tl.sum(w * xt.to(tl.float32)[None, :], 1)
+                    acc += tl.where(toks[None, :] == t, part[:, None], 0.0)
+    if T == 1:
+        acc += tl.sum(acc1, 1)[:, None]
+    _store(y_ptr, bias_ptr, tl.trans(acc), toks, toks < tokens, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr,
+                tokens, n_rows, n_cols, n_words, n_chunks, k_per_split,
+                IS_NM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = toks < tokens
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, n_cols)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for c0 in range(k_begin, k_end, 256):
+        base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
+        for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * n_cols + cols[None, :],
+                        mask=tok_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            base += kept
+            acc = dot(x, tl.trans(w.to(x.dtype)), acc, PRECISION, UPCAST)
+    _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
+
+
+# -- host side ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch parameters of one call. ``block_k`` divides 256 (the chunk of the offset table); ``split_k``
+    0 chooses the column ranges from the SM count; ``block_t`` is the dot path's token tile."""
+
+    path: str
+    block_r: int
+    block_k: int = 256
+    block_t: int = 16
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def default_config(tokens: int) -> Config:
+    """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x: the fastest of the candidates
+    benchmarks/gpu_suite.py sweeps, over the LLaMA-2-7B shapes and patterns on an H200 (benchmarks/RESULTS.md;
+    decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or within 3% at 16-128).
+    Up to 16 tokens they compile without register spills (tests/test_gpu_kernels.py checks it for sm_90);
+    the 32- and 64-token dot tiles spill a little (8 and 280 bytes of stack with Triton 3.9) and still
+    measured fastest."""
+    if interpreted():  # few, large programs: the interpreter's cost is per program and per op
+        return Config("decode", 16) if tokens <= DECODE_MAX_TOKENS else Config("dot", 16, block_t=16)
+    if tokens <= DECODE_MAX_TOKENS:
+        return Config("decode", 2, num_warps=2)
+    return Config("dot", 128, block_k=64, block_t=16 if tokens <= 16 else 32 if tokens <= 32 else 64, num_warps=8)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
+    """Column ranges per row block, so that at least ~4 programs per SM run (never below 4 steps each)."""
+    if device.type != "cuda":
+        return 1
+    want = -(-4 * _sm_count(device.index or 0) // max(programs, 1))
+    return max(1, min(want, k_steps // 4))
+
+
+def _chunk_table(layout: GPULayout) -> tuple[torch.Tensor, bool]:
+    """The per-chunk table the kernels read (bitmask: chunk_offset; N:M: word_values) and whether it is N:M."""
+    if isinstance(layout, BitmaskGPULayout):
+        return layout.chunk_offset, False
+    if isinstance(layout, NMGPULayout):
+        return layout.word_values, True
+    raise LosaError(f"sparse_matmul needs a BitmaskGPULayout or NMGPULayout, got {type(layout).__name__}")
+
+
+def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None = None,
+                  config: Config | None = None) -> torch.Tensor:
+    """``x [tokens, in]`` · Wᵀ (+ bias) -> ``[tokens, out]`` in x's dtype (fp32 accumulation)."""
+    table, is_nm = _chunk_table(layout)
+    values, mask = layout.values, layout.mask
+    rows, cols = layout.shape
+    if x.dim() != 2 or x.shape[1] != cols:
+        raise LosaError(f"sparse_matmul: x must be [tokens, {cols}], got {tuple(x.shape)}")
+    if x.dtype not in DTYPES or values.dtype not in DTYPES:
+        raise LosaError(f"sparse_matmul: x and values must be bf16, fp16 or fp32, got {x.dtype} and {values.dtype}")
+    if x.device != values.device or (bias is not None and bias.device != x.device):
+        raise LosaError(f"sparse_matmul: x ({x.device}), the weight ({values.device}) and bias must share a device")
+    tokens = x.shape[0]
+    cfg = config or default_config(tokens)
+    if cfg.path not in PATHS:
+        raise LosaError(f"sparse_matmul: path must be one of {', '.join(PATHS)}, got {cfg.path!r}")
+    if cfg.path == "decode" and tokens > DECODE_MAX_TOKENS:
+        raise LosaError(f"sparse_matmul: the decode path takes at most {DECODE_MAX_TOKENS} tokens, got {tokens}")
+    if cfg.block_k not in (32, 64, 128, 256):
+        raise LosaError(f"sparse_matmul: block_k must be 32, 64, 128 or 256, got {cfg.block_k}")
+    if tokens == 0 or rows == 0 or cols == 0:
+        y = x.new_zeros(tokens, rows)
+        return y if bias is None else y + bias.to(x.dtype)
+    x = x.contiguous()
+    k_steps = -(-cols // CHUNK_COLS)
+    row_blocks = -(-rows // cfg.block_r)
+    token_blocks = 1 if cfg.path == "decode" else -(-tokens // cfg.block_t)
+    split = cfg.split_k or _split_k(row_blocks * token_blocks, k_steps, x.device)
+    split = max(1, min(split, k_steps))
+    k_per_split = -(-k_steps // split) * CHUNK_COLS
+    split = -(-cols // k_per_split)
+    atomic = split > 1
+    y = torch.zeros(tokens, rows, dtype=torch.float32, device=x.device) if atomic else x.new_empty(tokens, rows)
+    common = dict(IS_NM=is_nm, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r, HAS_BIAS=bias is not None,
+                  ATOMIC=atomic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x, y, bias if bias is not None else y, values, mask, layout.row_ptr, table, tokens, rows, cols,
+            mask.shape[1], 0 if is_nm else table.shape[1], k_per_split)
+    if cfg.path == "decode":
+        _decode_kernel[(row_blocks, split)](*args, T=triton.next_power_of_2(tokens), **common)
+    else:
+        precision = "ieee" if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+        _dot_kernel[(token_blocks, row_blocks, split)](*args, BLOCK_T=cfg.block_t, PRECISION=precision,
+                                                      UPCAST=interpreted(), **common)
+    if atomic:
+        y = (y + bias.to(torch.float32) if bias is not None else y).to(x.dtype)
+    return y
+
+
+__all__ = ["DECODE_MAX_TOKENS", "PATHS", "Config", "default_config", "sparse_matmul"]
