@@ -104,9 +104,10 @@ def _ref_ckpt(x, inp, scale, dropout):
 
 def _fused(x, inp, scale, dropout):
     return masked_lora_linear(x, inp["weight"], inp["words"], inp["lora_A"], inp["lora_B"], scale,
-                              dropout=dropout, training=True)
+                              dropout=dropout, training=True, backend=FUSED_BACKEND)
 
 
+FUSED_BACKEND = "auto"  # --backend: which implementation "fused" times
 STEPS = {"plain": _plain, "reference": _reference, "ref_ckpt": _ref_ckpt, "fused": _fused}
 
 
@@ -259,8 +260,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--plot", help="write a PNG of the ratios and memory here")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--backend", default="auto", help="masked_lora_linear backend for the fused column")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global FUSED_BACKEND
+    FUSED_BACKEND = args.backend
     if args.memory_probe:  # child process of peak_bytes
         probe = json.loads(args.memory_probe)
         torch.set_num_threads(probe["threads"])

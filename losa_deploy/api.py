@@ -144,7 +144,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os
              calib_slice: str | None = None, nsamples: int = 128, seqlen: int | None = None,
              data_slice: str | None = None, budget_tokens: int | None = None, response_only: bool = True,
              eval_data: str | None = None, eval_slice: str | None = None, save_base: bool = False,
-             resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
+             device: str = "cpu", resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
              progress: bool = True) -> dict:
     """Prune and fine-tune ``model`` on ``data`` with LoSA, static sparse-LoRA or plain LoRA.
 
@@ -169,7 +169,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os
     return run_finetune(model, output, str(data), method_cfg, train, calib=calib, nsamples=nsamples, seqlen=seqlen,
                         data_slice=data_slice, calib_slice=calib_slice, budget_tokens=budget_tokens,
                         response_only=response_only, eval_data=eval_data, eval_slice=eval_slice, resume=resume,
-                        overwrite=overwrite, save_base=save_base, trust_remote_code=trust_remote_code,
+                        overwrite=overwrite, save_base=save_base, device=device, trust_remote_code=trust_remote_code,
                         progress=progress)
 
 

@@ -37,8 +37,8 @@ class LoraLinear(nn.Module):
                              if masked else None)
         self.scale, self.max_rank, self.dropout, self.init = scale, max_rank, dropout, init
         self.enabled = True  # False: the plain base linear (LoSA's dense reference runs use it)
-        self.lora_A = nn.Parameter(self._new_rows(rank, generator))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))
+        self.lora_A = nn.Parameter(self._new_rows(rank, generator).to(self.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
 
     @property
     def rank(self) -> int:
@@ -94,8 +94,8 @@ class LoraLinear(nn.Module):
             raise LosaError(f"rank {rank} outside [1, max_rank={self.max_rank}]")
         A, B = self.lora_A.detach(), self.lora_B.detach()
         if rank > self.rank:
-            A = torch.cat([A, self._new_rows(rank - self.rank, generator)])
-            B = torch.cat([B, torch.zeros(self.out_features, rank - B.shape[1])], dim=1)
+            A = torch.cat([A, self._new_rows(rank - self.rank, generator).to(A.device)])
+            B = torch.cat([B, B.new_zeros(self.out_features, rank - B.shape[1])], dim=1)
         elif rank < self.rank:
             if shrink == "svd":
                 B, A = _best_rank(B, A, rank)

@@ -79,8 +79,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
                             f"fit a {layer.out_features}x{layer.in_features} base (different base model?)")
         if A.shape[0] > layer.max_rank:
             raise LosaError(f"adapter for {name} has rank {A.shape[0]} above max_rank {layer.max_rank}")
-        layer.lora_A = nn.Parameter(A.float().clone())
-        layer.lora_B = nn.Parameter(B.float().clone())
+        layer.lora_A = nn.Parameter(A.to(layer.weight.device, torch.float32, copy=True))
+        layer.lora_B = nn.Parameter(B.to(layer.weight.device, torch.float32, copy=True))
 
 
 def merge_adapters(model: nn.Module) -> dict:

@@ -46,6 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-data", metavar="FILE", help="text to measure perplexity on after each phase")
     parser.add_argument("--eval-slice", metavar="A:B", help="fraction range of --eval-data")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
     parser.add_argument("--save-base", action="store_true",
                         help="also write the pruned base before the merge to OUT/base (for unmerged use)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt")
@@ -63,7 +64,7 @@ def run(args) -> dict:
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len, autocast=args.autocast,
         seed=args.seed, calib=args.calib, calib_slice=args.calib_slice, nsamples=args.nsamples, seqlen=args.seqlen,
         data_slice=args.data_slice, budget_tokens=args.budget_tokens, response_only=not args.all_tokens,
-        eval_data=args.eval_data, eval_slice=args.eval_slice, save_base=args.save_base, resume=args.resume,
+        eval_data=args.eval_data, eval_slice=args.eval_slice, save_base=args.save_base, device=args.device, resume=args.resume,
         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, progress=show_progress(args))
     if report["rank"] != 0:
         return None  # data-parallel workers: rank 0 reports and writes

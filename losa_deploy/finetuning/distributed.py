@@ -13,15 +13,30 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import LosaError
 
-def init() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
+
+def init(device_type: str = "cpu") -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun (nccl for CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def training_device(name: str) -> torch.device:
+    """``cpu``, or ``cuda``: this process's GPU (``LOCAL_RANK`` under torchrun)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise LosaError(f"device must be cpu or cuda, got '{name}'")
+    if not torch.cuda.is_available():
+        raise LosaError("--device cuda: no CUDA device is available (torch " + torch.__version__ + ")")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def is_main() -> bool:

@@ -56,9 +56,11 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
              data_slice: str | None = None, calib_slice: str | None = None, budget_tokens: int | None = None,
              response_only: bool = True, eval_data: str | None = None, eval_slice: str | None = None,
              eval_windows_max: int | None = 64, resume: bool = False, overwrite: bool = False,
-             save_base: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+             save_base: bool = False, device: str = "cpu", trust_remote_code: bool = False,
+             progress: bool = True) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data``; writes ``output`` (see the module docstring)."""
-    rank, world = distributed.init()
+    dev = distributed.training_device(device)
+    rank, world = distributed.init(dev.type)
     progress = progress and rank == 0
     _, target = method.checked()
     path = resolve_model(model)
@@ -88,7 +90,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     windows = None
     if calib != SELF:
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, train.seed, calib_slice, progress)
-    lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code)
+    lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code).to(dev)
     _check_not_unpruning(lm, target)
     if windows is None:
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, train.seed, progress=progress)
@@ -127,7 +129,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
                             extra={"block_n": schedule.block_n if schedule else None})
         distributed.barrier()
     report = {"method": asdict(method), "train": train.to_dict(), "phases": history, "one_shot": one_shot,
-              "seconds": time.perf_counter() - started, "world_size": world, "rank": rank,
+              "seconds": time.perf_counter() - started, "world_size": world, "rank": rank, "device": str(dev),
               "train_seconds": sum(r["train_seconds"] for r in history),
               "prune_seconds": sum(r["prune_seconds"] for r in history)}
     if rank == 0:

@@ -33,11 +33,11 @@ def fingerprint(settings: dict) -> str:
 def save_checkpoint(path: str | os.PathLike, model, phase: int, settings: dict, history: list[dict],
                     extra: dict | None = None) -> None:
     layers = adapters_of(model)
-    base = {f"{n}.weight": m.weight.detach().contiguous() for n, m in layers.items()}
+    base = {f"{n}.weight": m.weight.detach().cpu().contiguous() for n, m in layers.items()}
     masks = {f"{n}.mask": bitmask.to_disk(m.mask_words.cpu()) for n, m in layers.items() if m.masked}
     with atomic_dir(path, overwrite=True) as tmp:
         save_file(base, tmp / "base.safetensors")
-        save_file(adapter_state_dict(model), tmp / "adapter.safetensors")
+        save_file({k: v.cpu() for k, v in adapter_state_dict(model).items()}, tmp / "adapter.safetensors")
         if masks:
             save_file(masks, tmp / "masks.safetensors")
         state = {"phase": phase, "fingerprint": fingerprint(settings), "settings": settings, "history": history,
@@ -63,7 +63,7 @@ def restore_checkpoint(path: str | os.PathLike, model) -> None:
     masks = load_file(path / "masks.safetensors") if (path / "masks.safetensors").is_file() else {}
     with torch.no_grad():
         for name, layer in adapters_of(model).items():
-            layer.weight.data = base[f"{name}.weight"].to(layer.weight.dtype)
+            layer.weight.data = base[f"{name}.weight"].to(layer.weight.device, layer.weight.dtype)
             if layer.masked:
                 layer.mask_words = bitmask.from_disk(masks[f"{name}.mask"]).to(layer.weight.device)
         load_adapter_state_dict(model, load_file(path / "adapter.safetensors"))

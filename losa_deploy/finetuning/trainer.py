@@ -69,7 +69,7 @@ def train_phase(model, params: list[torch.nn.Parameter], examples: list[Tokenize
         label_tokens = sum(_label_count(mb) for mb in update)
         for p in params:
             p.grad = torch.zeros_like(p)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for j, mb in enumerate(update):
             if j % world != rank:
                 continue

@@ -35,6 +35,9 @@ from .formats.bitmask import WORD_BITS, pack_mask, unpack_mask_reference, words_
 BACKENDS = ("auto", "cpp", "triton", "torch")
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _PANEL = 256  # rows or columns per panel on the torch path (a multiple of 32: panels start on a word)
+# On a GPU a few big products beat many small ones: panels of up to 2^26 weights (256 MiB in fp32), built,
+# used and freed within one product, so nothing d×k is kept for backward (the whole layer at 7B sizes).
+_GPU_PANEL_WEIGHTS = 1 << 26
 
 
 # ---- the pure-PyTorch products, panel by panel (the readable statement of what the kernels do) ----
@@ -50,14 +53,18 @@ def _panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: slice, dtype
     return value.mul_(mask).to(dtype)
 
 
-def _spans(total: int):
-    return [slice(start, min(start + _PANEL, total)) for start in range(0, total, _PANEL)]
+def _spans(total: int, other: int, device: torch.device):
+    """Panels along a dimension of ``total``, the other dimension being ``other`` long."""
+    size = _PANEL
+    if device.type != "cpu":
+        size = max(_PANEL, _GPU_PANEL_WEIGHTS // max(other, 1) // WORD_BITS * WORD_BITS)
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def _torch_mm(x, weight, words, lora_A, lora_B, scale):
     d, k = lora_B.shape[0], lora_A.shape[1]
     y = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
-    for rows in _spans(d):
+    for rows in _spans(d, k, x.device):
         y[:, rows] = x @ _panel(weight, words, lora_A, lora_B, scale, rows, slice(0, k), x.dtype).t()
     return y
 
@@ -65,7 +72,7 @@ def _torch_mm(x, weight, words, lora_A, lora_B, scale):
 def _torch_mm_t(grad, weight, words, lora_A, lora_B, scale):
     d, k = lora_B.shape[0], lora_A.shape[1]
     dx = torch.empty(grad.shape[0], k, dtype=grad.dtype, device=grad.device)
-    for cols in _spans(k):
+    for cols in _spans(k, d, grad.device):
         dx[:, cols] = grad @ _panel(weight, words, lora_A, lora_B, scale, slice(0, d), cols, grad.dtype)
     return dx
 
@@ -73,7 +80,7 @@ def _torch_mm_t(grad, weight, words, lora_A, lora_B, scale):
 def _torch_grad_ab(grad, x, words, lora_A, lora_B, scale):
     k = lora_A.shape[1]
     da, db = torch.empty_like(lora_A), torch.zeros_like(lora_B)
-    for cols in _spans(k):
+    for cols in _spans(k, lora_B.shape[0], grad.device):
         first_word, ncols = cols.start // WORD_BITS, cols.stop - cols.start
         mask = unpack_mask_reference(words[:, first_word:first_word + words_per_row(ncols)], ncols)
         g = (grad.t() @ x[:, cols]).to(lora_A.dtype).mul_(mask)
@@ -213,8 +220,8 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype, backend: str
         raise LosaError(f"masked-LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     cpp_ok = device.type == "cpu" and dtype in _CPP_DTYPES and ops() is not None
     triton_ok = triton_kernels.available() and (device.type == "cuda" or triton_kernels.interpreted())
-    if backend == "auto":
-        return "cpp" if cpp_ok else "triton" if device.type == "cuda" and triton_ok else "torch"
+    if backend == "auto":  # on CUDA the big-panel torch path measured fastest (RESULTS.md); Triton saves memory
+        return "cpp" if cpp_ok else "torch"
     if backend == "cpp" and not cpp_ok:
         raise LosaError(f"masked-LoRA backend 'cpp' needs the compiled extension, a CPU tensor and "
                         f"float32/bfloat16/float64; got {device.type} {dtype}")

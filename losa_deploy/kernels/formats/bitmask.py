@@ -49,9 +49,9 @@ def pack_mask_reference(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask_reference(words: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_mask_reference`."""
     rows, nwords = words.shape
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(WORD_BITS, device=words.device)
-    bits = (unsigned.unsqueeze(-1) >> shifts) & 1
+    # int32 arithmetic: an arithmetic right shift by b still leaves bit b in bit 0 (4 bytes per weight)
+    shifts = torch.arange(WORD_BITS, device=words.device, dtype=torch.int32)
+    bits = (words.to(torch.int32).unsqueeze(-1) >> shifts) & 1
     return bits.view(rows, nwords * WORD_BITS)[:, :cols].to(torch.bool)
 
 
