@@ -83,6 +83,14 @@ def test_reconstruction_error_against_a_checkpoint(stories_dir, tinystories, rng
                          reference_weights=checkpoint_reference(stories_dir, arch)):
         pass
     assert errors.errors == pytest.approx(one_shot, rel=1e-5)
+    # A reference cache: the first walk fills it, the second reads it and runs no reference block.
+    cache = []
+    for walk in range(2):
+        cached = ReconstructionError()
+        for _ in BlockRunner(model, windows, collectors=[cached], progress=False, reference_cache=cache,
+                             reference_weights=checkpoint_reference(stories_dir, arch) if walk == 0 else None):
+            pass
+        assert len(cache) == 5 and cached.errors == errors.errors
     # The weights swapped in for the reference were put back.
     assert all(float((lin.weight == 0).double().mean()) == pytest.approx(0.5, abs=0.01)
                for lin in arch.linears(model).values())

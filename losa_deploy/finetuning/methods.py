@@ -29,6 +29,9 @@ from ..sparsity.pruners import get_pruner
 from .schedule import lambda_for, nm_schedule, sparsity_schedule
 
 METHODS = ("losa", "sparse-lora", "lora")
+# The dense reference outputs (reconstruction error) are the same in every LoSA phase: kept in memory up
+# to this size, else re-run block by block from the checkpoint each phase (one block resident).
+REFERENCE_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -126,6 +129,7 @@ class LosaSchedule:
         self.progress = progress
         self.pruner = get_pruner(cfg.pruner)
         self.block_n: list[int] | None = None  # mixed N:M: the final N of each block, fixed at phase 1
+        self.reference_cache: list[torch.Tensor] | None = None  # dense block outputs, when they fit
 
     def before_phase(self, model, phase: int, previous_lambda: float | None) -> dict:
         s_t = self.sparsities[phase]
@@ -160,6 +164,11 @@ class LosaSchedule:
         per_block = alloc.solve_allocation_lp(signal, s_t, lam, lower=current)
         return [Target.unstructured(s) for s in per_block], signal
 
+    def _reference_bytes(self, model) -> int:
+        """Memory to keep every block's dense outputs on the calibration windows (fp32)."""
+        blocks = len(get_architecture(model).block_list(model))
+        return blocks * self.windows.numel() * model.config.hidden_size * 4
+
     def _redundancy(self, model) -> list[float]:
         collector = GramCollector(min(self.cfg.rmi_samples, self.windows.shape[0]))
         for _ in BlockRunner(model, self.windows, self.cfg.batch_size, [collector], progress=self.progress,
@@ -172,9 +181,12 @@ class LosaSchedule:
         """Merge → prune → unmerge, block by block; returns the per-block reconstruction errors."""
         arch = get_architecture(model)
         errors = ReconstructionError()
+        if self.reference_cache is None and self._reference_bytes(model) <= REFERENCE_CACHE_BYTES:
+            self.reference_cache = []
         runner = BlockRunner(model, self.windows, self.cfg.batch_size, [errors],
                              reference_weights=checkpoint_reference(self.dense_path, arch),
-                             reference_mode=adapters_off, progress=self.progress,
+                             reference_mode=adapters_off, reference_cache=self.reference_cache,
+                             progress=self.progress,
                              desc=f"LoSA phase {phase + 1}: {self.pruner.name}")
         for step in runner:
             layers = step.linears()

@@ -161,18 +161,22 @@ class BlockRunner:
     block is the block as it is before the caller processes it (the dense model in one-shot pruning).
     ``reference_mode(block)`` is a context manager entered around each reference run, for state the
     weights do not carry (LoSA switches its adapters off there, so the reference is the plain dense block).
+    ``reference_cache``: a list the caller keeps across walks over the same windows with the same
+    reference; the first walk fills it with every block's reference outputs, later walks read them
+    instead of re-running the reference (the caller only passes one when they fit in memory).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                  collectors: Sequence[BlockCollector] = (), reference_weights: ReferenceWeights | None = None,
                  reference_mode: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
-                 progress: bool = True, desc: str = "blocks"):
+                 reference_cache: list[torch.Tensor] | None = None, progress: bool = True, desc: str = "blocks"):
         self.model = model
         self.windows = windows
         self.batch_size = batch_size
         self.collectors = list(collectors)
         self.reference_weights = reference_weights
         self.reference_mode = reference_mode or (lambda block: contextlib.nullcontext())
+        self.reference_cache = reference_cache
         self.progress = progress
         self.desc = desc
 
@@ -182,13 +186,20 @@ class BlockRunner:
         inputs, calls = capture_block_inputs(self.model, self.windows, self.batch_size)
         spare = torch.empty_like(inputs)
         keep_reference = any(c.needs_reference for c in self.collectors)
-        ref, ref_spare = (inputs.clone(), torch.empty_like(inputs)) if keep_reference else (None, None)
+        cache = self.reference_cache
+        cached = cache is not None and len(cache) == len(blocks)
+        run_reference = keep_reference and not cached
+        ref, ref_spare = (inputs.clone(), torch.empty_like(inputs)) if run_reference else (None, None)
         for index, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", disable=not self.progress)):
             step = BlockStep(index, block, inputs, arch, calls, self.batch_size)
-            if keep_reference:
+            if run_reference:
                 with _weights(block, self.reference_weights(index) if self.reference_weights else None), \
                         self.reference_mode(block):
                     ref, ref_spare = step.run(ref, out=ref_spare), ref
+                if cache is not None:
+                    cache.append(ref.clone())
+            elif keep_reference:
+                ref = cache[index]
             for c in self.collectors:
                 c.block_input(step)
             yield step
