@@ -7,7 +7,8 @@ The mask ``M`` is data, not a side effect: the pruner produces it and it is the 
 the invariant (W ≠ 0) ⊆ M. It is held as losa-bitmask words (1 bit per weight), the form the fused
 kernels read. A and B are fp32 master weights whatever the base dtype. The rank can change
 between training phases: growing appends components with zero contribution (new B columns are zero),
-shrinking keeps the best rank-r approximation of B·A (``"svd"``) or the first r components (``"index"``).
+shrinking drops the last components (``"index"``, the default) or keeps the best rank-r approximation
+of B·A (``"svd"``).
 
 Elastic LoRA (Shears): ``active_rank = r`` makes the layer compute with its first r components only
 (``A[:r]``, ``B[:, :r]``, a nested sub-adapter sharing the super-adapter's weights) at the same fixed
@@ -104,8 +105,8 @@ class LoraLinear(nn.Module):
         self.weight.data = weight.to(self.weight.dtype).contiguous()
 
     # --- rank changes ----------------------------------------------------------------------------
-    def set_rank(self, rank: int, shrink: str = "svd", generator: torch.Generator | None = None) -> None:
-        """Grow (new components contribute zero) or shrink (best rank-r, or the first r components)."""
+    def set_rank(self, rank: int, shrink: str = "index", generator: torch.Generator | None = None) -> None:
+        """Grow (new components contribute zero) or shrink (the first r components, or the best rank-r)."""
         if not 1 <= rank <= self.max_rank:
             raise LosaError(f"rank {rank} outside [1, max_rank={self.max_rank}]")
         A, B = self.lora_A.detach(), self.lora_B.detach()

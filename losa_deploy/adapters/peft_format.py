@@ -5,6 +5,10 @@ lists every module whose rank differs, ``alpha_pattern`` keeps PEFT's scale (alp
 (fixed ``s``) at every rank. Tensors go to ``adapter_model.safetensors`` under PEFT's key names. The
 checkpoint loads in stock PEFT (``PeftModel.from_pretrained``) and with :func:`load_peft_adapter`.
 
+An adapter only makes sense on the exact base it was trained on (the pruned weights, not the dense
+model and not the merged result). ``losa_adapter.json`` keeps a SHA-256 of every adapted base weight,
+and :func:`load_peft_adapter` refuses a base whose weights differ.
+
 A *masked* adapter computes (B·A)⊙M, which stock PEFT cannot express: PEFT would apply it unmasked (a
 different function, and merging it there would densify W). ``losa_adapter.json`` records the masking;
 :func:`load_peft_adapter` honours it, taking M from the zero pattern of the (pruned) base it attaches to.
@@ -12,6 +16,7 @@ different function, and merging it there would densify W). ``losa_adapter.json``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -58,7 +63,8 @@ def save_peft_adapter(model, out: str | os.PathLike, base_model: str, overwrite:
     }
     side = {"producer": f"losa-deploy {__version__}", "masked": first.masked, "scale": first.scale,
             "max_rank": first.max_rank, "ranks": ranks,
-            "mask": "the zero pattern of the base weights" if first.masked else None}
+            "mask": "the zero pattern of the base weights" if first.masked else None,
+            "base_sha256": {name: weight_sha256(layer.weight) for name, layer in layers.items()}}
     tensors = {}
     for key, t in adapter_state_dict(model).items():
         module, which = key.rsplit(".", 1)
@@ -90,6 +96,7 @@ def load_peft_adapter(model, path: str | os.PathLike) -> dict:
     foreign = sorted(set(ranks) - known)
     if foreign:
         raise LosaError(f"adapter in {path} does not match this base model: no module {foreign[0]}")
+    _check_base(model, side.get("base_sha256", {}), path)
     scale = side.get("scale", config["lora_alpha"] / config["r"])
     targets = tuple(sorted({arch.locate(n)[1] for n in ranks}))
     cfg = AdapterConfig(rank=1, max_rank=max(side.get("max_rank", 0), *ranks.values()), alpha=scale,
@@ -98,3 +105,19 @@ def load_peft_adapter(model, path: str | os.PathLike) -> dict:
     with torch.no_grad():
         load_adapter_state_dict(model, state)
     return {"ranks": ranks, "masked": cfg.masked, "scale": scale}
+
+
+def weight_sha256(weight: torch.Tensor) -> str:
+    """SHA-256 of a weight's values in float32 (so a bf16 checkpoint loaded as fp32 hashes the same)."""
+    data = weight.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_base(model, expected: dict[str, str], path: Path) -> None:
+    modules = dict(model.named_modules())
+    for name, digest in expected.items():
+        module = modules.get(name)
+        if module is None or weight_sha256(module.weight) != digest:
+            raise LosaError(f"adapter in {path} was trained on a different base: the weights of {name} differ "
+                            "(an adapter attaches to the exact pruned base it was trained on, not to a merged "
+                            "or differently pruned model)")

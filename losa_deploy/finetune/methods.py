@@ -25,6 +25,7 @@ from ..models.arch import get_architecture
 from ..sparsity import allocation as alloc
 from ..sparsity.calibration import BlockRunner, GramCollector, ReconstructionError, checkpoint_reference
 from ..sparsity.masks import Target, apply_mask
+from ..sparsity.patterns import global_sparsity
 from ..sparsity.prune import PruneConfig, Structure, prune_model
 from ..sparsity.pruners import get_pruner
 from .schedule import lambda_for, nm_schedule, sparsity_schedule
@@ -50,7 +51,7 @@ class MethodConfig:
     alpha: float = 16.0
     scale_rank: int = 8
     dropout: float = 0.0
-    shrink: str = "svd"
+    shrink: str = "index"  # drop the last components; "svd" keeps the best rank-r approximation
     init: str = "gaussian"
     batch_size: int = 8  # calibration batch
     data_split: str = "even"  # LoSA's token budget per phase: even (the paper's 2K x 5) | final-heavy
@@ -224,5 +225,4 @@ def _blocks(model) -> list[list[LoraLinear]]:
 
 
 def _sparsity(layers: list[LoraLinear]) -> float:
-    numel = sum(layer.weight.numel() for layer in layers)
-    return 1.0 - sum(int(torch.count_nonzero(layer.weight)) for layer in layers) / max(numel, 1)
+    return global_sparsity(layer.weight for layer in layers)

@@ -3,6 +3,8 @@
     OUT/                  the fine-tuned checkpoint: merged and exactly sparse (losa, sparse-lora), or the
                           pruned base (lora, whose dense adapter must stay unmerged), with its sidecar
     OUT/adapter/          the adapter in PEFT format (per-module ranks), for unmerged use
+    OUT/base/             with ``save_base``, the pruned base of a masked method before the merge (the
+                          adapter's base: ``merge OUT/base --adapter OUT/adapter`` rebuilds OUT exactly)
     OUT/finetune.json     the run: per phase sparsity, λ, errors, ranks, losses, timings
     OUT/finetune.png      per-block sparsity and rank across phases, and the loss curve
     OUT/shears.png        shears: adapter size vs validation loss of the scored sub-adapters
@@ -21,11 +23,27 @@ from pathlib import Path
 from .._version import __version__
 from ..adapters.model import adapters_of, inject_adapters, merge_adapters, unload_adapters
 from ..adapters.peft_format import save_peft_adapter
-from ..data import SELF, calibration_windows, eval_windows, parse_slice, read_source, slice_source, tokenize_text
+from ..data import (
+    SELF,
+    calibration_windows,
+    eval_windows,
+    parse_slice,
+    read_source,
+    slice_source,
+    tokenize_text,
+)
 from ..errors import LosaError
 from ..eval.perplexity import perplexity
-from ..models import check_checkpoint, context_length, get_architecture, load_model, load_tokenizer, resolve_model
+from ..models import (
+    check_checkpoint,
+    context_length,
+    get_architecture,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from ..sparsity import SIDECAR, build_sidecar
+from ..sparsity.patterns import global_sparsity
 from ..utils.fs import atomic_dir, check_output_dir
 from . import distributed
 from .data import split_budget, training_examples
@@ -40,8 +58,8 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
              data_slice: str | None = None, calib_slice: str | None = None, budget_tokens: int | None = None,
              response_only: bool = True, eval_data: str | None = None, eval_slice: str | None = None,
              eval_windows_max: int | None = 64, resume: bool = False, overwrite: bool = False,
-             trust_remote_code: bool = False, progress: bool = True, search_data: str | None = None,
-             search_slice: str | None = None) -> dict:
+             save_base: bool = False, trust_remote_code: bool = False, progress: bool = True,
+             search_data: str | None = None, search_slice: str | None = None) -> dict:
     """Fine-tune ``model`` with ``method`` on ``data``; writes ``output`` (see the module docstring).
 
     ``search_data`` / ``search_slice``: Shears' validation text for choosing the sub-adapter (default:
@@ -49,7 +67,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     """
     rank, world = distributed.init()
     progress = progress and rank == 0
-    method.checked()
+    _, target = method.checked()
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
     if method.method == "shears":
@@ -84,6 +102,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     if calib != SELF:
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, train.seed, calib_slice, progress)
     lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code)
+    _check_not_unpruning(lm, target)
     if windows is None:
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, train.seed, progress=progress)
     started = time.perf_counter()
@@ -106,7 +125,10 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
             previous = history[-1]["lambda"] if history else None
             record.update(schedule.before_phase(lm, phase, previous))
         record["prune_seconds"] = time.perf_counter() - t0
-        params = [p for layer in adapters_of(lm).values() for p in (layer.lora_A, layer.lora_B)]
+        layers = adapters_of(lm).values()
+        record["sparsity"] = global_sparsity(layer.weight for layer in layers)
+        record["average_rank"] = round(sum(layer.rank for layer in layers) / len(layers), 3)
+        params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
         result = train_phase(lm, params, slices[phase], train, phase, pad, progress,
                              desc=f"{method.method} phase {phase + 1}/{method.phases}",
                              before_micro_batch=shears.sampler.before_micro_batch if shears else None)
@@ -131,7 +153,8 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         if ev is not None:
             chosen["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
     if rank == 0:
-        report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resume))
+        report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resume,
+                                    save_base))
         if ev is not None:
             report["final_eval_ppl"] = history[-1]["eval_ppl"] if shears is None else chosen["eval_ppl"]
         remove_checkpoint(ckpt)
@@ -139,11 +162,32 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     return report
 
 
+def _check_not_unpruning(lm, target: float) -> None:
+    """Pruning only removes weights: a target below the model's present sparsity cannot be reached."""
+    current = global_sparsity(m.weight for m in get_architecture(lm).linears(lm).values())
+    if current > target + 0.005:
+        raise LosaError(f"the model is already {100 * current:.2f}% sparse: a target of {100 * target:.2f}% "
+                        "would un-prune it (give a target at least as high)")
+
+
+def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path) -> str:
+    """Where the adapter's (pruned) base lives: OUT for lora, OUT/base when saved, else the input model."""
+    out = Path(output).resolve()
+    if not method.masked:
+        return str(out)
+    return str(out / "base") if save_base else str(base_path)
+
+
 def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, report: dict, settings: dict,
-                  overwrite: bool) -> dict:
+                  overwrite: bool, save_base: bool = False) -> dict:
     info = {}
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        save_peft_adapter(lm, tmp / "adapter", str(base_path))
+        save_peft_adapter(lm, tmp / "adapter", _adapter_base(output, method, save_base, base_path))
+        if method.masked and save_base:
+            adapter_keys = ("lora_A", "lora_B", "mask_words")
+            state = {k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys}
+            lm.save_pretrained(tmp / "base", state_dict=state)
+            tokenizer.save_pretrained(tmp / "base")
         if method.masked:
             info["merge"] = merge_adapters(lm)
             if info["merge"]["nnz_after"] != info["merge"]["nnz_before"] - info["merge"]["cancelled"]:
