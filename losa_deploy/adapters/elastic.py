@@ -74,27 +74,11 @@ def build_space(model, layers: dict[str, LoraLinear], choices, grouping: str = "
     for name in layers:
         block, inner = arch.locate(name)
         by_block.setdefault(block, []).append(inner)
-    patterns = group_patterns(arch, grouping)
     groups = []
     for block, inners in sorted(by_block.items()):
-        if patterns is None:  # one group for the whole block
-            patterns_here = [tuple(inners)]
-        else:
-            patterns_here = [tuple(n for n in inners if any(_matches(n, p) for p in pattern)) for pattern in patterns]
-        seen: dict[str, int] = {}
-        for pattern in patterns_here:
-            for inner in pattern:
-                seen[inner] = seen.get(inner, 0) + 1
-        for inner in inners:
-            if seen.get(inner, 0) != 1:
-                where = "no group" if inner not in seen else f"{seen[inner]} groups"
-                raise LosaError(f"adapted linear {inner} falls in {where} of grouping '{grouping}' "
-                                "(every adapted linear must be in exactly one group)")
-        for pattern in patterns_here:
-            if pattern:
-                short = ",".join(n.rsplit(".", 1)[-1] for n in pattern)
-                groups.append((f"{block}:{short}",
-                               tuple(f"{arch.blocks_path}.{block}.{n}" for n in pattern)))
+        for members in block_groups(arch, inners, grouping):
+            short = ",".join(n.rsplit(".", 1)[-1] for n in members)
+            groups.append((f"{block}:{short}", tuple(f"{arch.blocks_path}.{block}.{n}" for n in members)))
     if not groups:
         raise LosaError("the model has no adapters to make elastic")
     for _, modules in groups:
@@ -179,7 +163,22 @@ class RankSampler:
         return {"per": self.per, "draws": self.draws, "counts": {str(c): n for c, n in self.counts.items()}}
 
 
-def group_patterns(arch, grouping: str) -> list[tuple[str, ...]] | None:
+def block_groups(arch, inners, grouping: str) -> list[tuple[str, ...]]:
+    """The groups of one block's adapted linears ``inners`` (names inside the block), each exactly once."""
+    patterns = _group_patterns(arch, grouping)
+    if patterns is None:  # one group for the whole block
+        return [tuple(inners)]
+    groups = [tuple(n for n in inners if any(_matches(n, p) for p in pattern)) for pattern in patterns]
+    for inner in inners:
+        count = sum(inner in g for g in groups)
+        if count != 1:
+            where = "no group" if count == 0 else f"{count} groups"
+            raise LosaError(f"adapted linear {inner} falls in {where} of grouping '{grouping}' "
+                            "(every adapted linear must be in exactly one group)")
+    return [g for g in groups if g]
+
+
+def _group_patterns(arch, grouping: str) -> list[tuple[str, ...]] | None:
     """The linear-name patterns of each group inside one block (None: the whole block); validates."""
     if grouping == "block":
         return [tuple(g) for g in arch.groups]

@@ -5,9 +5,10 @@ callback. After training, :func:`select_sub_adapter` picks the sub-adapter:
 
 * ``heuristic``: the median choice in every group (Shears' released models; no evaluation needed);
 * ``max`` / ``min``: the largest / smallest choice everywhere;
-* ``hill-climb``: start at the heuristic, try configurations one group one notch away in a seeded
-  order, move to the first with a lower validation loss, stop at a local optimum or after
-  ``search_evals`` evaluations beyond the start.
+* ``hill-climb``: start at the best-scoring uniform configuration (the heuristic on ties), try
+  configurations one group one notch away in a seeded order, move to the first with a lower validation
+  loss, stop at a local optimum or after ``search_evals`` evaluations beyond the uniform ones. The result
+  is the best configuration scored.
 
 With validation data, the uniform configurations (every group at the same choice: max, heuristic,
 min for three choices) are always scored, so the report shows the size / loss trade-off.
@@ -27,10 +28,10 @@ from ..adapters.elastic import (
     ElasticSpace,
     RankSampler,
     activate,
+    block_groups,
     build_space,
     check_choices,
     extract,
-    group_patterns,
 )
 from ..adapters.model import adapters_of
 from ..errors import LosaError
@@ -68,7 +69,8 @@ class ShearsConfig:
 
 def preflight(cfg: ShearsConfig, model_type: str, has_validation: bool) -> None:
     """Reject what would only fail after pruning and training: a bad grouping, a search with no data."""
-    group_patterns(architecture_for(model_type), cfg.groups)
+    arch = architecture_for(model_type)
+    block_groups(arch, arch.linear_names, cfg.groups)
     if cfg.search == "hill-climb" and not has_validation:
         raise LosaError("the hill-climb search needs validation data (--search-data or --eval-data)")
 
@@ -125,13 +127,14 @@ def select_sub_adapter(space: ElasticSpace, search: str, evaluate: Callable[[Con
     else:
         chosen = space.uniform(space.heuristic_rank)
     if search == "hill-climb":
-        chosen = _hill_climb(space, chosen, score, lambda: len(scores) - anchors < budget, seed)
+        start = min(scores, key=lambda c: (scores[c], c != chosen))
+        chosen = _hill_climb(space, start, score, lambda: len(scores) - anchors < budget, seed)
     return {"chosen": chosen, "evaluations": len(scores) - anchors,
             "candidates": [{"config": c, "loss": loss} for c, loss in scores.items()]}
 
 
 def _hill_climb(space: ElasticSpace, start: Config, score, budget_left: Callable[[], bool], seed: int) -> Config:
-    """First-improvement local search on the validation loss (the paper's cheap search from the heuristic)."""
+    """First-improvement local search on the validation loss (the paper's cheap search)."""
     order = random.Random(seed)
     current, best = start, score(start)
     while True:
