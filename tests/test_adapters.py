@@ -141,8 +141,14 @@ def test_adapter_for_another_base_is_refused(stories_dir, tmp_path):
     other = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", vocab_size=512, hidden_size=48, intermediate_size=100, num_hidden_layers=5,
         num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(LosaError, match="do not fit"):
+    with pytest.raises(LosaError, match="different base"):
         load_peft_adapter(other, out)
+    pruned = load_model(stories_dir)  # same architecture, one weight changed: still another base
+    with torch.no_grad():
+        pruned.model.layers[3].mlp.down_proj.weight[0, 0] = 0.0
+    with pytest.raises(LosaError, match="layers.3.mlp.down_proj differ"):
+        load_peft_adapter(pruned, out)
+    load_peft_adapter(load_model(stories_dir), out)  # the base it was trained on is accepted
 
 
 def test_rank_allocation_hits_the_budget(rng):

@@ -87,6 +87,8 @@ def run(args) -> dict:
         rank_choices=args.rank_choices, groups=args.groups, sample_per=args.sample_per, search=args.search,
         search_evals=args.search_evals, masked=args.masked, search_data=args.search_data,
         search_slice=args.search_slice)
+    if report["rank"] != 0:
+        return None  # data-parallel workers: rank 0 reports and writes
     rows = [[p["phase"], f"{100 * p['sparsity']:.2f}%" if "sparsity" in p else "-",
              p.get("average_rank", "-"), f"{p['losses'][-1]:.4f}" if p["losses"] else "-",
              f"{p['eval_ppl']:.3f}" if "eval_ppl" in p else "-", f"{p['train_seconds']:.1f}"]

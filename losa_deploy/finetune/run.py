@@ -145,7 +145,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         distributed.barrier()
     chosen = shears.select(lm, search_windows, train.seed) if shears is not None else None
     report = {"method": asdict(method), "train": train.to_dict(), "phases": history, "one_shot": one_shot,
-              "seconds": time.perf_counter() - started, "world_size": world,
+              "seconds": time.perf_counter() - started, "world_size": world, "rank": rank,
               "train_seconds": sum(r["train_seconds"] for r in history),
               "prune_seconds": sum(r["prune_seconds"] for r in history)}
     if chosen is not None:
