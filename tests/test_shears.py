@@ -281,7 +281,8 @@ def test_finetune_shears_end_to_end_and_bad_input(cli, stories_dir, tinystories,
             "--max-rank", "8", "--rank-choices", "8,6,3", "--eval-data", tinystories, "--eval-slice", "0.9:0.93",
             "--search-data", tinystories, "--search-slice", "0.8:0.83", "--no-progress"]
     for extra, message in ((["--rank-choices", "12,8"], "above r_max"), (["--rank-choices", ","], "empty"),
-                           (["--rank-choices", "8,six"], "integers"), (["--search", "best"], "search")):
+                           (["--rank-choices", "8,six"], "integers"), (["--search", "best"], "search"),
+                           (["--method", "lora"], "Shears options")):
         code, _, err = cli("finetune", *args, *extra)
         assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and message in err, err
         assert not out.exists()

@@ -82,6 +82,9 @@ class MethodConfig:
         if self.method == "shears":
             self.shears.checked(self.max_rank)
             top = self.shears.r_max
+        elif self.shears != ShearsConfig():
+            raise LosaError("rank choices, groups, sampling, search and --unmasked are Shears options "
+                            f"(--method shears), not for method '{self.method}'")
         if not self.min_rank <= top <= self.max_rank:
             raise LosaError(f"the largest rank the schedule asks for ({top}) exceeds max_rank {self.max_rank}: "
                             "raise --max-rank (the adapter capacity must cover every allocated rank)")

@@ -22,7 +22,9 @@ def plot_finetune(report: dict, path: str | os.PathLike) -> None:
             ax.set_xlabel("decoder block")
             ax.legend(fontsize=7)
     else:
-        for ax, text in zip(axes[:2], ("fixed one-shot mask", f"fixed rank {report['method']['rank']}")):
+        ranks = f"fixed rank {report['method']['rank']}" if "shears" not in report else \
+            f"elastic ranks {report['shears']['choices']}\n(see shears.png)"
+        for ax, text in zip(axes[:2], ("fixed one-shot mask", ranks)):
             ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
     axes[0].set_title("per-block sparsity")
