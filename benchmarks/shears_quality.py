@@ -47,6 +47,7 @@ def runs(opts) -> dict[str, dict]:
         "Shears heuristic": dict(shears, search="heuristic"),
         "Shears hill-climb": dict(shears, search="hill-climb"),
         "Shears max": dict(shears, search="max"),
+        "Shears heuristic per micro-batch": dict(shears, search="heuristic", sample_per="micro-batch"),
         "Shears heuristic unmasked": dict(shears, search="heuristic", masked=False),
     }
 

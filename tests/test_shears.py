@@ -18,7 +18,7 @@ from losa_deploy.adapters.elastic import (
     parse_choices,
 )
 from losa_deploy.adapters.layer import LoraLinear
-from losa_deploy.adapters.model import adapters_of, inject_adapters, merge_adapters
+from losa_deploy.adapters.model import inject_adapters, merge_adapters
 from losa_deploy.adapters.peft_format import load_peft_adapter, save_peft_adapter
 from losa_deploy.errors import LosaError
 from losa_deploy.finetune.methods import MethodConfig
