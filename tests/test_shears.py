@@ -273,7 +273,8 @@ def test_parse_choices():
 
 
 def test_finetune_shears_end_to_end_and_bad_input(cli, stories_dir, tinystories, tmp_path):
-    """The CLI trains, searches, exports (unmasked: the pruned base + a peft adapter with mixed ranks)."""
+    """The CLI trains, searches and exports: unmasked (the pruned base + an adapter with mixed ranks) and
+    masked (merged with the zero pattern unchanged; base + adapter rebuild it exactly)."""
     out = tmp_path / "shears"
     args = [stories_dir, "-o", out, "--method", "shears", "--sparsity", "0.5", "--data", tinystories,
             "--data-slice", "0:0.8", "--budget-tokens", "4096", "--calib", tinystories, "--calib-slice", "0:0.8",
@@ -314,3 +315,16 @@ def test_finetune_shears_end_to_end_and_bad_input(cli, stories_dir, tinystories,
     text = slice_source(read_source(str(tinystories)), *parse_slice("0.9:0.93")).as_text()
     windows = eval_windows(tokenize_text(load_tokenizer(out), text), 256, 64)
     assert math.isclose(perplexity(model, windows, progress=False)["ppl"], shears["eval_ppl"], rel_tol=1e-5)
+
+    # masked (the default): merged with the base's zero pattern; base + adapter rebuild it bit for bit
+    masked = tmp_path / "masked"
+    code, _, err = cli("finetune", *no_data[:2], masked, *no_data[3:], "--search", "max", "--save-base")
+    assert code == 0, err
+    merged, base = load_model(masked), load_model(masked / "base")
+    for name, module in merged.named_modules():
+        if isinstance(module, nn.Linear) and "layers" in name:
+            assert torch.equal(module.weight != 0, base.get_submodule(name).weight != 0)
+    code, _, err = cli("merge", masked / "base", "--adapter", masked / "adapter", "-o", tmp_path / "again")
+    assert code == 0, err
+    again = load_model(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), again.state_dict().values()))
