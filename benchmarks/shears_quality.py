@@ -23,9 +23,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-# The API functions by module: ``ld.finetune`` would resolve to the ``losa_deploy.finetune`` subpackage
-# once that has been imported.
-from losa_deploy import api as ld
+import losa_deploy as ld
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("LOSA_ASSETS", ROOT.parent / "shared" / "assets"))

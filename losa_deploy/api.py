@@ -157,19 +157,19 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os
     write the merged model, exactly as sparse as the final mask. Every method on the same
     ``budget_tokens`` sees the same examples. A run killed mid-way continues with ``resume=True`` to the
     same final weights. Under ``torchrun`` it trains data-parallel. Returns the run's report (also in
-    ``OUT/finetune.json``); see :mod:`losa_deploy.finetune.run` for the output layout.
+    ``OUT/finetune.json``); see :mod:`losa_deploy.finetuning.run` for the output layout.
 
     ``shears`` prunes once and trains an elastic super-adapter of rank max(``rank_choices``) (``"32,24,16"``
     or a sequence), sampling one rank per group (``groups``) per update or micro-batch (``sample_per``),
     then keeps one sub-adapter (``search``: heuristic, hill-climb, max, min; ``search_evals`` bounds the
     hill-climb) scored on ``search_data``/``search_slice`` (default: the eval data). ``masked=False`` is
-    the original unmasked Shears, left unmerged. See :mod:`losa_deploy.finetune.shears`.
+    the original unmasked Shears, left unmerged. See :mod:`losa_deploy.finetuning.shears`.
     """
     from .adapters.elastic import parse_choices
-    from .finetune.methods import MethodConfig
-    from .finetune.run import finetune as run_finetune
-    from .finetune.shears import ShearsConfig
-    from .finetune.trainer import TrainConfig
+    from .finetuning.methods import MethodConfig
+    from .finetuning.run import finetune as run_finetune
+    from .finetuning.shears import ShearsConfig
+    from .finetuning.trainer import TrainConfig
 
     method_cfg = MethodConfig(method=method, sparsity=sparsity, structure=structure, pruner=pruner, steps=steps,
                               allocation=allocation, lambda_schedule=lambda_schedule, first_rank=first_rank,
@@ -196,7 +196,7 @@ def merge(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.
     Masked adapters keep the zero pattern exactly; an unmasked one is refused on a sparse base unless
     ``allow_dense``. The adapter must match the base's weights (checked by hash).
     """
-    from .finetune.merge import merge_checkpoint
+    from .finetuning.merge import merge_checkpoint
 
     return merge_checkpoint(base, adapter, output, allow_dense=allow_dense, overwrite=overwrite,
                             trust_remote_code=trust_remote_code)

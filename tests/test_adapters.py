@@ -10,7 +10,7 @@ from losa_deploy.adapters.model import adapters_of, inject_adapters, merge_adapt
 from losa_deploy.adapters.peft_format import load_peft_adapter, save_peft_adapter
 from losa_deploy.adapters.ranks import allocate_ranks, allocate_ranks_reference, average_rank
 from losa_deploy.errors import LosaError
-from losa_deploy.finetune.schedule import lambda_for, nm_schedule, sparsity_schedule
+from losa_deploy.finetuning.schedule import lambda_for, nm_schedule, sparsity_schedule
 from losa_deploy.models import load_model
 
 

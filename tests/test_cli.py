@@ -43,3 +43,13 @@ def test_installed_entry_points_run(entry):
     assert done.returncode == 0 and done.stdout.startswith("losa-deploy ")
     bad = subprocess.run([*exe, "inspect", "/no/such/dir"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: model directory /no/such/dir does not exist"
+
+
+def test_public_api_names_are_not_shadowed_by_submodules():
+    """``losa_deploy.X`` must stay the API function: importing a submodule named X would replace it."""
+    import pkgutil
+
+    import losa_deploy
+
+    submodules = {m.name for m in pkgutil.iter_modules(losa_deploy.__path__)}
+    assert not submodules & losa_deploy._API

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from losa_deploy.finetune.schedule import sparsity_schedule
+from losa_deploy.finetuning.schedule import sparsity_schedule
 
 TINY = ["--budget-tokens", "6144", "--max-len", "64", "--nsamples", "8", "--lr", "5e-3", "--batch-size", "4",
         "--grad-accum", "2", "--no-progress"]

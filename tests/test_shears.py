@@ -21,8 +21,8 @@ from losa_deploy.adapters.layer import LoraLinear
 from losa_deploy.adapters.model import inject_adapters, merge_adapters
 from losa_deploy.adapters.peft_format import load_peft_adapter, save_peft_adapter
 from losa_deploy.errors import LosaError
-from losa_deploy.finetune.methods import MethodConfig
-from losa_deploy.finetune.shears import ShearsConfig, select_sub_adapter
+from losa_deploy.finetuning.methods import MethodConfig
+from losa_deploy.finetuning.shears import ShearsConfig, select_sub_adapter
 from losa_deploy.models import load_model
 
 
@@ -244,7 +244,7 @@ def test_chosen_sub_adapter_exports_with_its_ranks_and_merges_exactly(stories_di
 
 def test_training_is_deterministic_with_a_seed(stories_dir, rng, tinystories):
     from losa_deploy.data import TokenizedExample
-    from losa_deploy.finetune.trainer import TrainConfig, train_phase
+    from losa_deploy.finetuning.trainer import TrainConfig, train_phase
 
     windows = torch.randint(512, (8, 29), generator=rng)
     examples = [TokenizedExample(w.clone(), w.clone()) for w in windows]

@@ -6,7 +6,7 @@
 * ``sparse-lora``: prune once to the target, fixed mask, masked LoRA, merged at the end.
 * ``lora``: prune once, plain (unmasked) LoRA, left unmerged: merging a dense update densifies W.
 * ``shears``: prune once, an elastic super-adapter trained with a rank sampled per group (NLS), then one
-  sub-adapter chosen (``finetune/shears.py``); masked and merged by default, or unmasked and unmerged.
+  sub-adapter chosen (``finetuning/shears.py``); masked and merged by default, or unmasked and unmerged.
 """
 
 from __future__ import annotations
