@@ -1,11 +1,17 @@
 """Shears: elastic LoRA weight sharing and fixed scale, the rank sampler, checkpoint safety, the sub-adapter
-search, the exact merge and the PEFT export of the chosen sub-adapter (ours and stock peft), bad input."""
+search, the exact merge and the PEFT export of the chosen sub-adapter (ours and stock peft), data-parallel
+equivalence, bad input."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from losa_deploy.adapters.config import AdapterConfig
@@ -328,3 +334,25 @@ def test_finetune_shears_end_to_end_and_bad_input(cli, stories_dir, tinystories,
     assert code == 0, err
     again = load_model(tmp_path / "again")
     assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), again.state_dict().values()))
+
+
+def test_two_process_data_parallel_matches_one_process(stories_dir, tinystories, tmp_path):
+    """Per-micro-batch ranks under DDP: each process draws the whole sequence, so its micro-batches use
+    the sub-adapters one process would have used for them."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    common = [stories_dir, "--method", "shears", "--sparsity", "0.5", "--data", tinystories, "--data-slice", "0:0.5",
+              "--budget-tokens", "4096", "--calib", tinystories, "--calib-slice", "0:0.5", "--nsamples", "8",
+              "--lr", "1e-2", "--max-rank", "8", "--rank-choices", "8,6,3", "--sample-per", "micro-batch",
+              "--search", "max", "--autocast", "none", "--no-progress"]
+    runs = {"single": [sys.executable, "-m", "losa_deploy", "finetune"],
+            "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "losa_deploy", "finetune"]}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, *map(str, common), "-o", str(tmp_path / name)], env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    single, ddp = (load_file(tmp_path / n / "model.safetensors") for n in runs)
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    draws = [json.loads((tmp_path / n / "finetune.json").read_text())["phases"][0]["sampler"] for n in runs]
+    assert draws[0] == draws[1] and draws[0]["draws"] == 4  # 2 updates x 2 micro-batches, on every process
