@@ -65,7 +65,8 @@ def run(name: str, kwargs: dict, out: Path, opts) -> dict:
     t0 = time.perf_counter()
     report = ld.finetune(MODEL, dest, str(TINY), sparsity=0.5, pruner="wanda", lr=opts.lr, data_slice="0:0.8",
                          budget_tokens=opts.budget, max_len=256, batch_size=4, grad_accum=2, calib=str(TINY),
-                         calib_slice="0:0.8", nsamples=128, seqlen=256, overwrite=True, progress=opts.progress,
+                         calib_slice="0:0.8", nsamples=128, seqlen=256, seed=opts.seed, overwrite=True,
+                         progress=opts.progress,
                          **kwargs)
     seconds = time.perf_counter() - t0
     merged = "merge" in report  # masked methods come back merged, exactly sparse
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8, help="LoRA / sparse-LoRA fixed rank (default 8)")
     p.add_argument("--choices", default="12,8,4", help="Shears rank choices (default 12,8,4: heuristic 8)")
     p.add_argument("--search-evals", type=int, default=24, help="hill-climb evaluations (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run (default 0)")
     p.add_argument("--only", help="comma list of run names to do (default: all)")
     p.add_argument("--progress", action="store_true")
     opts = p.parse_args()
@@ -116,7 +118,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {"runs": {}}
-    results.update(budget_tokens=opts.budget, lr=opts.lr, choices=opts.choices, dense=evaluate(MODEL))
+    results.update(budget_tokens=opts.budget, lr=opts.lr, choices=opts.choices, seed=opts.seed,
+                   dense=evaluate(MODEL))
     pruned = out / "oneshot-50pct"
     if not pruned.exists():
         ld.prune(MODEL, pruned, method="wanda", sparsity=0.5, calib=str(TINY), data_slice="0:0.8", nsamples=128,
