@@ -47,7 +47,7 @@ class ShearsConfig:
     groups: str = "block"  # block | layer | module | "q_proj,k_proj,v_proj;gate_proj,up_proj;down_proj"
     sample_per: str = "step"  # step | micro-batch (the reference samples per micro-batch)
     search: str = "heuristic"  # heuristic | hill-climb | max | min
-    search_evals: int = 16  # hill-climb: validation evaluations beyond the starting point
+    search_evals: int = 16  # hill-climb: validation evaluations beyond the uniform configurations
     masked: bool = True  # SQFT's SparsePEFT, merged exactly; False: the original Shears, kept unmerged
 
     def checked(self, max_rank: int) -> None:
