@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .data import (
@@ -145,8 +146,10 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os
              data_slice: str | None = None, budget_tokens: int | None = None, response_only: bool = True,
              eval_data: str | None = None, eval_slice: str | None = None, save_base: bool = False,
              device: str = "cpu", resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
-             progress: bool = True) -> dict:
-    """Prune and fine-tune ``model`` on ``data`` with LoSA, static sparse-LoRA or plain LoRA.
+             progress: bool = True, rank_choices: str | Sequence[int] = (16, 12, 8), groups: str = "block",
+             sample_per: str = "step", search: str = "heuristic", search_evals: int = 16, masked: bool = True,
+             search_data: str | os.PathLike | None = None, search_slice: str | None = None) -> dict:
+    """Prune and fine-tune ``model`` on ``data`` with LoSA, static sparse-LoRA, plain LoRA or Shears.
 
     LoSA runs ``steps`` phases on the cubic sparsity schedule (merge → prune → unmerge, RMI per-block
     sparsity, ranks from reconstruction error, then training); ``sparse-lora`` prunes once and trains a
@@ -155,22 +158,35 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os
     ``budget_tokens`` sees the same examples. A run killed mid-way continues with ``resume=True`` to the
     same final weights. Under ``torchrun`` it trains data-parallel. Returns the run's report (also in
     ``OUT/finetune.json``); see :mod:`losa_deploy.finetuning.run` for the output layout.
+
+    ``shears`` prunes once and trains an elastic super-adapter of rank max(``rank_choices``) (``"32,24,16"``
+    or a sequence), sampling one rank per group (``groups``) per update or micro-batch (``sample_per``),
+    then keeps one sub-adapter (``search``: heuristic, hill-climb, max, min; ``search_evals`` bounds the
+    hill-climb) scored on ``search_data``/``search_slice`` (default: the eval data). ``masked=False`` is
+    the original unmasked Shears, left unmerged. See :mod:`losa_deploy.finetuning.shears`.
     """
+    from .adapters.elastic import parse_choices
     from .finetuning.methods import MethodConfig
     from .finetuning.run import finetune as run_finetune
+    from .finetuning.shears import ShearsConfig
     from .finetuning.trainer import TrainConfig
 
     method_cfg = MethodConfig(method=method, sparsity=sparsity, structure=structure, pruner=pruner, steps=steps,
                               allocation=allocation, lambda_schedule=lambda_schedule, first_rank=first_rank,
                               rank=rank, max_rank=max_rank, alpha=alpha, dropout=dropout, shrink=shrink,
-                              data_split=data_split)
+                              data_split=data_split,
+                              shears=ShearsConfig(
+                                  rank_choices=parse_choices(rank_choices) if isinstance(rank_choices, str)
+                                  else tuple(rank_choices), groups=groups, sample_per=sample_per, search=search,
+                                  search_evals=search_evals, masked=masked))
     train = TrainConfig(lr=lr, warmup_ratio=warmup_ratio, batch_size=batch_size, grad_accum=grad_accum,
                         max_len=max_len, seed=seed, autocast=autocast)
     return run_finetune(model, output, str(data), method_cfg, train, calib=calib, nsamples=nsamples, seqlen=seqlen,
                         data_slice=data_slice, calib_slice=calib_slice, budget_tokens=budget_tokens,
                         response_only=response_only, eval_data=eval_data, eval_slice=eval_slice, resume=resume,
                         overwrite=overwrite, save_base=save_base, device=device, trust_remote_code=trust_remote_code,
-                        progress=progress)
+                        progress=progress, search_data=None if search_data is None else str(search_data),
+                        search_slice=search_slice)
 
 
 def merge(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike, allow_dense: bool = False,

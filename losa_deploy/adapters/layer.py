@@ -9,6 +9,11 @@ kernels read. A and B are fp32 master weights whatever the base dtype. The rank 
 between training phases: growing appends components with zero contribution (new B columns are zero),
 shrinking drops the last components (``"index"``, the default) or keeps the best rank-r approximation
 of B·A (``"svd"``).
+
+Elastic LoRA (Shears): ``active_rank = r`` makes the layer compute with its first r components only
+(``A[:r]``, ``B[:, :r]``, a nested sub-adapter sharing the super-adapter's weights) at the same fixed
+scale; ``None`` uses them all. It is a plain attribute set from outside (``adapters.elastic``): the
+forward never draws random numbers, so a recomputed forward (gradient checkpointing) sees the same rank.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class LoraLinear(nn.Module):
                              if masked else None)
         self.scale, self.max_rank, self.dropout, self.init = scale, max_rank, dropout, init
         self.enabled = True  # False: the plain base linear (LoSA's dense reference runs use it)
+        self.active_rank: int | None = None  # elastic LoRA: compute with the first r components only
         self.lora_A = nn.Parameter(self._new_rows(rank, generator).to(self.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device))
 
@@ -54,20 +60,31 @@ class LoraLinear(nn.Module):
         return None if self.mask_words is None else unpack_mask(self.mask_words.cpu(), self.in_features).to(
             self.weight.device)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the active sub-adapter: views of the first ``active_rank`` components, or all of them."""
+        r = self.active_rank
+        if r is None or r == self.rank:
+            return self.lora_A, self.lora_B
+        if not 1 <= r <= self.rank:
+            raise LosaError(f"active rank {r} outside [1, rank={self.rank}]")
+        return self.lora_A[:r], self.lora_B[:, :r]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight.to(x.dtype), self.bias)
+        lora_A, lora_B = self.factors()
         if self.masked:
-            return masked_lora_linear(x, self.weight, self.mask_words, self.lora_A, self.lora_B, self.scale,
+            return masked_lora_linear(x, self.weight, self.mask_words, lora_A, lora_B, self.scale,
                                       self.bias, dropout=self.dropout, training=self.training)
-        A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
         return F.linear(x, self.weight.to(x.dtype), self.bias) + self.scale * F.linear(F.linear(xd, A), B)
 
     # --- the update as a matrix (fp32, transient: one layer at a time) ------------------------------
     def delta(self) -> torch.Tensor:
-        """s·(B·A), masked if the adapter is masked, in float32."""
-        d = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        """s·(B·A) of the active components, masked if the adapter is masked, in float32."""
+        A, B = self.factors()
+        d = self.scale * (B.detach().float() @ A.detach().float())
         return d * self.mask if self.masked else d
 
     def merged_weight(self) -> torch.Tensor:
@@ -105,6 +122,7 @@ class LoraLinear(nn.Module):
                 raise LosaError(f"unknown shrink rule '{shrink}' (svd or index)")
         self.lora_A = nn.Parameter(A.contiguous())
         self.lora_B = nn.Parameter(B.contiguous())
+        self.active_rank = None  # new factors: any sub-adapter choice referred to the old ones
 
     def _new_rows(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         rows = torch.empty(n, self.in_features)
@@ -126,7 +144,7 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale}, "
-                f"masked={self.masked}")
+                f"masked={self.masked}" + (f", active_rank={self.active_rank}" if self.active_rank else ""))
 
 
 def _best_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

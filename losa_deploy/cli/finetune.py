@@ -1,17 +1,17 @@
-"""``losa-deploy finetune MODEL -o OUT --method losa|lora|sparse-lora --sparsity S --data FILE ...``."""
+"""``losa-deploy finetune MODEL -o OUT --method losa|lora|sparse-lora|shears --sparsity S --data FILE ...``."""
 
 from __future__ import annotations
 
 from .common import add_model_argument, positive_int, print_table, show_progress
 from .prune import _fraction
 
-HELP = "sparse fine-tuning: LoSA, static sparse-LoRA or plain LoRA, with an exact sparse merge"
+HELP = "sparse fine-tuning: LoSA, static sparse-LoRA, plain LoRA or Shears, with an exact sparse merge"
 
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output checkpoint directory")
-    parser.add_argument("--method", default="losa", help="losa | sparse-lora | lora (default: losa)")
+    parser.add_argument("--method", default="losa", help="losa | sparse-lora | lora | shears (default: losa)")
     parser.add_argument("--sparsity", type=_fraction, metavar="S", help="target sparsity (implied by N:M)")
     parser.add_argument("--pruner", default="wanda", help="wanda | sparsegpt | magnitude (default: wanda)")
     parser.add_argument("--structure", default="unstructured", help="unstructured | N:M | mixed-N:M")
@@ -49,6 +49,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
     parser.add_argument("--save-base", action="store_true",
                         help="also write the pruned base before the merge to OUT/base (for unmerged use)")
+    shears = parser.add_argument_group("shears (elastic-rank adapter search)")
+    shears.add_argument("--rank-choices", default="16,12,8", metavar="R,R,...",
+                        help="elastic ranks; the super-adapter has the largest, which --max-rank must cover "
+                             "(default 16,12,8)")
+    shears.add_argument("--groups", default="block",
+                        help="modules sharing one rank, per block: block (q/k/v, o, gate/up, down) | layer | "
+                             "module | 'q_proj,k_proj,v_proj;gate_proj,up_proj;down_proj' (default block)")
+    shears.add_argument("--sample-per", default="step", help="draw the ranks per step | micro-batch (default step)")
+    shears.add_argument("--search", default="heuristic",
+                        help="sub-adapter choice: heuristic (median rank) | hill-climb | max | min")
+    shears.add_argument("--search-evals", type=positive_int, default=16, metavar="N",
+                        help="hill-climb: validation evaluations beyond the start (default 16)")
+    shears.add_argument("--search-data", metavar="FILE", help="validation text for the search (default: --eval-data)")
+    shears.add_argument("--search-slice", metavar="A:B", help="fraction range of --search-data")
+    mask = shears.add_mutually_exclusive_group()
+    mask.add_argument("--masked", dest="masked", action="store_true", default=True,
+                      help="mask the adapter with the base's zeros and merge it exactly (default)")
+    mask.add_argument("--unmasked", dest="masked", action="store_false",
+                      help="the original Shears: a dense adapter, kept unmerged in OUT/adapter")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -64,8 +83,11 @@ def run(args) -> dict:
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_len=args.max_len, autocast=args.autocast,
         seed=args.seed, calib=args.calib, calib_slice=args.calib_slice, nsamples=args.nsamples, seqlen=args.seqlen,
         data_slice=args.data_slice, budget_tokens=args.budget_tokens, response_only=not args.all_tokens,
-        eval_data=args.eval_data, eval_slice=args.eval_slice, save_base=args.save_base, device=args.device, resume=args.resume,
-        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, progress=show_progress(args))
+        eval_data=args.eval_data, eval_slice=args.eval_slice, save_base=args.save_base, device=args.device,
+        resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        progress=show_progress(args), rank_choices=args.rank_choices, groups=args.groups,
+        sample_per=args.sample_per, search=args.search, search_evals=args.search_evals, masked=args.masked,
+        search_data=args.search_data, search_slice=args.search_slice)
     if report["rank"] != 0:
         return None  # data-parallel workers: rank 0 reports and writes
     rows = [[p["phase"], f"{100 * p['sparsity']:.2f}%" if "sparsity" in p else "-",
@@ -73,6 +95,12 @@ def run(args) -> dict:
              f"{p['eval_ppl']:.3f}" if "eval_ppl" in p else "-", f"{p['train_seconds']:.1f}"]
             for p in report["phases"]]
     print_table(rows, ["phase", "sparsity", "avg rank", "last loss", "eval ppl", "train s"])
+    if "shears" in report:
+        chosen = report["shears"]["chosen"]
+        ranks = sorted(set(chosen["ranks"].values()), reverse=True)
+        print(f"\nshears sub-adapter ({report['shears']['search']}): ranks {ranks}, "
+              f"{chosen['adapter_params']} of {report['shears']['super_adapter_params']} adapter parameters"
+              + (f", validation ppl {chosen['val_ppl']:.3f}" if "val_ppl" in chosen else ""))
     print(f"\n{report['method']['method']}: final sparsity {100 * report['achieved_sparsity']:.2f}% "
           f"in {report['seconds']:.1f} s; wrote {args.output}")
     return report

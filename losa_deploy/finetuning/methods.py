@@ -5,12 +5,14 @@
   re-allocates per-block ranks from the reconstruction error, then trains (losa.md §1, §3-§8).
 * ``sparse-lora``: prune once to the target, fixed mask, masked LoRA, merged at the end.
 * ``lora``: prune once, plain (unmasked) LoRA, left unmerged: merging a dense update densifies W.
+* ``shears``: prune once, an elastic super-adapter trained with a rank sampled per group (NLS), then one
+  sub-adapter chosen (``finetuning/shears.py``); masked and merged by default, or unmasked and unmerged.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,8 +29,9 @@ from ..sparsity.patterns import global_sparsity
 from ..sparsity.prune import PruneConfig, Structure, prune_model
 from ..sparsity.pruners import get_pruner
 from .schedule import lambda_for, nm_schedule, sparsity_schedule
+from .shears import ShearsConfig
 
-METHODS = ("losa", "sparse-lora", "lora")
+METHODS = ("losa", "sparse-lora", "lora", "shears")
 # The dense reference outputs (reconstruction error) are the same in every LoSA phase: kept in memory up
 # to this size, else re-run block by block from the checkpoint each phase (one block resident).
 REFERENCE_CACHE_BYTES = 1 << 30
@@ -55,6 +58,7 @@ class MethodConfig:
     init: str = "gaussian"
     batch_size: int = 8  # calibration batch
     data_split: str = "even"  # LoSA's token budget per phase: even (the paper's 2K x 5) | final-heavy
+    shears: ShearsConfig = field(default_factory=ShearsConfig)  # read by method "shears" only
 
     def phase_weights(self) -> list[float]:
         """Share of the token budget per phase. ``final-heavy`` is the reference code's 1,1,1,1,6 (of 10)."""
@@ -78,6 +82,12 @@ class MethodConfig:
         structure, target = PruneConfig(method=self.pruner, sparsity=self.sparsity, structure=self.structure,
                                         allocation="uniform").checked()
         top = average_rank(self.steps, self.first_rank) if self.method == "losa" else self.rank
+        if self.method == "shears":
+            self.shears.checked(self.max_rank)
+            top = self.shears.r_max
+        elif self.shears != ShearsConfig():
+            raise LosaError("rank choices, groups, sampling, search and --unmasked are Shears options "
+                            f"(--method shears), not for method '{self.method}'")
         if not self.min_rank <= top <= self.max_rank:
             raise LosaError(f"the largest rank the schedule asks for ({top}) exceeds max_rank {self.max_rank}: "
                             "raise --max-rank (the adapter capacity must cover every allocated rank)")
@@ -90,9 +100,15 @@ class MethodConfig:
 
     @property
     def masked(self) -> bool:
-        return self.method != "lora"
+        return self.method != "lora" and (self.method != "shears" or self.shears.masked)
 
     def adapter_config(self) -> AdapterConfig:
+        if self.method == "shears":
+            # The super-adapter has rank r_max; its scale s = alpha/scale_rank is kept, written as
+            # alpha' / r_max with alpha' = s·r_max (PEFT's lora_alpha: 64 for r_max 32 at s = 2).
+            r_max = self.shears.r_max
+            return AdapterConfig(rank=r_max, max_rank=r_max, alpha=self.alpha / self.scale_rank * r_max,
+                                 scale_rank=r_max, dropout=self.dropout, masked=self.masked, init=self.init)
         rank = self.first_rank if self.method == "losa" else self.rank
         return AdapterConfig(rank=rank, max_rank=self.max_rank, alpha=self.alpha, scale_rank=self.scale_rank,
                              dropout=self.dropout, masked=self.masked, init=self.init)

@@ -7,6 +7,7 @@
                           adapter's base: ``merge OUT/base --adapter OUT/adapter`` rebuilds OUT exactly)
     OUT/finetune.json     the run: per phase sparsity, λ, errors, ranks, losses, timings
     OUT/finetune.png      per-block sparsity and rank across phases, and the loss curve
+    OUT/shears.png        shears: adapter size vs validation loss of the scored sub-adapters
     OUT.ckpt/             the checkpoint of the last finished phase while the run is going (``--resume``)
 """
 
@@ -47,6 +48,7 @@ from ..utils.fs import atomic_dir, check_output_dir
 from . import distributed
 from .data import split_budget, training_examples
 from .methods import LosaSchedule, MethodConfig, prune_once
+from .shears import ShearsRun, preflight
 from .state import read_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from .trainer import TrainConfig, train_phase
 
@@ -57,14 +59,20 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
              response_only: bool = True, eval_data: str | None = None, eval_slice: str | None = None,
              eval_windows_max: int | None = 64, resume: bool = False, overwrite: bool = False,
              save_base: bool = False, device: str = "cpu", trust_remote_code: bool = False,
-             progress: bool = True) -> dict:
-    """Fine-tune ``model`` with ``method`` on ``data``; writes ``output`` (see the module docstring)."""
+             progress: bool = True, search_data: str | None = None, search_slice: str | None = None) -> dict:
+    """Fine-tune ``model`` with ``method`` on ``data``; writes ``output`` (see the module docstring).
+
+    ``search_data`` / ``search_slice``: Shears' validation text for choosing the sub-adapter (default:
+    the eval data, which then no longer gives an unbiased test of the chosen one).
+    """
     dev = distributed.training_device(device)
     rank, world = distributed.init(dev.type)
     progress = progress and rank == 0
     _, target = method.checked()
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
+    if method.method == "shears":
+        preflight(method.shears, config["model_type"], search_data is not None or eval_data is not None)
     ckpt = Path(f"{output}.ckpt")
     if not resume:
         check_output_dir(output, overwrite)
@@ -80,10 +88,14 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     if eval_data is not None:
         text = slice_source(read_source(eval_data), *parse_slice(eval_slice)).as_text()
         ev = eval_windows(tokenize_text(tokenizer, text), train.max_len, eval_windows_max)
+    search_windows = ev
+    if search_data is not None:
+        text = slice_source(read_source(search_data), *parse_slice(search_slice)).as_text()
+        search_windows = eval_windows(tokenize_text(tokenizer, text), train.max_len, eval_windows_max)
     settings = {"model": str(path), "data": str(data), "slice": data_slice, "method": asdict(method),
                 "train": train.to_dict(), "calib": str(calib), "calib_slice": calib_slice, "nsamples": nsamples,
                 "seqlen": seqlen, "budget_tokens": budget_tokens, "response_only": response_only,
-                "world_size": world}
+                "world_size": world, "search_data": search_data, "search_slice": search_slice}
     state = read_checkpoint(ckpt, settings) if resume else None
     if not resume and (ckpt / "state.json").is_file():
         raise LosaError(f"{ckpt} holds an interrupted run: pass --resume to continue it, or remove it")
@@ -103,6 +115,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         restore_checkpoint(ckpt, lm)
         history = state["history"]
     schedule = LosaSchedule(method, path, windows, progress) if method.method == "losa" else None
+    shears = ShearsRun(method.shears, lm, train.seed) if method.method == "shears" else None
     if schedule is not None and state is not None:
         schedule.block_n = state.get("extra", {}).get("block_n")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -118,9 +131,12 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         record["average_rank"] = round(sum(layer.rank for layer in layers) / len(layers), 3)
         params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
         result = train_phase(lm, params, slices[phase], train, phase, pad, progress,
-                             desc=f"{method.method} phase {phase + 1}/{method.phases}")
+                             desc=f"{method.method} phase {phase + 1}/{method.phases}",
+                             before_micro_batch=shears.sampler.before_micro_batch if shears else None)
         record.update(losses=result["losses"], tokens=result["tokens"], updates=result["updates"],
                       train_seconds=result["seconds"])
+        if shears is not None:
+            record["sampler"] = shears.sampler.finish()  # the whole super-adapter is active again
         if ev is not None:
             record["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
         history.append(record)
@@ -128,15 +144,20 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
             save_checkpoint(ckpt, lm, phase + 1, settings, history,
                             extra={"block_n": schedule.block_n if schedule else None})
         distributed.barrier()
+    chosen = shears.select(lm, search_windows, train.seed) if shears is not None else None
     report = {"method": asdict(method), "train": train.to_dict(), "phases": history, "one_shot": one_shot,
               "seconds": time.perf_counter() - started, "world_size": world, "rank": rank, "device": str(dev),
               "train_seconds": sum(r["train_seconds"] for r in history),
               "prune_seconds": sum(r["prune_seconds"] for r in history)}
+    if chosen is not None:
+        report["shears"] = chosen
+        if ev is not None:
+            chosen["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
     if rank == 0:
         report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resume,
                                     save_base))
         if ev is not None:
-            report["final_eval_ppl"] = history[-1]["eval_ppl"]
+            report["final_eval_ppl"] = history[-1]["eval_ppl"] if shears is None else chosen["eval_ppl"]
         remove_checkpoint(ckpt)
     distributed.barrier()
     return report
@@ -195,9 +216,11 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         info["pattern"] = sidecar["pattern"]
         full = {**report, **info, "settings": settings}
         (tmp / "finetune.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
-        from .plots import plot_finetune
+        from .plots import plot_finetune, plot_shears
 
         plot_finetune(full, tmp / "finetune.png")
+        if "shears" in report:
+            plot_shears(report["shears"], tmp / "shears.png")
     return info
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,8 +52,14 @@ def _native_bf16(device: torch.device) -> bool:
 
 
 def train_phase(model, params: list[torch.nn.Parameter], examples: list[TokenizedExample], cfg: TrainConfig,
-                phase: int, pad_id: int, progress: bool = True, desc: str = "train") -> dict:
-    """Train ``params`` on ``examples`` (one pass, seeded order); returns the per-update losses."""
+                phase: int, pad_id: int, progress: bool = True, desc: str = "train",
+                before_micro_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``params`` on ``examples`` (one pass, seeded order); returns the per-update losses.
+
+    ``before_micro_batch(update, micro)`` runs before every micro-batch's forward, on every process
+    (also for micro-batches another process computes, so seeded callbacks stay in step): Shears' rank
+    sampler sets the active sub-adapter there, outside the forward, so a recomputation sees the same one.
+    """
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -71,6 +78,8 @@ def train_phase(model, params: list[torch.nn.Parameter], examples: list[Tokenize
             p.grad = torch.zeros_like(p)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for j, mb in enumerate(update):
+            if before_micro_batch is not None:
+                before_micro_batch(len(losses), j)
             if j % world != rank:
                 continue
             batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
