@@ -68,6 +68,14 @@ def test_slices_are_disjoint_and_cover(tinystories):
             parse_slice(bad)
 
 
+def test_slices_of_a_text_without_blank_lines(assets):
+    """wikitext2's raw file, as read, has no blank lines: slices then cut at line breaks."""
+    source = read_source(assets / "data" / "wikitext2-test.raw")
+    halves = [slice_source(source, *parse_slice(s)).text for s in ("0:0.5", "0.5:1")]
+    assert all(len(h) > 0.4 * len(source.text) for h in halves)
+    assert source.text.strip("\n").startswith(halves[0]) and source.text.rstrip("\n").endswith(halves[1])
+
+
 def test_windows(stories, tinystories, rng):
     _, tok = stories
     ids = tokenize_text(tok, read_source(tinystories).text)

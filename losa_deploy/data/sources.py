@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,11 +130,19 @@ def slice_source(source: TextSource, lo: float, hi: float) -> TextSource:
     return TextSource(source.path, text=part)
 
 
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n")  # wikitext's raw files have " \r\n" blank lines
+
+
 def _boundary(text: str, frac: float) -> int:
-    """The first document boundary (a blank line) at or after ``frac`` of the text."""
+    """The first document boundary at or after ``frac``: a blank line (possibly holding spaces or a CR),
+    or a line break in a text without blank lines (wikitext2's raw file as read here)."""
     if frac <= 0.0:
         return 0
     if frac >= 1.0:
         return len(text)
-    pos = text.find("\n\n", int(frac * len(text)))
-    return len(text) if pos < 0 else pos
+    start = int(frac * len(text))
+    found = _BLANK_LINE.search(text, start)
+    if found is None and _BLANK_LINE.search(text) is None:  # no blank lines at all: each line is a document
+        pos = text.find("\n", start)
+        return len(text) if pos < 0 else pos
+    return len(text) if found is None else found.start()
