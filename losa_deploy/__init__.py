@@ -8,7 +8,8 @@ stays cheap (transformers is imported on first use).
 from ._version import __version__
 from .errors import LosaError
 
-_API = {"SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "sparsify_"}
+_API = {"SparseLinear", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "masked_lora_linear",
+        "pack", "prune", "sparsify_"}
 
 
 def __getattr__(name):

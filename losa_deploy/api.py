@@ -8,14 +8,39 @@ default), or an already loaded model where noted.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
+from pathlib import Path
 
-from .data import SELF, eval_windows, parse_slice, read_source, self_generate, slice_source, tokenize_text
+from .data import (
+    SELF,
+    calibration_windows,
+    eval_windows,
+    parse_slice,
+    read_source,
+    self_generate,
+    slice_source,
+    tokenize_text,
+)
 from .errors import LosaError
 from .eval.perplexity import perplexity
-from .models import check_checkpoint, context_length, load_model, load_tokenizer, resolve_model
+from .kernels.masked_lora import masked_lora_linear
+from .models import (
+    check_checkpoint,
+    context_length,
+    get_architecture,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    save_model,
+)
 from .runtime import SparseLinear, sparsify_
+from .sparsity import SIDECAR, build_sidecar
+from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
+from .utils.fs import check_output_dir
 
 
 def inspect(model: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -49,4 +74,92 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
     return {**result, "model": str(path), "data": str(data), "slice": data_slice or "0:1", "dtype": dtype}
 
 
-__all__ = ["SparseLinear", "evaluate", "inspect", "load_model", "load_tokenizer", "sparsify_"]
+def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float | None = None,
+          method: str = "wanda", structure: str = "unstructured", allocation: str = "uniform",
+          calib: str = SELF, nsamples: int = 128, seqlen: int | None = None, data_slice: str | None = None,
+          seed: int = 0, lam: float | None = None, batch_size: int = 8, blocksize: int = 128,
+          percdamp: float = 0.01, overwrite: bool = False, plot: str | os.PathLike | None = None,
+          trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Prune a checkpoint one-shot and write it to ``output`` with its ``losa_sparsity.json`` sidecar.
+
+    ``method``: magnitude | wanda | sparsegpt. ``structure``: unstructured | N:M (e.g. ``"2:4"``) |
+    mixed-N:M (M fixed, N per block from the allocation). ``allocation``: uniform | rmi | owl | a JSON
+    file of per-block or per-linear sparsities. ``calib``: a text file (its ``data_slice``) or ``"self"``
+    (windows the model samples itself). Every input is checked before the model is loaded; the output
+    directory appears only when complete. Returns the report of :func:`~.sparsity.prune.prune_model`.
+    """
+    config = PruneConfig(method=method, sparsity=sparsity, structure=structure, allocation=allocation, lam=lam,
+                         batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
+    config.checked()
+    if calib == SELF and data_slice is not None:
+        raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
+    path = resolve_model(model)
+    model_config = check_checkpoint(path, trust_remote_code)
+    check_output_dir(output, overwrite)
+    if plot is not None and not Path(plot).resolve().parent.is_dir():
+        raise LosaError(f"--plot: directory {Path(plot).resolve().parent} does not exist")
+    ctx = context_length(model_config)
+    seqlen = seqlen or min(2048, ctx)
+    if not 2 <= seqlen <= ctx:
+        raise LosaError(f"seqlen {seqlen} must be between 2 and the model's context ({ctx} tokens)")
+    if config.is_file_allocation:
+        check_allocation_file(allocation, model_config)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    started = time.perf_counter()
+    windows = None
+    if config.needs_calibration and calib != SELF:
+        windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, seed, data_slice, progress)
+    lm = load_model(path, trust_remote_code=trust_remote_code)
+    if config.needs_calibration and calib == SELF:
+        windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, seed, progress=progress)
+    calibrated = time.perf_counter()
+    report = prune_model(lm, config, windows, progress)
+    calibration = None if windows is None else {"source": str(calib), "slice": data_slice if calib != SELF else None,
+                                                "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    weights = {name: lin.weight for name, lin in get_architecture(lm).linears(lm).items()}
+    base = {"name_or_path": str(path),
+            "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
+    sidecar = build_sidecar(weights.items(), base_model=base, method=method_record(config, report, calibration))
+    sidecar["checks"]["negative_zeros"] = sum(int((w.signbit() & (w == 0)).sum()) for w in weights.values())
+    if sidecar["checks"]["negative_zeros"]:
+        raise RuntimeError("pruned weights hold -0.0: apply_mask should have scrubbed them")
+    save_model(lm, output, tokenizer=tokenizer, overwrite=overwrite,
+               extra_files={SIDECAR: json.dumps(sidecar, indent=2) + "\n"})
+    if plot is not None:
+        from .utils.plots import plot_layer_sparsity
+
+        plot_layer_sparsity(report["layers"], plot, title=f"{path.name}: {method} {report['structure']}, "
+                            f"{report['allocation']['kind']} allocation")
+    report["seconds"]["calibration_data"] = calibrated - started
+    report["seconds"]["total"] = time.perf_counter() - started
+    return {"output": str(output), "model": str(path), "calibration": calibration, **report}
+
+
+def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str | None = None,
+         overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Pack a checkpoint for serving: ``format`` is hf, nm-vllm, losa, vllm or deepsparse.
+
+    Streams tensor by tensor into a temporary directory renamed to ``out`` when complete. ``dtype``
+    (bf16, fp16, fp32) converts floating tensors; None keeps the stored dtype. Returns the files written,
+    their sizes and the sparsity of the written weights (see :mod:`losa_deploy.export`).
+    """
+    from .export import pack_checkpoint
+
+    return pack_checkpoint(model, out, format=format, dtype=dtype, overwrite=overwrite,
+                           trust_remote_code=trust_remote_code, progress=progress)
+
+
+def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None, backend: str | None = None,
+         trust_remote_code: bool = False):
+    """A ``losa`` or ``vllm`` packed checkpoint as a ready Hugging Face model (eval mode, on ``device``)
+    whose packed linears are :class:`SparseLinear` modules running our kernels: the serving API.
+
+    ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available).
+    """
+    from .runtime.loader import load_packed
+
+    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code)
+
+
+__all__ = ["SparseLinear", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "masked_lora_linear",
+           "pack", "prune", "sparsify_"]

@@ -11,6 +11,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Without a GPU, Triton kernels are tested in Triton's CPU interpreter. Triton reads this when a kernel
+# module is imported, so it is set here, before any test module can import one.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def _assets_dir() -> Path:
     return Path(os.environ.get("LOSA_ASSETS", ROOT.parent / "shared" / "assets")).resolve()
@@ -92,3 +97,68 @@ def tiny_model_dir(request, tmp_path) -> Path:
     out = tmp_path / request.param
     model.save_pretrained(out)
     return out
+
+
+# --- sparse checkpoints and greedy references for the packing / serving tests ----------------------------
+
+PACK_PROMPTS = ("Once upon a time", "Lily wanted to play with the big", "The sun")
+PACK_NEW_TOKENS = 32
+
+
+def magnitude_prune_(weight: torch.Tensor, pattern: str) -> None:
+    """Zero ``weight`` in place by magnitude: ``"50%"`` per layer, or ``"2:4"`` along the input dim.
+
+    A test fixture only (the pruning engine is its own stage); the tail group of a width that is not a
+    multiple of 4 keeps ``nm_tail_keep`` weights, as every pruner must.
+    """
+    from losa_deploy.sparsity.patterns import nm_tail_keep
+
+    w = weight.data
+    if pattern == "50%":
+        threshold = w.abs().flatten().kthvalue(w.numel() // 2).values
+        w[w.abs() <= threshold] = 0.0
+        return
+    n, m = (int(x) for x in pattern.split(":"))
+    full = w.shape[1] // m * m
+    groups = w[:, :full].reshape(w.shape[0], -1, m)
+    drop = groups.abs().argsort(dim=-1)[..., : m - n]
+    groups.scatter_(-1, drop, 0.0)
+    w[:, :full] = groups.reshape(w.shape[0], full)
+    if full < w.shape[1]:
+        tail = w[:, full:]
+        drop = tail.abs().argsort(dim=-1)[:, : tail.shape[1] - nm_tail_keep(n, m, tail.shape[1])]
+        tail.scatter_(-1, drop, 0.0)
+
+
+@pytest.fixture(scope="session", params=["50%", "2:4"], ids=["unstructured50", "nm2of4"])
+def sparse_stories(request, stories_dir, tmp_path_factory) -> Path:
+    """stories260K with every prunable linear magnitude-pruned (50% unstructured, or 2:4)."""
+    from losa_deploy.models import get_architecture, load_model, load_tokenizer, save_model
+
+    model = load_model(stories_dir)
+    for linear in get_architecture(model).linears(model).values():
+        magnitude_prune_(linear.weight, request.param)
+    out = tmp_path_factory.mktemp("sparse") / request.param.replace("%", "pct").replace(":", "of")
+    return save_model(model, out, tokenizer=load_tokenizer(stories_dir))
+
+
+def greedy_reference(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Plain transformers greedy decoding with its KV cache, never stopping at EOS (as the engines are
+    asked to): (generated ids, fp32 logits [new_tokens, vocab])."""
+    ids, past, tokens, logits = torch.tensor([prompt_ids]), None, [], []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = model(ids, past_key_values=past, use_cache=True)
+            past, last = out.past_key_values, out.logits[0, -1].float()
+            tokens.append(int(last.argmax()))
+            logits.append(last)
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens, torch.stack(logits)
+
+
+@pytest.fixture(scope="session")
+def pack_prompts(stories_dir) -> list[list[int]]:
+    from losa_deploy.models import load_tokenizer
+
+    tokenizer = load_tokenizer(stories_dir)
+    return [tokenizer(text)["input_ids"] for text in PACK_PROMPTS]

@@ -38,26 +38,41 @@ def module_entry(weight: torch.Tensor, pattern: LayerPattern | None = None) -> d
     }
 
 
+class SidecarBuilder:
+    """Builds the sidecar one weight at a time, so a streaming writer never holds the whole model."""
+
+    def __init__(self):
+        self.modules: dict[str, dict] = {}
+        self.patterns: dict[str, LayerPattern] = {}
+
+    def add(self, name: str, weight: torch.Tensor) -> LayerPattern:
+        self.patterns[name] = detect_pattern(weight)
+        self.modules[name] = module_entry(weight, self.patterns[name])
+        return self.patterns[name]
+
+    def build(self, base_model: dict | None = None, method: dict | None = None) -> dict:
+        nnz = sum(p.nnz for p in self.patterns.values())
+        numel = sum(p.numel for p in self.patterns.values())
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "producer": f"losa-deploy {__version__}",
+            "base_model": base_model or {},
+            "pattern": model_pattern(self.patterns),
+            "global_sparsity": round(1.0 - nnz / max(numel, 1), 6),
+            "modules": dict(self.modules),
+            "method": method or {},
+            "checks": {"negative_zeros": 0},
+        }
+
+
 def build_sidecar(weights: Iterable[tuple[str, torch.Tensor]], base_model: dict | None = None,
                   method: dict | None = None) -> dict:
     """Describe the named prunable weights (module name -> ``[out, in]`` weight)."""
-    modules, patterns, nnz, numel = {}, {}, 0, 0
+    builder = SidecarBuilder()
     for name, weight in weights:
-        patterns[name] = detect_pattern(weight)
-        modules[name] = module_entry(weight, patterns[name])
-        nnz += patterns[name].nnz
-        numel += patterns[name].numel
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "producer": f"losa-deploy {__version__}",
-        "base_model": base_model or {},
-        "pattern": model_pattern(patterns),
-        "global_sparsity": round(1.0 - nnz / max(numel, 1), 6),
-        "modules": modules,
-        "method": method or {},
-        "checks": {"negative_zeros": 0},
-    }
+        builder.add(name, weight)
+    return builder.build(base_model, method)
 
 
 def write_sidecar(directory: str | os.PathLike, sidecar: dict) -> Path:

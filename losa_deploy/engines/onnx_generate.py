@@ -1,0 +1,73 @@
+"""Greedy generation on a ``deepsparse``-format folder, with ONNX Runtime (in process) or DeepSparse (in
+its own venv, driven through ``.npz`` files by :mod:`.onnx_decode` run as a script)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..envinfo import deepsparse_python
+from ..errors import LosaError
+from . import onnx_decode
+
+ENGINES = ("onnxruntime", "deepsparse")
+
+
+def onnx_generate(model_dir: str | os.PathLike, prompts: list[list[int]], new_tokens: int,
+                  engine: str = "onnxruntime", sequence_length: int | None = None, chunk_length: int = 4,
+                  timeout: float = 900) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per prompt: (generated ids, logits [new_tokens, vocab]) of greedy decoding.
+
+    ``sequence_length`` is the context window every call sees (default: the longest prompt plus
+    ``new_tokens``, rounded up to 16); the prompt runs in chunks of ``chunk_length`` tokens (1 or a
+    multiple of 4, as DeepSparse's pipeline requires).
+    """
+    if engine not in ENGINES:
+        raise LosaError(f"unknown ONNX engine '{engine}' (choose from {', '.join(ENGINES)})")
+    if not (Path(model_dir) / "model.onnx").is_file():
+        raise LosaError(f"{model_dir} has no model.onnx (pack it with --format deepsparse)")
+    if chunk_length != 1 and chunk_length % 4:
+        raise LosaError(f"chunk_length must be 1 or a multiple of 4, got {chunk_length}")
+    longest = max(len(p) for p in prompts) + new_tokens
+    sequence_length = sequence_length or -(-longest // 16) * 16
+    arrays = [np.asarray(p, dtype=np.int64) for p in prompts]
+    if engine == "onnxruntime":
+        decoder = onnx_decode.open_decoder(engine, str(model_dir), sequence_length, chunk_length)
+        return [decoder.generate(ids, new_tokens) for ids in arrays]
+    return _in_deepsparse_venv("deepsparse", Path(model_dir), arrays, new_tokens, sequence_length, chunk_length,
+                               timeout)
+
+
+def deepsparse_pipeline_generate(model_dir: str | os.PathLike, texts: list[str], new_tokens: int,
+                                 sequence_length: int = 64, chunk_length: int = 4,
+                                 timeout: float = 900) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per prompt text: (generated ids, logits) from DeepSparse's own ``TextGeneration`` pipeline (greedy,
+    internal KV cache). Needs ``transformers`` in the DeepSparse venv (``make deepsparse-venv`` installs it)."""
+    if not (Path(model_dir) / "model.onnx").is_file():
+        raise LosaError(f"{model_dir} has no model.onnx (pack it with --format deepsparse)")
+    prompts = [np.array(text) for text in texts]
+    return _in_deepsparse_venv("pipeline", Path(model_dir), prompts, new_tokens, sequence_length, chunk_length,
+                               timeout)
+
+
+def _in_deepsparse_venv(mode: str, model_dir: Path, prompts: list[np.ndarray], new_tokens: int,
+                        sequence_length: int, chunk_length: int, timeout: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Run :mod:`.onnx_decode` as a script under the DeepSparse venv's interpreter, through ``.npz`` files."""
+    python = deepsparse_python()
+    if python is None:
+        raise LosaError("the DeepSparse venv is missing: run `make deepsparse-venv` or set LOSA_DEEPSPARSE_PYTHON")
+    with tempfile.TemporaryDirectory(prefix="losa-deepsparse-") as work:
+        request, result = Path(work) / "request.npz", Path(work) / "result.npz"
+        np.savez(request, new_tokens=new_tokens, sequence_length=sequence_length, chunk_length=chunk_length,
+                 **{f"prompt_{i}": p for i, p in enumerate(prompts)})
+        cmd = [str(python), onnx_decode.__file__, mode, str(model_dir.resolve()), str(request), str(result)]
+        done = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        if done.returncode != 0 or not result.is_file():
+            lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or ["no output"]
+            raise LosaError(f"DeepSparse failed (exit {done.returncode}): {lines[-1]}")
+        with np.load(result) as out:
+            return [(out[f"tokens_{i}"], out[f"logits_{i}"]) for i in range(len(prompts))]

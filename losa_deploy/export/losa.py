@@ -1,0 +1,60 @@
+"""``losa``: our compressed checkpoint. Every prunable linear is stored packed, the rest as in ``hf``.
+
+Each ``<p>.weight`` of a prunable linear becomes the tensors of one packed format, chosen by
+:func:`losa_deploy.runtime.sparse_linear.pack_weight` (the runtime's own rule): ``<p>.nm_*``
+(:class:`~losa_deploy.kernels.formats.nm.NMWeight`) for N:M and mixed N:M weights, else ``<p>.lb_*``
+(:class:`~losa_deploy.kernels.formats.bitmask.BitmaskWeight`, losa-bitmask v1). A dense layer is packed
+as a bitmask too (every bit set), so every target reads the same way; packing a dense model warns.
+Biases, norms and embeddings are written unchanged.
+
+config.json gets a ``losa_sparse`` block naming the format of every packed module, read back from the
+written files; :func:`losa_deploy.load` reads it. The ``vllm`` format writes the same block as
+``quantization_config``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..runtime.sparse_linear import pack_weight
+from .base import Exporter
+from .source import PackSource
+from .writer import SafetensorsWriter
+
+CONFIG_KEY = "losa_sparse"
+FORMAT = "losa-bitmask"
+FORMAT_VERSION = 1
+# The tensor that marks a module's packed format in the checkpoint.
+_MARKERS = {"lb_values": "bitmask", "nm_values": "nm"}
+
+
+class LosaExporter(Exporter):
+    name = "losa"
+    description = "our compressed checkpoint (bitmask / N:M packed safetensors) for losa_deploy.load"
+
+    def write_weights(self, source: PackSource, out: Path) -> list[Path]:
+        with SafetensorsWriter(out) as writer:
+            for key, tensor in source.tensors():
+                name = source.module_name(key)
+                tensors = {key: tensor} if name is None else pack_weight(tensor).state_dict(name)
+                for packed_key, packed_tensor in tensors.items():
+                    writer.add(packed_key, packed_tensor)
+        return writer.files
+
+    def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
+        return {**config, CONFIG_KEY: packing_config(out)}
+
+
+def packing_config(out: Path) -> dict:
+    """The config.json block naming the packed format of each module, read from the written headers (no
+    ``producer`` key: vLLM reads ``quantization_config.producer`` as a ModelOpt-style dict)."""
+    modules = {}
+    for file in sorted(out.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf in _MARKERS:
+                    modules[module] = _MARKERS[leaf]
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": dict(sorted(modules.items()))}

@@ -1,0 +1,85 @@
+"""``losa_deploy.load``: open a ``losa`` (or ``vllm``) packed checkpoint as a ready Hugging Face model whose
+packed linears are :class:`~.sparse_linear.SparseLinear` modules.
+
+The model is built empty (parameters on the meta device) and filled tensor by tensor: plain tensors are
+assigned as they stream in; each packed module's tensors are collected and become a ``SparseLinear``.
+No dense copy of a packed weight is ever made, so memory is that of the packed model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..errors import LosaError
+from ..kernels.formats.bitmask import BitmaskWeight
+from ..kernels.formats.nm import NMWeight
+from ..models.checkpoint import check_checkpoint, parse_dtype
+from ..models.tensors import iter_tensors
+from .sparse_linear import SparseLinear
+
+_READERS = {"bitmask": BitmaskWeight.from_state_dict, "nm": NMWeight.from_state_dict}
+_PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's block, the vllm format's
+
+
+def packing_block(config: dict, path: Path) -> dict:
+    """The block of config.json that lists the packed modules (see :mod:`losa_deploy.export.losa`)."""
+    from ..export.losa import FORMAT, FORMAT_VERSION
+
+    block = config.get("losa_sparse")
+    quant = config.get("quantization_config") or {}
+    if block is None and quant.get("quant_method") == "losa_sparse":
+        block = quant
+    if block is None:
+        raise LosaError(f"{path} is not a packed checkpoint (no losa_sparse block in config.json); pack it "
+                        "with `losa-deploy pack --format losa`, or open a plain one with load_model")
+    if block.get("format") != FORMAT or block.get("format_version") != FORMAT_VERSION:
+        raise LosaError(f"{path}: packed format {block.get('format')} v{block.get('format_version')} is not "
+                        f"{FORMAT} v{FORMAT_VERSION}")
+    if any(fmt not in _READERS for fmt in block["modules"].values()):
+        raise LosaError(f"{path}: unknown packed module format in {sorted(set(block['modules'].values()))}")
+    return block
+
+
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                backend: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model of a packed checkpoint, in eval mode on ``device``; ``dtype`` converts (None: as stored);
+    ``backend`` picks the sparse kernel (see ``losa_deploy.kernels.dispatch``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    config = check_checkpoint(path, trust_remote_code)
+    modules = packing_block(config, path)["modules"]
+    plain = {k: v for k, v in config.items() if k not in _PACKING_KEYS}
+    hf_config = AutoConfig.for_model(**plain)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in iter_tensors(path):
+        module, _, leaf = key.rpartition(".")
+        if module in modules and leaf != "bias":
+            parts[module][key] = tensor
+        elif model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
+            raise LosaError(f"{path} holds a tensor the {config['model_type']} model does not have: {key}")
+    for name, fmt in modules.items():
+        if name not in parts:
+            raise LosaError(f"{path} has no packed tensors for {name}")
+        packed = _READERS[fmt](parts.pop(name), prefix=name)
+        parent_name, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        if packed.shape != (linear.out_features, linear.in_features):
+            raise LosaError(f"{path}: {name} is packed as {packed.shape}, the model's linear is "
+                            f"{(linear.out_features, linear.in_features)}")
+        setattr(model.get_submodule(parent_name), child, SparseLinear(packed, linear.bias, backend=backend))
+    model.tie_weights()
+    empty = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if empty:
+        raise LosaError(f"{path} is missing {len(empty)} weight(s), e.g. {empty[0]}")
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.eval().to(device)
