@@ -351,6 +351,24 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def report(args, argv, runs: list[dict], deepsparse_version: str | None) -> None:
+    """Prints the table of the runs so far and (unless --no-results) writes the JSON, RESULTS.md and the plot."""
+    out = {
+        "command": " ".join([*([f"LOSA_DEEPSPARSE_PYTHON={os.environ['LOSA_DEEPSPARSE_PYTHON']}"]
+                               if "LOSA_DEEPSPARSE_PYTHON" in os.environ else []),
+                             "python", "benchmarks/kernels_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__, "deepsparse": deepsparse_version,
+        "reps": args.reps, "max_wait": args.max_wait, "runs": runs, "results": combine_runs(runs),
+    }
+    out["bars"] = check_bars(out["results"])
+    text = markdown(out)
+    print(text, flush=True)
+    if not args.no_results:
+        write_json(args.json, out)
+        write_results_section(args.results, text)
+        plot(out, args.plot)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -407,22 +425,11 @@ def main(argv=None) -> int:
             runs.append({"bandwidth_before": {k: round(v, 2) for k, v in before.items()},
                          "bandwidth_after": {k: round(v, 2) for k, v in after.items()},
                          "read_bandwidth_gbs": bandwidth, "results": results})
+            # Written after every run, so an interrupted benchmark still leaves the runs it finished.
+            report(args, argv, runs, deepsparse.version if deepsparse is not None else None)
     finally:
         if deepsparse is not None:
             deepsparse.close()
-    report = {
-        "command": " ".join(["python", "benchmarks/kernels_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__,
-        "deepsparse": deepsparse.version if deepsparse is not None else None,
-        "reps": args.reps, "max_wait": args.max_wait, "runs": runs, "results": combine_runs(runs),
-    }
-    report["bars"] = check_bars(report["results"])
-    text = markdown(report)
-    print(text)
-    if not args.no_results:
-        write_json(args.json, report)
-        write_results_section(args.results, text)
-        plot(report, args.plot)
     return 0
 
 
