@@ -16,6 +16,11 @@ streaming read with the same threads: ``losa::stream_read`` and ``torch.sum``, t
 before and after the timings, the higher counts), and each kernel's achieved GB/s is its packed bytes
 (values + masks + offsets) over its median time.
 
+The machine may be shared: before each configuration (and each bandwidth probe) the run waits until other
+processes use less than ``--quiet-cores`` of CPU (at most ``--max-wait`` seconds), and records what they
+used while it was timed. ``--runs`` whole runs go one after the other; the table shows the median over
+runs and the range.
+
     .venv/bin/python benchmarks/kernels_cpu.py                  # the full table, JSON + RESULTS.md + PNG
     .venv/bin/python benchmarks/kernels_cpu.py --quick --no-results   # a smoke run
 """
@@ -67,6 +72,43 @@ def make_weight(rows: int, cols: int, pattern: str, seed: int) -> torch.Tensor:
     else:
         w[torch.rand(rows, cols, generator=gen) < float(pattern.rstrip("%")) / 100] = 0.0
     return w.to(torch.bfloat16)
+
+
+class OtherLoad:
+    """CPU time other processes use on this (shared) machine, in cores: all busy time in /proc/stat minus
+    this process's and its helpers' (the DeepSparse worker). Timings taken while others compute are slower
+    for reasons that have nothing to do with the kernels, so the run waits for a quiet moment before each
+    configuration and records what the others used while it was timed."""
+
+    def __init__(self, quiet_cores: float, max_wait: float):
+        self.quiet_cores, self.max_wait, self.pids = quiet_cores, max_wait, [os.getpid()]
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def _ticks(self) -> tuple[float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+        ours = 0
+        for pid in self.pids:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(stat[11]) + int(stat[12])
+        return busy, ours
+
+    def start(self) -> tuple[float, float, float]:
+        return (time.monotonic(), *self._ticks())
+
+    def cores_since(self, mark: tuple[float, float, float]) -> float:
+        busy, ours = self._ticks()
+        return max(0.0, (busy - mark[1]) - (ours - mark[2])) / self.hz / max(time.monotonic() - mark[0], 1e-3)
+
+    def wait_quiet(self) -> float:
+        """Sleep until the others used under ``quiet_cores`` for a second (at most ``max_wait`` s); the wait."""
+        begin = time.monotonic()
+        while time.monotonic() - begin < self.max_wait:
+            mark = self.start()
+            time.sleep(1.0)
+            if self.cores_since(mark) < self.quiet_cores:
+                break
+        return time.monotonic() - begin
 
 
 class Flusher:
@@ -131,7 +173,7 @@ class DeepSparse:
         self.tmp.cleanup()
 
 
-def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, ds_tokens):
+def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, ds_tokens, load):
     """All token counts of one (shape, pattern): one weight, interleaved timings per token count."""
     dense_bf16 = make_weight(rows, cols, pattern, seed)
     gen = torch.Generator().manual_seed(seed)
@@ -157,6 +199,8 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
         for fn in contenders.values():
             fn()
         times = {name: [] for name in [*contenders, *(["deepsparse"] if use_ds else [])]}
+        waited = load.wait_quiet()
+        mark = load.start()
         for _ in range(reps):
             for name, fn in contenders.items():
                 flush()
@@ -165,6 +209,7 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
                 times[name].append(time.perf_counter() - start)
             if use_ds:
                 times["deepsparse"].append(deepsparse.time(key))
+        others = load.cores_since(mark)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         row = {"shape": [rows, cols], "pattern": pattern, "tokens": tokens, "kernel": kernel,
                "packed_bytes": packed.nbytes, "dense_bf16_bytes": dense_bf16.nbytes,
@@ -172,70 +217,99 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
                "ours_gbs": packed.nbytes / med["ours"] / 1e9,
                "speedup_vs_torch_bf16": med["torch_bf16"] / med["ours"],
                "speedup_vs_torch_fp32": med["torch_fp32"] / med["ours"]}
+        row["others_cores"], row["waited_s"] = round(others, 2), round(waited, 1)
         if use_ds:
             row["speedup_vs_deepsparse"] = med["deepsparse"] / med["ours"]
         results.append(row)
         print(f"{rows}x{cols} {pattern:>4} t{tokens:<3} ours {row['ours_ms']:.3f} ms "
               f"({row['ours_gbs']:.1f} GB/s)  x{row['speedup_vs_torch_bf16']:.2f} vs bf16  "
               f"x{row['speedup_vs_torch_fp32']:.2f} vs fp32"
-              + (f"  x{row['speedup_vs_deepsparse']:.2f} vs DeepSparse" if use_ds else ""), file=sys.stderr, flush=True)
+              + (f"  x{row['speedup_vs_deepsparse']:.2f} vs DeepSparse" if use_ds else "")
+              + f"  (others {others:.2f} cores, waited {waited:.0f} s)", file=sys.stderr, flush=True)
     return results
 
 
-def check_bars(results: list[dict], bandwidth: float) -> list[dict]:
-    """The issue's performance bars, each with the measured worst case."""
+SPREAD = ("ours_gbs", "bw_fraction", "speedup_vs_torch_bf16", "speedup_vs_torch_fp32", "speedup_vs_deepsparse")
+
+
+def combine_runs(runs: list[dict]) -> list[dict]:
+    """Per configuration, the median over runs of every number, and the spread (min, max) of the ratios."""
+    combined = []
+    for i, first in enumerate(runs[0]["results"]):
+        rows = [run["results"][i] for run in runs]
+        row = {k: v for k, v in first.items() if not isinstance(v, float)}
+        for key, value in first.items():
+            if isinstance(value, float):
+                row[key] = statistics.median(r[key] for r in rows)
+        row["spread"] = {k: [min(r[k] for r in rows), max(r[k] for r in rows)] for k in SPREAD if k in first}
+        combined.append(row)
+    return combined
+
+
+def check_bars(results: list[dict]) -> list[dict]:
+    """The issue's performance bars on the median over runs, each with its worst configuration."""
     def pick(tokens, patterns):
         return [r for r in results if r["tokens"] == tokens and r["pattern"] in patterns]
 
     bars = []
 
-    def bar(name, rows, value, threshold):
+    def bar(name, rows, key, threshold):
         if rows:
-            worst = min(rows, key=value)
-            bars.append({"bar": name, "threshold": threshold, "worst": value(worst),
+            worst = min(rows, key=lambda r: r[key])
+            bars.append({"bar": name, "threshold": threshold, "worst": worst[key],
+                         "worst_spread": worst["spread"][key],
                          "worst_at": f"{worst['shape'][0]}x{worst['shape'][1]} {worst['pattern']} t{worst['tokens']}",
-                         "met": all(value(r) >= threshold for r in rows)})
+                         "met": all(r[key] >= threshold for r in rows)})
 
     bar("tokens 1: packed bytes at >= 80% of read bandwidth (50%, 70%, 2:4)", pick(1, ("50%", "70%", "2:4")),
-        lambda r: r["ours_gbs"] / bandwidth, 0.8)
-    bar("tokens 1: >= 2.4x torch dense bf16 at 70%", pick(1, ("70%",)), lambda r: r["speedup_vs_torch_bf16"], 2.4)
-    bar("tokens 1: >= 1.6x torch dense bf16 at 50% and 2:4", pick(1, ("50%", "2:4")),
-        lambda r: r["speedup_vs_torch_bf16"], 1.6)
-    bar("tokens 8: >= 1.5x torch dense bf16 at 70%", pick(8, ("70%",)), lambda r: r["speedup_vs_torch_bf16"], 1.5)
+        "bw_fraction", 0.8)
+    bar("tokens 1: >= 2.4x torch dense bf16 at 70%", pick(1, ("70%",)), "speedup_vs_torch_bf16", 2.4)
+    bar("tokens 1: >= 1.6x torch dense bf16 at 50% and 2:4", pick(1, ("50%", "2:4")), "speedup_vs_torch_bf16", 1.6)
+    bar("tokens 8: >= 1.5x torch dense bf16 at 70%", pick(8, ("70%",)), "speedup_vs_torch_bf16", 1.5)
     bar("tokens 1: >= 1.8x faster than DeepSparse", [r for r in pick(1, PATTERNS) if "deepsparse_ms" in r],
-        lambda r: r["speedup_vs_deepsparse"], 1.8)
+        "speedup_vs_deepsparse", 1.8)
     return bars
 
 
 def markdown(report: dict) -> str:
-    bw = report["read_bandwidth_gbs"]
+    runs = report["runs"]
+    bws = [run["read_bandwidth_gbs"] for run in runs]
+
+    def ratio(r, key, fmt="{:.2f}x"):
+        lo, hi = r["spread"][key]
+        return f"{fmt.format(r[key])} ({fmt.format(lo)}-{fmt.format(hi)})" if len(runs) > 1 else fmt.format(r[key])
+
     lines = [
         SECTION, "",
         f"Command: `{report['command']}`  ",
-        f"Machine: {report['machine']['model']}, {report['threads']} threads, torch {report['torch']}, "
-        f"DeepSparse {report['deepsparse'] or 'not installed'}. **Shared** with other helpers' jobs: load "
-        f"average {report['load_average'][0]:.1f} at the start, {report['load_average'][1]:.1f} at the end; "
-        "absolute times are noisy, ratios are measured side by side (interleaved).  ",
-        f"Read bandwidth (512 MiB streaming read, {report['threads']} threads): {bw:.1f} GB/s "
-        f"(before {report['bandwidth_before']}, after {report['bandwidth_after']}).  ",
-        "Times are medians of the interleaved repetitions, weights cold (a 128 MiB buffer is read before every "
-        "call). Ours: bf16 values and activations; 50/70/90% use the bitmask kernel, 2:4 the N:M kernel. "
-        "GB/s = packed bytes / time. DeepSparse: fp32 ONNX MatMul with the same zeros.", "",
-        "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s (% of read bw) | torch bf16 ms | "
-        "speedup | torch fp32 ms | speedup | DeepSparse ms | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Machine: {report['machine']['model']} (Zen 4 VM), {report['threads']} threads, torch {report['torch']}, "
+        f"DeepSparse {report['deepsparse'] or 'not installed'}. **Shared** with other helpers' jobs (compiles, "
+        "tests): before each configuration the run waits for other processes to go quiet (at most "
+        f"{report['max_wait']:.0f} s) and records the cores they used while it was timed (last column, median "
+        f"over runs). Runs: {len(runs)}, {report['reps']} interleaved repetitions each; every number is the "
+        "median over runs, with the range over runs in brackets.  ",
+        f"Read bandwidth (512 MiB streaming read, {report['threads']} threads, per run the higher of before/after): "
+        + ", ".join(f"{bw:.1f}" for bw in bws) + " GB/s; each run's GB/s is compared with its own.  ",
+        "Times: median of the interleaved repetitions, weights cold (a 128 MiB buffer is read before every call). "
+        "Ours: bf16 values and activations; 50/70/90% use the bitmask kernel, 2:4 the N:M kernel. GB/s = packed "
+        "bytes (values + masks + offsets) / time. DeepSparse: fp32 ONNX MatMul with the same zeros.", "",
+        "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s | % of read bw | torch bf16 ms | "
+        "speedup | torch fp32 ms | speedup | DeepSparse ms | speedup | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        ds = (f"{r['deepsparse_ms']:.3f} | {r['speedup_vs_deepsparse']:.2f}x" if "deepsparse_ms" in r else "- | -")
+        ds = (f"{r['deepsparse_ms']:.3f} | {ratio(r, 'speedup_vs_deepsparse')}" if "deepsparse_ms" in r else "- | -")
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['pattern']} | {r['tokens']} | {r['packed_bytes'] / 2**20:.1f} | "
-            f"{r['ours_ms']:.3f} | {r['ours_gbs']:.1f} ({100 * r['ours_gbs'] / bw:.0f}%) | "
-            f"{r['torch_bf16_ms']:.3f} | {r['speedup_vs_torch_bf16']:.2f}x | {r['torch_fp32_ms']:.3f} | "
-            f"{r['speedup_vs_torch_fp32']:.2f}x | {ds} |")
-    lines += ["", "| performance bar | worst measured | at | met |", "|---|---|---|---|"]
+            f"{r['ours_ms']:.3f} | {r['ours_gbs']:.1f} | {ratio(r, 'bw_fraction', '{:.0%}')} | "
+            f"{r['torch_bf16_ms']:.3f} | {ratio(r, 'speedup_vs_torch_bf16')} | {r['torch_fp32_ms']:.3f} | "
+            f"{ratio(r, 'speedup_vs_torch_fp32')} | {ds} | {r['others_cores']:.2f} |")
+    lines += ["", "| performance bar | worst configuration (median, range over runs) | at | met |", "|---|---|---|---|"]
     for b in report["bars"]:
-        worst = f"{100 * b['worst']:.0f}% of bw" if "bandwidth" in b["bar"] else f"{b['worst']:.2f}x"
-        lines.append(f"| {b['bar']} | {worst} | {b['worst_at']} | {'yes' if b['met'] else '**no**'} |")
+        fmt = "{:.0%}" if "bandwidth" in b["bar"] else "{:.2f}x"
+        lo, hi = b["worst_spread"]
+        lines.append(f"| {b['bar']} | {fmt.format(b['worst'])} ({fmt.format(lo)}-{fmt.format(hi)}) | "
+                     f"{b['worst_at']} | {'yes' if b['met'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,11 +335,14 @@ def plot(report: dict, path: Path) -> None:
     rows = [r for r in report["results"] if r["tokens"] == 1]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 2), 3.6))
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['pattern']}" for r in rows]
-    ax.bar(range(len(rows)), [r["ours_gbs"] for r in rows], color="tab:blue", label="ours (packed bytes / time)")
+    gbs = [r["ours_gbs"] for r in rows]
+    spread = [[g - r["spread"]["ours_gbs"][0] for g, r in zip(gbs, rows)],
+              [r["spread"]["ours_gbs"][1] - g for g, r in zip(gbs, rows)]]
+    ax.bar(range(len(rows)), gbs, yerr=spread, capsize=2, color="tab:blue", label="ours (packed bytes / time)")
     ax.bar(range(len(rows)), [r["dense_bf16_bytes"] / r["torch_bf16_ms"] / 1e6 for r in rows], width=0.35,
            color="tab:gray", label="torch dense bf16 (dense bytes / time)")
-    bw = report["read_bandwidth_gbs"]
-    ax.axhline(bw, color="black", linewidth=1, label=f"read bandwidth {bw:.1f} GB/s")
+    bw = statistics.median(run["read_bandwidth_gbs"] for run in report["runs"])
+    ax.axhline(bw, color="black", linewidth=1, label=f"read bandwidth {bw:.1f} GB/s (median of runs)")
     ax.axhline(0.8 * bw, color="black", linewidth=1, linestyle="--", label="80% of it")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("GB/s")
@@ -274,24 +351,46 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def report(args, argv, runs: list[dict], deepsparse_version: str | None) -> None:
+    """Prints the table of the runs so far and (unless --no-results) writes the JSON, RESULTS.md and the plot."""
+    out = {
+        "command": " ".join([*([f"LOSA_DEEPSPARSE_PYTHON={os.environ['LOSA_DEEPSPARSE_PYTHON']}"]
+                               if "LOSA_DEEPSPARSE_PYTHON" in os.environ else []),
+                             "python", "benchmarks/kernels_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__, "deepsparse": deepsparse_version,
+        "reps": args.reps, "max_wait": args.max_wait, "runs": runs, "results": combine_runs(runs),
+    }
+    out["bars"] = check_bars(out["results"])
+    text = markdown(out)
+    print(text, flush=True)
+    if not args.no_results:
+        write_json(args.json, out)
+        write_results_section(args.results, text)
+        plot(out, args.plot)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=3, help="whole runs, one after the other (median and range)")
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--deepsparse-tokens", default="1", help="token counts DeepSparse runs ('' for none)")
     parser.add_argument("--no-deepsparse", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="4096x4096, 50%%/70%%/2:4, tokens 1 and 8, 5 reps")
+    parser.add_argument("--quick", action="store_true", help="4096x4096, 50%%/70%%/2:4, tokens 1 and 8, 5 reps, 1 run")
     parser.add_argument("--json", type=Path, default=HERE / "kernels_cpu.json")
     parser.add_argument("--plot", type=Path, default=HERE / "kernels_cpu.png")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--no-results", action="store_true", help="do not touch RESULTS.md, the JSON or the plot")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet-cores", type=float, default=0.2,
+                        help="before each configuration, wait until other processes use less CPU than this")
+    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for that at most")
     args = parser.parse_args(argv)
     if args.quick:
-        args.shapes, args.patterns, args.tokens, args.reps = "4096x4096", "50%,70%,2:4", "1,8", 5
+        args.shapes, args.patterns, args.tokens, args.reps, args.runs = "4096x4096", "50%,70%,2:4", "1,8", 5, 1
     if ops() is None:
         raise SystemExit("the compiled extension is not loaded: build it first (make install)")
     torch.set_num_threads(args.threads)
@@ -299,42 +398,38 @@ def main(argv=None) -> int:
     patterns = args.patterns.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
     ds_tokens = {int(t) for t in args.deepsparse_tokens.split(",") if t} & set(tokens)
-    load_start = os.getloadavg()[0]
-
-    bandwidth_before = read_bandwidth()
-    print(f"read bandwidth {bandwidth_before}", file=sys.stderr, flush=True)
+    load = OtherLoad(args.quiet_cores, args.max_wait)
     deepsparse = None
     python = deepsparse_python()
     if ds_tokens and not args.no_deepsparse and python is not None:
         configs = [(rows, cols, pattern, t) for rows, cols in shapes for pattern in patterns for t in sorted(ds_tokens)]
         deepsparse = DeepSparse(python, configs, args.seed, args.threads)
+        load.pids.append(deepsparse.proc.pid)
     flush = Flusher()
-    results = []
+    runs = []
     try:
-        for rows, cols in shapes:
-            for pattern in patterns:
-                results += run_config(rows, cols, pattern, tokens, args.reps, args.seed, flush, deepsparse, ds_tokens)
+        for index in range(args.runs):
+            load.wait_quiet()
+            before = read_bandwidth()
+            print(f"run {index + 1}/{args.runs}: read bandwidth {before}", file=sys.stderr, flush=True)
+            results = []
+            for rows, cols in shapes:
+                for pattern in patterns:
+                    results += run_config(rows, cols, pattern, tokens, args.reps, args.seed, flush, deepsparse,
+                                          ds_tokens, load)
+            load.wait_quiet()
+            after = read_bandwidth()
+            bandwidth = max(*before.values(), *after.values())
+            for row in results:
+                row["bw_fraction"] = row["ours_gbs"] / bandwidth
+            runs.append({"bandwidth_before": {k: round(v, 2) for k, v in before.items()},
+                         "bandwidth_after": {k: round(v, 2) for k, v in after.items()},
+                         "read_bandwidth_gbs": bandwidth, "results": results})
+            # Written after every run, so an interrupted benchmark still leaves the runs it finished.
+            report(args, argv, runs, deepsparse.version if deepsparse is not None else None)
     finally:
         if deepsparse is not None:
             deepsparse.close()
-    bandwidth_after = read_bandwidth()
-    bandwidth = max(*bandwidth_before.values(), *bandwidth_after.values())
-    report = {
-        "command": " ".join(["python", "benchmarks/kernels_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": cpu_info(), "threads": args.threads, "torch": torch.__version__,
-        "deepsparse": deepsparse.version if deepsparse is not None else None,
-        "load_average": [load_start, os.getloadavg()[0]],
-        "bandwidth_before": {k: round(v, 2) for k, v in bandwidth_before.items()},
-        "bandwidth_after": {k: round(v, 2) for k, v in bandwidth_after.items()},
-        "read_bandwidth_gbs": bandwidth, "reps": args.reps, "results": results,
-    }
-    report["bars"] = check_bars(results, bandwidth)
-    text = markdown(report)
-    print(text)
-    if not args.no_results:
-        write_json(args.json, report)
-        write_results_section(args.results, text)
-        plot(report, args.plot)
     return 0
 
 

@@ -115,11 +115,13 @@ constexpr int kMaxTokenBlock = 8;
 
 // Software prefetch for the decode kernels (one or two tokens): each row's value stream is prefetched
 // kPrefetchBytes ahead, one line per loop step (about what a step consumes at 50% density), so the loads
-// find their lines in L1. The last row of a group runs into the next group's first row. Measured on the
-// reference machine (two threads, one token, weights in DRAM): see benchmarks/RESULTS.md. More tokens
-// are compute-bound, and their activations already fill L1: no prefetch there.
+// find their lines in L1. At 4 KiB a short row's prefetches run into the next row group, which the
+// hardware prefetcher does not foresee: on the reference machine (two threads, one token, weights in
+// DRAM) 4 KiB moved 14-22% more bytes per second than 1 KiB on 4096-column rows and the same on
+// 11008-column rows; 2 KiB was in between, 8 KiB no better. More tokens are compute-bound, and their
+// activations already fill L1: no prefetch there.
 #ifndef LOSA_PREFETCH_BYTES
-#define LOSA_PREFETCH_BYTES 1024
+#define LOSA_PREFETCH_BYTES 4096
 #endif
 constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
 
