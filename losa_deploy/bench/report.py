@@ -1,0 +1,66 @@
+"""The printed table and the PNG plot of a bench run."""
+
+from __future__ import annotations
+
+import os
+
+
+def _cell(summary: dict, digits: int = 1) -> str:
+    return f"{summary['median']:.{digits}f} ({summary['q1']:.{digits}f}-{summary['q3']:.{digits}f})"
+
+
+def format_table(results: dict) -> str:
+    """One line per (model, engine, batch): medians with their interquartile range, speed-ups."""
+    from ..cli.common import format_table as table
+
+    s = results["settings"]
+    rows = []
+    for r in results["rows"]:
+        if "skipped" in r:
+            rows.append([r["model"], r["engine"], r["dtype"], r["batch"], "-", "-", "-", "-", r["skipped"]])
+            continue
+        rows.append([r["model"], r["engine"], r["dtype"], r["batch"], _cell(r["prefill_tok_s"]),
+                     _cell(r["decode_tok_s"]), _cell(r["tpot_ms"], 2), f"{r['decode_speedup']:.2f}x",
+                     r["kernel_path"]])
+    header = ["model", "engine", "dtype", "batch", "prefill tok/s", "decode tok/s", "TPOT ms", "decode x",
+              "kernel path"]
+    lines = [f"prompt {s['prompt_len']}, generate {s['gen_len']}, {s['threads']} threads, {s['repeats']} repeats "
+             f"after {s['warmup']} warm-up; medians (interquartile range); 'decode x' against the first row of "
+             "each batch", table(rows, header)]
+    different = [a for a in results["agreement"] if not a["identical"]]
+    for a in different:
+        lines.append(f"note: {a['model']} batch {a['batch']}: {a['engine']} first differs from {a['reference']} "
+                     f"at generated token {a['first_difference']}")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict, path: str | os.PathLike) -> None:
+    """Per batch size: decode and prefill tokens/s of every cell (median, interquartile whiskers)."""
+    from ..utils.plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    rows = [r for r in results["rows"] if "skipped" not in r]
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    height = max(2.0, 0.35 * max(sum(r["batch"] == b for r in rows) for b in batches) + 1.2)
+    fig, axes = plt.subplots(len(batches), 2, figsize=(12, height * len(batches)), squeeze=False)
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    colours = {e: plt.cm.tab10(i % 10) for i, e in enumerate(engines)}
+    for axis_row, batch in zip(axes, batches):
+        group = [r for r in rows if r["batch"] == batch]
+        labels = [f"{r['model']} / {r['engine']} {r['dtype']}" for r in group]
+        for ax, key, title in ((axis_row[0], "decode_tok_s", "decode"), (axis_row[1], "prefill_tok_s", "prefill")):
+            medians = [r[key]["median"] for r in group]
+            errors = [[r[key]["median"] - r[key]["q1"] for r in group], [r[key]["q3"] - r[key]["median"] for r in group]]
+            ys = range(len(group))
+            ax.barh(ys, medians, xerr=errors, color=[colours[r["engine"]] for r in group], capsize=2)
+            ax.set_yticks(list(ys), labels if key == "decode_tok_s" else [""] * len(group), fontsize=7)
+            ax.invert_yaxis()
+            speedups = [r[f"{title}_speedup"] for r in group]
+            for y, (m, x) in enumerate(zip(medians, speedups)):
+                ax.text(m, y, f" {x:.2f}x", va="center", fontsize=7)
+            ax.set_xlabel(f"{title} tokens/s")
+            ax.set_title(f"batch {batch}: {title}", fontsize=9)
+    s = results["settings"]
+    fig.suptitle(f"prompt {s['prompt_len']}, generate {s['gen_len']}, {s['threads']} threads "
+                 f"(speed-ups against the first row)", fontsize=10)
+    save_figure(fig, path)
