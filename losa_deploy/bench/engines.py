@@ -7,6 +7,7 @@ worker's command line. The workers themselves are :mod:`.worker` (torch, losa, v
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,10 @@ class VLLMEngine(Engine):
         argv, env = super().command(folder, dtype, threads, shape, work)
         # vLLM's CPU worker binds its OpenMP threads to these cores ("auto" would keep one core back for
         # its scheduler, halving the threads on a 2-core machine).
-        return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0"}
+        # Its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB of memory (1 holds 32 x 256 tokens of a 7B-shaped
+        # 2-block model many times over), not a share of the machine: several workers stay resident at once.
+        return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+                      "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
 
 
 class OnnxEngine(Engine):

@@ -114,8 +114,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
             if run_dtype not in engine.dtypes:
                 run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
             cells.append(Cell(spec, path, engine, run_dtype))
-    rng = np.random.default_rng(seed)
-    prompts = {b: rng.integers(0, vocab, size=(b, prompt_len)).tolist() for b in batch_list}
+    prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment
 
     machine = {**environment(), "load_average_start": os.getloadavg()}
@@ -148,6 +147,12 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         plot_results(results, plot)
         results["plot"] = str(plot)
     return results
+
+
+def make_prompts(batches: list[int], prompt_len: int, vocab: int, seed: int) -> dict[int, list[list[int]]]:
+    """The random prompts (token ids) of each batch size, the same for every cell."""
+    rng = np.random.default_rng(seed)
+    return {b: rng.integers(0, vocab, size=(b, prompt_len)).tolist() for b in batches}
 
 
 def _check_device(device: str, engines: list[str]) -> None:
@@ -220,7 +225,7 @@ def _rows(cells: list[Cell], batches: list[int], prompt_len: int, gen_len: int) 
         for cell in _active(cells, batch):
             samples = cell.samples[batch]
             row = {"model": cell.spec, "engine": cell.engine.name, "dtype": cell.dtype, "batch": batch,
-                   "kernel_path": cell.info.get("kernel_path"),
+                   "kernel_path": cell.info.get("kernel_path"), "tokens": cell.tokens[batch],
                    "prefill_tok_s": summarize([batch * prompt_len / s["prefill_s"] for s in samples]),
                    "decode_tok_s": summarize([batch * (gen_len - 1) / s["decode_s"] for s in samples]),
                    "tpot_ms": summarize([1000 * s["decode_s"] / (gen_len - 1) for s in samples])}

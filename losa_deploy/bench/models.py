@@ -102,10 +102,21 @@ def _dense_llama(progress: bool) -> Path:
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    config = dict(LLAMA2_7B_BLOCKS)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16)
-    return save_model(model, out)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA2_7B_BLOCKS), dtype=torch.bfloat16)
+    return save_model(model, out, tokenizer=_word_tokenizer(LLAMA2_7B_BLOCKS["vocab_size"]))
+
+
+def _word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over ``vocab_size`` made-up words (``w3`` ...), so that the random model is a
+    complete checkpoint every stage opens (the benchmark itself feeds token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def _write_lora(base: Path, out: Path) -> None:

@@ -9,6 +9,11 @@ def _cell(summary: dict, digits: int = 1) -> str:
     return f"{summary['median']:.{digits}f} ({summary['q1']:.{digits}f}-{summary['q3']:.{digits}f})"
 
 
+def display_name(spec: str) -> str:
+    """A model spec as shown in tables: a path by its last component, a standard name as it is."""
+    return os.path.basename(spec.rstrip("/")) or spec
+
+
 def format_table(results: dict) -> str:
     """One line per (model, engine, batch): medians with their interquartile range, speed-ups."""
     from ..cli.common import format_table as table
@@ -17,9 +22,10 @@ def format_table(results: dict) -> str:
     rows = []
     for r in results["rows"]:
         if "skipped" in r:
-            rows.append([r["model"], r["engine"], r["dtype"], r["batch"], "-", "-", "-", "-", r["skipped"]])
+            rows.append([display_name(r["model"]), r["engine"], r["dtype"], r["batch"], "-", "-", "-", "-",
+                         r["skipped"]])
             continue
-        rows.append([r["model"], r["engine"], r["dtype"], r["batch"], _cell(r["prefill_tok_s"]),
+        rows.append([display_name(r["model"]), r["engine"], r["dtype"], r["batch"], _cell(r["prefill_tok_s"]),
                      _cell(r["decode_tok_s"]), _cell(r["tpot_ms"], 2), f"{r['decode_speedup']:.2f}x",
                      r["kernel_path"]])
     header = ["model", "engine", "dtype", "batch", "prefill tok/s", "decode tok/s", "TPOT ms", "decode x",
@@ -42,12 +48,13 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
     rows = [r for r in results["rows"] if "skipped" not in r]
     batches = list(dict.fromkeys(r["batch"] for r in rows))
     height = max(2.0, 0.35 * max(sum(r["batch"] == b for r in rows) for b in batches) + 1.2)
-    fig, axes = plt.subplots(len(batches), 2, figsize=(12, height * len(batches)), squeeze=False)
+    fig, axes = plt.subplots(len(batches), 2, figsize=(12, height * len(batches)), squeeze=False,
+                             layout="constrained")
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     colours = {e: plt.cm.tab10(i % 10) for i, e in enumerate(engines)}
     for axis_row, batch in zip(axes, batches):
         group = [r for r in rows if r["batch"] == batch]
-        labels = [f"{r['model']} / {r['engine']} {r['dtype']}" for r in group]
+        labels = [f"{display_name(r['model'])} / {r['engine']} {r['dtype']}" for r in group]
         for ax, key, title in ((axis_row[0], "decode_tok_s", "decode"), (axis_row[1], "prefill_tok_s", "prefill")):
             medians = [r[key]["median"] for r in group]
             errors = [[r[key]["median"] - r[key]["q1"] for r in group], [r[key]["q3"] - r[key]["median"] for r in group]]
@@ -56,9 +63,10 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
             ax.set_yticks(list(ys), labels if key == "decode_tok_s" else [""] * len(group), fontsize=7)
             ax.invert_yaxis()
             speedups = [r[f"{title}_speedup"] for r in group]
-            for y, (m, x) in enumerate(zip(medians, speedups)):
-                ax.text(m, y, f" {x:.2f}x", va="center", fontsize=7)
-            ax.set_xlabel(f"{title} tokens/s")
+            for y, (r, x) in enumerate(zip(group, speedups)):
+                ax.text(r[key]["q3"], y, f" {x:.2f}x", va="center", fontsize=7)
+            ax.set_xlim(0, 1.15 * max(r[key]["q3"] for r in group))
+            ax.set_xlabel(f"{title} tokens/s", fontsize=8)
             ax.set_title(f"batch {batch}: {title}", fontsize=9)
     s = results["settings"]
     fig.suptitle(f"prompt {s['prompt_len']}, generate {s['gen_len']}, {s['threads']} threads "
