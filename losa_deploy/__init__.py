@@ -8,8 +8,8 @@ stays cheap (transformers is imported on first use).
 from ._version import __version__
 from .errors import LosaError
 
-_API = {"SparseLinear", "bench", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "masked_lora_linear",
-        "pack", "prune", "sparsify_"}
+_API = {"SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
+        "masked_lora_linear", "merge", "pack", "prune", "sparsify_"}
 
 
 def __getattr__(name):

@@ -135,6 +135,57 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     return {"output": str(output), "model": str(path), "calibration": calibration, **report}
 
 
+def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str | os.PathLike, method: str = "losa",
+             sparsity: float | None = None, pruner: str = "wanda", structure: str = "unstructured", steps: int = 5,
+             data_split: str = "even", allocation: str = "rmi", lambda_schedule: str = "banded", rank: int = 8,
+             first_rank: int = 6, max_rank: int = 16, alpha: float = 16.0, dropout: float = 0.0,
+             shrink: str = "index", lr: float = 2e-4, warmup_ratio: float = 0.3, batch_size: int = 4,
+             grad_accum: int = 2, max_len: int = 256, autocast: str = "auto", seed: int = 0, calib: str = SELF,
+             calib_slice: str | None = None, nsamples: int = 128, seqlen: int | None = None,
+             data_slice: str | None = None, budget_tokens: int | None = None, response_only: bool = True,
+             eval_data: str | None = None, eval_slice: str | None = None, save_base: bool = False,
+             resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
+             progress: bool = True) -> dict:
+    """Prune and fine-tune ``model`` on ``data`` with LoSA, static sparse-LoRA or plain LoRA.
+
+    LoSA runs ``steps`` phases on the cubic sparsity schedule (merge → prune → unmerge, RMI per-block
+    sparsity, ranks from reconstruction error, then training); ``sparse-lora`` prunes once and trains a
+    masked adapter; ``lora`` prunes once and trains a dense adapter that stays unmerged. Masked methods
+    write the merged model, exactly as sparse as the final mask. Every method on the same
+    ``budget_tokens`` sees the same examples. A run killed mid-way continues with ``resume=True`` to the
+    same final weights. Under ``torchrun`` it trains data-parallel. Returns the run's report (also in
+    ``OUT/finetune.json``); see :mod:`losa_deploy.finetune.run` for the output layout.
+    """
+    from .finetune.methods import MethodConfig
+    from .finetune.run import finetune as run_finetune
+    from .finetune.trainer import TrainConfig
+
+    method_cfg = MethodConfig(method=method, sparsity=sparsity, structure=structure, pruner=pruner, steps=steps,
+                              allocation=allocation, lambda_schedule=lambda_schedule, first_rank=first_rank,
+                              rank=rank, max_rank=max_rank, alpha=alpha, dropout=dropout, shrink=shrink,
+                              data_split=data_split)
+    train = TrainConfig(lr=lr, warmup_ratio=warmup_ratio, batch_size=batch_size, grad_accum=grad_accum,
+                        max_len=max_len, seed=seed, autocast=autocast)
+    return run_finetune(model, output, str(data), method_cfg, train, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                        data_slice=data_slice, calib_slice=calib_slice, budget_tokens=budget_tokens,
+                        response_only=response_only, eval_data=eval_data, eval_slice=eval_slice, resume=resume,
+                        overwrite=overwrite, save_base=save_base, trust_remote_code=trust_remote_code,
+                        progress=progress)
+
+
+def merge(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike, allow_dense: bool = False,
+          overwrite: bool = False, trust_remote_code: bool = False) -> dict:
+    """Merge the adapter saved at ``adapter`` into ``base`` (the pruned model it was trained on).
+
+    Masked adapters keep the zero pattern exactly; an unmasked one is refused on a sparse base unless
+    ``allow_dense``. The adapter must match the base's weights (checked by hash).
+    """
+    from .finetune.merge import merge_checkpoint
+
+    return merge_checkpoint(base, adapter, output, allow_dense=allow_dense, overwrite=overwrite,
+                            trust_remote_code=trust_remote_code)
+
+
 def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", dtype: str | None = None,
          overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Pack a checkpoint for serving: ``format`` is hf, nm-vllm, losa, vllm or deepsparse.
@@ -177,5 +228,6 @@ def bench(models: list[str], engines: str | list[str] = "torch,losa", device: st
                      plot=plot, command=command, progress=progress)
 
 
-__all__ = ["SparseLinear", "bench", "evaluate", "inspect", "load", "load_model", "load_tokenizer", "masked_lora_linear",
-           "pack", "prune", "sparsify_"]
+
+__all__ = ["SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
+           "masked_lora_linear", "merge", "pack", "prune", "sparsify_"]

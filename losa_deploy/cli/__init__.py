@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_json_path(args.json)
         _quiet_libraries()
         result = args.run(args)
-        if args.json:
+        if args.json and result is not None:  # None: a worker process of a multi-process run
             from ..utils.fs import write_json
 
             write_json(args.json, {"command": args.command, **(result or {})})

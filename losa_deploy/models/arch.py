@@ -42,6 +42,14 @@ class Architecture:
                 out[f"{self.blocks_path}.{i}.{name}"] = module
         return out
 
+    def locate(self, module_name: str) -> tuple[int, str]:
+        """(block index, name inside the block) of a fully qualified linear name."""
+        prefix = f"{self.blocks_path}."
+        if not module_name.startswith(prefix):
+            raise LosaError(f"{module_name} is not inside {self.blocks_path}")
+        index, _, rest = module_name[len(prefix):].partition(".")
+        return int(index), rest
+
     def weight_key_pattern(self) -> re.Pattern:
         """Matches the checkpoint key of a prunable weight; group 1 is the block index."""
         names = "|".join(re.escape(n) for n in self.linear_names)

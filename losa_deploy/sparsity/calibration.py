@@ -159,16 +159,20 @@ class BlockRunner:
     ``reference_weights(index)`` gives the state dict of the reference block for the reference stream
     (e.g. :func:`checkpoint_reference` for the original dense checkpoint); without it the reference
     block is the block as it is before the caller processes it (the dense model in one-shot pruning).
+    ``reference_mode(block)`` is a context manager entered around each reference run, for state the
+    weights do not carry (LoSA switches its adapters off there, so the reference is the plain dense block).
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 8,
                  collectors: Sequence[BlockCollector] = (), reference_weights: ReferenceWeights | None = None,
+                 reference_mode: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None,
                  progress: bool = True, desc: str = "blocks"):
         self.model = model
         self.windows = windows
         self.batch_size = batch_size
         self.collectors = list(collectors)
         self.reference_weights = reference_weights
+        self.reference_mode = reference_mode or (lambda block: contextlib.nullcontext())
         self.progress = progress
         self.desc = desc
 
@@ -182,7 +186,8 @@ class BlockRunner:
         for index, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", disable=not self.progress)):
             step = BlockStep(index, block, inputs, arch, calls, self.batch_size)
             if keep_reference:
-                with _weights(block, self.reference_weights(index) if self.reference_weights else None):
+                with _weights(block, self.reference_weights(index) if self.reference_weights else None), \
+                        self.reference_mode(block):
                     ref, ref_spare = step.run(ref, out=ref_spare), ref
             for c in self.collectors:
                 c.block_input(step)

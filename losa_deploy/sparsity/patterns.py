@@ -52,6 +52,13 @@ def sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
 
 
+def global_sparsity(weights) -> float:
+    """Fraction of zeros over several weights together (weighted by size)."""
+    weights = list(weights)
+    kept = sum(int(torch.count_nonzero(w)) for w in weights)
+    return 1.0 - kept / max(1, sum(w.numel() for w in weights))
+
+
 def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
     """Kept entries per full group of ``m`` columns: ``[out, in // m]``."""
     rows, cols = keep.shape

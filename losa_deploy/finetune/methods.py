@@ -1,0 +1,215 @@
+"""Fine-tuning methods: they differ only in their schedule and adapter type; the loop is shared.
+
+* ``losa``: masked LoRA on a progressively pruned model. Each of T phases merges, prunes the merged
+  weights to the cubic schedule's sparsity with RMI per-block sparsity, unmerges with the new mask,
+  re-allocates per-block ranks from the reconstruction error, then trains (losa.md §1, §3-§8).
+* ``sparse-lora``: prune once to the target, fixed mask, masked LoRA, merged at the end.
+* ``lora``: prune once, plain (unmasked) LoRA, left unmerged: merging a dense update densifies W.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..adapters.config import AdapterConfig
+from ..adapters.layer import LoraLinear
+from ..adapters.model import adapters_of
+from ..adapters.ranks import allocate_ranks, average_rank
+from ..errors import LosaError
+from ..models.arch import get_architecture
+from ..sparsity import allocation as alloc
+from ..sparsity.calibration import BlockRunner, GramCollector, ReconstructionError, checkpoint_reference
+from ..sparsity.masks import Target, apply_mask
+from ..sparsity.patterns import global_sparsity
+from ..sparsity.prune import PruneConfig, Structure, prune_model
+from ..sparsity.pruners import get_pruner
+from .schedule import lambda_for, nm_schedule, sparsity_schedule
+
+METHODS = ("losa", "sparse-lora", "lora")
+
+
+@dataclass
+class MethodConfig:
+    method: str = "losa"
+    sparsity: float | None = None  # implied by N:M structures
+    structure: str = "unstructured"
+    pruner: str = "wanda"
+    steps: int = 5  # LoSA's T
+    allocation: str = "rmi"  # LoSA per-block sparsity: rmi | uniform
+    lambda_schedule: str = "banded"
+    rmi_samples: int = 64
+    first_rank: int = 6  # LoSA's Ω_1: average ranks 6, 7, ..., mean 8 over T = 5
+    rank: int = 8  # the baselines' fixed rank
+    min_rank: int = 1
+    max_rank: int = 16
+    alpha: float = 16.0
+    scale_rank: int = 8
+    dropout: float = 0.0
+    shrink: str = "index"  # drop the last components; "svd" keeps the best rank-r approximation
+    init: str = "gaussian"
+    batch_size: int = 8  # calibration batch
+    data_split: str = "even"  # LoSA's token budget per phase: even (the paper's 2K x 5) | final-heavy
+
+    def phase_weights(self) -> list[float]:
+        """Share of the token budget per phase. ``final-heavy`` is the reference code's 1,1,1,1,6 (of 10)."""
+        if self.data_split == "even" or self.phases == 1:
+            return [1.0] * self.phases
+        return [1.0] * (self.phases - 1) + [1.5 * self.phases - 1.5]
+
+    def checked(self) -> tuple[Structure, float]:
+        if self.method not in METHODS:
+            raise LosaError(f"unknown fine-tuning method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.pruner not in ("wanda", "sparsegpt", "magnitude"):
+            raise LosaError(f"unknown pruner '{self.pruner}' (wanda, sparsegpt or magnitude)")
+        if self.allocation not in ("rmi", "uniform"):
+            raise LosaError(f"unknown LoSA allocation '{self.allocation}' (rmi or uniform)")
+        if self.steps < 1:
+            raise LosaError(f"steps must be positive, got {self.steps}")
+        if self.data_split not in ("even", "final-heavy"):
+            raise LosaError(f"unknown data split '{self.data_split}' (even or final-heavy)")
+        if self.shrink not in ("svd", "index"):
+            raise LosaError(f"unknown shrink rule '{self.shrink}' (svd or index)")
+        structure, target = PruneConfig(method=self.pruner, sparsity=self.sparsity, structure=self.structure,
+                                        allocation="uniform").checked()
+        top = average_rank(self.steps, self.first_rank) if self.method == "losa" else self.rank
+        if not self.min_rank <= top <= self.max_rank:
+            raise LosaError(f"the largest rank the schedule asks for ({top}) exceeds max_rank {self.max_rank}: "
+                            "raise --max-rank (the adapter capacity must cover every allocated rank)")
+        lambda_for(0.5, self.lambda_schedule)  # validates the name
+        return structure, target
+
+    @property
+    def phases(self) -> int:
+        return self.steps if self.method == "losa" else 1
+
+    @property
+    def masked(self) -> bool:
+        return self.method != "lora"
+
+    def adapter_config(self) -> AdapterConfig:
+        rank = self.first_rank if self.method == "losa" else self.rank
+        return AdapterConfig(rank=rank, max_rank=self.max_rank, alpha=self.alpha, scale_rank=self.scale_rank,
+                             dropout=self.dropout, masked=self.masked, init=self.init)
+
+
+def prune_once(model, cfg: MethodConfig, windows: torch.Tensor, progress: bool) -> dict:
+    """The baselines' one-shot pruning to the target (uniform per-block sparsity)."""
+    return prune_model(model, PruneConfig(method=cfg.pruner, sparsity=cfg.sparsity, structure=cfg.structure,
+                                          allocation="uniform", batch_size=cfg.batch_size), windows, progress)
+
+
+@contextmanager
+def adapters_off(block):
+    """The block as its plain base linears: the dense reference runs."""
+    layers = [m for m in block.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
+class LosaSchedule:
+    """LoSA's per-phase pruning and rank allocation (losa.md §3-§8), run before each training phase."""
+
+    def __init__(self, cfg: MethodConfig, dense_path, windows: torch.Tensor, progress: bool = True):
+        self.cfg = cfg
+        self.structure, self.target = cfg.checked()
+        self.sparsities = sparsity_schedule(self.target, cfg.steps)
+        self.dense_path = dense_path
+        self.windows = windows
+        self.progress = progress
+        self.pruner = get_pruner(cfg.pruner)
+        self.block_n: list[int] | None = None  # mixed N:M: the final N of each block, fixed at phase 1
+
+    def before_phase(self, model, phase: int, previous_lambda: float | None) -> dict:
+        s_t = self.sparsities[phase]
+        lam = lambda_for(s_t, self.cfg.lambda_schedule, previous_lambda)
+        targets, signal = self._targets(model, phase, s_t, lam)
+        errors = self._prune(model, targets, phase)
+        blocks = _blocks(model)
+        ranks = allocate_ranks(errors, average_rank(phase + 1, self.cfg.first_rank), self.cfg.min_rank,
+                               self.cfg.max_rank)
+        gen = torch.Generator().manual_seed(7 + phase)
+        for block_layers, rank in zip(blocks, ranks):
+            for layer in block_layers:
+                layer.set_rank(rank, shrink=self.cfg.shrink, generator=gen)
+        return {"phase": phase + 1, "schedule_sparsity": s_t, "lambda": lam, "redundancy": signal,
+                "block_targets": [t.describe() for t in targets],
+                "block_sparsity": [_sparsity(b) for b in blocks], "recon_error": errors, "ranks": ranks}
+
+    def _targets(self, model, phase: int, s_t: float, lam: float) -> tuple[list[Target], list[float] | None]:
+        blocks = _blocks(model)
+        kind, n, m = self.structure.kind, self.structure.n, self.structure.m
+        if kind == "nm":  # uniform N:M: RMI is not used (LoSA rebuttal)
+            return [Target.nm(nm_schedule(n, m, self.cfg.steps)[phase], m)] * len(blocks), None
+        signal = self._redundancy(model) if self.cfg.allocation == "rmi" and (kind != "mixed_nm" or phase == 0) \
+            else None
+        if kind == "mixed_nm":
+            if self.block_n is None:
+                self.block_n = alloc.nm_allocation(signal, n, m) if signal is not None else [n] * len(blocks)
+            return [Target.nm(nm_schedule(b, m, self.cfg.steps)[phase], m) for b in self.block_n], signal
+        current = [_sparsity(b) for b in blocks]
+        if signal is None:
+            return [Target.unstructured(max(s_t, c)) for c in current], None
+        per_block = alloc.solve_allocation_lp(signal, s_t, lam, lower=current)
+        return [Target.unstructured(s) for s in per_block], signal
+
+    def _redundancy(self, model) -> list[float]:
+        collector = GramCollector(min(self.cfg.rmi_samples, self.windows.shape[0]))
+        for _ in BlockRunner(model, self.windows, self.cfg.batch_size, [collector], progress=self.progress,
+                             desc="RMI signals"):
+            pass
+        return alloc.rmi_redundancy(collector.grams).tolist()
+
+    @torch.no_grad()
+    def _prune(self, model, targets: list[Target], phase: int) -> list[float]:
+        """Merge → prune → unmerge, block by block; returns the per-block reconstruction errors."""
+        arch = get_architecture(model)
+        errors = ReconstructionError()
+        runner = BlockRunner(model, self.windows, self.cfg.batch_size, [errors],
+                             reference_weights=checkpoint_reference(self.dense_path, arch),
+                             reference_mode=adapters_off, progress=self.progress,
+                             desc=f"LoSA phase {phase + 1}: {self.pruner.name}")
+        for step in runner:
+            layers = step.linears()
+            stats = step.input_stats(hessian=self.pruner.needs == "hessian", modules=layers) \
+                if self.pruner.needs else {}
+            for name, layer in layers.items():
+                prune_merged(layer, self.pruner, targets[step.index], stats.get(name))
+        return errors.errors
+
+
+def prune_merged(layer: LoraLinear, pruner, target: Target, stats) -> None:
+    """Prune ``W + s·(B·A)⊙M`` and keep the adapter out of the base (losa.md §3).
+
+    Wanda only chooses the new mask, so the kept base entries stay bit-identical. SparseGPT also updates
+    the merged weights; the base then absorbs that update: ``W' = (Wm' − s·(B·A)⊙M_new) ⊙ M_new``, one cast.
+    """
+    old = layer.mask
+    pruned = pruner.prune(layer.merged_weight(), target, stats, prev_mask=old)
+    mask = pruned.mask & old
+    if pruned.weight is None:
+        base = apply_mask(layer.weight.detach(), mask)
+    else:
+        delta = layer.scale * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
+        base = apply_mask((pruned.weight.float() - delta).to(layer.weight.dtype), mask)
+    layer.set_base(base, mask)
+
+
+def _blocks(model) -> list[list[LoraLinear]]:
+    arch = get_architecture(model)
+    layers = adapters_of(model)
+    out = [[] for _ in arch.block_list(model)]
+    for name, layer in layers.items():
+        out[arch.locate(name)[0]].append(layer)
+    return out
+
+
+def _sparsity(layers: list[LoraLinear]) -> float:
+    return global_sparsity(layer.weight for layer in layers)

@@ -1,0 +1,202 @@
+"""``finetune``: prune + sparse fine-tune + merge, end to end, resumable, single- or multi-process.
+
+    OUT/                  the fine-tuned checkpoint: merged and exactly sparse (losa, sparse-lora), or the
+                          pruned base (lora, whose dense adapter must stay unmerged), with its sidecar
+    OUT/adapter/          the adapter in PEFT format (per-module ranks), for unmerged use
+    OUT/base/             with ``save_base``, the pruned base of a masked method before the merge (the
+                          adapter's base: ``merge OUT/base --adapter OUT/adapter`` rebuilds OUT exactly)
+    OUT/finetune.json     the run: per phase sparsity, λ, errors, ranks, losses, timings
+    OUT/finetune.png      per-block sparsity and rank across phases, and the loss curve
+    OUT.ckpt/             the checkpoint of the last finished phase while the run is going (``--resume``)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .._version import __version__
+from ..adapters.model import adapters_of, inject_adapters, merge_adapters, unload_adapters
+from ..adapters.peft_format import save_peft_adapter
+from ..data import (
+    SELF,
+    calibration_windows,
+    eval_windows,
+    parse_slice,
+    read_source,
+    slice_source,
+    tokenize_text,
+)
+from ..errors import LosaError
+from ..eval.perplexity import perplexity
+from ..models import (
+    check_checkpoint,
+    context_length,
+    get_architecture,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from ..sparsity import SIDECAR, build_sidecar
+from ..sparsity.patterns import global_sparsity
+from ..utils.fs import atomic_dir, check_output_dir
+from . import distributed
+from .data import split_budget, training_examples
+from .methods import LosaSchedule, MethodConfig, prune_once
+from .state import read_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
+from .trainer import TrainConfig, train_phase
+
+
+def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, method: MethodConfig,
+             train: TrainConfig, calib: str = SELF, nsamples: int = 128, seqlen: int | None = None,
+             data_slice: str | None = None, calib_slice: str | None = None, budget_tokens: int | None = None,
+             response_only: bool = True, eval_data: str | None = None, eval_slice: str | None = None,
+             eval_windows_max: int | None = 64, resume: bool = False, overwrite: bool = False,
+             save_base: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
+    """Fine-tune ``model`` with ``method`` on ``data``; writes ``output`` (see the module docstring)."""
+    rank, world = distributed.init()
+    progress = progress and rank == 0
+    _, target = method.checked()
+    path = resolve_model(model)
+    config = check_checkpoint(path, trust_remote_code)
+    ckpt = Path(f"{output}.ckpt")
+    if not resume:
+        check_output_dir(output, overwrite)
+    ctx = context_length(config)
+    seqlen = seqlen or min(train.max_len, ctx)
+    if max(seqlen, train.max_len) > ctx:
+        raise LosaError(f"sequence length {max(seqlen, train.max_len)} is longer than the model's context ({ctx})")
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    source = slice_source(read_source(data), *parse_slice(data_slice))
+    slices = split_budget(training_examples(tokenizer, source, train.max_len, response_only), method.phases,
+                          budget_tokens, method.phase_weights())
+    ev = None
+    if eval_data is not None:
+        text = slice_source(read_source(eval_data), *parse_slice(eval_slice)).as_text()
+        ev = eval_windows(tokenize_text(tokenizer, text), train.max_len, eval_windows_max)
+    settings = {"model": str(path), "data": str(data), "slice": data_slice, "method": asdict(method),
+                "train": train.to_dict(), "calib": str(calib), "calib_slice": calib_slice, "nsamples": nsamples,
+                "seqlen": seqlen, "budget_tokens": budget_tokens, "response_only": response_only,
+                "world_size": world}
+    state = read_checkpoint(ckpt, settings) if resume else None
+    if not resume and (ckpt / "state.json").is_file():
+        raise LosaError(f"{ckpt} holds an interrupted run: pass --resume to continue it, or remove it")
+    windows = None
+    if calib != SELF:
+        windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, train.seed, calib_slice, progress)
+    lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code)
+    _check_not_unpruning(lm, target)
+    if windows is None:
+        windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, train.seed, progress=progress)
+    started = time.perf_counter()
+    history, one_shot = [], None
+    if state is None and method.method != "losa":
+        one_shot = prune_once(lm, method, windows, progress)
+    inject_adapters(lm, method.adapter_config(), seed=train.seed)
+    if state is not None:
+        restore_checkpoint(ckpt, lm)
+        history = state["history"]
+    schedule = LosaSchedule(method, path, windows, progress) if method.method == "losa" else None
+    if schedule is not None and state is not None:
+        schedule.block_n = state.get("extra", {}).get("block_n")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for phase in range(len(history), method.phases):
+        record = {"phase": phase + 1}
+        t0 = time.perf_counter()
+        if schedule is not None:
+            previous = history[-1]["lambda"] if history else None
+            record.update(schedule.before_phase(lm, phase, previous))
+        record["prune_seconds"] = time.perf_counter() - t0
+        layers = adapters_of(lm).values()
+        record["sparsity"] = global_sparsity(layer.weight for layer in layers)
+        record["average_rank"] = round(sum(layer.rank for layer in layers) / len(layers), 3)
+        params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+        result = train_phase(lm, params, slices[phase], train, phase, pad, progress,
+                             desc=f"{method.method} phase {phase + 1}/{method.phases}")
+        record.update(losses=result["losses"], tokens=result["tokens"], updates=result["updates"],
+                      train_seconds=result["seconds"])
+        if ev is not None:
+            record["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
+        history.append(record)
+        if rank == 0:
+            save_checkpoint(ckpt, lm, phase + 1, settings, history,
+                            extra={"block_n": schedule.block_n if schedule else None})
+        distributed.barrier()
+    report = {"method": asdict(method), "train": train.to_dict(), "phases": history, "one_shot": one_shot,
+              "seconds": time.perf_counter() - started, "world_size": world, "rank": rank,
+              "train_seconds": sum(r["train_seconds"] for r in history),
+              "prune_seconds": sum(r["prune_seconds"] for r in history)}
+    if rank == 0:
+        report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resume,
+                                    save_base))
+        if ev is not None:
+            report["final_eval_ppl"] = history[-1]["eval_ppl"]
+        remove_checkpoint(ckpt)
+    distributed.barrier()
+    return report
+
+
+def _check_not_unpruning(lm, target: float) -> None:
+    """Pruning only removes weights: a target below the model's present sparsity cannot be reached."""
+    current = global_sparsity(m.weight for m in get_architecture(lm).linears(lm).values())
+    if current > target + 0.005:
+        raise LosaError(f"the model is already {100 * current:.2f}% sparse: a target of {100 * target:.2f}% "
+                        "would un-prune it (give a target at least as high)")
+
+
+def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path) -> str:
+    """Where the adapter's (pruned) base lives: OUT for lora, OUT/base when saved, else the input model."""
+    out = Path(output).resolve()
+    if not method.masked:
+        return str(out)
+    return str(out / "base") if save_base else str(base_path)
+
+
+def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, report: dict, settings: dict,
+                  overwrite: bool, save_base: bool = False) -> dict:
+    info = {}
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        save_peft_adapter(lm, tmp / "adapter", _adapter_base(output, method, save_base, base_path))
+        if method.masked and save_base:
+            adapter_keys = ("lora_A", "lora_B", "mask_words")
+            state = {k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys}
+            lm.save_pretrained(tmp / "base", state_dict=state)
+            tokenizer.save_pretrained(tmp / "base")
+        if method.masked:
+            info["merge"] = merge_adapters(lm)
+            if info["merge"]["nnz_after"] != info["merge"]["nnz_before"] - info["merge"]["cancelled"]:
+                raise RuntimeError("merge changed the number of non-zeros beyond exact cancellations")
+        else:
+            unload_adapters(lm)  # a dense update merged would make W dense: the adapter stays separate
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        arch = get_architecture(lm)
+        weights = {n: m.weight for n, m in arch.linears(lm).items()}
+        sidecar = build_sidecar(weights.items(), base_model={
+            "name_or_path": str(base_path),
+            "config_sha256": hashlib.sha256((base_path / "config.json").read_bytes()).hexdigest()},
+            method={"finetune": method.method, "pruner": method.pruner, "structure": method.structure,
+                    "target_sparsity": method.sparsity, "steps": method.phases,
+                    "lambda_schedule": method.lambda_schedule, "allocation": method.allocation,
+                    "ranks_per_block": report["phases"][-1].get("ranks"), "alpha": method.alpha,
+                    "scale": method.alpha / method.scale_rank,
+                    "merge": "masked" if method.masked else "unmerged (adapter/)",
+                    "producer": f"losa-deploy {__version__}"})
+        sidecar["checks"]["merged_zero_pattern_equals_mask"] = bool(method.masked)
+        sidecar["checks"]["negative_zeros"] = sum(int((w.signbit() & (w == 0)).sum()) for w in weights.values())
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        info["achieved_sparsity"] = sidecar["global_sparsity"]
+        info["pattern"] = sidecar["pattern"]
+        full = {**report, **info, "settings": settings}
+        (tmp / "finetune.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        from .plots import plot_finetune
+
+        plot_finetune(full, tmp / "finetune.png")
+    return info
+
+
+__all__ = ["MethodConfig", "TrainConfig", "finetune"]

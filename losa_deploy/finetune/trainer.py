@@ -1,0 +1,104 @@
+"""The training loop every fine-tuning method shares: AdamW on the adapter parameters only, linear
+warm-up then linear decay, gradient accumulation, clipping, bf16 autocast where supported, seeded order.
+
+One call trains one phase (a LoSA step, or the single phase of a baseline) on its slice of the data with
+a fresh optimizer and schedule (LoSA's ranks, hence parameter shapes, change between phases).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import IGNORE_INDEX, TokenizedExample, collate
+from . import distributed
+from .data import shuffled
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    warmup_ratio: float = 0.3
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 2  # micro-batches per optimizer update (across all processes)
+    max_len: int = 256
+    seed: int = 0
+    autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 where the device runs it natively)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    use = cfg.autocast == "bf16" or (cfg.autocast == "auto" and _native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def _native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from ..kernels import extension
+
+    ext = extension()
+    return bool(ext is not None and ext.cpu_features().get("avx512bf16", False))
+
+
+def train_phase(model, params: list[torch.nn.Parameter], examples: list[TokenizedExample], cfg: TrainConfig,
+                phase: int, pad_id: int, progress: bool = True, desc: str = "train") -> dict:
+    """Train ``params`` on ``examples`` (one pass, seeded order); returns the per-update losses."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    order = shuffled(examples, cfg.seed * 7919 + phase)
+    micro = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    updates = [micro[i: i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(len(updates), cfg.warmup_ratio))
+    torch.manual_seed(cfg.seed * 104729 + phase)  # adapter dropout draws
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    bar = tqdm(updates, desc=desc, unit="upd", disable=not (progress and distributed.is_main()))
+    for update in bar:
+        label_tokens = sum(_label_count(mb) for mb in update)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        total = torch.zeros((), dtype=torch.float64)
+        for j, mb in enumerate(update):
+            if j % world != rank:
+                continue
+            batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+            with autocast_context(cfg, device):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                  ignore_index=IGNORE_INDEX, reduction="sum")
+            (nll / label_tokens).backward()
+            total += nll.detach().double()
+        distributed.all_reduce_grads(params)
+        if torch.distributed.is_initialized() and world > 1:
+            torch.distributed.all_reduce(total)
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(total) / label_tokens)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    tokens = sum(e.input_ids.numel() for e in examples)
+    return {"losses": losses, "updates": len(updates), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def _warmup_then_linear(updates: int, warmup_ratio: float):
+    """LR factor per update: linear warm-up to 1 over the first ``warmup_ratio``, then linear decay to 0."""
+    warmup = max(1, math.ceil(warmup_ratio * updates))
+    return lambda u: (u + 1) / warmup if u < warmup else max(0.0, (updates - u) / max(1, updates - warmup))
+
+
+def _label_count(micro_batch: list[TokenizedExample]) -> int:
+    # Labels are shifted by one: the first label of each example is never predicted.
+    return sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in micro_batch)
