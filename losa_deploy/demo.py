@@ -76,13 +76,11 @@ def run_demo(model: str = DEFAULT_MODEL, out_dir: str | os.PathLike = "demo-out"
             merged, out / f"packed-{fmt}", format=fmt, dtype=dtype, overwrite=True, progress=progress))
     stages["pack"] = {fmt: {"output": p["output"], "weight_bytes": p["weight_bytes"], "dense_bytes": p["dense_bytes"],
                             "global_sparsity": p["global_sparsity"]} for fmt, p in packs.items()}
-    cells = [str(path), packs["losa"]["output"]]
-    engines = "torch,losa"
+    pairs = [(str(path), "torch"), (packs["losa"]["output"], "losa")]
     if deepsparse_python() is not None:
-        cells.append(packs["deepsparse"]["output"])
-        engines += ",deepsparse"
-    bench = timed("bench", lambda: api.bench(cells, engines=engines, batches=[1], prompt_len=64,
-                                             gen_len=bench_gen_len, repeats=bench_repeats, progress=progress))
+        pairs.append((packs["deepsparse"]["output"], "deepsparse"))
+    bench = timed("bench", lambda: api.bench([], pairs=pairs, batches=[1], prompt_len=64, gen_len=bench_gen_len,
+                                             repeats=bench_repeats, progress=progress))
     stages["bench"] = _bench_summary(bench)
     report["bench_command"] = bench["command"]
     seconds["total"] = time.perf_counter() - t0

@@ -77,15 +77,22 @@ def parse_batches(text: str | list[int]) -> list[int]:
 def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device: str = "cpu",
               batches: str | list[int] = (1,), prompt_len: int = 128, gen_len: int = 128, repeats: int = 5,
               warmup: int = 1, threads: int | None = None, dtype: str = "bf16", seed: int = 0,
-              plot: str | os.PathLike | None = None, command: str | None = None, load_timeout: float = 3600,
+              plot: str | os.PathLike | None = None, command: str | None = None,
+              pairs: list[tuple[str, str]] | None = None, load_timeout: float = 3600,
               request_timeout: float = 3600, progress: bool = True) -> dict:
     """Measure every model on every engine; returns the results (see the module docstring).
 
     ``engines``: a comma list of torch, losa, vllm, deepsparse, onnxruntime, each optionally ``:DTYPE``.
-    ``threads``: per engine (default: all cores). Everything is checked before anything is loaded.
+    ``pairs``: instead of every model on every engine, exactly these (model, engine) cells, in this order
+    (e.g. a dense folder on torch beside its packed sparse folder on losa). ``threads``: per engine
+    (default: all cores). Everything is checked before anything is loaded.
     """
     started = time.time()
-    engine_specs = parse_engines(engines)
+    if pairs is not None:
+        models = [model for model, _ in pairs]
+        plan = [(model, parse_engines(engine)[0]) for model, engine in pairs]
+    else:
+        plan = [(model, engine) for model in models for engine in parse_engines(engines)]
     batch_list = parse_batches(batches)
     if dtype not in DTYPES:
         raise LosaError(f"--dtype: choose from {', '.join(DTYPES)}, got '{dtype}'")
@@ -94,7 +101,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     threads = threads or os.cpu_count() or 1
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
-    _check_device(device, [name for name, _ in engine_specs])
+    _check_device(device, [name for _, (name, _) in plan])
     if not models:
         raise LosaError("bench: no MODEL given")
     for spec in models:
@@ -105,15 +112,15 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     paths = {spec: resolve_bench_model(spec, progress) for spec in dict.fromkeys(models)}
     vocab = min(_vocab_size(p) for p in paths.values())
     shape = Shape(max(batch_list), prompt_len, gen_len)
-    cells = []
-    for spec, path in paths.items():
+    for path in paths.values():
         _check_context(path, shape)
-        for name, cell_dtype in engine_specs:
-            engine = get_engine(name)
-            run_dtype = cell_dtype or dtype
-            if run_dtype not in engine.dtypes:
-                run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
-            cells.append(Cell(spec, path, engine, run_dtype))
+    cells = []
+    for spec, (name, cell_dtype) in plan:
+        engine = get_engine(name)
+        run_dtype = cell_dtype or dtype
+        if run_dtype not in engine.dtypes:
+            run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
+        cells.append(Cell(spec, paths[spec], engine, run_dtype))
     prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment
 
@@ -131,7 +138,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": time.time() - started,
-        "settings": {"models": list(paths), "engines": [f"{c.engine.name}:{c.dtype}" for c in cells[:len(engine_specs)]],
+        "settings": {"models": list(paths), "cells": [f"{c.spec} {c.engine.name}:{c.dtype}" for c in cells],
                      "device": device, "batches": batch_list, "prompt_len": prompt_len, "gen_len": gen_len,
                      "warmup": warmup, "repeats": repeats, "threads": threads, "dtype": dtype, "seed": seed,
                      "vocab_for_prompts": vocab},
