@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-OUT=${OUT:-benchmarks/results/throughput}
+OUT=${OUT:-benchmarks/throughput}
 THREADS=${THREADS:-2}
 REPEATS=${REPEATS:-5}
 mkdir -p "$OUT"

@@ -40,6 +40,24 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(results: dict) -> str:
+    """The rows as a Markdown table (for benchmarks/RESULTS.md): medians, IQR, speed-ups, kernel path."""
+    lines = ["| model | engine | batch | prefill tok/s | decode tok/s | TPOT ms | decode x | prefill x | kernel path |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        name = f"{display_name(r['model'])} | {r['engine']} {r['dtype']} | {r['batch']}"
+        if "skipped" in r:
+            lines.append(f"| {name} | - | - | - | - | - | {r['skipped']} |")
+            continue
+        lines.append(f"| {name} | {_cell(r['prefill_tok_s'])} | {_cell(r['decode_tok_s'])} | {_cell(r['tpot_ms'], 1)} "
+                     f"| **{r['decode_speedup']:.2f}** | {r['prefill_speedup']:.2f} | {r['kernel_path']} |")
+    m = results["machine"]
+    start, end = m["load_average_start"][0], m["load_average_end"][0]
+    lines.append(f"\n`{results['command']}` ({results['started_utc']}, {results['seconds'] / 60:.0f} min; load "
+                 f"average {start:.1f} at the start, {end:.1f} at the end)")
+    return "\n".join(lines)
+
+
 def plot_results(results: dict, path: str | os.PathLike) -> None:
     """Per batch size: decode and prefill tokens/s of every cell (median, interquartile whiskers)."""
     from ..utils.plots import _pyplot, save_figure
