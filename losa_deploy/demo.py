@@ -24,7 +24,7 @@ from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 
 
 def run_demo(model: str = DEFAULT_MODEL, out_dir: str | os.PathLike = "demo-out", sparsity: float = 0.5,
-             nsamples: int = 64, seqlen: int = 128, steps: int = 3, budget_tokens: int | None = None,
+             nsamples: int = 32, seqlen: int = 128, steps: int = 3, budget_tokens: int | None = None,
              lr: float = 1e-3, bench_gen_len: int = 32, bench_repeats: int = 3, seed: int = 0,
              overwrite: bool = False, progress: bool = True) -> dict:
     """Run the pipeline into ``out_dir`` and return the report (also ``out_dir/demo_report.json``)."""

@@ -13,7 +13,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo-out", help="directory for the report and artefacts (default demo-out)")
     parser.add_argument("--overwrite", action="store_true", help="redo the demo in a non-empty --out")
     parser.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
-    parser.add_argument("--nsamples", type=positive_int, default=64, help="self-generated windows (default 64)")
+    parser.add_argument("--nsamples", type=positive_int, default=32, help="self-generated windows (default 32)")
     parser.add_argument("--seqlen", type=positive_int, default=128, help="tokens per window (default 128)")
     parser.add_argument("--steps", type=positive_int, default=3, help="LoSA phases (default 3)")
     parser.add_argument("--budget-tokens", type=positive_int,
