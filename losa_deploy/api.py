@@ -228,5 +228,24 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
     return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code)
 
 
-__all__ = ["SparseLinear", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
+def bench(models: list[str], engines: str | list[str] = "torch,losa", device: str = "cpu",
+          batches: str | list[int] = (1,), prompt_len: int = 128, gen_len: int = 128, repeats: int = 5,
+          warmup: int = 1, threads: int | None = None, dtype: str = "bf16", seed: int = 0,
+          plot: str | os.PathLike | None = None, command: str | None = None,
+          pairs: list[tuple[str, str]] | None = None, progress: bool = True) -> dict:
+    """Prefill and decode tokens/s of ``models`` (paths, adapters or standard ``NAME@VARIANT`` specs) on
+    ``engines`` (torch, losa, vllm, deepsparse, onnxruntime; ``name:dtype`` overrides ``dtype``), or of
+    exactly the (model, engine) ``pairs``; every cell in its own worker process, interleaved
+    round-robin. Returns settings, machine,
+    per-cell rows (medians, quartiles, extremes, speed-ups against the first cell) and greedy agreement
+    (see :mod:`losa_deploy.bench.harness`)."""
+    from .bench import run_bench
+
+    return run_bench(models, engines=engines, device=device, batches=batches, prompt_len=prompt_len,
+                     gen_len=gen_len, repeats=repeats, warmup=warmup, threads=threads, dtype=dtype, seed=seed,
+                     plot=plot, command=command, pairs=pairs, progress=progress)
+
+
+
+__all__ = ["SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
            "masked_lora_linear", "merge", "pack", "prune", "sparsify_"]

@@ -26,9 +26,11 @@ def show_progress(args) -> bool:
     return not getattr(args, "no_progress", False)
 
 
-def print_table(rows: list[list[str]], header: list[str]) -> None:
+def format_table(rows: list[list], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = "  ".join(f"{{:<{w}}}" for w in widths)
-    print(line.format(*header))
-    for row in rows:
-        print(line.format(*[str(x) for x in row]))
+    return "\n".join(line.format(*[str(x) for x in row]).rstrip() for row in [header, *rows])
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    print(format_table(rows, header))

@@ -46,17 +46,8 @@ class Decoder:
 
     def generate(self, prompt: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """(generated ids [new_tokens], logits [new_tokens, vocab]) for one prompt (batch 1)."""
-        if prompt.size + new_tokens > self.sequence_length:
-            raise ValueError(f"prompt ({prompt.size}) + new tokens ({new_tokens}) exceed the "
-                             f"sequence length {self.sequence_length}")
-        cache: list[np.ndarray] | None = None
-        done = 0
-        while prompt.size - done >= self.prompt_chunk > 1:
-            logits, cache = self._step(prompt[done: done + self.prompt_chunk], done, cache)
-            done += self.prompt_chunk
-        for token in prompt[done:]:
-            logits, cache = self._step(np.array([token]), done, cache)
-            done += 1
+        self.check_length(prompt.size, new_tokens)
+        logits, cache, done = self.prefill(prompt)
         tokens, chosen = [], []
         for _ in range(new_tokens):
             last = logits[0, -1]
@@ -64,11 +55,28 @@ class Decoder:
             chosen.append(last)
             if len(tokens) == new_tokens:
                 break
-            logits, cache = self._step(np.array([tokens[-1]]), done, cache)
+            logits, cache = self.step(np.array([tokens[-1]]), done, cache)
             done += 1
         return np.array(tokens, dtype=np.int64), np.stack(chosen).astype(np.float32)
 
-    def _step(self, ids: np.ndarray, done: int, cache: list[np.ndarray] | None):
+    def check_length(self, prompt_length: int, new_tokens: int) -> None:
+        if prompt_length + new_tokens > self.sequence_length:
+            raise ValueError(f"prompt ({prompt_length}) + new tokens ({new_tokens}) exceed the "
+                             f"sequence length {self.sequence_length}")
+
+    def prefill(self, prompt: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """Run the whole prompt: (logits of the last call, the cache, the number of tokens done)."""
+        cache: list[np.ndarray] | None = None
+        done = 0
+        while prompt.size - done >= self.prompt_chunk > 1:
+            logits, cache = self.step(prompt[done: done + self.prompt_chunk], done, cache)
+            done += self.prompt_chunk
+        for token in prompt[done:]:
+            logits, cache = self.step(np.array([token]), done, cache)
+            done += 1
+        return logits, cache, done
+
+    def step(self, ids: np.ndarray, done: int, cache: list[np.ndarray] | None):
         """Run ``ids`` after ``done`` processed tokens; ``cache`` holds only their (unpadded) entries."""
         length, total = ids.size, self.sequence_length
         attention = np.zeros((1, total), dtype=np.int64)
@@ -110,28 +118,32 @@ def _model_shape(model_dir: str) -> tuple[int, int, int]:
 
 
 def open_decoder(engine: str, model_dir: str, sequence_length: int, prompt_chunk: int,
-                 work_dir: str | None = None) -> Decoder:
-    """A :class:`Decoder` over ``MODEL_DIR/model.onnx`` on ``onnxruntime`` or ``deepsparse``."""
+                 work_dir: str | None = None, threads: int | None = None) -> Decoder:
+    """A :class:`Decoder` over ``MODEL_DIR/model.onnx`` on ``onnxruntime`` or ``deepsparse``, running on
+    ``threads`` cores (None: the engine's default, all of them)."""
     layers, kv_heads, head_dim = _model_shape(model_dir)
     onnx_path = os.path.join(model_dir, "model.onnx")
     if engine == "onnxruntime":
-        run = _onnxruntime_runner(onnx_path)
+        run = _onnxruntime_runner(onnx_path, threads)
     elif engine == "deepsparse":
-        run = _deepsparse_runner(onnx_path, sequence_length, prompt_chunk, work_dir or model_dir)
+        run = _deepsparse_runner(onnx_path, sequence_length, prompt_chunk, work_dir or model_dir, threads)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return Decoder(run, layers, kv_heads, head_dim, sequence_length, prompt_chunk)
 
 
-def _onnxruntime_runner(onnx_path: str):
+def _onnxruntime_runner(onnx_path: str, threads: int | None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
     return lambda length, feeds: session.run(None, feeds)
 
 
-def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, work_dir: str):
+def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, work_dir: str,
+                       threads: int | None):
     """DeepSparse compiles static shapes: one engine per input length, shaped by its own helper."""
     import shutil
 
@@ -144,7 +156,7 @@ def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, 
         shutil.copyfile(onnx_path, path)
         overwrite_onnx_model_inputs_for_kv_cache_models(path, sequence_length=sequence_length,
                                                         input_ids_length=length)
-        engines[length] = Engine(model=path, batch_size=1)
+        engines[length] = Engine(model=path, batch_size=1, num_cores=threads)
 
     def run(length, feeds):
         engine = engines[length]

@@ -1,0 +1,169 @@
+"""Engine adapters, harness side: each says which dtypes and batches it runs, prepares the folder its
+worker opens (packing the model into the cache when the engine needs another format) and builds the
+worker's command line. The workers themselves are :mod:`.worker` (torch, losa, vllm) and
+:mod:`.onnx_worker` (onnxruntime, deepsparse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..envinfo import deepsparse_python
+from ..errors import LosaError
+from ..models.zoo import cache_dir
+from .runners import adapter_base
+
+# Below this global sparsity the vllm engine serves the dense checkpoint with stock vLLM (the dense
+# baseline); from it on, the packed checkpoint through our plugin (sparsify_'s own default threshold).
+SPARSE_FROM = 0.3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the workers must be able to run: the largest batch, the prompt and generation lengths."""
+
+    max_batch: int
+    prompt_len: int
+    gen_len: int
+
+    @property
+    def max_len(self) -> int:
+        return -(-(self.prompt_len + self.gen_len) // 16) * 16
+
+
+class Engine:
+    name = ""
+    dtypes: tuple[str, ...] = ("bf16", "fp32")
+    batch1_only = False
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+        """The folder the worker opens (default: the model itself)."""
+        return model
+
+    def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
+        """The worker's argv and the environment variables to add; ``work`` is a scratch directory that
+        lives as long as the worker."""
+        argv = [sys.executable, "-m", "losa_deploy.bench.worker", self.name, str(folder), "--dtype", dtype,
+                "--threads", str(threads), "--max-batch", str(shape.max_batch), "--prompt-len",
+                str(shape.prompt_len), "--max-len", str(shape.max_len)]
+        return argv, {"OMP_NUM_THREADS": str(threads)}
+
+
+class TorchEngine(Engine):
+    name = "torch"
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+        if _is_packed(model):
+            raise LosaError(f"engine torch runs plain HF checkpoints; {model} is packed (use --engine losa)")
+        return model
+
+
+class LosaEngine(Engine):
+    name = "losa"
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+        if adapter_base(model) is not None:
+            raise LosaError(f"engine vllm: {model} is an unmerged LoRA adapter; bench its merged model instead")
+        if _is_packed(model) or _global_sparsity(model) < SPARSE_FROM:
+            return model
+        return packed(model, "vllm", dtype, progress)
+
+    def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
+        argv, env = super().command(folder, dtype, threads, shape, work)
+        # vLLM's CPU worker binds its OpenMP threads to these cores ("auto" would keep one core back for
+        # its scheduler, halving the threads on a 2-core machine).
+        # Its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB of memory (1 holds 32 x 256 tokens of a 7B-shaped
+        # 2-block model many times over), not a share of the machine: several workers stay resident at once.
+        return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+                      "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+
+
+class OnnxEngine(Engine):
+    """ONNX Runtime or DeepSparse on the ``deepsparse``-format export (fp32, batch 1)."""
+
+    dtypes = ("fp32",)
+    batch1_only = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def python(self) -> str:
+        if self.name == "onnxruntime":
+            return sys.executable
+        python = deepsparse_python()
+        if python is None:
+            raise LosaError("engine deepsparse needs the DeepSparse venv: run `make deepsparse-venv` or set "
+                            "LOSA_DEEPSPARSE_PYTHON")
+        return str(python)
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+        self.python()
+        if adapter_base(model) is not None:
+            raise LosaError(f"engine {self.name}: {model} is an unmerged LoRA adapter; bench its merged model")
+        if (model / "model.onnx").is_file():
+            return model
+        if _is_packed(model):
+            raise LosaError(f"engine {self.name} needs a plain HF checkpoint or a deepsparse-format folder, "
+                            f"not the packed {model}")
+        return packed(model, "deepsparse", "fp32", progress)
+
+    def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
+        # DeepSparse compiles one engine per input length: the prompt runs as one chunk when it can
+        # (its chunks must be multiples of 4), else token by token.
+        chunk = shape.prompt_len if shape.prompt_len % 4 == 0 else 1
+        argv = [self.python(), str(Path(__file__).with_name("onnx_worker.py")), self.name, str(folder),
+                "--sequence-length", str(shape.max_len), "--prompt-chunk", str(chunk), "--threads", str(threads),
+                "--work-dir", str(work)]
+        return argv, {"OMP_NUM_THREADS": str(threads)}
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (TorchEngine(), LosaEngine(), VLLMEngine(),
+                                                   OnnxEngine("deepsparse"), OnnxEngine("onnxruntime"))}
+
+
+def get_engine(name: str) -> Engine:
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise LosaError(f"unknown engine '{name}' (choose from {', '.join(ENGINES)})") from None
+
+
+def _is_packed(model: Path) -> bool:
+    from ..models.checkpoint import read_config
+
+    if not (model / "config.json").is_file():
+        return False
+    config = read_config(model)
+    return bool(config.get("losa_sparse")) or (config.get("quantization_config") or {}).get(
+        "quant_method") == "losa_sparse"
+
+
+def _global_sparsity(model: Path) -> float:
+    from ..sparsity.report import inspect_checkpoint
+    from ..sparsity.sidecar import read_sidecar
+
+    sidecar = read_sidecar(model)
+    return (sidecar or inspect_checkpoint(model))["global_sparsity"]
+
+
+def packed(model: Path, format: str, dtype: str, progress: bool = True) -> Path:
+    """``model`` packed in ``format`` (``dtype``), built once into the cache and reused while the source
+    folder is unchanged (keyed by its path and the size and time of every file)."""
+    from ..export import pack_checkpoint
+
+    files = sorted(p for p in model.iterdir() if p.is_file())
+    stamp = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(f"{model.resolve()}|{stamp}".encode()).hexdigest()[:16]
+    out = cache_dir() / "bench" / "packed" / f"{model.name}-{key}" / f"{format}-{dtype}"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pack_checkpoint(model, out, format=format, dtype=dtype, overwrite=True, progress=progress)
+    return out

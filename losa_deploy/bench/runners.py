@@ -1,0 +1,156 @@
+"""What each main-venv engine worker runs (:mod:`.worker`): the model of one engine, loaded once, and a
+timed greedy generation from token ids.
+
+* ``torch``: the plain Hugging Face model (our safe loader; dense ``F.linear`` in the chosen dtype). A PEFT
+  adapter folder runs as PEFT runs it, unmerged: ``x·Wᵀ + s·B(A(x))`` on every adapted linear.
+* ``losa``: our runtime. A ``losa``/``vllm``-packed folder through :func:`losa_deploy.load`; a plain
+  checkpoint through :func:`losa_deploy.sparsify_` (every linear with >= 30% zeros on the sparse kernels);
+  an adapter folder: its base sparsified under the unmerged PEFT adapter.
+* ``vllm``: vLLM's offline ``LLM`` (CPU backend) on the folder the harness prepared: a ``vllm``-format
+  checkpoint runs through our ``losa_sparse`` plugin, a dense one through stock vLLM.
+
+Prefill is the time from the prompt to the first generated token, decode the time of the other
+``gen_len - 1`` tokens; generation is greedy and never stops at EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def adapter_base(path: Path) -> Path | None:
+    """The base checkpoint of a PEFT adapter folder (None for anything else)."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = Path(json.loads(config.read_text())["base_model_name_or_path"])
+    return base if base.is_absolute() else (path / base).resolve()
+
+
+class HFRunner:
+    """The ``torch`` and ``losa`` engines: one Hugging Face model in this process."""
+
+    def __init__(self, engine: str, path: Path, dtype: str, threads: int | None, device: str = "cpu"):
+        self.engine, self.path, self.dtype, self.threads, self.device = engine, path, dtype, threads, device
+        self.model = None
+
+    def load(self) -> dict:
+        import torch
+
+        from ..api import load, load_model, sparsify_
+        from ..runtime.loader import packing_block
+        from ..runtime.sparse_linear import SparseLinear
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
+        base = adapter_base(self.path)
+        if config.get("losa_sparse") or (config.get("quantization_config") or {}).get("quant_method") == "losa_sparse":
+            if self.engine != "losa":
+                raise ValueError(f"{self.path} is a packed checkpoint: only the losa engine runs it")
+            packing_block(config, self.path)
+            model = load(self.path, dtype=self.dtype)
+        else:
+            model = load_model(base or self.path, dtype=self.dtype)
+            if base is not None:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, str(self.path), is_trainable=False)
+            if self.engine == "losa":
+                sparsify_(model, progress=False)
+        self.model = model.eval().to(self.device)
+        modules = list(model.modules())
+        sparse = [m for m in modules if isinstance(m, SparseLinear)]
+        formats = {}
+        for m in sparse:
+            formats[m.format] = formats.get(m.format, 0) + 1
+        dense = sum(type(m) is torch.nn.Linear for m in modules)
+        path = (f"losa SparseLinear ({', '.join(f'{n} {f}' for f, n in sorted(formats.items()))}) + {dense} dense "
+                f"nn.Linear" if sparse else f"torch nn.Linear ({dense} dense)")
+        if base is not None:
+            path += ", unmerged PEFT LoRA adapter"
+        return {"version": torch.__version__, "dtype": self.dtype, "kernel_path": path, "device": self.device,
+                "sparse_linears": len(sparse), "dense_linears": dense, "threads": torch.get_num_threads()}
+
+    def measure(self, request: dict) -> dict:
+        import torch
+
+        ids = torch.tensor(request["prompts"], dtype=torch.long, device=self.device)
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        with torch.inference_mode():
+            sync()
+            start = time.perf_counter()
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1)
+            sync()
+            prefilled = time.perf_counter()
+            tokens = [token]
+            for _ in range(request["gen_len"] - 1):
+                out = self.model(input_ids=token[:, None], past_key_values=out.past_key_values, use_cache=True,
+                                 logits_to_keep=1)
+                token = out.logits[:, -1].argmax(-1)
+                tokens.append(token)
+            sync()
+            done = time.perf_counter()
+        return {"prefill_s": prefilled - start, "decode_s": done - prefilled,
+                "tokens": torch.stack(tokens, 1)[0].tolist()}
+
+
+class VLLMRunner:
+    """The ``vllm`` engine: vLLM's offline LLM, eager mode, no prefix caching (the repeats reuse prompts).
+
+    vLLM has no prefill-only call: prefill is timed as a generation of one token, decode as a generation
+    of ``gen_len`` tokens minus that.
+    """
+
+    def __init__(self, path: Path, dtype: str, threads: int | None, max_batch: int, prompt_len: int,
+                 max_len: int):
+        self.path, self.dtype, self.threads = path, dtype, threads
+        self.max_batch, self.prompt_len, self.max_len = max_batch, prompt_len, max_len
+        self.llm = None
+
+    def load(self) -> dict:
+        # LLM.apply_model sends `describe` to the engine core, which vLLM's IPC carries only through its
+        # pickle fallback (between its own local processes).
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        import vllm
+        from vllm import LLM
+
+        from ..engines.vllm_plugin import describe
+
+        self.llm = LLM(model=str(self.path), dtype=VLLM_DTYPES[self.dtype], max_model_len=self.max_len,
+                       enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True,
+                       gpu_memory_utilization=0.1, max_num_seqs=self.max_batch,
+                       max_num_batched_tokens=max(self.max_batch * self.prompt_len, self.max_len), seed=0)
+        workers = self.llm.apply_model(describe)
+        layers = sum(w["losa_layers"] for w in workers)
+        path = (f"vLLM + losa_sparse plugin ({layers} layers, {sum(w['packed_parts'] for w in workers)} packed "
+                f"parts)" if layers else "stock vLLM (dense)")
+        return {"version": vllm.__version__, "dtype": self.dtype, "kernel_path": path, "workers": workers,
+                "threads": self.threads}
+
+    def measure(self, request: dict) -> dict:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in request["prompts"]]
+
+        def params(tokens):
+            return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+
+        start = time.perf_counter()
+        self.llm.generate(prompts, params(1), use_tqdm=False)
+        prefilled = time.perf_counter()
+        outputs = self.llm.generate(prompts, params(request["gen_len"]), use_tqdm=False)
+        done = time.perf_counter()
+        prefill = prefilled - start
+        return {"prefill_s": prefill, "decode_s": max(done - prefilled - prefill, 1e-9),
+                "tokens": list(outputs[0].outputs[0].token_ids)}
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()

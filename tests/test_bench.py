@@ -1,0 +1,119 @@
+"""The throughput harness (``losa-deploy bench``) on stories260K pruned to 50%: result structure, the
+sparse engine's greedy tokens equal to the dense engine's and to plain transformers', the packed-folder
+path of the losa engine, ONNX Runtime on the export, and bad input (one error line, exit 2).
+
+Speed is not asserted here (benchmarks/RESULTS.md holds the measured ratios); only that every cell
+produced positive timings for every repeat.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import greedy_reference, magnitude_prune_
+
+from losa_deploy import bench
+from losa_deploy.bench.harness import make_prompts
+from losa_deploy.bench.report import markdown_table
+from losa_deploy.bench.timing import round_robin, summarize
+
+PROMPT, GEN, BATCHES = 13, 9, [1, 3]  # ragged on purpose
+
+
+@pytest.fixture
+def bench_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSA_CACHE", str(tmp_path / "cache"))  # packed exports land here (workers inherit it)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def pruned50(stories_dir, tmp_path_factory):
+    """stories260K with every prunable linear at 50% (magnitude per layer)."""
+    from losa_deploy.models import get_architecture, load_model, load_tokenizer, save_model
+
+    model = load_model(stories_dir)
+    for linear in get_architecture(model).linears(model).values():
+        magnitude_prune_(linear.weight, "50%")
+    return save_model(model, tmp_path_factory.mktemp("bench") / "pruned50", tokenizer=load_tokenizer(stories_dir))
+
+
+def test_bench_cli_structure_and_greedy_agreement(cli, pruned50, bench_cache):
+    out, png = bench_cache / "r.json", bench_cache / "r.png"
+    code, stdout, err = cli("bench", pruned50, "--engine", "torch:fp32,losa:fp32,onnxruntime", "--batch", "1,3",
+                            "--prompt-len", PROMPT, "--gen-len", GEN, "--repeats", 2, "--threads", 2,
+                            "--json", out, "--plot", png, "--no-progress")
+    assert code == 0, err
+    assert "decode tok/s" in stdout
+    results = json.loads(out.read_text())
+    assert results["command"] and results["machine"]["cpu"]["model"] and results["machine"]["packages"]["torch"]
+    assert png.stat().st_size > 0
+    cells = {c["engine"]: c for c in results["cells"]}
+    assert cells["torch"]["sparse_linears"] == 0 and cells["losa"]["sparse_linears"] > 0
+    assert cells["onnxruntime"]["dtype"] == "fp32"
+    rows = [r for r in results["rows"] if "skipped" not in r]
+    assert [(r["engine"], r["batch"]) for r in rows] == [("torch", 1), ("losa", 1), ("onnxruntime", 1),
+                                                          ("torch", 3), ("losa", 3)]
+    assert [r["engine"] for r in results["rows"] if "skipped" in r] == ["onnxruntime"]
+    for r in rows:
+        for key in ("prefill_tok_s", "decode_tok_s", "tpot_ms"):
+            s = r[key]
+            assert s["n"] == 2 and 0 < s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+        assert len(r["tokens"]) == GEN
+    assert rows[0]["decode_speedup"] == 1.0 and rows[3]["decode_speedup"] == 1.0
+    assert markdown_table(results).count("\n| ") == len(results["rows"])  # one line per row after the header
+    # Greedy tokens: the sparse kernels and ONNX Runtime give the dense engine's, which are transformers'.
+    assert all(a["identical"] for a in results["agreement"]), results["agreement"]
+    from losa_deploy import load_model
+
+    prompts = make_prompts(BATCHES, PROMPT, results["settings"]["vocab_for_prompts"], seed=0)
+    model = load_model(pruned50, dtype="fp32")
+    for r in rows:
+        assert r["tokens"] == greedy_reference(model, prompts[r["batch"]][0], GEN)[0]
+
+
+def test_bench_packed_losa_folder(pruned50, bench_cache):
+    from losa_deploy import load_model, pack
+
+    packed = pack(pruned50, bench_cache / "packed", format="losa", progress=False)["output"]
+    results = bench([packed], engines="losa:fp32", batches=[1], prompt_len=PROMPT, gen_len=GEN, repeats=1,
+                    warmup=0, threads=1, progress=False)
+    row = results["rows"][0]
+    assert "bitmask" in row["kernel_path"] and row["decode_tok_s"]["median"] > 0
+    prompt = make_prompts([1], PROMPT, results["settings"]["vocab_for_prompts"], seed=0)[1][0]
+    assert row["tokens"] == greedy_reference(load_model(pruned50, dtype="fp32"), prompt, GEN)[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--engine", "torch,tensorrt"], "unknown engine 'tensorrt'"),
+    (["--engine", "torch,torch"], "distinct engines"),
+    (["--engine", "losa:int4"], "unknown dtype 'int4'"),
+    (["--batch", "1,x"], "--batch"),
+    (["--batch", "0"], "--batch"),
+    (["--device", "tpu"], "--device"),
+    (["--gen-len", "1"], "--gen-len"),
+], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len"])
+def test_bad_input_is_one_error_line(cli, stories_dir, tmp_path, args, message):
+    out = tmp_path / "r.json"
+    code, stdout, err = cli("bench", stories_dir, *args, "--json", out)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not out.exists()
+
+
+def test_bad_model_specs(cli, tmp_path):
+    for spec, message in [("llama2-7b-2blocks@33", "unknown variant"), (str(tmp_path / "nothing"), "neither"),
+                          ("gpt5@70", "unknown standard model")]:
+        code, _, err = cli("bench", spec)
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_round_robin_rotates_the_first_cell(rng):
+    cells = list(range(int(torch.randint(2, 7, (1,), generator=rng))))
+    orders = [round_robin(cells, r) for r in range(len(cells))]
+    assert sorted(o[0] for o in orders) == cells  # every cell goes first exactly once per cycle
+    assert all(sorted(o) == cells for o in orders)
+    values = torch.rand(int(torch.randint(3, 40, (1,), generator=rng)), generator=rng, dtype=torch.float64)
+    s = summarize(values.tolist())
+    assert s["median"] == pytest.approx(float(torch.quantile(values, 0.5)))
+    assert s["q1"] == pytest.approx(float(torch.quantile(values, 0.25)))
+    assert s["q3"] == pytest.approx(float(torch.quantile(values, 0.75)))
