@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from losa_deploy.bench.report import markdown_table
+from losa_deploy.throughput.report import markdown_table
 
 for name in sys.argv[1:]:
     print(f"#### {Path(name).stem}\n")

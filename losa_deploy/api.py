@@ -238,8 +238,8 @@ def bench(models: list[str], engines: str | list[str] = "torch,losa", device: st
     exactly the (model, engine) ``pairs``; every cell in its own worker process, interleaved
     round-robin. Returns settings, machine,
     per-cell rows (medians, quartiles, extremes, speed-ups against the first cell) and greedy agreement
-    (see :mod:`losa_deploy.bench.harness`)."""
-    from .bench import run_bench
+    (see :mod:`losa_deploy.throughput.harness`)."""
+    from .throughput import run_bench
 
     return run_bench(models, engines=engines, device=device, batches=batches, prompt_len=prompt_len,
                      gen_len=gen_len, repeats=repeats, warmup=warmup, threads=threads, dtype=dtype, seed=seed,

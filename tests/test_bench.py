@@ -13,9 +13,9 @@ import torch
 from conftest import greedy_reference, magnitude_prune_
 
 from losa_deploy import bench
-from losa_deploy.bench.harness import make_prompts
-from losa_deploy.bench.report import markdown_table
-from losa_deploy.bench.timing import round_robin, summarize
+from losa_deploy.throughput.harness import make_prompts
+from losa_deploy.throughput.report import markdown_table
+from losa_deploy.throughput.timing import round_robin, summarize
 
 PROMPT, GEN, BATCHES = 13, 9, [1, 3]  # ragged on purpose
 

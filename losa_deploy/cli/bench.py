@@ -33,7 +33,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> dict:
     from ..api import bench
-    from ..bench.report import format_table
+    from ..throughput.report import format_table
 
     command = "losa-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else None
     results = bench(args.models, engines=args.engine, device=args.device, batches=args.batch,

@@ -1,7 +1,7 @@
 """The worker process of the ``torch``, ``losa`` and ``vllm`` engines (one model each), behind the line
 protocol of :mod:`.protocol`. vLLM starts processes of its own, so this runs only as ``__main__``::
 
-    python -m losa_deploy.bench.worker {torch|losa|vllm} PATH --dtype bf16 --threads T \\
+    python -m losa_deploy.throughput.worker {torch|losa|vllm} PATH --dtype bf16 --threads T \\
         --max-batch B --prompt-len P --max-len L [--device cuda]
 """
 

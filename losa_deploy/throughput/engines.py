@@ -47,7 +47,7 @@ class Engine:
     def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
         """The worker's argv and the environment variables to add; ``work`` is a scratch directory that
         lives as long as the worker."""
-        argv = [sys.executable, "-m", "losa_deploy.bench.worker", self.name, str(folder), "--dtype", dtype,
+        argv = [sys.executable, "-m", "losa_deploy.throughput.worker", self.name, str(folder), "--dtype", dtype,
                 "--threads", str(threads), "--max-batch", str(shape.max_batch), "--prompt-len",
                 str(shape.prompt_len), "--max-len", str(shape.max_len)]
         return argv, {"OMP_NUM_THREADS": str(threads)}
