@@ -8,7 +8,6 @@ default), or an already loaded model where noted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -38,7 +37,7 @@ from .models import (
     save_model,
 )
 from .runtime import SparseLinear, sparsify_
-from .sparsity import SIDECAR, build_sidecar
+from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
 from .utils.fs import check_output_dir
@@ -118,10 +117,9 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     calibration = None if windows is None else {"source": str(calib), "slice": data_slice if calib != SELF else None,
                                                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     weights = {name: lin.weight for name, lin in get_architecture(lm).linears(lm).items()}
-    base = {"name_or_path": str(path),
-            "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
-    sidecar = build_sidecar(weights.items(), base_model=base, method=method_record(config, report, calibration))
-    sidecar["checks"]["negative_zeros"] = sum(int((w.signbit() & (w == 0)).sum()) for w in weights.values())
+    sidecar = build_sidecar(weights.items(), base_model=base_model_record(path),
+                            method=method_record(config, report, calibration))
+    sidecar["checks"]["negative_zeros"] = negative_zeros(weights.values())
     if sidecar["checks"]["negative_zeros"]:
         raise RuntimeError("pruned weights hold -0.0: apply_mask should have scrubbed them")
     save_model(lm, output, tokenizer=tokenizer, overwrite=overwrite,

@@ -8,7 +8,6 @@ The adapter is checked against the base's weights first (see :mod:`.adapters.pef
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -19,7 +18,7 @@ from ..adapters.model import merge_adapters
 from ..adapters.peft_format import load_peft_adapter
 from ..errors import LosaError
 from ..models import check_checkpoint, get_architecture, load_model, load_tokenizer, resolve_model
-from ..sparsity import SIDECAR, build_sidecar
+from ..sparsity import SIDECAR, base_model_record, build_sidecar
 from ..sparsity.patterns import global_sparsity
 from ..utils.fs import atomic_dir, check_output_dir
 
@@ -46,8 +45,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, output
     if info["masked"] and stats["nnz_after"] != stats["nnz_before"] - stats["cancelled"]:
         raise RuntimeError("merge changed the number of non-zeros beyond exact cancellations")
     weights = {n: m.weight for n, m in get_architecture(lm).linears(lm).items()}
-    sidecar = build_sidecar(weights.items(), base_model={
-        "name_or_path": str(path), "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()},
+    sidecar = build_sidecar(weights.items(), base_model=base_model_record(path),
         method={"merge": "masked" if info["masked"] else "dense", "adapter": str(adapter.resolve()),
                 "producer": f"losa-deploy {__version__}"})
     sidecar["checks"]["merged_zero_pattern_equals_mask"] = bool(info["masked"])

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -42,7 +41,7 @@ from ..models import (
     load_tokenizer,
     resolve_model,
 )
-from ..sparsity import SIDECAR, build_sidecar
+from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from ..sparsity.patterns import global_sparsity
 from ..utils.fs import atomic_dir, check_output_dir
 from . import distributed
@@ -199,9 +198,7 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         tokenizer.save_pretrained(tmp)
         arch = get_architecture(lm)
         weights = {n: m.weight for n, m in arch.linears(lm).items()}
-        sidecar = build_sidecar(weights.items(), base_model={
-            "name_or_path": str(base_path),
-            "config_sha256": hashlib.sha256((base_path / "config.json").read_bytes()).hexdigest()},
+        sidecar = build_sidecar(weights.items(), base_model=base_model_record(base_path),
             method={"finetune": method.method, "pruner": method.pruner, "structure": method.structure,
                     "target_sparsity": method.sparsity, "steps": method.phases,
                     "lambda_schedule": method.lambda_schedule, "allocation": method.allocation,
@@ -210,7 +207,7 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
                     "merge": "masked" if method.masked else "unmerged (adapter/)",
                     "producer": f"losa-deploy {__version__}"})
         sidecar["checks"]["merged_zero_pattern_equals_mask"] = bool(method.masked)
-        sidecar["checks"]["negative_zeros"] = sum(int((w.signbit() & (w == 0)).sum()) for w in weights.values())
+        sidecar["checks"]["negative_zeros"] = negative_zeros(weights.values())
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         info["achieved_sparsity"] = sidecar["global_sparsity"]
         info["pattern"] = sidecar["pattern"]

@@ -8,6 +8,7 @@ bitmask of ``W != 0``. A sidecar that disagrees with the weights is an error, no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -64,6 +65,18 @@ class SidecarBuilder:
             "method": method or {},
             "checks": {"negative_zeros": 0},
         }
+
+
+def base_model_record(path: str | os.PathLike) -> dict:
+    """The sidecar's ``base_model``: the checkpoint it came from and a hash of its config."""
+    path = Path(path)
+    return {"name_or_path": str(path),
+            "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest()}
+
+
+def negative_zeros(weights: Iterable[torch.Tensor]) -> int:
+    """How many entries are -0.0 (a merge or prune must write +0.0 only)."""
+    return sum(int((w.signbit() & (w == 0)).sum()) for w in weights)
 
 
 def build_sidecar(weights: Iterable[tuple[str, torch.Tensor]], base_model: dict | None = None,
