@@ -159,3 +159,27 @@ def test_nm_round_trip_fuzz(rows, cols, m, data, seed):
     packed = NMWeight.from_dense(w, n, m, rows_per_block=data.draw(st.integers(1, 70)))
     assert torch.equal(packed.to_dense(), w)
     assert torch.equal(packed.kernel_layout().to_dense(), w)
+
+
+def test_bitmask_concat_rows_stacks_parts(rng):
+    """Fused q/k/v-like parts stacked into one weight: its dense form is the dense parts stacked."""
+    cols = int(torch.randint(33, 300, (1,), generator=rng))
+    dense = [random_sparse(int(torch.randint(1, 90, (1,), generator=rng)), cols, s, rng) for s in (0.3, 0.7, 0.99)]
+    stacked = BitmaskWeight.concat_rows([BitmaskWeight.from_dense(d) for d in dense])
+    assert torch.equal(stacked.to_dense(), torch.cat(dense))
+    with pytest.raises(LosaError, match="same input width"):
+        BitmaskWeight.concat_rows([BitmaskWeight.from_dense(dense[0]), BitmaskWeight.from_dense(dense[1][:, 1:])])
+
+
+@pytest.mark.parametrize("rows_per_block", [4, 64])
+def test_nm_kernel_layout_concat_rows(rng, rows_per_block):
+    """N:M layouts with per-block N stack when every part but the last fills whole row blocks."""
+    cols = 4 * int(torch.randint(9, 60, (1,), generator=rng)) + 3
+    rows = [2 * rows_per_block, rows_per_block, rows_per_block + 3]
+    ns = (2, 1, 3)
+    dense = [random_nm(r, cols, n, 4, rng) for r, n in zip(rows, ns)]
+    layouts = [NMWeight.from_dense(d, n, 4, rows_per_block=rows_per_block).kernel_layout() for d, n in zip(dense, ns)]
+    stacked = NMKernelLayout.concat_rows(layouts)
+    assert torch.equal(stacked.to_dense(), torch.cat(dense))
+    with pytest.raises(LosaError, match="whole blocks"):
+        NMKernelLayout.concat_rows([layouts[2], layouts[0]])

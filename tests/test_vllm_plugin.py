@@ -94,14 +94,24 @@ def _load(layer, shard, packed):
         list(layer.load_weights(tensors.items()))
 
 
+FUSED_FORMATS = {  # q, k, v, gate, up: mixed formats stay apart; one format stacks into one weight
+    "mixed": ("bitmask", "nm", "bitmask", "nm", "bitmask"),
+    "bitmask": ("bitmask",) * 5,
+    "nm": ("nm",) * 5,
+}
+
+
+@pytest.mark.parametrize("formats", list(FUSED_FORMATS))
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tensor_parallel_loading_in_vllm_layers(tp, rng, monkeypatch):
+def test_tensor_parallel_loading_in_vllm_layers(tp, formats, rng, monkeypatch):
     """Every rank's output is its share of x·Wᵀ: column-parallel shares concatenate to the full output
-    (K/V heads replicated when tp > KV heads), row-parallel partial sums add up to it."""
+    (K/V heads replicated when tp > KV heads), row-parallel partial sums add up to it. Fused parts of
+    one format run as one stacked weight."""
     _require_vllm()
-    parts = {"q_proj": ("bitmask", _pruned(64, 64, "50%", rng)), "k_proj": ("nm", _pruned(16, 64, "2:4", rng)),
-             "v_proj": ("bitmask", _pruned(16, 64, "50%", rng)), "gate_proj": ("nm", _pruned(172, 64, "2:4", rng)),
-             "up_proj": ("bitmask", _pruned(172, 64, "50%", rng)), "down_proj": ("bitmask", _pruned(64, 172, "50%", rng))}
+    shapes = {"q_proj": (64, 64), "k_proj": (16, 64), "v_proj": (16, 64), "gate_proj": (172, 64), "up_proj": (172, 64)}
+    parts = {name: (fmt, _pruned(*shape, "2:4" if fmt == "nm" else "50%", rng))
+             for (name, shape), fmt in zip(shapes.items(), FUSED_FORMATS[formats])}
+    parts["down_proj"] = ("bitmask", _pruned(64, 172, "50%", rng))
     bias = torch.randn(96, generator=rng)
     x = torch.randn(5, 64, generator=rng)
     h = torch.randn(3, 172, generator=rng)
@@ -115,6 +125,10 @@ def test_tensor_parallel_loading_in_vllm_layers(tp, rng, monkeypatch):
         _load(layers["down"], None, PACKERS["bitmask"](parts["down_proj"][1]))
         for layer in layers.values():
             layer.quant_method.process_weights_after_loading(layer)
+        if formats == "bitmask":
+            assert len(layers["qkv"].losa_weights) == 1 and len(layers["gate_up"].losa_weights) == 1
+        elif formats == "mixed":
+            assert len(layers["qkv"].losa_weights) == 3 and len(layers["gate_up"].losa_weights) == 2
         qkv = layers["qkv"]
         q_rows, kv_rows = qkv.num_heads * 8, qkv.num_kv_heads * 8
         local_bias = torch.cat([bias[:64].chunk(tp)[rank], bias[64:80].chunk(tp // qkv.num_kv_head_replicas)[

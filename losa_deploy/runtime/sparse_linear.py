@@ -6,6 +6,9 @@ arrays (``<p>.lb_*`` or ``<p>.nm_*``, engines-and-formats.md §4.2) and the bias
 model writes a losa-bitmask checkpoint and loading one restores it. ``.to(dtype)`` converts the values
 like it converts a dense weight; the packed weight is frozen (gradients flow to the input and the bias).
 
+On the CPU the large packed tensors live on transparent huge pages (``kernels/placement.py``): decode
+streams them once per token, and 2 MiB pages spare it a TLB miss every 4 KiB.
+
 On CUDA (after ``.to("cuda")``, or built from CUDA tensors) the module also keeps the GPU kernels' layout
 (``kernels/formats/gpu.py``: the same tensors plus small offset tables, rebuilt whenever the tensors move
 or change dtype), so each forward runs the GPU kernel the token count calls for (``kernels.dispatch``)
@@ -22,6 +25,7 @@ from ..kernels.dispatch import kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
 from ..kernels.formats.gpu import GPULayout, gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
+from ..kernels.placement import place_for_decode
 from ..sparsity.patterns import detect_pattern
 
 FORMATS = ("auto", "bitmask", "nm")
@@ -99,15 +103,17 @@ class SparseLinear(nn.Module):
     # -- the packed tensors are buffers (so .to() moves and converts them) and the packed object views them
 
     def _set_packed(self, packed: BitmaskWeight | NMKernelLayout) -> None:
-        self.packed = packed
+        self.packed = packed = place_for_decode(packed)
         for name, tensor in packed.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
         self._refresh_gpu_layout()
 
     def _apply(self, fn, recurse=True):
+        before = {name: t.data_ptr() for name, t in self.packed.tensors().items()}
         super()._apply(fn, recurse)
-        self.packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
-        self._refresh_gpu_layout()
+        packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
+        changed = {name for name, t in packed.tensors().items() if t.data_ptr() != before[name]}
+        self._set_packed(place_for_decode(packed, changed) if changed else packed)
         return self
 
     def _refresh_gpu_layout(self) -> None:

@@ -6,11 +6,13 @@
   for an unfused layer), so fused layers load their parts as vLLM streams them.
 * ``process_weights_after_loading`` rebuilds each part (``BitmaskWeight`` / ``NMWeight``), checks it has the
   full logical shape, takes this rank's tensor-parallel slice in the packed layout (:mod:`.sharding`),
-  converts it to the kernel layout in the model dtype and drops the placeholders.
-* ``apply`` runs ``losa_deploy.kernels.sparse_linear`` on each part (the compiled CPU kernels; CUDA
-  kernels where built) and concatenates the parts' outputs: a fused layer's parts may be in different
-  formats, and each keeps its own best layout. Where no compiled kernel exists for the device, the
-  parts are decompressed once to a dense weight (with a warning) rather than on every call.
+  converts it to the kernel layout in the model dtype and drops the placeholders. The parts of a fused
+  layer whose layouts stack (all bitmask, or all N:M with whole row blocks) become one weight, and the
+  CPU weights go on huge pages (``kernels/placement.py``).
+* ``apply`` runs ``losa_deploy.kernels.sparse_linear`` on each weight (the compiled CPU kernels; CUDA
+  kernels where built) and concatenates the outputs when a fused layer's parts stayed apart (different
+  formats: each keeps its own best layout). Where no compiled kernel exists for the device, the parts
+  are decompressed once to a dense weight (with a warning) rather than on every call.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.utils import set_weight_attrs
 
+from ...errors import LosaError
 from ...kernels.dispatch import _kernel_isa, kernel_weight, sparse_linear
 from ...kernels.formats.bitmask import BitmaskWeight
 from ...kernels.formats.nm import NMWeight
+from ...kernels.placement import place_for_decode
 from .sharding import take
 
 logger = logging.getLogger("losa_deploy")
@@ -76,6 +80,7 @@ class LosaSparseLinearMethod(LinearMethodBase):
                 cols = (layer.tp_rank * input_per_rank, (layer.tp_rank + 1) * input_per_rank)
             local = take(packed, rows=(start, start + rows), cols=cols)
             weights.append(kernel_weight(_to(local, device, layer.losa_dtype)))
+        weights = [place_for_decode(w) for w in _stacked(weights)]
         for fmt in {fmt for _, fmt in self.parts}:
             for name in _COMPONENTS[fmt]:
                 delattr(layer, name)
@@ -127,6 +132,18 @@ def _to(packed: BitmaskWeight | NMWeight, device: torch.device, dtype: torch.dty
     tensors = {name: t.to(device) for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     tensors["values"] = tensors["values"].to(dtype)
     return dataclasses.replace(packed, **tensors)
+
+
+def _stacked(weights: list) -> list:
+    """A fused layer's parts (q/k/v, gate/up) as one weight when their layouts stack: one kernel call per
+    forward instead of one per part plus a concatenation of the outputs."""
+    kind = type(weights[0])
+    if len(weights) == 1 or any(type(w) is not kind for w in weights):
+        return weights
+    try:
+        return [kind.concat_rows(weights)]
+    except LosaError:  # e.g. N:M parts that end inside a row block
+        return weights
 
 
 def _has_kernel(device: torch.device, dtype: torch.dtype) -> bool:

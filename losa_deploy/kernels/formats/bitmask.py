@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -160,6 +160,17 @@ class BitmaskWeight:
         row_ptr = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=weight.device)
         row_ptr[1:] = keep.sum(1).cumsum(0)
         return cls(tuple(weight.shape), values.contiguous(), pack_mask(keep).to(weight.device), row_ptr)
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[BitmaskWeight]) -> BitmaskWeight:
+        """The parts' rows stacked into one weight (e.g. a fused q/k/v layer: one kernel call, not three)."""
+        cols = {p.shape[1] for p in parts}
+        if len(cols) != 1 or len({p.values.dtype for p in parts}) != 1:
+            raise LosaError("bitmask parts to stack need the same input width and value dtype")
+        starts = torch.tensor([0, *(p.nnz for p in parts)], dtype=torch.int64).cumsum(0).tolist()
+        row_ptr = torch.cat([p.row_ptr[:-1] + s for p, s in zip(parts, starts)] + [parts[0].row_ptr.new_tensor(starts[-1:])])
+        return cls((sum(p.shape[0] for p in parts), cols.pop()), torch.cat([p.values for p in parts]),
+                   torch.cat([p.mask for p in parts]), row_ptr)
 
     def to_dense(self) -> torch.Tensor:
         keep = unpack_mask(self.mask, self.shape[1]).to(self.values.device)

@@ -37,7 +37,7 @@ full 32-column chunk holds exactly ``32*N/M`` values, so the kernel needs neithe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -360,6 +360,19 @@ class NMKernelLayout:
 
     def row_n(self) -> torch.Tensor:
         return self.block_n.to(torch.int64).repeat_interleave(self.rows_per_block)[: self.shape[0]]
+
+    @classmethod
+    def concat_rows(cls, parts: Sequence[NMKernelLayout]) -> NMKernelLayout:
+        """The parts' rows stacked into one layout; every part but the last must fill whole row blocks."""
+        first = parts[0]
+        if any((p.shape[1], p.m, p.rows_per_block, p.values.dtype) != (first.shape[1], first.m, first.rows_per_block,
+                                                                       first.values.dtype) for p in parts):
+            raise LosaError("N:M parts to stack need the same input width, M, row block and value dtype")
+        if any(p.shape[0] % p.rows_per_block for p in parts[:-1]):
+            raise LosaError(f"N:M parts to stack must hold whole blocks of {first.rows_per_block} rows")
+        return cls((sum(p.shape[0] for p in parts), first.shape[1]), first.m, first.rows_per_block,
+                   torch.cat([p.block_n for p in parts]), torch.cat([p.values for p in parts]),
+                   torch.cat([p.mask for p in parts]))
 
     def to_dense(self) -> torch.Tensor:
         keep = unpack_mask(self.mask, self.shape[1]).to(self.values.device)

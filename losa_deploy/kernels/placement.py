@@ -1,0 +1,42 @@
+"""Where packed weights live for the CPU decode kernels: on transparent huge pages.
+
+Decode streams every packed weight once per token. On 4 KiB pages a 7B-shaped layer spans thousands of
+pages (more than the TLB holds) and the hardware prefetchers stop at each page boundary; on 2 MiB pages
+the bitmask kernel moved 10-20% more bytes per second on the reference machine (one token, 2 threads,
+weights cold; benchmarks/RESULTS.md). ``SparseLinear`` and the vLLM plugin place their CPU weights here.
+
+Tensors under one huge page stay where they are (the allocation rounds up to whole pages). Set
+``LOSA_HUGE_PAGES=0`` to keep every tensor on the default allocator (e.g. to measure the difference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._ext import ops
+
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def huge_pages_enabled() -> bool:
+    return os.environ.get("LOSA_HUGE_PAGES", "1") not in ("0", "") and ops() is not None
+
+
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU ``tensor`` on huge pages, or ``tensor`` itself (small, not on the CPU, disabled)."""
+    if tensor.device.type != "cpu" or tensor.nbytes < HUGE_PAGE_BYTES or not huge_pages_enabled():
+        return tensor
+    return ops().huge_page_copy(tensor)
+
+
+def place_for_decode(packed, changed: set[str] | None = None):
+    """``packed`` (any layout with ``tensors()`` and ``replace()``) with its large CPU tensors on huge
+    pages; ``changed``: only these tensors (the others are placed already)."""
+    moved = {name: on_huge_pages(t) for name, t in packed.tensors().items() if changed is None or name in changed}
+    moved = {name: t for name, t in moved.items() if t is not packed.tensors()[name]}
+    return packed.replace(**moved) if moved else packed
+
+
+__all__ = ["HUGE_PAGE_BYTES", "huge_pages_enabled", "on_huge_pages", "place_for_decode"]

@@ -1,0 +1,59 @@
+"""Huge-page placement of packed weights (kernels/placement.py): the copy is exact and 2 MiB-aligned, small
+tensors and disabled placement leave tensors alone, and SparseLinear keeps its weights placed (and its
+outputs unchanged) across construction and dtype conversion."""
+
+import pytest
+import torch
+from sparse_weights import random_sparse
+
+from losa_deploy.kernels import has_extension
+from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.placement import HUGE_PAGE_BYTES, on_huge_pages, place_for_decode
+from losa_deploy.runtime import SparseLinear
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % HUGE_PAGE_BYTES == 0
+
+
+def test_large_tensor_copied_exactly_onto_aligned_memory(rng):
+    n = HUGE_PAGE_BYTES // 2 + int(torch.randint(1, 5000, (1,), generator=rng))  # bf16: just over 1 page
+    src = torch.randn(n, generator=rng).to(torch.bfloat16)
+    out = on_huge_pages(src)
+    assert out is not src and _aligned(out)
+    assert out.dtype == src.dtype and out.shape == src.shape
+    assert torch.equal(out.view(torch.int16), src.view(torch.int16))  # bit-exact
+    del src
+    assert torch.isfinite(out.float()).all()  # owns its memory
+
+
+def test_small_tensor_and_disabled_placement_left_alone(rng, monkeypatch):
+    small = torch.randn(1000, generator=rng)
+    assert on_huge_pages(small) is small
+    big = torch.randn(HUGE_PAGE_BYTES // 4 + 7, generator=rng)
+    monkeypatch.setenv("LOSA_HUGE_PAGES", "0")
+    assert on_huge_pages(big) is big
+
+
+def test_sparse_linear_places_weights_and_keeps_outputs(rng):
+    rows, cols = 2531, 2123  # ragged; values > 2 MiB at 50%, in fp32 and in bf16
+    weight = random_sparse(rows, cols, 0.5, rng)
+    layer = SparseLinear(BitmaskWeight.from_dense(weight))
+    assert layer.packed.values.nbytes >= HUGE_PAGE_BYTES and _aligned(layer.packed.values)
+    assert layer.packed.values is layer.values  # the buffer and the kernel's view are one tensor
+    x = torch.randn(3, cols, generator=rng)
+    ref = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    layer.to(torch.bfloat16)  # new value tensor (half the bytes, still > 1 page): placed again
+    assert layer.packed.values.dtype == torch.bfloat16 and _aligned(layer.packed.values)
+    ref16 = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
+    torch.testing.assert_close(layer(x.to(torch.bfloat16)).double(), ref16, rtol=2e-2, atol=2e-2)
+
+
+def test_place_for_decode_only_touches_named_tensors(rng):
+    packed = BitmaskWeight.from_dense(random_sparse(2048, 8192, 0.9, rng))  # mask: 2 MiB
+    placed = place_for_decode(packed, changed={"mask"})
+    assert placed.values is packed.values
+    assert placed.mask is not packed.mask and torch.equal(placed.mask, packed.mask)
