@@ -125,3 +125,37 @@ def test_self_generation_is_seeded_and_fills_windows(stories):
     assert perplexity(model, a, progress=False)["ppl"] < 50
     cal = calibration_windows(model, tok, "self", nsamples=2, seqlen=16, seed=1, progress=False)
     assert cal.shape == (2, 16)
+
+
+def _nucleus_reference(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Float64 top-p distribution of one row: the smallest sorted prefix reaching top_p, renormalised."""
+    p = torch.softmax(logits.double(), -1)
+    sorted_p, order = p.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p <= top_p
+    out = torch.zeros_like(p)
+    out[order[keep]] = sorted_p[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.05])  # peaked (nucleus among the top candidates); flat (full sort)
+def test_top_p_sampler_draws_from_the_nucleus(rng, scale):
+    from losa_deploy.data.selfgen import _NUCLEUS_CANDIDATES, _sample
+
+    vocab, draws, top_p = 3 * _NUCLEUS_CANDIDATES + 17, 3000, 0.9
+    logits = torch.randn(vocab, generator=rng) * scale
+    ref = _nucleus_reference(logits, top_p)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(draws)]
+    tokens = _sample(logits.expand(draws, vocab), 1.0, top_p, gens).flatten()
+    assert (ref[tokens] > 0).all()  # never outside the nucleus
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    # Frequencies agree with the reference: total variation over the 20 likeliest tokens one by one, the
+    # rest of the top candidates, and everything beyond them (which the flat case must reach).
+    order = ref.argsort(descending=True)
+    groups = [order[i:i + 1] for i in range(20)] + [order[20:_NUCLEUS_CANDIDATES], order[_NUCLEUS_CANDIDATES:]]
+    expected = torch.stack([ref[g].sum() for g in groups])
+    observed = torch.stack([counts[g].sum() for g in groups]) / draws
+    assert 0.5 * (observed - expected).abs().sum() < 0.06
+    again = _sample(logits.expand(draws, vocab), 1.0, top_p,
+                    [torch.Generator().manual_seed(seed + i) for i in range(draws)]).flatten()
+    assert torch.equal(tokens, again)  # seeded

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def self_generate(model, tokenizer, nsamples: int, seqlen: int, seed: int = 0, temperature: float = 1.0,
-                  top_p: float = 0.95, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+                  top_p: float = 0.95, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids sampled from the model, each starting with its BOS token.
 
     End-of-sequence is suppressed so every sample fills the window. Sample ``i`` draws from its own
@@ -52,11 +52,26 @@ def _start_token(model, tokenizer) -> int:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
-    probs = torch.softmax(logits.cpu() / max(temperature, 1e-5), dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gens)])
+    """One token per row, from the smallest prefix of the sorted distribution whose mass reaches ``top_p``
+    (always at least the top token), renormalised; row ``i`` draws with ``gens[i]``.
+
+    Each draw takes exactly one uniform number from its generator (inverse CDF over the nucleus), so a
+    nucleus that gains or loses a boundary token (logits differ in the last bits between batch sizes) does
+    not shift the random stream of every later step.
+    """
+    probs = torch.softmax(logits.cpu().float() / max(temperature, 1e-5), dim=-1)
+    # The nucleus is looked for among the top candidates: a full sort of a 49K vocabulary per row, and a draw
+    # over all of it, were half of self-generation's time. A row whose candidates hold too little mass sorts.
+    top, index = probs.topk(min(_NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    out = []
+    for p, cand, cand_index, g in zip(probs, top, index, gens):
+        if top_p >= 1.0 or (float(cand.sum()) < top_p and cand.numel() < p.numel()):
+            cand, cand_index = p.sort(descending=True)
+        keep = cand.cumsum(0) - cand <= top_p
+        cdf = cand[keep].cumsum(0)
+        u = torch.rand(1, generator=g, dtype=cdf.dtype) * cdf[-1]
+        out.append(cand_index[keep][torch.searchsorted(cdf, u).clamp(max=cdf.numel() - 1)])
+    return torch.stack(out).view(-1, 1)
+
+
+_NUCLEUS_CANDIDATES = 1024

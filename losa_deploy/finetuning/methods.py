@@ -186,8 +186,10 @@ class LosaSchedule:
         return blocks * self.windows.numel() * model.config.hidden_size * 4
 
     def _redundancy(self, model) -> list[float]:
-        collector = GramCollector(min(self.cfg.rmi_samples, self.windows.shape[0]))
-        for _ in BlockRunner(model, self.windows, self.cfg.batch_size, [collector], progress=self.progress,
+        # The Gram matrices use the first rmi_samples windows only, so only those run through the blocks.
+        windows = self.windows[: self.cfg.rmi_samples]
+        collector = GramCollector(windows.shape[0])
+        for _ in BlockRunner(model, windows, self.cfg.batch_size, [collector], progress=self.progress,
                              desc="RMI signals"):
             pass
         return alloc.rmi_redundancy(collector.grams).tolist()

@@ -153,9 +153,12 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
         return {k: _file_target(v, structure) for k, v in per_linear.items()}, info
     signal = None
     if config.allocation != "uniform":
-        collector = (GramCollector(min(config.rmi_samples, windows.shape[0])) if config.allocation == "rmi"
-                     else OutlierRatio(config.owl_m))
-        for _ in BlockRunner(model, windows, config.batch_size, [collector], progress=progress,
+        if config.allocation == "rmi":  # the Gram matrices use the first rmi_samples windows: run only those
+            signal_windows = windows[: config.rmi_samples]
+            collector = GramCollector(signal_windows.shape[0])
+        else:
+            signal_windows, collector = windows, OutlierRatio(config.owl_m)
+        for _ in BlockRunner(model, signal_windows, config.batch_size, [collector], progress=progress,
                              desc=f"{config.allocation} signals"):
             pass
         if config.allocation == "rmi":

@@ -1,0 +1,59 @@
+"""LoSA's wall time against LoRA's on one token budget (issue #4's <= 1.3x bar), in alternating pairs.
+
+The settings of benchmarks/losa_quality.py (stories260K, Wanda, 204,800 tokens, batch 4 x 2, calibration
+128 x 256), one process, runs in the order LoRA, LoSA, LoRA, LoSA, ... so that a slow spell of a shared
+machine hits both; each pair gives one ratio, and the median over pairs is reported with the range.
+
+    .venv/bin/python benchmarks/losa_walltime.py --pairs 3 --setting 70%
+
+Prints a markdown table; writes OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from losa_quality import MODEL, SETTINGS, TINY
+from tqdm.auto import tqdm
+
+import losa_deploy as ld
+
+
+def run(method: str, dest: Path, setting: dict, budget: int) -> dict:
+    start = time.perf_counter()
+    report = ld.finetune(MODEL, dest, str(TINY), method=method, pruner="wanda", lr=1e-2, data_slice="0:0.8",
+                         budget_tokens=budget, max_len=256, batch_size=4, grad_accum=2, calib=str(TINY),
+                         calib_slice="0:0.8", nsamples=128, seqlen=256, overwrite=True, progress=False, **setting)
+    return {"wall_s": time.perf_counter() - start, "train_s": report["train_seconds"],
+            "prune_s": report["prune_seconds"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--setting", default="70%", choices=list(SETTINGS))
+    p.add_argument("--budget", type=int, default=204800)
+    p.add_argument("--out", default="/tmp/losa-walltime")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for _ in tqdm(range(args.pairs), desc="pairs"):
+        pairs.append({m: run(m, out / m, SETTINGS[args.setting], args.budget) for m in ("lora", "losa")})
+        (out / "results.json").write_text(json.dumps({"setting": args.setting, "pairs": pairs}, indent=2))
+    ratios = [pair["losa"]["wall_s"] / pair["lora"]["wall_s"] for pair in pairs]
+    print("| pair | LoRA wall s | LoSA wall s | of which LoSA prune phases s | LoSA / LoRA |\n|---|---|---|---|---|")
+    for i, (pair, ratio) in enumerate(zip(pairs, ratios), 1):
+        print(f"| {i} | {pair['lora']['wall_s']:.1f} | {pair['losa']['wall_s']:.1f} | {pair['losa']['prune_s']:.1f} | "
+              f"{ratio:.2f}x |")
+    print(f"\nmedian LoSA / LoRA: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
