@@ -46,7 +46,11 @@ def test_sparse_linear_places_weights_and_keeps_outputs(rng):
     x = torch.randn(3, cols, generator=rng)
     ref = (x.double() @ weight.double().T).float()
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    placed_mask = layer.packed.mask
+    layer.to(torch.float32)  # nothing changes: nothing is copied
+    assert layer.packed.mask is placed_mask
     layer.to(torch.bfloat16)  # new value tensor (half the bytes, still > 1 page): placed again
+    assert layer.packed.mask is placed_mask  # the int tensors stay where they are
     assert layer.packed.values.dtype == torch.bfloat16 and _aligned(layer.packed.values)
     ref16 = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
     torch.testing.assert_close(layer(x.to(torch.bfloat16)).double(), ref16, rtol=2e-2, atol=2e-2)

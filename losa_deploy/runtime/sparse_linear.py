@@ -102,8 +102,9 @@ class SparseLinear(nn.Module):
 
     # -- the packed tensors are buffers (so .to() moves and converts them) and the packed object views them
 
-    def _set_packed(self, packed: BitmaskWeight | NMKernelLayout) -> None:
-        self.packed = packed = place_for_decode(packed)
+    def _set_packed(self, packed: BitmaskWeight | NMKernelLayout, changed: set[str] | None = None) -> None:
+        """Install ``packed``; its large CPU tensors go on huge pages (only those in ``changed`` if given)."""
+        self.packed = packed = place_for_decode(packed, changed)
         for name, tensor in packed.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
         self._refresh_gpu_layout()
@@ -112,8 +113,8 @@ class SparseLinear(nn.Module):
         before = {name: t.data_ptr() for name, t in self.packed.tensors().items()}
         super()._apply(fn, recurse)
         packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
-        changed = {name for name, t in packed.tensors().items() if t.data_ptr() != before[name]}
-        self._set_packed(place_for_decode(packed, changed) if changed else packed)
+        # Tensors fn left in place (e.g. .to() to the same dtype) are on huge pages already: do not copy them.
+        self._set_packed(packed, {name for name, t in packed.tensors().items() if t.data_ptr() != before[name]})
         return self
 
     def _refresh_gpu_layout(self) -> None:
