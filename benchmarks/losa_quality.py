@@ -58,16 +58,18 @@ def run_setting(name: str, args: dict, out: Path, opts) -> dict:
         ld.prune(MODEL, pruned, method="wanda", calib=str(TINY), data_slice="0:0.8", nsamples=128, seqlen=256,
                  progress=False, **args)
     row["one-shot"] = evaluate(pruned)
-    for method in METHODS:
-        dest = out / f"{method}-{pruned.name.split('-', 1)[1]}-lr{opts.lr:g}"
+    runs = [(m, "even") for m in METHODS] + [("losa", split) for split in opts.losa_splits]
+    for method, split in runs:
+        key = method if split == "even" else f"{method} {split}"
+        dest = out / f"{key.replace(' ', '-')}-{pruned.name.split('-', 1)[1]}-lr{opts.lr:g}"
         report, times = timed(ld.finetune, MODEL, dest, str(TINY), method=method, pruner="wanda", lr=opts.lr,
                               data_slice="0:0.8", budget_tokens=opts.budget, max_len=256, batch_size=4,
                               grad_accum=2, calib=str(TINY), calib_slice="0:0.8", nsamples=128, seqlen=256,
-                              overwrite=True, progress=opts.progress, **args)
+                              data_split=split, overwrite=True, progress=opts.progress, **args)
         ppl = unmerged_ppl(dest) if method == "lora" else evaluate(dest)
-        row[method] = {**ppl, **times, "train_s": report["train_seconds"], "prune_s": report["prune_seconds"],
+        row[key] = {**ppl, **times, "train_s": report["train_seconds"], "prune_s": report["prune_seconds"],
                        "sparsity": report["achieved_sparsity"]}
-        print(f"  {name} {method}: {ppl} {times}", flush=True)
+        print(f"  {name} {key}: {ppl} {times}", flush=True)
     return row
 
 
@@ -78,17 +80,21 @@ def recovery(dense: float, oneshot: float, tuned: float) -> float:
 
 def table(results: dict) -> str:
     dense = results["dense"]
-    lines = ["| setting | eval | dense | one-shot | + LoRA | + sparse-LoRA | + LoSA | LoSA gap recovered |",
-             "|---|---|---|---|---|---|---|---|"]
+    extra = [k for k in next(iter(results["settings"].values())) if k.startswith("losa ")]
+    lines = ["| setting | eval | dense | one-shot | + LoRA | + sparse-LoRA | + LoSA | LoSA gap recovered | "
+             + "".join(f"+ LoSA, {k[5:]} | gap recovered | " for k in extra),
+             "|---|---|---|---|---|---|---|---|" + "---|---|" * len(extra)]
     for name, row in results["settings"].items():
         for ev in ("tinystories", "wikitext2"):
             cells = [f"{row[k][ev]:.2f}" for k in ("one-shot", *METHODS)]
             rec = recovery(dense[ev], row["one-shot"][ev], row["losa"][ev])
-            lines.append(f"| {name} | {ev} | {dense[ev]:.2f} | " + " | ".join(cells) + f" | {100 * rec:.0f}% |")
+            more = "".join(f" {row[k][ev]:.2f} | {100 * recovery(dense[ev], row['one-shot'][ev], row[k][ev]):.0f}% |"
+                           for k in extra)
+            lines.append(f"| {name} | {ev} | {dense[ev]:.2f} | " + " | ".join(cells) + f" | {100 * rec:.0f}% |" + more)
     lines += ["", "| setting | method | final sparsity | wall s | CPU s | of which prune s | CPU vs LoRA |",
               "|---|---|---|---|---|---|---|"]
     for name, row in results["settings"].items():
-        for method in METHODS:
+        for method in (*METHODS, *extra):
             r = row[method]
             lines.append(f"| {name} | {method} | {100 * r['sparsity']:.2f}% | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
                          f"{r['prune_s']:.0f} | {r['cpu_s'] / row['lora']['cpu_s']:.2f}x |")
@@ -101,6 +107,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=204800, help="training tokens per method (default 204800)")
     p.add_argument("--lr", type=float, default=1e-2, help="learning rate of every method (default 1e-2)")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of 50%%,70%%,2:4")
+    p.add_argument("--losa-splits", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="extra LoSA runs with these --data-split values (e.g. final-heavy), as extra columns")
     p.add_argument("--progress", action="store_true")
     opts = p.parse_args()
     out = Path(opts.out)
