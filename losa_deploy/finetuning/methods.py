@@ -23,10 +23,10 @@ from ..adapters.ranks import allocate_ranks, average_rank
 from ..errors import LosaError
 from ..models.arch import get_architecture
 from ..sparsity import allocation as alloc
-from ..sparsity.calibration import BlockRunner, GramCollector, ReconstructionError, checkpoint_reference
+from ..sparsity.calibration import BlockRunner, ReconstructionError, checkpoint_reference
 from ..sparsity.masks import Target, apply_mask
 from ..sparsity.patterns import global_sparsity
-from ..sparsity.prune import PruneConfig, Structure, prune_model
+from ..sparsity.prune import PruneConfig, Structure, prune_model, rmi_signal
 from ..sparsity.pruners import get_pruner
 from .schedule import lambda_for, nm_schedule, sparsity_schedule
 from .shears import ShearsConfig
@@ -168,8 +168,8 @@ class LosaSchedule:
         kind, n, m = self.structure.kind, self.structure.n, self.structure.m
         if kind == "nm":  # uniform N:M: RMI is not used (LoSA rebuttal)
             return [Target.nm(nm_schedule(n, m, self.cfg.steps)[phase], m)] * len(blocks), None
-        signal = self._redundancy(model) if self.cfg.allocation == "rmi" and (kind != "mixed_nm" or phase == 0) \
-            else None
+        signal = (rmi_signal(model, self.windows, self.cfg.rmi_samples, self.cfg.batch_size, self.progress)
+                  if self.cfg.allocation == "rmi" and (kind != "mixed_nm" or phase == 0) else None)
         if kind == "mixed_nm":
             if self.block_n is None:
                 self.block_n = alloc.nm_allocation(signal, n, m) if signal is not None else [n] * len(blocks)
@@ -184,15 +184,6 @@ class LosaSchedule:
         """Memory to keep every block's dense outputs on the calibration windows (fp32)."""
         blocks = len(get_architecture(model).block_list(model))
         return blocks * self.windows.numel() * model.config.hidden_size * 4
-
-    def _redundancy(self, model) -> list[float]:
-        # The Gram matrices use the first rmi_samples windows only, so only those run through the blocks.
-        windows = self.windows[: self.cfg.rmi_samples]
-        collector = GramCollector(windows.shape[0])
-        for _ in BlockRunner(model, windows, self.cfg.batch_size, [collector], progress=self.progress,
-                             desc="RMI signals"):
-            pass
-        return alloc.rmi_redundancy(collector.grams).tolist()
 
     @torch.no_grad()
     def _prune(self, model, targets: list[Target], phase: int) -> list[float]:

@@ -34,8 +34,9 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 def place_for_decode(packed, changed: set[str] | None = None):
     """``packed`` (any layout with ``tensors()`` and ``replace()``) with its large CPU tensors on huge
     pages; ``changed``: only these tensors (the others are placed already)."""
-    moved = {name: on_huge_pages(t) for name, t in packed.tensors().items() if changed is None or name in changed}
-    moved = {name: t for name, t in moved.items() if t is not packed.tensors()[name]}
+    tensors = packed.tensors()
+    placed = {name: on_huge_pages(t) for name, t in tensors.items() if changed is None or name in changed}
+    moved = {name: t for name, t in placed.items() if t is not tensors[name]}
     return packed.replace(**moved) if moved else packed
 
 

@@ -152,21 +152,15 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
         per_linear = alloc.read_allocation_file(config.allocation, num_blocks, names, arch.blocks_path)
         return {k: _file_target(v, structure) for k, v in per_linear.items()}, info
     signal = None
-    if config.allocation != "uniform":
-        if config.allocation == "rmi":  # the Gram matrices use the first rmi_samples windows: run only those
-            signal_windows = windows[: config.rmi_samples]
-            collector = GramCollector(signal_windows.shape[0])
-        else:
-            signal_windows, collector = windows, OutlierRatio(config.owl_m)
-        for _ in BlockRunner(model, signal_windows, config.batch_size, [collector], progress=progress,
-                             desc=f"{config.allocation} signals"):
+    if config.allocation == "rmi":
+        signal = rmi_signal(model, windows, config.rmi_samples, config.batch_size, progress)
+        info.update(redundancy=signal, samples=min(config.rmi_samples, windows.shape[0]))
+    elif config.allocation == "owl":
+        collector = OutlierRatio(config.owl_m)
+        for _ in BlockRunner(model, windows, config.batch_size, [collector], progress=progress, desc="owl signals"):
             pass
-        if config.allocation == "rmi":
-            signal = alloc.rmi_redundancy(collector.grams).tolist()
-            info.update(redundancy=signal, samples=collector.grams[0].shape[0])
-        else:
-            signal = [-r for r in collector.ratios]  # more outliers: more important, less sparsity
-            info.update(outlier_ratios=collector.ratios, outlier_threshold=config.owl_m)
+        signal = [-r for r in collector.ratios]  # more outliers: more important, less sparsity
+        info.update(outlier_ratios=collector.ratios, outlier_threshold=config.owl_m)
     if structure.kind == "mixed_nm":
         steps = 1 if config.lam is None else max(1, round(config.lam * structure.m))
         ns = (alloc.nm_allocation(signal, structure.n, structure.m, steps) if signal is not None
@@ -188,6 +182,15 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
         per_block = [Target.unstructured(s) for s in sparsities]
     block_of = {name: int(name[len(arch.blocks_path) + 1:].split(".")[0]) for name in names}
     return {name: per_block[block_of[name]] for name in names}, info
+
+
+def rmi_signal(model, windows: torch.Tensor, samples: int, batch_size: int, progress: bool) -> list[float]:
+    """LoSA's RMI redundancy of each block, from the block-input Gram matrices of the first ``samples``
+    windows (only those run through the blocks: the Gram matrices use no others)."""
+    collector = GramCollector(min(samples, windows.shape[0]))
+    for _ in BlockRunner(model, windows[:samples], batch_size, [collector], progress=progress, desc="RMI signals"):
+        pass
+    return alloc.rmi_redundancy(collector.grams).tolist()
 
 
 def check_allocation_file(path: str, model_config: dict) -> None:
