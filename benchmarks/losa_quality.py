@@ -51,6 +51,16 @@ def unmerged_ppl(out: Path) -> dict:
     return evaluate(merged)
 
 
+def finetune(method: str, dest: Path, setting: dict, budget: int, lr: float = 1e-2, data_split: str = "even",
+             progress: bool = False) -> dict:
+    """One fine-tune in this benchmark's setting (the first ``budget`` tokens of slice 0:0.8, batch 4 x 2,
+    calibration 128 x 256 of the same slice, Wanda); ``setting`` is one of :data:`SETTINGS`."""
+    return ld.finetune(MODEL, dest, str(TINY), method=method, pruner="wanda", lr=lr, data_slice="0:0.8",
+                       budget_tokens=budget, max_len=256, batch_size=4, grad_accum=2, calib=str(TINY),
+                       calib_slice="0:0.8", nsamples=128, seqlen=256, data_split=data_split, overwrite=True,
+                       progress=progress, **setting)
+
+
 def run_setting(name: str, args: dict, out: Path, opts) -> dict:
     row = {}
     pruned = out / f"oneshot-{name.replace('%', 'pct').replace(':', 'of')}"
@@ -62,10 +72,7 @@ def run_setting(name: str, args: dict, out: Path, opts) -> dict:
     for method, split in runs:
         key = method if split == "even" else f"{method} {split}"
         dest = out / f"{key.replace(' ', '-')}-{pruned.name.split('-', 1)[1]}-lr{opts.lr:g}"
-        report, times = timed(ld.finetune, MODEL, dest, str(TINY), method=method, pruner="wanda", lr=opts.lr,
-                              data_slice="0:0.8", budget_tokens=opts.budget, max_len=256, batch_size=4,
-                              grad_accum=2, calib=str(TINY), calib_slice="0:0.8", nsamples=128, seqlen=256,
-                              data_split=split, overwrite=True, progress=opts.progress, **args)
+        report, times = timed(finetune, method, dest, args, opts.budget, opts.lr, split, opts.progress)
         ppl = unmerged_ppl(dest) if method == "lora" else evaluate(dest)
         row[key] = {**ppl, **times, "train_s": report["train_seconds"], "prune_s": report["prune_seconds"],
                        "sparsity": report["achieved_sparsity"]}

@@ -18,17 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from losa_quality import MODEL, SETTINGS, TINY
+from losa_quality import SETTINGS, finetune
 from tqdm.auto import tqdm
-
-import losa_deploy as ld
 
 
 def run(method: str, dest: Path, setting: dict, budget: int) -> dict:
     start = time.perf_counter()
-    report = ld.finetune(MODEL, dest, str(TINY), method=method, pruner="wanda", lr=1e-2, data_slice="0:0.8",
-                         budget_tokens=budget, max_len=256, batch_size=4, grad_accum=2, calib=str(TINY),
-                         calib_slice="0:0.8", nsamples=128, seqlen=256, overwrite=True, progress=False, **setting)
+    report = finetune(method, dest, setting, budget)
     return {"wall_s": time.perf_counter() - start, "train_s": report["train_seconds"],
             "prune_s": report["prune_seconds"]}
 
