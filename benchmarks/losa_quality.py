@@ -52,13 +52,13 @@ def unmerged_ppl(out: Path) -> dict:
 
 
 def finetune(method: str, dest: Path, setting: dict, budget: int, lr: float = 1e-2, data_split: str = "even",
-             progress: bool = False) -> dict:
+             progress: bool = False, seed: int = 0) -> dict:
     """One fine-tune in this benchmark's setting (the first ``budget`` tokens of slice 0:0.8, batch 4 x 2,
     calibration 128 x 256 of the same slice, Wanda); ``setting`` is one of :data:`SETTINGS`."""
     return ld.finetune(MODEL, dest, str(TINY), method=method, pruner="wanda", lr=lr, data_slice="0:0.8",
                        budget_tokens=budget, max_len=256, batch_size=4, grad_accum=2, calib=str(TINY),
                        calib_slice="0:0.8", nsamples=128, seqlen=256, data_split=data_split, overwrite=True,
-                       progress=progress, **setting)
+                       progress=progress, seed=seed, **setting)
 
 
 def run_setting(name: str, args: dict, out: Path, opts) -> dict:

@@ -33,11 +33,14 @@ def _sliding_qwen2():
                                 use_sliding_window=True, sliding_window=5, max_window_layers=1)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "qwen2-sliding"])
-def test_runner_reproduces_the_model(rng, family):
+@pytest.mark.parametrize("family,attention", [("llama", "eager"), ("mistral", "eager"), ("qwen2", "eager"),
+                                              ("opt", "eager"), ("qwen2-sliding", "eager"), ("llama", "sdpa"),
+                                              ("qwen2-sliding", "sdpa")])
+def test_runner_reproduces_the_model(rng, family, attention):
+    """Also on SDPA models, where the walk runs our CPU attention kernel (kernels/attention.py)."""
     torch.manual_seed(0)
     config = _sliding_qwen2() if family == "qwen2-sliding" else tiny_config(family)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
     windows = torch.randint(0, 96, (5, 23), generator=rng)
     last = LastOutputs()
     steps = [step.index for step in BlockRunner(model, windows, batch_size=2, collectors=[last], progress=False)]
@@ -114,3 +117,45 @@ def test_input_stats_hooks_on_any_module(stories_dir, rng):
     s = captured[0]
     assert s.tokens == 3 * 40 and s.hessian().shape == (172, 172)
     assert torch.allclose(s.hessian().diagonal().sqrt() * 120 ** 0.5, s.norms().double(), rtol=1e-5)
+
+
+def test_input_stats_equal_a_full_pass_and_skip_the_last_product(rng):
+    """Each batch stops once every linear has its input: the statistics equal those of a whole forward
+    with hooks, and the block's last linear never computes its product."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    windows = torch.randint(0, 96, (5, 21), generator=rng)
+    for step in BlockRunner(model, windows, batch_size=2, progress=False):
+        linears = step.linears()
+        down_calls = []
+        handle = linears["mlp.down_proj"].register_forward_hook(lambda *_, calls=down_calls: calls.append(1))
+        stats = step.input_stats(hessian=True)
+        handle.remove()
+        assert down_calls == []
+        seen = {name: [] for name in linears}
+        handles = [lin.register_forward_pre_hook(lambda _m, args, got=seen[name]: got.append(args[0].flatten(0, -2)))
+                   for name, lin in linears.items()]
+        step.run()
+        for h in handles:
+            h.remove()
+        for name, s in stats.items():
+            x = torch.cat(seen[name]).double()
+            assert s.tokens == x.shape[0] == 5 * 21
+            torch.testing.assert_close(s.norms().double(), x.norm(dim=0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s.hessian(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_last_block_runs_only_when_its_outputs_are_read(rng):
+    model = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    last = get_architecture(model).block_list(model)[-1]
+    calls = []
+    last.register_forward_hook(lambda *_: calls.append(1))
+    windows = torch.randint(0, 96, (4, 13), generator=rng)
+    grams = GramCollector()
+    for _ in BlockRunner(model, windows, batch_size=2, collectors=[grams], progress=False):
+        pass
+    assert calls == [] and len(grams.grams) == 2  # the last block's input is all RMI reads
+    errors = ReconstructionError()
+    for _ in BlockRunner(model, windows, batch_size=2, collectors=[errors], progress=False):
+        pass
+    assert len(calls) == 2 * 2 and len(errors.errors) == 2  # reference run and output run, two batches each

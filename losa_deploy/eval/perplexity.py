@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..kernels.attention import fast_attention
+
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
@@ -23,7 +25,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     bar = tqdm(total=n, desc="perplexity", unit="win", disable=not progress)
     for start in range(0, n, batch_size):
         ids = windows[start: start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        with fast_attention(model):
+            logits = model(input_ids=ids, use_cache=False).logits
         # Token t is predicted from positions < t: drop the last logit and the first label.
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"

@@ -9,6 +9,7 @@ the dense reference stream when a collector asks for one; the model itself is ne
     for step in runner:                      # step.index, step.block, step.inputs [n, T, d]
         stats = step.input_stats(hessian=True)   # runs the block once with hooks on its linears
         ...prune step.linears()...               # the runner then runs the block again for its outputs
+                                                 # (not the last block when no collector reads outputs)
 
 How a block is called is captured, not rebuilt: the model runs normally until block 0 and the hidden
 states plus every other argument it receives (attention mask, position embeddings, cache position, ...)
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kernels.attention import fast_attention
 from ..models.arch import Architecture, get_architecture
 from ..models.tensors import iter_tensors
 from .stats import InputStats
@@ -113,25 +115,43 @@ class BlockStep:
         """
         inputs = self.inputs if inputs is None else inputs
         for start in range(0, inputs.shape[0], self._batch_size):
-            h = inputs[start: start + self._batch_size]
-            args, kwargs = self._calls[h.shape[0]][self.index]
-            y = _hidden(self.block(h, *args, **kwargs))
+            y = self._call(inputs[start: start + self._batch_size])
             if out is not None:
-                out[start: start + h.shape[0]] = y
+                out[start: start + y.shape[0]] = y
         return out
 
+    def _call(self, h: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self._calls[h.shape[0]][self.index]
+        return _hidden(self.block(h, *args, **kwargs))
+
+    @torch.no_grad()
     def input_stats(self, hessian: bool = False, modules: dict[str, nn.Module] | None = None
                     ) -> dict[str, InputStats]:
         """Statistics of what each linear receives on this block's inputs (one forward pass).
 
-        ``modules`` defaults to :meth:`linears`; pass others (e.g. LoSA's wrapped linears) by name.
+        ``modules`` defaults to :meth:`linears`; pass others (e.g. LoSA's wrapped linears) by name. Each
+        batch stops as soon as every module has received its input (the block's outputs are not wanted
+        here), which skips the last linear's product; a module called twice in one forward would have
+        to be called again before that point to be counted twice (no supported family does that).
         """
         modules = self.linears() if modules is None else modules
         stats = {name: InputStats(mod.in_features, hessian, self.inputs.device) for name, mod in modules.items()}
-        handles = [mod.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
-                   for name, mod in modules.items()]
+        seen: set[str] = set()
+
+        def record(name):
+            def pre_hook(_module, args):
+                stats[name].add(args[0])
+                seen.add(name)
+                if len(seen) == len(modules):
+                    raise _Stop
+            return pre_hook
+
+        handles = [mod.register_forward_pre_hook(record(name)) for name, mod in modules.items()]
         try:
-            self.run()
+            for start in range(0, self.inputs.shape[0], self._batch_size):
+                seen.clear()
+                with contextlib.suppress(_Stop):
+                    self._call(self.inputs[start: start + self._batch_size])
         finally:
             for h in handles:
                 h.remove()
@@ -142,6 +162,11 @@ class BlockCollector:
     """Hooks into the walk. ``needs_reference``: the runner also keeps the dense reference stream."""
 
     needs_reference = False
+
+    @property
+    def needs_outputs(self) -> bool:
+        """Whether this collector reads block outputs (when none does, the last block is never run)."""
+        return type(self).block_output is not BlockCollector.block_output
 
     def block_input(self, step: BlockStep) -> None:
         """Called with each block before the caller processes it."""
@@ -181,6 +206,12 @@ class BlockRunner:
         self.desc = desc
 
     def __iter__(self) -> Iterator[BlockStep]:
+        # No gradient flows in a walk: attention runs on our CPU kernel where it applies (kernels/attention.py),
+        # also inside the caller's work between steps (input statistics passes).
+        with fast_attention(self.model):
+            yield from self._walk()
+
+    def _walk(self) -> Iterator[BlockStep]:
         arch = get_architecture(self.model)
         blocks = arch.block_list(self.model)
         inputs, calls = capture_block_inputs(self.model, self.windows, self.batch_size)
@@ -203,6 +234,8 @@ class BlockRunner:
             for c in self.collectors:
                 c.block_input(step)
             yield step
+            if index == len(blocks) - 1 and not any(c.needs_outputs for c in self.collectors):
+                break  # nothing reads the last block's outputs (RMI, OWL signals)
             inputs, spare = step.run(out=spare), inputs
             for c in self.collectors:
                 c.block_output(step, inputs, ref)

@@ -1,0 +1,113 @@
+"""Causal attention for the passes that need no gradient on the CPU: calibration and evaluation.
+
+Pruning, RMI allocation and every LoSA phase run each decoder block over the calibration windows several
+times, and perplexity runs the whole model over many windows. PyTorch's CPU flash-attention kernel cuts
+each head into small GEMM calls whose fixed cost dominates at small head sizes; our kernel
+(``csrc/cpu/causal_attention.cpp``, AVX-512) does the same exact-softmax attention per (batch, head) in
+registers: 4.5x faster at head size 8 (stories260K), 1.1-1.3x at 64 and 128 on 256-token windows
+(benchmarks/RESULTS.md); longer sequences with wide heads stay on SDPA, where the kernel is slower.
+
+It plugs into transformers' attention interface under the name ``losa_cpu``, with SDPA's mask rules, so
+a model runs it with no change to its code:
+
+    with fast_attention(model):      # calibration passes, perplexity
+        model(input_ids=windows)
+
+Every call the kernel does not cover goes to transformers' own SDPA function unchanged: anything that
+needs a gradient (training), a mask beyond the causal one (padding), decode steps against a KV cache,
+dropout, soft-capping, attention sinks, dtypes other than fp32, other devices, CPUs without AVX-512,
+sequences over 512 positions with heads wider than 16.
+``LOSA_FAST_ATTENTION=0`` switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ._ext import ops
+
+NAME = "losa_cpu"
+# Where the kernel is faster than SDPA (benchmarks/attention_cpu.py): any length at head sizes up to 16,
+# and up to 512 positions beyond that. It walks all keys once per four query rows, so past ~512 positions
+# a 64/128-wide head's keys fall out of L2 and SDPA's key tiling wins (0.4x at 1024 x 64 and 2048 x 128).
+SMALL_HEAD = 16
+LONG_SEQUENCE = 512
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "cache")
+
+
+def available() -> bool:
+    """True when the kernel is built, enabled, and this CPU runs its AVX-512 variant."""
+    if os.environ.get("LOSA_FAST_ATTENTION", "1") in ("0", ""):
+        return False
+    lib = ops()
+    return lib is not None and hasattr(lib, "causal_attention") and lib.causal_attention_isa() == "avx512"
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(scale·Q·Kᵀ + causal mask)·V for ``query [B, H, S, D]``, ``key``/``value [B, Hkv, S, D]``
+    (grouped-query heads allowed); returns ``[B, S, H, D]``, the layout transformers' attention returns."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return ops().causal_attention(query, key, value, float(scale))
+
+
+def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
+           is_causal: bool, kwargs: dict) -> bool:
+    """Whether the kernel computes exactly what SDPA would for this call."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (not needs_grad and attention_mask is None and is_causal and dropout == 0.0
+            and query.device.type == "cpu"
+            and query.dtype == key.dtype == value.dtype == torch.float32
+            and query.shape[2] == key.shape[2] > 1
+            and (query.shape[-1] <= SMALL_HEAD or query.shape[2] <= LONG_SEQUENCE)
+            and query.shape[-1] == key.shape[-1] == value.shape[-1]
+            and query.shape[1] % key.shape[1] == 0
+            and not kwargs.get("output_attentions", False)
+            and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: our kernel where it applies, else SDPA's function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if covers(query, key, value, attention_mask, dropout, causal, kwargs):
+        return causal_attention(query, key, value, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # same masks as SDPA: none when causal suffices
+
+
+@contextlib.contextmanager
+def fast_attention(model):
+    """Run ``model`` (an SDPA transformers model on the CPU) on the ``losa_cpu`` attention inside the block.
+
+    Only CPU models on SDPA are switched (eager or flash models keep what they chose); the previous choice
+    is restored on exit, so nothing of it reaches a saved config.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if current != "sdpa" or not on_cpu or not available():
+        yield model
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield model
+    finally:
+        config._attn_implementation = current
+
+
+__all__ = ["NAME", "attention_forward", "available", "causal_attention", "covers", "fast_attention"]
