@@ -51,7 +51,9 @@ def main() -> int:
     for i, (pair, ratio) in enumerate(zip(pairs, ratios), 1):
         print(f"| {i} | {pair['lora']['wall_s']:.1f} | {pair['losa']['wall_s']:.1f} | {pair['losa']['prune_s']:.1f} | "
               f"{ratio:.2f}x |")
-    print(f"\nmedian LoSA / LoRA: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    total = sum(p["losa"]["wall_s"] for p in pairs) / sum(p["lora"]["wall_s"] for p in pairs)
+    print(f"\nmedian LoSA / LoRA: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x); "
+          f"total LoSA wall time / total LoRA wall time: {total:.2f}x")
     return 0
 
 
