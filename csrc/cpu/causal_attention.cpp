@@ -72,29 +72,42 @@ struct Head {
 };
 
 struct Scratch {
-  std::vector<float> kt, vt, scores;  // [D][Sp], [D][Sp], [kRows][Sp]
+  std::vector<float> kt, vt, scores, qs;  // [D][Sp], [D][Sp], [kRows][Sp], [kRows][D]
 };
 
 // One (batch, head): S query rows against S keys. Sp = S rounded up to whole vectors.
-[[gnu::always_inline]] inline void attend_head(const Head& h, int64_t seq, int64_t dim, float scale, Scratch& s) {
+// Sizes the scratch for one head, zeroes it and fills K^T and V^T [D][Sp] (positions past S stay 0);
+// returns Sp.
+inline int64_t prepare_head(const Head& h, int64_t seq, int64_t dim, Scratch& s) {
   const int64_t sp = (seq + kLanes - 1) / kLanes * kLanes;
   s.kt.assign(dim * sp, 0.0f);
   s.vt.assign(dim * sp, 0.0f);
-  s.scores.resize(kRows * sp);
-  float* __restrict kt = s.kt.data();
-  float* __restrict vt = s.vt.data();
+  s.scores.assign(kRows * sp, 0.0f);
+  s.qs.assign(kRows * dim, 0.0f);
   for (int64_t j = 0; j < seq; ++j)
     for (int64_t d = 0; d < dim; ++d) {
-      kt[d * sp + j] = h.k[j * h.ldk + d];
-      vt[d * sp + j] = h.v[j * h.ldv + d];
+      s.kt[d * sp + j] = h.k[j * h.ldk + d];
+      s.vt[d * sp + j] = h.v[j * h.ldv + d];
     }
-  std::vector<float> qs(kRows * dim);
+  return sp;
+}
+
+// Query rows [i0, i0 + rows) times the scale into s.qs [kRows][D]; rows past `rows` are zero.
+inline void load_queries(const Head& h, int64_t i0, int rows, int64_t dim, float scale, Scratch& s) {
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t d = 0; d < dim; ++d) s.qs[r * dim + d] = r < rows ? h.q[(i0 + r) * h.ldq + d] * scale : 0.0f;
+}
+
+[[gnu::always_inline]] inline void attend_head(const Head& h, int64_t seq, int64_t dim, float scale, Scratch& s) {
+  const int64_t sp = prepare_head(h, seq, dim, s);
+  const float* kt = s.kt.data();
+  const float* vt = s.vt.data();
+  const float* qs = s.qs.data();
   for (int64_t i0 = 0; i0 < seq; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, seq - i0));
     const int64_t keys = i0 + rows;  // the last row of the group sees keys [0, keys)
     const int64_t steps = (keys + kLanes - 1) / kLanes;
-    for (int r = 0; r < kRows; ++r)
-      for (int64_t d = 0; d < dim; ++d) qs[r * dim + d] = r < rows ? h.q[(i0 + r) * h.ldq + d] * scale : 0.0f;
+    load_queries(h, i0, rows, dim, scale, s);
     // Scores: for each block of 16 keys, sum over the head dimension with the accumulators in registers.
     for (int64_t t = 0; t < steps; ++t) {
       float acc[kRows][kLanes] = {};
@@ -162,25 +175,16 @@ LOSA_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
 }
 
 LOSA_AVX512 void attend_avx512(const Head& h, int64_t seq, int64_t dim, float scale, Scratch& s) {
-  const int64_t sp = (seq + kLanes - 1) / kLanes * kLanes;
-  s.kt.assign(dim * sp, 0.0f);
-  s.vt.assign(dim * sp, 0.0f);
-  s.scores.assign(kRows * sp, 0.0f);
-  float* __restrict kt = s.kt.data();
-  float* __restrict vt = s.vt.data();
-  float* __restrict sc = s.scores.data();
-  for (int64_t j = 0; j < seq; ++j)
-    for (int64_t d = 0; d < dim; ++d) {
-      kt[d * sp + j] = h.k[j * h.ldk + d];
-      vt[d * sp + j] = h.v[j * h.ldv + d];
-    }
-  std::vector<float> qs(kRows * dim);
+  const int64_t sp = prepare_head(h, seq, dim, s);
+  const float* kt = s.kt.data();
+  const float* vt = s.vt.data();
+  const float* qs = s.qs.data();
+  float* sc = s.scores.data();
   for (int64_t i0 = 0; i0 < seq; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, seq - i0));
     const int64_t keys = i0 + rows;
     const int64_t steps = (keys + kLanes - 1) / kLanes;
-    for (int r = 0; r < kRows; ++r)
-      for (int64_t d = 0; d < dim; ++d) qs[r * dim + d] = r < rows ? h.q[(i0 + r) * h.ldq + d] * scale : 0.0f;
+    load_queries(h, i0, rows, dim, scale, s);
     for (int64_t t = 0; t < steps; ++t) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       const float* kcol = kt + t * kLanes;
