@@ -65,8 +65,10 @@ def test_sub_adapter_is_the_first_components_at_the_fixed_scale(rng, masked):
     g = torch.randn(y.shape, generator=rng)
     y.backward(g)
     small(x).backward(g)
-    torch.testing.assert_close(layer.lora_A.grad[:r], small.lora_A.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.lora_B.grad[:, :r], small.lora_B.grad, rtol=1e-5, atol=1e-6)
+    # fp32 sums of 21 products in a different order (a sliced view vs a whole factor): elements that
+    # cancel to ~0.1 of their terms keep ~1e-6 of absolute rounding, so the tolerance is absolute
+    torch.testing.assert_close(layer.lora_A.grad[:r], small.lora_A.grad, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(layer.lora_B.grad[:, :r], small.lora_B.grad, rtol=1e-5, atol=2e-5)
     assert layer.lora_A.grad[r:].abs().sum() == 0 and layer.lora_B.grad[:, r:].abs().sum() == 0
     # cutting the factors to the sub-adapter keeps the function and the scale
     delta = layer.delta()
