@@ -82,8 +82,11 @@ class VLLMEngine(Engine):
         # its scheduler, halving the threads on a 2-core machine).
         # Its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB of memory (1 holds 32 x 256 tokens of a 7B-shaped
         # 2-block model many times over), not a share of the machine: several workers stay resident at once.
+        # The engine core runs in this process (no engine-core and worker processes talking through shared
+        # memory): on 2 cores their message passing cost 4 ms per token dense and 6 ms sparse (RESULTS.md).
         return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
-                      "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+                      "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                      "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
 
 
 class OnnxEngine(Engine):

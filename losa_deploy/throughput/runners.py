@@ -102,7 +102,8 @@ class HFRunner:
 
 
 class VLLMRunner:
-    """The ``vllm`` engine: vLLM's offline LLM, eager mode, no prefix caching (the repeats reuse prompts).
+    """The ``vllm`` engine: vLLM's offline LLM, eager mode, no prefix caching (the repeats reuse prompts),
+    engine core and model in this worker process (``VLLMEngine.command`` sets the environment).
 
     vLLM has no prefill-only call: prefill is timed as a generation of one token, decode as a generation
     of ``gen_len`` tokens minus that.
@@ -126,7 +127,8 @@ class VLLMRunner:
         self.llm = LLM(model=str(self.path), dtype=VLLM_DTYPES[self.dtype], max_model_len=self.max_len,
                        enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True,
                        gpu_memory_utilization=0.1, max_num_seqs=self.max_batch,
-                       max_num_batched_tokens=max(self.max_batch * self.prompt_len, self.max_len), seed=0)
+                       max_num_batched_tokens=max(self.max_batch * self.prompt_len, self.max_len), seed=0,
+                       distributed_executor_backend="uni")  # the model runs in the engine core's process
         workers = self.llm.apply_model(describe)
         layers = sum(w["losa_layers"] for w in workers)
         path = (f"vLLM + losa_sparse plugin ({layers} layers, {sum(w['packed_parts'] for w in workers)} packed "
