@@ -4,7 +4,7 @@ Pruning, RMI allocation and every LoSA phase run each decoder block over the cal
 times, and perplexity runs the whole model over many windows. PyTorch's CPU flash-attention kernel cuts
 each head into small GEMM calls whose fixed cost dominates at small head sizes; our kernel
 (``csrc/cpu/causal_attention.cpp``, AVX-512) does the same exact-softmax attention per (batch, head) in
-registers: 4.5x faster at head size 8 (stories260K), 1.1-1.3x at 64 and 128 on 256-token windows
+registers: 4.4x faster at head size 8 (stories260K), 1.1-1.3x at 64 and 128 on 256-token windows
 (benchmarks/RESULTS.md); longer sequences with wide heads stay on SDPA, where the kernel is slower.
 
 It plugs into transformers' attention interface under the name ``losa_cpu``, with SDPA's mask rules, so
@@ -56,7 +56,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
            is_causal: bool, kwargs: dict) -> bool:
-    """Whether the kernel computes exactly what SDPA would for this call."""
+    """Whether the kernel computes what SDPA would for this call (to fp32 rounding), and faster."""
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     return (not needs_grad and attention_mask is None and is_causal and dropout == 0.0
             and query.device.type == "cpu"
