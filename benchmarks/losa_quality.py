@@ -61,12 +61,17 @@ def finetune(method: str, dest: Path, setting: dict, budget: int, lr: float = 1e
                        progress=progress, seed=seed, **setting)
 
 
+def prune_oneshot(dest: Path, setting: dict, seed: int = 0) -> None:
+    """The one-shot baseline: Wanda on this benchmark's calibration (128 x 256 of slice 0:0.8)."""
+    ld.prune(MODEL, dest, method="wanda", calib=str(TINY), data_slice="0:0.8", nsamples=128, seqlen=256,
+             seed=seed, overwrite=True, progress=False, **setting)
+
+
 def run_setting(name: str, args: dict, out: Path, opts) -> dict:
     row = {}
     pruned = out / f"oneshot-{name.replace('%', 'pct').replace(':', 'of')}"
     if not pruned.exists():
-        ld.prune(MODEL, pruned, method="wanda", calib=str(TINY), data_slice="0:0.8", nsamples=128, seqlen=256,
-                 progress=False, **args)
+        prune_oneshot(pruned, args)
     row["one-shot"] = evaluate(pruned)
     runs = [(m, "even") for m in METHODS] + [("losa", split) for split in opts.losa_splits]
     for method, split in runs:

@@ -17,10 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from losa_quality import MODEL, SETTINGS, TINY, evaluate, finetune, recovery
+from losa_quality import MODEL, SETTINGS, evaluate, finetune, prune_oneshot, recovery
 from tqdm.auto import tqdm
 
-import losa_deploy as ld
 from losa_deploy.utils.fs import atomic_file
 
 EVALS = ("tinystories", "wikitext2")
@@ -28,8 +27,7 @@ EVALS = ("tinystories", "wikitext2")
 
 def run_seed(seed: int, setting: dict, out: Path, budget: int) -> dict:
     oneshot = out / f"oneshot-s{seed}"
-    ld.prune(MODEL, oneshot, method="wanda", calib=str(TINY), data_slice="0:0.8", nsamples=128, seqlen=256,
-             seed=seed, overwrite=True, progress=False, **setting)
+    prune_oneshot(oneshot, setting, seed)
     row = {"one-shot": evaluate(oneshot)}
     for method in ("sparse-lora", "losa"):
         finetune(method, out / f"{method}-s{seed}", setting, budget, seed=seed)

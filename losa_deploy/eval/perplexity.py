@@ -23,16 +23,16 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     n, seqlen = windows.shape
     total_nll = 0.0
     bar = tqdm(total=n, desc="perplexity", unit="win", disable=not progress)
-    for start in range(0, n, batch_size):
-        ids = windows[start: start + batch_size].to(device)
-        with fast_attention(model):
+    with fast_attention(model):
+        for start in range(0, n, batch_size):
+            ids = windows[start: start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
-        # Token t is predicted from positions < t: drop the last logit and the first label.
-        nll = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-        )
-        total_nll += float(nll.double())
-        bar.update(ids.shape[0])
+            # Token t is predicted from positions < t: drop the last logit and the first label.
+            nll = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
+            )
+            total_nll += float(nll.double())
+            bar.update(ids.shape[0])
     bar.close()
     predicted = n * (seqlen - 1)
     mean_nll = total_nll / predicted

@@ -23,6 +23,7 @@ sequences over 512 positions with heads wider than 16.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -81,6 +82,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
                                   is_causal=is_causal, **kwargs)
 
 
+@functools.cache
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

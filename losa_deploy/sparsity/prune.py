@@ -187,7 +187,7 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
 def rmi_signal(model, windows: torch.Tensor, samples: int, batch_size: int, progress: bool) -> list[float]:
     """LoSA's RMI redundancy of each block, from the block-input Gram matrices of the first ``samples``
     windows (only those run through the blocks: the Gram matrices use no others)."""
-    collector = GramCollector(min(samples, windows.shape[0]))
+    collector = GramCollector()
     for _ in BlockRunner(model, windows[:samples], batch_size, [collector], progress=progress, desc="RMI signals"):
         pass
     return alloc.rmi_redundancy(collector.grams).tolist()
