@@ -117,6 +117,25 @@ def test_shape_fuzz(rows, cols, tokens, sparsity, nm, backend, vdtype, xdtype, s
     check_close(sparse_linear(x, packed, backend=backend), x, w, None)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_rows_with_dense_chunks(rng, backend):
+    """Rows sparse enough for the 256-bit value loads of the AVX-512 bf16 kernel (at most 35% dense), with
+    some 32-column chunks holding more than 16 values: those chunks must take the 512-bit load."""
+    rows, cols = 37, 32 * 14 + 9
+    w = random_sparse(rows, cols, 0.93, rng, torch.bfloat16)
+    for r in range(rows):
+        dense_chunks = torch.randperm(13, generator=rng)[:2].tolist()  # never the ragged last chunk
+        for c in dense_chunks:
+            keep = 17 + int(torch.randint(0, 16, (), generator=rng))  # 17..32 values in this chunk
+            cols_kept = 32 * c + torch.randperm(32, generator=rng)[:keep]
+            w[r, cols_kept] = torch.randn(keep, generator=rng).to(torch.bfloat16) + 3.0
+    assert float((w != 0).float().mean(1).max()) <= 0.35
+    packed = BitmaskWeight.from_dense(w)
+    for tokens in (1, 2, 3, 9):
+        x = torch.randn(tokens, cols, generator=rng).to(torch.bfloat16)
+        check_close(sparse_linear(x, packed, backend=backend), x, w, None)
+
+
 def test_values_at_the_very_end_of_the_buffer(rng):
     """The kernels' wide loads must not run past the value buffer (the last rows are copied first)."""
     w = torch.zeros(5, 40)
