@@ -272,16 +272,23 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
 // load slots; at one token the loads, not the arithmetic, bound the loop (one value load and one
 // activation load per chunk against one expand and one dot product): 256-bit loads took the loop from
 // 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2. The branch is taken almost always
-// (N:M rows with 16 values per chunk: always) or almost never (rows where narrow_max is 0).
+// (N:M rows with 16 values per chunk: always) or almost never (rows where narrow_max is 0). It sits inside
+// the asm: written in C++, it made GCC keep the accumulators on the stack across the loop.
 LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m, int count, int narrow_max) {
-  __m512i src;
-  if (count <= narrow_max)
-    asm("vmovdqu16 %[p], %t[src]" : [src] "=v"(src) : [p] "m"(*reinterpret_cast<const char(*)[32]>(p)));  // zeroes the upper half
-  else
-    src = _mm512_loadu_si512(p);
-  __m512i dst = _mm512_setzero_si512();
+  __m512i src, dst = _mm512_setzero_si512();
   const __mmask32 k = _cvtu32_mask32(m);
-  asm("vpexpandw %[src], %[dst]%{%[k]%}" : [dst] "+v"(dst) : [src] "v"(src), [k] "Yk"(k));
+  asm("cmpl %[limit], %[count]\n\t"
+      "jg 1f\n\t"
+      "vmovdqu16 %[narrow], %t[src]\n\t"  // a 256-bit load zeroes the upper half
+      "jmp 2f\n"
+      "1:\n\t"
+      "vmovdqu16 %[wide], %[src]\n"
+      "2:\n\t"
+      "vpexpandw %[src], %[dst]%{%[k]%}"
+      : [dst] "+v"(dst), [src] "=&v"(src)
+      : [narrow] "m"(*reinterpret_cast<const char(*)[32]>(p)), [wide] "m"(*reinterpret_cast<const char(*)[64]>(p)),
+        [count] "r"(count), [limit] "r"(narrow_max), [k] "Yk"(k)
+      : "cc");
   return dst;
 }
 
@@ -432,8 +439,15 @@ struct Avx512Bf16 {
           prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
       for (int u = 0; u < U; ++u) {
         __m512i e[R];
-        for (int j = 0; j < R; ++j)
-          e[j] = expand_epi16(v[j] + off[j][u], mask[j * words + w + u], off[j][u + 1] - off[j][u], narrow_max);
+        for (int j = 0; j < R; ++j) {
+          const uint16_t* p = v[j] + off[j][u];
+          const uint32_t m = mask[j * words + w + u];
+          // Decode only: more tokens are bound by the dot products, not by loads.
+          if constexpr (TB <= 2)
+            e[j] = expand_epi16(p, m, off[j][u + 1] - off[j][u], narrow_max);
+          else
+            e[j] = expand_epi16(p, m);
+        }
         for (int t = 0; t < TB; ++t) {
           const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * ld + 32 * (w + u));
           for (int j = 0; j < R; ++j) acc[u][j][t] = _mm512_dpbf16_ps(acc[u][j][t], (__m512bh)e[j], xv);
