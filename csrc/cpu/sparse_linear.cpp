@@ -8,6 +8,12 @@
 //   Portable    scalar: walk the set bits of each mask word
 // Every kernel accumulates in fp32; products of bf16/fp16 values with bf16/fp16 activations are exact in
 // fp32, so the ISAs differ only in summation order.
+
+// GCC 12 flags the deliberately undefined pass-through operands inside its own AVX-512 intrinsics
+// (_mm512_reduce_add_ps; GCC bug 105593, fixed in 13): a warning about the compiler's header, not this file.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "cpu/sparse_linear.h"
 
 #include <ATen/Parallel.h>
@@ -511,8 +517,9 @@ struct Activations {
 // The chunk value count up to which the AVX-512 bf16 kernel loads values 256 bits wide (expand_epi16): 16
 // for N:M rows with at most 16 values per chunk (the branch never changes direction) and for bitmask rows
 // at most 35% dense (a 32-column chunk then holds more than 16 values with probability about 2%, 0.3% at
-// 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.05-1.12x at 30%
-// density, 1.12-1.15x at 20%, 0.97-1.0x at 40% (mispredicted branches eat the gain); neutral on 2:4.
+// 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.01-1.12x at 30%
+// density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted branches eat the gain);
+// neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
 int narrow_max(const SparseRows& w, int64_t r, int rows) {
   const int fixed = w.chunk_values(r);
   if (fixed) return fixed <= 16 ? 16 : 0;
