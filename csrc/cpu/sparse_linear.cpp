@@ -262,15 +262,19 @@ struct Avx2 {
 // ---------------------------------------------------------------------------------------------------
 // AVX-512 kernels
 
-// Expand packed 16-bit values (read from p) to the set positions of m, zeros elsewhere. Merge-masking
+// Expand 16-bit values packed at the start of src to the set positions of m, zeros elsewhere. Merge-masking
 // into a freshly zeroed register: the zero-masking form has a false dependency on its destination on
 // Zen 4 (llvm-project #206849), which would chain every expand in the loop.
-LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
-  const __m512i src = _mm512_loadu_si512(p);
+LOSA_AVX512 LOSA_INLINE __m512i expand_words(__m512i src, uint32_t m) {
   __m512i dst = _mm512_setzero_si512();
   const __mmask32 k = _cvtu32_mask32(m);
   asm("vpexpandw %[src], %[dst]%{%[k]%}" : [dst] "+v"(dst) : [src] "v"(src), [k] "Yk"(k));
   return dst;
+}
+
+// The same, read from p with a 512-bit load.
+LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
+  return expand_words(_mm512_loadu_si512(p), m);
 }
 
 // The same from a 256-bit load where the chunk holds at most `narrow_max` (0 or 16) values. A 512-bit load
@@ -281,21 +285,19 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
 // (N:M rows with 16 values per chunk: always) or almost never (rows where narrow_max is 0). It sits inside
 // the asm: written in C++, it made GCC keep the accumulators on the stack across the loop.
 LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m, int count, int narrow_max) {
-  __m512i src, dst = _mm512_setzero_si512();
-  const __mmask32 k = _cvtu32_mask32(m);
+  __m512i src;
   asm("cmpl %[limit], %[count]\n\t"
       "jg 1f\n\t"
       "vmovdqu16 %[narrow], %t[src]\n\t"  // a 256-bit load zeroes the upper half
       "jmp 2f\n"
       "1:\n\t"
       "vmovdqu16 %[wide], %[src]\n"
-      "2:\n\t"
-      "vpexpandw %[src], %[dst]%{%[k]%}"
-      : [dst] "+v"(dst), [src] "=&v"(src)
+      "2:"
+      : [src] "=v"(src)
       : [narrow] "m"(*reinterpret_cast<const char(*)[32]>(p)), [wide] "m"(*reinterpret_cast<const char(*)[64]>(p)),
-        [count] "r"(count), [limit] "r"(narrow_max), [k] "Yk"(k)
+        [count] "r"(count), [limit] "r"(narrow_max)
       : "cc");
-  return dst;
+  return expand_words(src, m);
 }
 
 LOSA_AVX512 LOSA_INLINE __m512 expand_ps(const float* p, uint32_t m16) {
