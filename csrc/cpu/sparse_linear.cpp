@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <utility>
 #include <cstring>
 #include <vector>
@@ -119,21 +120,45 @@ struct F32 {
 
 constexpr int kMaxTokenBlock = 8;
 
-// Software prefetch for the decode kernels (one or two tokens): each row's value stream is prefetched
-// kPrefetchBytes ahead, one line per loop step (about what a step consumes at 50% density), so the loads
-// find their lines in L1. At 4 KiB a short row's prefetches run into the next row group, which the
-// hardware prefetcher does not foresee: on the reference machine (two threads, one token, weights in
-// DRAM) 4 KiB moved 14-22% more bytes per second than 1 KiB on 4096-column rows and the same on
-// 11008-column rows; 2 KiB was in between, 8 KiB no better. More tokens are compute-bound, and their
-// activations already fill L1: no prefetch there.
+// Software prefetch for the row kernels: each row's value stream is prefetched kPrefetchBytes ahead, once
+// per loop step, so the loads find their lines in L1. Ahead of a short row's end the prefetches run into
+// the next row group, which the hardware prefetcher does not foresee: on the reference machine (two
+// threads, one token, weights in DRAM) 4 KiB moved 14-22% more bytes per second than 1 KiB on
+// 4096-column rows and the same on 11008-column rows; 2 KiB was in between, 8 KiB no better, and 3 KiB was
+// within the noise at one token but 2-6% slower at two. Eight tokens are bound by the dot products, yet
+// the prefetch still made them 1.02-1.13x faster (7B shapes, 70% and 2:4; 2 KiB gained less).
+//
+// A one-token step (four chunks) of a row more than 40% dense consumes about two lines, so such rows
+// prefetch two lines per step (`StreamHints::two_lines`). With one, a 2:4 row (exactly 128 bytes per
+// step) had every other line prefetched, always the same ones, and ran slower than with two lines
+// and slower than a random 50% row of the same bytes. A/B, one token, 2 threads, weights cold, 41-81
+// interleaved pairs: 2:4 1.13-1.27x faster with two lines, random 50% 1.00-1.13x, 60% 0.98-1.06x.
 #ifndef LOSA_PREFETCH_BYTES
 #define LOSA_PREFETCH_BYTES 4096
 #endif
 constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
 
-// Prefetch into L1 through inline asm: with the intrinsic, GCC 12 stops keeping the accumulator arrays in
-// registers (it stores them back every iteration), which cost more than the prefetch saved.
-LOSA_INLINE void prefetch_l1(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
+// How a group of rows streams its values through the decode kernels (computed per row group).
+struct StreamHints {
+  int narrow_max = 0;  // chunks with at most this many values load 256 bits (expand_epi16)
+  int two_lines = 0;   // prefetch two lines per loop step instead of one
+};
+
+// Prefetch through inline asm that takes the address in a register. With the intrinsic, or with the line
+// passed as a memory operand (a char lvalue, which may alias anything), GCC 12 stores the accumulator
+// arrays back to the stack on every iteration. The second line's branch sits in the asm for the reason
+// given at expand_epi16.
+LOSA_INLINE void prefetch_ahead(const void* p, int two_lines) {
+  asm volatile(
+      "prefetcht0 %c[ahead](%[p])\n\t"
+      "testl %[two], %[two]\n\t"
+      "jz 1f\n\t"
+      "prefetcht0 %c[second](%[p])\n"
+      "1:"
+      :
+      : [p] "r"(p), [ahead] "i"(kPrefetchBytes), [second] "i"(kPrefetchBytes + 64), [two] "r"(two_lines)
+      : "cc");
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Portable kernel
@@ -145,7 +170,7 @@ struct Portable {
   static constexpr int row_block(int) { return 1; }
 
   template <int TB, int R>
-  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, int /*narrow_max*/,
+  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const StreamHints&,
                    const float* x, int64_t ld, float* out) {
     for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
   }
@@ -216,7 +241,7 @@ struct Avx2 {
   static constexpr int row_block(int) { return 1; }
 
   template <int TB, int R>
-  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, int /*narrow_max*/,
+  static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed, const StreamHints&,
                    const float* x, int64_t ld, float* out) {
     for (int j = 0; j < R; ++j) row<TB>(vp[j], mask + j * words, words, fixed, x, ld, out + j * TB);
   }
@@ -283,19 +308,23 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
 // activation load per chunk against one expand and one dot product): 256-bit loads took the loop from
 // 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2. The branch is taken almost always
 // (N:M rows with 16 values per chunk: always) or almost never (rows where narrow_max is 0). It sits inside
-// the asm: written in C++, it made GCC keep the accumulators on the stack across the loop.
+// the asm: written in C++, it made GCC keep the accumulators on the stack across the loop. The asm takes
+// the address in a register and names no memory operand: with the values as a (char) memory operand GCC
+// stored the accumulators to the stack after every dot product (one token: 1.01-1.02x at 50-70%, 1.05-1.11x
+// at 90% without those stores, A/B). Nothing can write the values while it runs: the row kernels only
+// read them, and they carry their own target attributes, so they are never inlined into a caller that
+// writes (row_values' scratch copy).
 LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m, int count, int narrow_max) {
   __m512i src;
   asm("cmpl %[limit], %[count]\n\t"
       "jg 1f\n\t"
-      "vmovdqu16 %[narrow], %t[src]\n\t"  // a 256-bit load zeroes the upper half
+      "vmovdqu16 (%[p]), %t[src]\n\t"  // a 256-bit load zeroes the upper half
       "jmp 2f\n"
       "1:\n\t"
-      "vmovdqu16 %[wide], %[src]\n"
+      "vmovdqu16 (%[p]), %[src]\n"
       "2:"
       : [src] "=v"(src)
-      : [narrow] "m"(*reinterpret_cast<const char(*)[32]>(p)), [wide] "m"(*reinterpret_cast<const char(*)[64]>(p)),
-        [count] "r"(count), [limit] "r"(narrow_max)
+      : [p] "r"(p), [count] "r"(count), [limit] "r"(narrow_max)
       : "cc");
   return expand_words(src, m);
 }
@@ -354,7 +383,7 @@ struct Avx512 {
   // Rows j < R start at v[j]; their masks are `words` apart. out[j * TB + t] = row j · token t.
   template <int TB, int R>
   LOSA_AVX512 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
-                               int /*narrow_max*/, const float* x, int64_t ld, float* out) {
+                               const StreamHints& hints, const float* x, int64_t ld, float* out) {
     constexpr int U = unroll_for(TB, R);
     __m512 acc[U][R][TB];
     for (auto& a : acc)
@@ -367,9 +396,7 @@ struct Avx512 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      if constexpr (TB <= 2)
-        for (int j = 0; j < R; ++j)
-          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
+      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines);
       for (int u = 0; u < U; ++u) {
         __m512 lo[R], hi[R];
         for (int j = 0; j < R; ++j) expand32(v[j] + off[j][u], mask[j * words + w + u], V{}, lo[j], hi[j]);
@@ -430,7 +457,7 @@ struct Avx512Bf16 {
 
   template <int TB, int R>
   LOSA_AVX512BF16 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
-                                   int narrow_max, const uint16_t* x, int64_t ld, float* out) {
+                                   const StreamHints& hints, const uint16_t* x, int64_t ld, float* out) {
     constexpr int U = unroll_for(TB, R);
     __m512 acc[U][R][TB];
     for (auto& a : acc)
@@ -442,9 +469,7 @@ struct Avx512Bf16 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      if constexpr (TB <= 2)
-        for (int j = 0; j < R; ++j)
-          prefetch_l1(reinterpret_cast<const char*>(v[j] + off[j][U]) + kPrefetchBytes);
+      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines);
       for (int u = 0; u < U; ++u) {
         __m512i e[R];
         for (int j = 0; j < R; ++j) {
@@ -452,7 +477,7 @@ struct Avx512Bf16 {
           const uint32_t m = mask[j * words + w + u];
           // Decode only: more tokens are bound by the dot products, not by loads.
           if constexpr (TB <= 2)
-            e[j] = expand_epi16(p, m, off[j][u + 1] - off[j][u], narrow_max);
+            e[j] = expand_epi16(p, m, off[j][u + 1] - off[j][u], hints.narrow_max);
           else
             e[j] = expand_epi16(p, m);
         }
@@ -516,18 +541,31 @@ struct Activations {
   int64_t tokens, ld;  // ld >= 32 * words; columns past cols are zero
 };
 
-// The chunk value count up to which the AVX-512 bf16 kernel loads values 256 bits wide (expand_epi16): 16
-// for N:M rows with at most 16 values per chunk (the branch never changes direction) and for bitmask rows
-// at most 35% dense (a 32-column chunk then holds more than 16 values with probability about 2%, 0.3% at
-// 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.01-1.12x at 30%
-// density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted branches eat the gain);
-// neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
-int narrow_max(const SparseRows& w, int64_t r, int rows) {
+// Whether any of `rows` rows from r holds more than `percent`% of its columns.
+bool rows_denser_than(const SparseRows& w, int64_t r, int rows, int percent) {
   const int fixed = w.chunk_values(r);
-  if (fixed) return fixed <= 16 ? 16 : 0;
+  if (fixed) return fixed * 100 > 32 * percent;
   for (int j = 0; j < rows; ++j)
-    if ((w.row_end(r + j) - w.row_begin(r + j)) * 20 > w.cols * 7) return 0;
-  return 16;
+    if ((w.row_end(r + j) - w.row_begin(r + j)) * 100 > w.cols * percent) return true;
+  return false;
+}
+
+// narrow_max: the chunk value count up to which the AVX-512 bf16 kernel loads values 256 bits wide
+// (expand_epi16): 16 for N:M rows with at most 16 values per chunk (the branch never changes direction)
+// and for bitmask rows at most 35% dense (a 32-column chunk then holds more than 16 values with
+// probability about 2%, 0.3% at 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B
+// shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
+// branches eat the gain); neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
+// two_lines: one token (four chunks per step) and rows more than 40% dense; see kPrefetchBytes.
+StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens) {
+  StreamHints hints;
+  const int fixed = w.chunk_values(r);
+  if (fixed)
+    hints.narrow_max = fixed <= 16 ? 16 : 0;
+  else
+    hints.narrow_max = rows_denser_than(w, r, rows, 35) ? 0 : 16;
+  hints.two_lines = tokens == 1 && rows_denser_than(w, r, rows, 40);
+  return hints;
 }
 
 // R rows starting at r, tokens [t0, t0 + TB).
@@ -538,7 +576,7 @@ void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
   const raw* v[R];
   for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
   float out[R * TB];
-  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), narrow_max(w, r, R),
+  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), stream_hints(w, r, R, TB),
                           static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, out);
   for (int j = 0; j < R; ++j)
     for (int t = 0; t < TB; ++t) y[(t0 + t) * w.rows + r + j] = out[j * TB + t];
@@ -584,6 +622,22 @@ void decompress_rows(const SparseRows& w, int64_t r0, int64_t r1, typename K::xr
 // ---------------------------------------------------------------------------------------------------
 // Driver
 
+// Runs fn(r0, r1) over [0, rows) in blocks that the threads take in turn as they finish, about eight
+// per thread. On a shared VM the cores do not run at the same speed from one call to the next (one core's
+// neighbour is busy, the other's is not): with one fixed half per thread the slower one set the time.
+// A/B (one token, 7B shapes, 2 threads, weights cold, 41 interleaved pairs): 1.03-1.17x faster at 70%
+// while the machine was noisy, blocks of 64 to 256 rows alike; 0.96-1.01x (neutral) while it was quiet.
+// A nested call (inside another parallel region) runs every block on the calling thread.
+template <class Fn>
+void parallel_row_blocks(int64_t rows, const Fn& fn) {
+  const int threads = at::get_num_threads();
+  const int64_t block = std::max<int64_t>(16, (rows / (8 * threads) + 15) / 16 * 16);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t r0; (r0 = next.fetch_add(block)) < rows;) fn(r0, std::min(rows, r0 + block));
+  });
+}
+
 template <class K>
 at::Tensor run(const SparseRows& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias,
                at::ScalarType xdtype, int64_t panel_tokens) {
@@ -600,9 +654,7 @@ at::Tensor run(const SparseRows& w, const at::Tensor& x2, const std::optional<at
     }
     const Activations a{xk.data_ptr(), tokens, ld};
     float* out = y.data_ptr<float>();
-    // Rows are cheap for a few tokens: split them evenly, one contiguous range per thread.
-    const int64_t grain = std::max<int64_t>(1, 256 / std::max<int64_t>(tokens, 1));
-    at::parallel_for(0, w.rows, grain, [&](int64_t r0, int64_t r1) { run_rows<K>(w, a, r0, r1, out); });
+    parallel_row_blocks(w.rows, [&](int64_t r0, int64_t r1) { run_rows<K>(w, a, r0, r1, out); });
     if (bias) y.add_(bias->to(at::kFloat));
     return y;
   }
