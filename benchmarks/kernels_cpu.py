@@ -55,6 +55,8 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 PATTERNS = ("50%", "70%", "90%", "2:4")
 TOKENS = (1, 8, 32)
 SECTION = "## CPU sparse kernels (issue #10)"
+# Everything from this line to the next section is hand-written and survives a re-run.
+NOTES_MARK = "<!-- notes below are kept when kernels_cpu.py rewrites the table above -->"
 FLUSH_BYTES = 128 << 20  # 4x the 32 MiB L3 of the reference machine
 
 
@@ -329,14 +331,18 @@ def markdown(report: dict) -> str:
 
 
 def write_results_section(path: Path, text: str) -> None:
-    """Replace this script's own section of RESULTS.md (or append it); other sections stay as they are."""
+    """Replace the generated part of this script's section of RESULTS.md (or append the section). Other
+    sections stay as they are, and so do the notes written below NOTES_MARK inside this one."""
     old = path.read_text() if path.exists() else "# Measured results\n"
     start = old.find(SECTION)
     if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
+        new = old.rstrip("\n") + "\n\n" + text + "\n" + NOTES_MARK + "\n"
     else:
         end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if end < 0 else old[end:])
+        end = len(old) if end < 0 else end
+        mark = old.find(NOTES_MARK, start, end)
+        notes = old[mark:end] if mark >= 0 else NOTES_MARK + "\n"
+        new = old[:start] + text + "\n" + notes.rstrip("\n") + "\n" + old[end:]
     with atomic_file(path) as handle:
         handle.write(new)
 

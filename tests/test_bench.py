@@ -117,3 +117,28 @@ def test_round_robin_rotates_the_first_cell(rng):
     assert s["median"] == pytest.approx(float(torch.quantile(values, 0.5)))
     assert s["q1"] == pytest.approx(float(torch.quantile(values, 0.25)))
     assert s["q3"] == pytest.approx(float(torch.quantile(values, 0.75)))
+
+
+def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path, monkeypatch):
+    """benchmarks/kernels_cpu.py replaces only its generated table: the sections around it and the notes
+    written below its marker survive a re-run, and a first run appends the section with the marker."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "kernels_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_cpu.py")
+    kernels_cpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels_cpu)
+    section, mark = kernels_cpu.SECTION, kernels_cpu.NOTES_MARK
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Measured results\n\n## Before\n\nkept A\n")
+    kernels_cpu.write_results_section(results, f"{section}\n\n| table | one |\n")
+    first = results.read_text()
+    assert first.startswith("# Measured results\n\n## Before\n\nkept A\n") and mark in first
+    assert first.index("| table | one |") < first.index(mark)
+    results.write_text(first + "my notes on run one\n\n## After\n\nkept B\n")
+    kernels_cpu.write_results_section(results, f"{section}\n\n| table | two |\n")
+    second = results.read_text()
+    assert "| table | one |" not in second and "| table | two |" in second
+    assert second.index("| table | two |") < second.index(mark) < second.index("my notes on run one")
+    assert second.count(section) == 1 and "kept A" in second and second.endswith("## After\n\nkept B\n")

@@ -126,7 +126,8 @@ constexpr int kMaxTokenBlock = 8;
 // threads, one token, weights in DRAM) 4 KiB moved 14-22% more bytes per second than 1 KiB on
 // 4096-column rows and the same on 11008-column rows; 2 KiB was in between, 8 KiB no better, and 3 KiB was
 // within the noise at one token but 2-6% slower at two. Eight tokens are bound by the dot products, yet
-// the prefetch still made them 1.02-1.13x faster (7B shapes, 70% and 2:4; 2 KiB gained less).
+// the prefetch made them 1.13-1.22x faster on 4096-column rows at 50%, 70% and 2:4 and 1.05-1.10x on
+// 11008-column rows (1.01-1.04x at 90%; A/B, 7B shapes, 31 interleaved pairs).
 //
 // A one-token step (four chunks) of a row more than 40% dense consumes about two lines, so such rows
 // prefetch two lines per step (`StreamHints::two_lines`). With one, a 2:4 row (exactly 128 bytes per
