@@ -143,21 +143,41 @@ constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
 struct StreamHints {
   int narrow_max = 0;  // chunks with at most this many values load 256 bits (expand_epi16)
   int two_lines = 0;   // prefetch two lines per loop step instead of one
+  int long_rows = 0;   // the activation row outgrows L1's share: near and far prefetch (kLongRowBytes)
 };
+
+// Rows whose activations take more than kLongRowBytes (11008 bf16 columns: 22 KiB of the 32 KiB L1) prefetch
+// differently: lines prefetched 4 KiB ahead into L1 pushed the activations out, so such rows prefetch
+// into L1 only 2 KiB ahead and, further ahead (16 KiB), into L2. A/B on 4096x11008 (41 interleaved pairs):
+// one token 1.14-1.24x at 50%, 70% and 2:4 (0.98x at 90%), two tokens 1.08-1.27x, eight 1.03-1.14x. On
+// 4096-column rows the same scheme lost 0-15%, so they keep the single L1 prefetch.
+constexpr int64_t kLongRowBytes = 16 << 10;
+constexpr int64_t kNearPrefetchBytes = 2048, kFarPrefetchBytes = 16384;
 
 // Prefetch through inline asm that takes the address in a register. With the intrinsic, or with the line
 // passed as a memory operand (a char lvalue, which may alias anything), GCC 12 stores the accumulator
-// arrays back to the stack on every iteration. The second line's branch sits in the asm for the reason
-// given at expand_epi16.
-LOSA_INLINE void prefetch_ahead(const void* p, int two_lines) {
+// arrays back to the stack on every iteration. The branches sit in the asm for the reason given at
+// expand_epi16; both are taken the same way for a whole row group.
+LOSA_INLINE void prefetch_ahead(const void* p, int two_lines, int long_rows) {
   asm volatile(
+      "testl %[long_rows], %[long_rows]\n\t"
+      "jnz 3f\n\t"
       "prefetcht0 %c[ahead](%[p])\n\t"
       "testl %[two], %[two]\n\t"
-      "jz 1f\n\t"
-      "prefetcht0 %c[second](%[p])\n"
-      "1:"
+      "jz 9f\n\t"
+      "prefetcht0 %c[ahead]+64(%[p])\n\t"
+      "jmp 9f\n"
+      "3:\n\t"
+      "prefetcht0 %c[near](%[p])\n\t"
+      "prefetcht2 %c[far](%[p])\n\t"
+      "testl %[two], %[two]\n\t"
+      "jz 9f\n\t"
+      "prefetcht0 %c[near]+64(%[p])\n\t"
+      "prefetcht2 %c[far]+64(%[p])\n"
+      "9:"
       :
-      : [p] "r"(p), [ahead] "i"(kPrefetchBytes), [second] "i"(kPrefetchBytes + 64), [two] "r"(two_lines)
+      : [p] "r"(p), [ahead] "i"(kPrefetchBytes), [near] "i"(kNearPrefetchBytes), [far] "i"(kFarPrefetchBytes),
+        [two] "r"(two_lines), [long_rows] "r"(long_rows)
       : "cc");
 }
 
@@ -397,7 +417,7 @@ struct Avx512 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines);
+      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines, hints.long_rows);
       for (int u = 0; u < U; ++u) {
         __m512 lo[R], hi[R];
         for (int j = 0; j < R; ++j) expand32(v[j] + off[j][u], mask[j * words + w + u], V{}, lo[j], hi[j]);
@@ -470,7 +490,7 @@ struct Avx512Bf16 {
     for (; w + U < words; w += U) {
       int off[R][U + 1];
       chunk_offsets<R, U>(mask, words, w, fixed, off);
-      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines);
+      for (int j = 0; j < R; ++j) prefetch_ahead(v[j] + off[j][U], hints.two_lines, hints.long_rows);
       for (int u = 0; u < U; ++u) {
         __m512i e[R];
         for (int j = 0; j < R; ++j) {
@@ -558,7 +578,8 @@ bool rows_denser_than(const SparseRows& w, int64_t r, int rows, int percent) {
 // shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
 // branches eat the gain); neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
 // two_lines: one token (four chunks per step) and rows more than 40% dense; see kPrefetchBytes.
-StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens) {
+// long_rows: see kLongRowBytes.
+StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens, int64_t x_row_bytes) {
   StreamHints hints;
   const int fixed = w.chunk_values(r);
   if (fixed)
@@ -566,6 +587,7 @@ StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens) {
   else
     hints.narrow_max = rows_denser_than(w, r, rows, 35) ? 0 : 16;
   hints.two_lines = tokens == 1 && rows_denser_than(w, r, rows, 40);
+  hints.long_rows = x_row_bytes > kLongRowBytes;
   return hints;
 }
 
@@ -577,7 +599,7 @@ void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
   const raw* v[R];
   for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
   float out[R * TB];
-  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), stream_hints(w, r, R, TB),
+  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), stream_hints(w, r, R, TB, a.ld * int64_t{sizeof(typename K::xraw)}),
                           static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, out);
   for (int j = 0; j < R; ++j)
     for (int t = 0; t < TB; ++t) y[(t0 + t) * w.rows + r + j] = out[j * TB + t];
