@@ -599,7 +599,8 @@ void row_group(const SparseRows& w, const Activations& a, int64_t r, int64_t t0,
   const raw* v[R];
   for (int j = 0; j < R; ++j) v[j] = row_values(w, r + j, scratch[j]);
   float out[R * TB];
-  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), stream_hints(w, r, R, TB, a.ld * int64_t{sizeof(typename K::xraw)}),
+  const StreamHints hints = stream_hints(w, r, R, TB, a.ld * int64_t{sizeof(typename K::xraw)});
+  K::template rows<TB, R>(v, w.mask + r * w.words, w.words, w.chunk_values(r), hints,
                           static_cast<const typename K::xraw*>(a.data) + t0 * a.ld, a.ld, out);
   for (int j = 0; j < R; ++j)
     for (int t = 0; t < TB; ++t) y[(t0 + t) * w.rows + r + j] = out[j * TB + t];
