@@ -577,7 +577,8 @@ bool rows_denser_than(const SparseRows& w, int64_t r, int rows, int percent) {
 // probability about 2%, 0.3% at 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B
 // shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
 // branches eat the gain); neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
-// two_lines: one token (four chunks per step) and rows more than 40% dense; see kPrefetchBytes.
+// two_lines: one token (four chunks per step), and rows more than 40% dense (see kPrefetchBytes) or long
+// rows (4096x11008, 65-75% sparse: 1.04-1.07x, 81 interleaved pairs; 80-90% neutral).
 // long_rows: see kLongRowBytes.
 StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens, int64_t x_row_bytes) {
   StreamHints hints;
@@ -586,8 +587,8 @@ StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens, i
     hints.narrow_max = fixed <= 16 ? 16 : 0;
   else
     hints.narrow_max = rows_denser_than(w, r, rows, 35) ? 0 : 16;
-  hints.two_lines = tokens == 1 && rows_denser_than(w, r, rows, 40);
   hints.long_rows = x_row_bytes > kLongRowBytes;
+  hints.two_lines = tokens == 1 && (hints.long_rows || rows_denser_than(w, r, rows, 40));
   return hints;
 }
 
