@@ -337,8 +337,8 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{bw:.1f}" for bw in bws) + " GB/s; each run's GB/s is compared with its own.  ",
         "Times: median of the interleaved repetitions, weights cold (a 128 MiB buffer is read before every call"
         + ("; then each contender runs once on a 64-row slice of its weight, held elsewhere, so its code, "
-           "dispatcher and threads are warm as in a decode step where the previous layer has just run: "
-           "DeepSparse runs the engine of such a slice" if report.get("warm_path") else
+           "dispatcher and threads are warm as in a decode step where the previous layer has just run"
+           if report.get("warm_path") else
            "; no warm-up call: code, dispatcher and threads are cold too") + "). "
         "Ours: bf16 values and activations, packed weights on huge pages as `SparseLinear` keeps them "
         f"({'on' if report.get('huge_pages') else 'off'} in this run); 50/70/90% use the bitmask kernel, 2:4 the "
@@ -346,7 +346,9 @@ def markdown(report: dict) -> str:
         "weight in torch's own allocation and on huge pages; the speedup is against the faster of the two. "
         "DeepSparse: fp32 ONNX MatMul with the same zeros"
         + (", timed cold (a run of another engine in between slows it down), so its speedup is against ours "
-           "timed cold in the same run (in brackets)" if report.get("warm_path") else "") + ".", "",
+           "timed cold in the same run (in brackets)" if report.get("warm_path") else "")
+        + "; each of its runs follows a 20 ms pause, so this process's idle OpenMP threads have stopped "
+        "spinning.", "",
         "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s | % of read bw | torch bf16 ms (own / huge) | "
         "speedup | torch fp32 ms | speedup | DeepSparse ms (ours cold) | speedup | others' cores |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
