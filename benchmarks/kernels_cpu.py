@@ -11,7 +11,8 @@ unstructured: the bitmask kernel; 2:4: the N:M kernel) and token count (1, 8, 32
 
 Every contender uses the same number of threads. Before each timed call a buffer four times the size of
 the last-level cache is read, so the weights come from DRAM as in decode (a model's layers never stay
-cached from one token to the next). The machine's read bandwidth is measured in the same run (a 512 MiB
+cached from one token to the next); then the contender runs once on a small slice of its weight, so its
+code is warm as in decode (``run_config`` says why, and how DeepSparse is handled; ``--cold-path`` skips it). The machine's read bandwidth is measured in the same run (a 512 MiB
 streaming read with the same threads: ``losa::stream_read`` and ``torch.sum``, the faster one counts;
 before and after the timings, the higher counts), and each kernel's achieved GB/s is its packed bytes
 (values + masks + offsets) over its median time.
@@ -199,7 +200,7 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
     from DRAM (about 0.2 ms here, measured on a 64-row weight), which no decode step pays.
 
     DeepSparse cannot be warmed that way: running another engine in between made its timed run slower,
-    not faster (up to 5x on 2:4: the other engine's threads still hold the cores). So where DeepSparse
+    not faster (up to 5x on 2:4 in a quick run). So where DeepSparse
     runs, ours is also timed cold ("ours_cold") and the DeepSparse ratio compares cold with cold."""
     dense_bf16 = make_weight(rows, cols, pattern, seed)
     gen = torch.Generator().manual_seed(seed)
