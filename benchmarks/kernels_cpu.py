@@ -190,6 +190,16 @@ def pack(dense: torch.Tensor, pattern: str):
     return BitmaskWeight.from_dense(dense), "bitmask"
 
 
+def linear_calls(x, xf, packed, bf16, bf16_huge, fp32) -> dict:
+    """The timed contenders, each a call of one product with these weights (a slice's, for warm-ups)."""
+    return {
+        "ours": lambda: sparse_linear(x, packed),
+        "torch_bf16": lambda: F.linear(x, bf16),
+        "torch_bf16_huge": lambda: F.linear(x, bf16_huge),
+        "torch_fp32": lambda: F.linear(xf, fp32),
+    }
+
+
 def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, ds_tokens, load, warm):
     """All token counts of one (shape, pattern): one weight, interleaved timings per token count.
 
@@ -210,7 +220,7 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
     dense_bf16_huge = on_huge_pages(dense_bf16)  # torch's GEMV on the same memory, for fairness
     small_bf16 = dense_bf16[:WARM_OUTPUTS].clone()
     small_packed = place_for_decode(pack(small_bf16, pattern)[0])
-    small_fp32, small_bf16_huge = small_bf16.float(), on_huge_pages(small_bf16.clone())
+    small_fp32 = small_bf16.float()
     results = []
     for tokens in tokens_list:
         x = torch.randn(tokens, cols, generator=gen).to(torch.bfloat16)
@@ -218,18 +228,9 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
         ref = xf @ dense_fp32.t()
         err = float((sparse_linear(x, packed).float() - ref).abs().max() / ref.abs().max())
         assert err < 2e-2, f"kernel output is off by {err:.3g} (relative)"
-        contenders = {
-            "ours": lambda x=x: sparse_linear(x, packed),
-            "torch_bf16": lambda x=x: F.linear(x, dense_bf16),
-            "torch_bf16_huge": lambda x=x: F.linear(x, dense_bf16_huge),
-            "torch_fp32": lambda xf=xf: F.linear(xf, dense_fp32),
-        }
-        warm_ups = {
-            "ours": lambda x=x: sparse_linear(x, small_packed),
-            "torch_bf16": lambda x=x: F.linear(x, small_bf16),
-            "torch_bf16_huge": lambda x=x: F.linear(x, small_bf16_huge),
-            "torch_fp32": lambda xf=xf: F.linear(xf, small_fp32),
-        }
+        contenders = linear_calls(x, xf, packed, dense_bf16, dense_bf16_huge, dense_fp32)
+        # The slice is smaller than a huge page: both torch bf16 contenders warm up on the same copy.
+        warm_ups = linear_calls(x, xf, small_packed, small_bf16, small_bf16, small_fp32)
         key = config_key(rows, cols, pattern, tokens)
         use_ds = deepsparse is not None and tokens in ds_tokens
         if use_ds and warm:

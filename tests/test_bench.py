@@ -119,7 +119,7 @@ def test_round_robin_rotates_the_first_cell(rng):
     assert s["q3"] == pytest.approx(float(torch.quantile(values, 0.75)))
 
 
-def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path, monkeypatch):
+def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path):
     """benchmarks/kernels_cpu.py replaces only its generated table: the sections around it and the notes
     written below its marker survive a re-run, and a first run appends the section with the marker."""
     import importlib.util
