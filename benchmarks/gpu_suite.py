@@ -11,7 +11,9 @@ Contenders per case:
 * ``dense``: ``F.linear`` on the dense bf16 weight (cuBLAS), the baseline of every ratio;
 * ``auto``: ``losa_deploy.kernels.sparse_linear`` with the layer's GPU layout, i.e. what ``SparseLinear``
   runs on CUDA (the CUDA decode op up to 16 tokens, else the Triton kernels' default config);
-* ``cuda``: the CUDA decode op at every token count (16 tokens per launch);
+* ``cuda rows``: the CUDA op's row-walk kernel (``csrc/cuda/bitmask_gemv.cu``; 16 tokens per launch);
+* ``cuda groups:W:P``: the CUDA op's value-group kernel (``bitmask_gemv_groups.cu``) with W warps per
+  block and P groups per lane in flight, a few settings (the best is reported);
 * ``triton*``: the best of a few Triton launch configurations (block rows, warps, stages, split-K), the
   autotuning of this suite, kept small so the whole run takes minutes;
 * ``cslt``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS where torch picks it) for
@@ -40,13 +42,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from losa_deploy.kernels.dispatch import gpu_kernel, has_cuda_op, sparse_linear
+from losa_deploy.kernels.dispatch import gpu_kernel, groups_kernel_fits, has_cuda_op, sparse_linear
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 from losa_deploy.kernels.formats.nm import NMWeight
 from losa_deploy.utils.fs import atomic_file
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
+GROUP_KERNELS = ("groups:16:2", "groups:16:2:window", "groups:8:2:window", "groups:16:4")  # the op's default first
 PATTERNS = ("50%", "70%", "90%", "2:4")
 TOKENS = (1, 8, 16, 32, 128)
 TOLERANCE = 1e-2
@@ -118,8 +121,9 @@ def semi_structured(w: torch.Tensor):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep: bool) -> dict:
-    """Check and time every contender for one (shape, pattern, tokens); the Triton sweep only if ``sweep``."""
+def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep: bool, kernels=()) -> dict:
+    """Check and time every contender for one (shape, pattern, tokens); the Triton sweep only if ``sweep``;
+    ``kernels``: the CUDA op's kernels to time one by one (all of them up to 32 tokens, two above)."""
     from losa_deploy.kernels.triton.sparse_gemm import sparse_matmul
 
     x = torch.randn(tokens, cols, generator=gen, device=gen.device).to(torch.bfloat16)
@@ -131,7 +135,14 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
     contenders = {"auto": lambda: sparse_linear(x, layout, backend=backend)}
     row["auto_kernel"] = gpu_kernel(x, packed, None, backend)
     if has_cuda_op():
-        contenders["cuda"] = lambda: sparse_linear(x, layout, backend="cuda")
+        for kernel in [k for k in kernels if tokens <= 32 or k in ("rows", GROUP_KERNELS[0])]:
+            warps = int(kernel.split(":")[1]) if kernel.count(":") else 16
+            if kernel.startswith("groups") and not groups_kernel_fits(cols, tokens, x.device, warps):
+                continue
+            if kernel.endswith(":window") and tokens > 2:  # the window walk exists up to 2 tokens
+                continue
+            contenders[f"cuda {kernel}"] = lambda kernel=kernel: torch.ops.losa.bitmask_linear(
+                x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
     for cfg in triton_candidates(tokens) if sweep else []:
         contenders[f"triton {cfg_name(cfg)}"] = lambda cfg=cfg: sparse_matmul(x, layout, config=cfg)
     if sparse24 is not None:
@@ -153,9 +164,13 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
     if tritons:
         best = min(tritons, key=tritons.get)
         row["triton_best"], row["triton_best_us"] = best[len("triton "):], tritons[best]
-    for name in ("auto", "cuda", "cslt"):
+    groups = {k: v for k, v in times.items() if k.startswith("cuda groups")}
+    if groups:
+        best = min(groups, key=groups.get)
+        row["groups_best"], row["groups_us"] = best[len("cuda "):], groups[best]
+    for name, key in (("auto", "auto"), ("cuda rows", "rows"), ("cslt", "cslt")):
         if name in times:
-            row[f"{name}_us"] = times[name]
+            row[f"{key}_us"] = times[name]
     if "auto" in times:  # bytes the kernel must read over its time (x and y are small)
         row["auto_GBps"] = row["bytes_packed"] / times["auto"] / 1e3
     row["dense_GBps"] = row["bytes_dense"] / dense_us / 1e3
@@ -191,10 +206,9 @@ def run_grid(args, info: dict) -> list[dict]:
             if sparse24 is not None:
                 info["cslt_backend"] = type(sparse24).__name__  # cuSPARSELt or CUTLASS, as torch chose
             for tokens in args.tokens:
-                start = time.perf_counter()
                 case_start = time.perf_counter()
                 sweep = case_start - start < args.sweep_budget
-                row = run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep)
+                row = run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep, args.cuda_kernels)
                 if cslt_error:
                     row["errors"]["cslt"] = cslt_error
                 row["seconds"] = time.perf_counter() - case_start
@@ -209,8 +223,9 @@ def write(path: str, info: dict, rows: list[dict], lora) -> None:
         json.dump(dict(info=info, rows=rows, masked_lora=lora), handle, indent=1, default=str)
 
 
-HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | auto GB/s | cuda µs | "
-          "best Triton µs (config) | best × | cuSPARSELt µs | cslt × |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | auto GB/s | CUDA rows µs | "
+          "best CUDA groups µs (W:P) | best Triton µs (config) | best × | cuSPARSELt µs | cslt × |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -220,7 +235,7 @@ def _fmt(value, spec=".1f") -> str:
 def table_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['pattern']} | {r['tokens']} | {r['dense_us']:.1f} | {_fmt(r.get('auto_us'))} "
             f"({r.get('auto_kernel', '?')}) | {_fmt(r.get('speedup_auto'), '.2f')} | {_fmt(r.get('auto_GBps'), '.0f')} | "
-            f"{_fmt(r.get('cuda_us'))} | "
+            f"{_fmt(r.get('rows_us'))} | {_fmt(r.get('groups_us'))} ({r.get('groups_best', 'groups:—')[len('groups:'):]}) | "
             f"{_fmt(r.get('triton_best_us'))} ({r.get('triton_best', '—')}) | {_fmt(r.get('speedup_best'), '.2f')} | "
             f"{_fmt(r.get('cslt_us'))} | {_fmt(r.get('speedup_cslt'), '.2f')} |")
 
@@ -268,6 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lora", action="store_true", help="skip the masked-LoRA benchmark")
     parser.add_argument("--sweep-budget", type=float, default=150.0,
                         help="seconds after which the Triton config sweep stops (default 150)")
+    parser.add_argument("--cuda-kernels", nargs="*", default=["rows", *GROUP_KERNELS],
+                        help="the CUDA op's kernels timed one by one (default: rows and a few groups settings)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ragged shapes on the CPU under TRITON_INTERPRET=1: checks this script only")
     parser.add_argument("--seed", type=int, default=int(time.time()))

@@ -133,22 +133,71 @@ def test_chunk_offsets_and_row_tables(rng):
     assert isinstance(gpu_layout(make_weight("2:6", 9, 50, rng, torch.float32)[1]), BitmaskGPULayout)
 
 
+def _cuda_linear(x, packed, bias, kernel: str):
+    """The CUDA op on a packed weight: through ``sparse_linear`` for ``auto``, else with ``kernel`` forced."""
+    cuda = packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()})
+    layout = gpu_layout(cuda)
+    if kernel == "auto":
+        return sparse_linear(x.cuda(), layout, bias.cuda(), backend="cuda")
+    return torch.ops.losa.bitmask_linear(x.cuda(), layout.values, layout.mask, layout.row_ptr, x.shape[-1],
+                                         bias.cuda(), kernel, 0)
+
+
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
+@pytest.mark.parametrize("kernel", ["auto", "rows", "groups:16:4", "groups:3:2", "groups:5:2:window"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 23])
-def test_cuda_op_matches_float64(dtype, tokens, rng):
-    """Every token width the kernel is instantiated for (and padding to it), row steps of 1024/2048
-    columns with ragged tails, N:M weights through their bitmask view, and the dense fallback (fp32)."""
+def test_cuda_op_matches_float64(kernel, dtype, tokens, rng):
+    """Both CUDA kernels (row walk; value groups at three block sizes, two depths and both mask walks),
+    every token width they are instantiated for (and padding to it): row steps of 1024/2048 columns with ragged tails, rows whose
+    values start anywhere in a 16-byte group, empty rows, more rows than resident warps (the value-group
+    kernel's row loop), N:M weights through their bitmask view, and the dense fallback (fp32)."""
     cases = [("bitmask", 37, 2101, 0.7), ("bitmask", 64, 4096, 0.5), ("bitmask", 5, 33, 0.0),
-             ("bitmask", 11, 300, 0.95), ("2:4", 19, 1030, 0), ("mixed:8", 21, 700, 0)]
+             ("bitmask", 11, 300, 0.95), ("2:4", 19, 1030, 0), ("mixed:8", 21, 700, 0),
+             ("bitmask", 9001, 72, 0.6)]
     for fmt, rows, cols, sparsity in cases:
         for dt in (dtype, torch.float32) if fmt == "bitmask" and rows == 5 else (dtype,):
             w, packed = make_weight(fmt, rows, cols, rng, dt, sparsity=sparsity)
+            if fmt == "bitmask" and rows == 37:
+                w[::4] = 0  # empty rows: no values, no groups
+                packed = BitmaskWeight.from_dense(w)
             x = torch.randn(tokens, cols, generator=rng).to(dt)
             bias = torch.randn(rows, generator=rng).to(dt)
-            cuda = packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()})
-            y = sparse_linear(x.cuda(), gpu_layout(cuda), bias.cuda(), backend="cuda")
-            check_linear(y, x, w, bias)
+            check_linear(_cuda_linear(x, packed, bias, kernel), x, w, bias)
+
+
+def test_groups_kernel_fit_rule(monkeypatch):
+    """The Python copy of the value-group kernel's shared-memory plan (dispatch.groups_kernel_fits, used to
+    send 17-32 tokens to the CUDA op) against hand-computed sizes on a 227 KiB (sm_90) block."""
+    from losa_deploy.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 227 * 1024)
+    # 4096 columns, 16 tokens: x 4096·16 + 33 padding columns of 16, bf16 = 132,128 B; 16 warps x 2 buffers of
+    # 132 words (128 + sentinel, padded to 4) + 32 starts = 16 x 1,184 B -> 151,072 B
+    assert dispatch.groups_kernel_fits(4096, 16)
+    assert dispatch.groups_kernel_fits(4096, 9) and dispatch.groups_kernel_fits(11008, 8)
+    assert not dispatch.groups_kernel_fits(11008, 16)  # 352 KB of x alone
+    assert not dispatch.groups_kernel_fits(65536, 1)  # 131 KB of x + 16 x 16.5 KB of mask buffers
+    assert dispatch.groups_kernel_fits(65536, 1, warps=4)
+
+
+@pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
+def test_cuda_kernel_choice_errors(rng):
+    """A forced value-group kernel that cannot hold x in shared memory, and unknown kernel names, fail with
+    a message; ``auto`` falls back to the row walk there."""
+    w, packed = make_weight("bitmask", 16, 11008, rng, torch.bfloat16, sparsity=0.7)
+    x = torch.randn(16, 11008, generator=rng).to(torch.bfloat16)
+    bias = torch.randn(16, generator=rng).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        _cuda_linear(x, packed, bias, "groups")
+    check_linear(_cuda_linear(x, packed, bias, "auto"), x, w, bias)
+    for bad in ("fastest", "groups:32", "groups:8:3", "groups:8:2:skip"):
+        with pytest.raises(RuntimeError, match="kernel"):
+            _cuda_linear(x[:1], packed, bias, bad)
+    layout = gpu_layout(packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()}))
+    with pytest.raises(RuntimeError, match=r"mask must be contiguous int32 \[rows, 344\]"):  # a number in the message
+        torch.ops.losa.bitmask_linear(x[:1].cuda(), layout.values, layout.mask.long(), layout.row_ptr, 11008, None,
+                                      "auto", 0)
 
 
 @pytest.mark.parametrize("dtype,backend", [
@@ -220,13 +269,15 @@ def test_dispatch_choices_and_bad_input(rng):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_cuda_sources_compile(arch, tmp_path):
-    """The kernel core compiles on its own (no torch headers) for Ampere and Hopper, with no spills."""
+@pytest.mark.parametrize("source", ["bitmask_gemv.cu", "bitmask_gemv_groups.cu"])
+def test_cuda_sources_compile(arch, source, tmp_path):
+    """Each kernel core compiles on its own (no torch headers) for Ampere and Hopper, with no spills."""
+    obj = tmp_path / "kernel.o"
     done = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas=-warn-spills", "-Werror",
-                           "all-warnings", f"-I{ROOT / 'csrc'}", "-c", str(ROOT / "csrc/cuda/bitmask_gemv.cu"),
-                           "-o", str(tmp_path / "bitmask_gemv.o")], capture_output=True, text=True, check=False)
+                           "all-warnings", f"-I{ROOT / 'csrc'}", "-c", str(ROOT / "csrc/cuda" / source),
+                           "-o", str(obj)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "bitmask_gemv.o").stat().st_size > 0
+    assert obj.stat().st_size > 0
 
 
 _AOT_SCRIPT = r"""

@@ -1,9 +1,9 @@
-// The CUDA bitmask decode kernel's interface (csrc/cuda/bitmask_gemv.cu), in plain C++ so the kernel
-// compiles with nvcc alone (tests/test_gpu_kernels.py builds it for sm_80 and sm_90 without torch).
+// The CUDA bitmask decode kernels' interface (csrc/cuda/bitmask_gemv*.cu), in plain C++ so the kernels
+// compile with nvcc alone (tests/test_gpu_kernels.py builds them for sm_80 and sm_90 without torch).
 //
 // y[t, r] = sum_c x[t, c] · W[r, c] (+ bias[r]) for 1-16 tokens, W in the losa-bitmask layout exactly as
 // stored (losa_deploy/kernels/formats/bitmask.py): mask words [rows, words], row_ptr [rows + 1], values
-// [nnz]. No derived tables: a warp walks one row and finds its value offsets with a warp scan.
+// [nnz]. No derived tables: a warp takes one row and finds its value offsets with a warp scan.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +28,16 @@ struct BitmaskGemvArgs {
 
 constexpr int kMaxTokens = 16;
 
-// Launches the kernel on `stream`; returns the launch error (cudaSuccess when it was queued).
+// The row-walk kernel (bitmask_gemv.cu): a warp walks one row's set bits lane by lane. Launches on
+// `stream`; returns the launch error (cudaSuccess when it was queued).
 cudaError_t bitmask_gemv(const BitmaskGemvArgs& args, cudaStream_t stream);
+
+// The value-group kernel (bitmask_gemv_groups.cu): lanes take 8 stored values per 16-byte load. `warps`
+// per block (1-16); `depth` groups per lane in flight (2, or 4 up to 2 tokens); `window`: up to 2 tokens,
+// step through the mask with the next word held in a register (no branch) instead of loading it when
+// needed. It needs x plus per-warp tables in shared memory: `fits` says whether this device can run it
+// for these arguments.
+bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps);
+cudaError_t bitmask_gemv_groups(const BitmaskGemvArgs& args, int warps, int depth, bool window, cudaStream_t stream);
 
 }  // namespace losa::cuda

@@ -1,20 +1,70 @@
 // The CUDA implementation of losa::bitmask_linear (the op is defined with its CPU kernel in
 // csrc/cpu/bitmask_linear.cpp). Compiled only in CUDA builds (setup.py); the Python dispatcher sends it
 // decode-sized inputs (kernels/dispatch.py), but it is correct for any input:
-//   * bf16 / fp16 x with values of the same dtype: the warp-per-row decode kernel (bitmask_gemv.cu),
-//     up to 16 tokens per launch (N:M weights arrive here through their bitmask view, formats/gpu.py);
+//   * bf16 / fp16 x with values of the same dtype: a warp-per-row decode kernel, up to 16 tokens per
+//     launch (N:M weights arrive here through their bitmask view, formats/gpu.py);
 //   * anything else (fp32, mixed dtypes): the weight is decompressed and torch's dense linear runs.
-// `isa` and `panel_tokens` are CPU tuning knobs and are ignored here.
+// `isa` picks the kernel here (the CPU op reads it as the instruction set):
+//   "auto" (or "")     the value-group kernel (bitmask_gemv_groups.cu) where it fits, else the row walk;
+//                      $LOSA_CUDA_KERNEL (read once) replaces "auto" by one of the names below;
+//   "rows"             the row-walk kernel (bitmask_gemv.cu);
+//   "groups[:W[:P[:window]]]"  the value-group kernel with W warps per block (default 16), P groups per
+//                      lane in flight (default 2; 4 up to 2 tokens) and, with "window", its branch-free
+//                      mask walk (up to 2 tokens); an error where it does not fit.
+// `panel_tokens` is a CPU tuning knob and is ignored here.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include "cuda/bitmask_gemv.h"
 
 namespace {
 
 constexpr const char* kOp = "bitmask_linear (CUDA)";
+
+// Numbers go into error messages as strings: on the lent H200 (torch 2.11+cu130) a TORCH_CHECK whose
+// message streamed an integer crashed the process (segfault while formatting) instead of raising, and
+// one with strings only raised as it should.
+std::string num(int64_t v) { return std::to_string(v); }
+
+struct Kernel {
+  bool groups = true, forced = false;
+  int warps = 16, depth = 2;  // the fastest setting over the suite's shapes on an H200 (RESULTS.md)
+  bool window = false;
+};
+
+Kernel parse_name(const std::string& name) {
+  if (name.empty() || name == "auto") return Kernel{};
+  if (name == "rows") return Kernel{false, true};
+  int warps = 16, depth = 2;
+  char walk[16] = "";
+  const int got = std::sscanf(name.c_str(), "groups:%d:%d:%15s", &warps, &depth, walk);
+  TORCH_CHECK(name == "groups" || got >= 1, kOp, ": unknown kernel '", name,
+              "' (choose auto, rows, or groups[:warps[:depth[:window]]])");
+  const bool window = std::string(walk) == "window";
+  TORCH_CHECK(warps >= 1 && warps <= 16 && (depth == 2 || depth == 4) && (got < 3 || window), kOp, ": kernel '",
+              name, "' needs 1-16 warps, depth 2 or 4, and 'window' or nothing after them");
+  return Kernel{true, true, warps, depth, window};
+}
+
+// The kernel for `isa`; "auto" takes $LOSA_CUDA_KERNEL's choice, as a preference (no error where the
+// value-group kernel does not fit).
+Kernel parse_kernel(c10::string_view isa) {
+  static const std::string env = [] {
+    const char* v = std::getenv("LOSA_CUDA_KERNEL");
+    return std::string(v ? v : "");
+  }();
+  const std::string name(isa);
+  if (!name.empty() && name != "auto") return parse_name(name);
+  Kernel k = parse_name(env);
+  k.forced = false;
+  return k;
+}
 
 at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& mask, int64_t cols) {
   const auto shifts = at::arange(32, mask.options());
@@ -25,25 +75,26 @@ at::Tensor dense_weight(const at::Tensor& values, const at::Tensor& mask, int64_
 
 at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                                const at::Tensor& row_ptr, int64_t in_features, const std::optional<at::Tensor>& bias,
-                               c10::string_view /*isa*/, int64_t /*panel_tokens*/) {
+                               c10::string_view isa, int64_t /*panel_tokens*/) {
   const int64_t rows = mask.size(0), words = (in_features + 31) / 32;
   TORCH_CHECK(x.is_cuda() && values.is_cuda() && mask.is_cuda() && row_ptr.is_cuda(), kOp,
               ": x, values, mask and row_ptr must be CUDA tensors");
   TORCH_CHECK(values.get_device() == x.get_device() && mask.get_device() == x.get_device() &&
                   row_ptr.get_device() == x.get_device(),
               kOp, ": all tensors must be on one device");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
-              in_features);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", num(x.size(-1)), " features, the weight ",
+              num(in_features));
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), kOp, ": values must be contiguous 1-D");
   TORCH_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.size(1) == words && mask.is_contiguous(), kOp,
-              ": mask must be contiguous int32 [rows, ", words, "]");
+              ": mask must be contiguous int32 [rows, ", num(words), "]");
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 &&
                   row_ptr.is_contiguous(),
-              kOp, ": row_ptr must be contiguous int64 [", rows + 1, "]");
+              kOp, ": row_ptr must be contiguous int64 [", num(rows + 1), "]");
   if (bias) {
-    TORCH_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
+    TORCH_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", num(rows),
                 "] tensor");
   }
+  const Kernel kernel = parse_kernel(isa);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
   const bool half16 = (dtype == at::kBFloat16 || dtype == at::kHalf) && values.scalar_type() == dtype;
@@ -75,7 +126,11 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
     args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kMaxTokens, tokens - t0));
     args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
     args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
-    const cudaError_t err = losa::cuda::bitmask_gemv(args, stream);
+    const bool groups = kernel.groups && losa::cuda::bitmask_gemv_groups_fits(args, kernel.warps);
+    TORCH_CHECK(groups || !kernel.forced || !kernel.groups, kOp, ": the value-group kernel does not fit ",
+                num(in_features), " columns at ", num(args.tokens), " tokens on this device (use rows)");
+    const cudaError_t err = groups ? losa::cuda::bitmask_gemv_groups(args, kernel.warps, kernel.depth, kernel.window, stream)
+                                   : losa::cuda::bitmask_gemv(args, stream);
     TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
   auto shape = x.sizes().vec();

@@ -4,11 +4,14 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 
 * ``auto``: on a CPU tensor, the compiled CPU op with the best instruction set of this CPU (the
   pure-PyTorch path when the extension is missing). On a CUDA tensor, by token count (the rows of x):
-  the CUDA decode kernel (``csrc/cuda/bitmask_gemv.cu``, registered as the CUDA kernel of
-  ``losa::bitmask_linear``; N:M weights run through their bitmask view) for 16-bit x and values and at
-  most :data:`CUDA_OP_MAX_TOKENS` tokens (N:M: 2 to 16); otherwise the Triton kernels
-  (``kernels/triton/sparse_gemm.py``: register decode + FMA up to 8 tokens, decode + ``tl.dot`` beyond);
-  the pure-PyTorch path when neither is available.
+  the CUDA decode op (registered as the CUDA kernel of ``losa::bitmask_linear``; N:M weights run
+  through their bitmask view) for 16-bit x and values and at most :data:`CUDA_OP_MAX_TOKENS` tokens, or
+  up to :data:`CUDA_OP_MAX_TOKENS_GROUPS` where its value-group kernel holds 16 tokens of x in shared
+  memory; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``: register decode + FMA up to
+  8 tokens, decode + ``tl.dot`` beyond); the pure-PyTorch path when neither is available. The CUDA op
+  picks its kernel itself (``csrc/cuda/bitmask_linear_cuda.cpp``): the value-group kernel
+  (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
+  ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``).
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
@@ -45,13 +48,13 @@ CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
 GPU_BACKENDS = ("cuda", "triton")
 BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# The CUDA kernel up to 16 tokens (one launch), Triton above. Measured on an H200 over the LLaMA-2-7B
-# shapes (benchmarks/RESULTS.md), best Triton config time / CUDA time, bitmask weights: 1.5-3.9 at 1
-# token, 2.2-3.2 at 8, 0.87-2.0 at 16, 0.48-1.04 at 32, 0.22-0.56 at 128 (the CUDA op relaunches per 16
-# tokens). 2:4 weights: 0.72-0.82 at 1 token (in the CUDA kernel, with a structured pattern every lane's
-# i-th kept column falls in the same shared-memory bank), 1.9-2.0 at 8, 1.0-1.5 at 16: so N:M weights
-# at 1 token run Triton's decode.
+# Measured on an H200 over the LLaMA-2-7B shapes (benchmarks/RESULTS.md, "GPU sparse inference kernels"):
+# the CUDA op (value-group kernel) beats the best Triton configuration at every token count up to 16, 2:4
+# at 1 token included (19.8 µs against 45.4 on 4096x4096), and at 32 tokens (two launches of 16) where
+# the value-group kernel fits 16 tokens of x in shared memory (4096 input columns: 0.53-0.72x Triton's
+# time); where it does not (11008 input columns) the row walk runs and Triton is 1.5-2x faster from 32.
 CUDA_OP_MAX_TOKENS = 16
+CUDA_OP_MAX_TOKENS_GROUPS = 32
 _OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
@@ -123,6 +126,22 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
 
 
 @functools.lru_cache(maxsize=1)
+def groups_kernel_fits(cols: int, tokens: int, device: torch.device | str = "cuda", warps: int = 16) -> bool:
+    """Whether the CUDA op's value-group kernel can run ``cols`` input columns at ``tokens`` tokens (up to
+    16 per launch) on ``device``: x and the per-warp mask buffers must fit one block's shared memory.
+    Mirrors ``make_plan`` in ``csrc/cuda/bitmask_gemv_groups.cu``."""
+    nt = 1 << (min(max(tokens, 1), 16) - 1).bit_length()
+    x_bytes = -(-(cols * nt + (cols // 128 + 1) * max(2, nt)) * 2 // 16) * 16
+    words_padded = -(-(-(-cols // 32) + 1) // 4) * 4
+    return x_bytes + warps * (2 * words_padded + 32) * 4 <= _smem_optin(str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _smem_optin(device: str) -> int:
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+
+
 def has_cuda_op() -> bool:
     """Whether the extension was built with the CUDA decode kernel."""
     return ops() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("losa::bitmask_linear", "CUDA")
@@ -148,7 +167,9 @@ def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: to
             raise LosaError("sparse backend 'cuda' needs the extension built with CUDA and a CUDA tensor")
         return "cuda"
     tokens = x.numel() // max(x.shape[-1], 1)
-    in_range = tokens <= CUDA_OP_MAX_TOKENS and (isinstance(weight, BitmaskWeight) or tokens > 1)
+    cols = weight.shape[1]
+    in_range = tokens <= CUDA_OP_MAX_TOKENS or (
+        tokens <= CUDA_OP_MAX_TOKENS_GROUPS and x.is_cuda and groups_kernel_fits(cols, 16, x.device))
     if (chosen == "auto" and cuda_ok and in_range and x.dtype in (torch.bfloat16, torch.float16)
             and values.dtype == x.dtype):
         return "cuda"
@@ -201,8 +222,10 @@ __all__ = [
     "BACKENDS",
     "CPU_BACKENDS",
     "CUDA_OP_MAX_TOKENS",
+    "CUDA_OP_MAX_TOKENS_GROUPS",
     "GPU_BACKENDS",
     "gpu_kernel",
+    "groups_kernel_fits",
     "has_cuda_op",
     "kernel_weight",
     "register_op_metadata",
