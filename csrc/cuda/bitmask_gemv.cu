@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include "cuda/bitmask_gemv.h"
+#include "cuda/half_math.cuh"
 
 namespace losa::cuda {
 namespace {
@@ -36,42 +37,6 @@ __host__ __device__ constexpr int stage_values() { return step_cols<NT>() + 2 * 
 template <int NT>
 __host__ __device__ constexpr size_t smem_bytes() {
   return (static_cast<size_t>(step_cols<NT>()) * NT + static_cast<size_t>(kWarps) * stage_values<NT>()) * 2;
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
-
-// The NT 16-bit activations of one column, stored contiguously in shared memory, as floats.
-template <typename T, int NT>
-__device__ __forceinline__ void load_column(const T* p, float (&out)[NT]) {
-  if constexpr (NT % 8 == 0) {
-#pragma unroll
-    for (int v = 0; v < NT / 8; ++v) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[v];
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) out[8 * v + i] = to_float(h[i]);
-    }
-  } else if constexpr (NT == 4) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
-  } else if constexpr (NT == 2) {
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-    out[0] = to_float(h[0]);
-    out[1] = to_float(h[1]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < NT; ++i) out[i] = to_float(p[i]);
-  }
 }
 
 template <int W>

@@ -31,6 +31,7 @@
 #include <unordered_map>
 
 #include "cuda/bitmask_gemv.h"
+#include "cuda/half_math.cuh"
 
 namespace losa::cuda {
 namespace {
@@ -38,15 +39,6 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kGroup = 8;  // 16-bit values per 16-byte load
 constexpr int kMaxWarps = 16;
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
 // Value i (0-7, a constant after unrolling) of a 16-byte group, as a float. bf16 is the top half of an
 // fp32, so one shift or mask does it.
@@ -113,32 +105,6 @@ __device__ __forceinline__ int nth_set_bit(uint32_t w, int n) {
     }
   }
   return pos;
-}
-
-// The NT 16-bit activations of one column, stored contiguously in shared memory, as floats.
-template <typename T, int NT>
-__device__ __forceinline__ void load_column(const T* p, float (&out)[NT]) {
-  if constexpr (NT % 8 == 0) {
-#pragma unroll
-    for (int v = 0; v < NT / 8; ++v) {
-      const uint4 raw = reinterpret_cast<const uint4*>(p)[v];
-      const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) out[8 * v + i] = to_float(h[i]);
-    }
-  } else if constexpr (NT == 4) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
-  } else if constexpr (NT == 2) {
-    const uint32_t raw = *reinterpret_cast<const uint32_t*>(p);
-    const T* h = reinterpret_cast<const T*>(&raw);
-    out[0] = to_float(h[0]);
-    out[1] = to_float(h[1]);
-  } else {
-    out[0] = to_float(p[0]);
-  }
 }
 
 // One token: x -> xs by asynchronous 4-byte copies (column pairs; the padding keeps pairs aligned).
