@@ -191,7 +191,7 @@ def test_cuda_kernel_choice_errors(rng):
     with pytest.raises(RuntimeError, match="does not fit"):
         _cuda_linear(x, packed, bias, "groups")
     check_linear(_cuda_linear(x, packed, bias, "auto"), x, w, bias)
-    for bad in ("fastest", "groups:32", "groups:8:3", "groups:8:2:skip"):
+    for bad in ("fastest", "groups:32", "groups:8:3", "groups:8:2:skip", "groups:4:2x", "groups:4:4:"):
         with pytest.raises(RuntimeError, match="kernel"):
             _cuda_linear(x[:1], packed, bias, bad)
     layout = gpu_layout(packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()}))

@@ -33,10 +33,10 @@ constexpr int kMaxTokens = 16;
 cudaError_t bitmask_gemv(const BitmaskGemvArgs& args, cudaStream_t stream);
 
 // The value-group kernel (bitmask_gemv_groups.cu): lanes take 8 stored values per 16-byte load. `warps`
-// per block (1-16); `depth` groups per lane in flight (2, or 4 up to 2 tokens); `window`: up to 2 tokens,
-// step through the mask with the next word held in a register (no branch) instead of loading it when
-// needed. It needs x plus per-warp tables in shared memory: `fits` says whether this device can run it
-// for these arguments.
+// per block (1-16); `depth` groups per lane per load batch (2, or 4 up to 2 tokens without `window`; two
+// batches are in flight); `window`: up to 2 tokens, step through the mask with the next word held in a
+// register (no branch) instead of loading it when needed. It needs compute capability 8.0+ and x plus
+// per-warp tables in shared memory: `fits` says whether this device can run it for these arguments.
 bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps);
 cudaError_t bitmask_gemv_groups(const BitmaskGemvArgs& args, int warps, int depth, bool window, cudaStream_t stream);
 

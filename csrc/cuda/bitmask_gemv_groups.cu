@@ -20,8 +20,9 @@
 //      Groups that straddle the row's ends (the first and the last) take a guarded path.
 //   4. A warp reduction; lane 0 adds the bias and writes y[:, row].
 // The block stages x once ([column][token]); its warps then loop over rows (grid-stride), so one copy of x
-// serves many rows. Limits: x plus the warps' slices must fit in shared memory (the op falls back to the
-// row-walk kernel otherwise).
+// serves many rows. Limits: compute capability 8.0+ (cp.async), and x plus the warps' slices must fit in
+// shared memory (the op's "auto" falls back to the row-walk kernel otherwise; a forced choice is an
+// error). The weight must be consistent (each row's mask bits count its values), as everywhere.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -52,7 +53,7 @@ __device__ __forceinline__ float value_at(const uint4& raw, int i) {
   }
 }
 
-// Shared-memory plan of one block: x as [column][NT] with one padding column per 128 (see x_index), then
+// Shared-memory plan of one block: x as [column][NT] with padding after every 128 columns (see x_index), then
 // one slice per warp: two buffers of mask words (the row being computed and the next row, copied
 // asynchronously), each with a sentinel word after the row's words so a walk needs no bound check, and
 // the 32 lanes' start columns.
@@ -80,7 +81,10 @@ __host__ __device__ inline Plan make_plan(int64_t cols, int64_t words) {
 template <int NT>
 __device__ __forceinline__ int x_index(int c) { return c * NT + (c >> 7) * kPad<NT>; }
 
-// Asynchronous global -> shared copies (sm_80+): no registers held, one wait for all of them.
+// Asynchronous global -> shared copies (sm_80+): no registers held, one wait for all of them. Compiled for
+// an older architecture they are plain copies, so the extension still builds there; the launcher does not
+// run this kernel below compute capability 8.0 (bitmask_gemv_groups_fits).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 __device__ __forceinline__ void copy_async4(void* dst, const void* src) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
@@ -91,6 +95,16 @@ __device__ __forceinline__ void copy_async16(void* dst, const void* src) {
 }
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#else
+__device__ __forceinline__ void copy_async4(void* dst, const void* src) {
+  *static_cast<uint32_t*>(dst) = *static_cast<const uint32_t*>(src);
+}
+__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
+  *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
+}
+__device__ __forceinline__ void copy_async_commit() {}
+__device__ __forceinline__ void copy_async_wait() {}
+#endif
 
 // Position of the n-th (0-based) set bit of w; n < popc(w). Five popcount halvings, no loop.
 __device__ __forceinline__ int nth_set_bit(uint32_t w, int n) {
@@ -447,9 +461,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) LOSA_MAX_REGISTERS((kMaxRegist
   }
 }
 
-// Per device: SM count and the opt-in shared memory per block, read once.
+// Per device: its index, SM count, compute capability and opt-in shared memory per block, read once.
 struct DeviceLimits {
-  int sms = 0, smem_optin = 0;
+  int device = 0, sms = 0, major = 0, smem_optin = 0;
 };
 
 cudaError_t device_limits(DeviceLimits& out) {
@@ -461,7 +475,9 @@ cudaError_t device_limits(DeviceLimits& out) {
   auto it = cache.find(device);
   if (it == cache.end()) {
     DeviceLimits d;
+    d.device = device;
     cudaError_t err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (err != cudaSuccess) return err;
     it = cache.emplace(device, d).first;
@@ -475,16 +491,20 @@ cudaError_t launch_nt(const BitmaskGemvArgs& a, int warps, const DeviceLimits& d
   auto kernel = bitmask_gemv_groups_kernel<T, NT, P, Walk>;
   const Plan plan = make_plan<NT>(a.cols, a.words);
   const int64_t bytes = plan.bytes(warps);
-  static const cudaError_t configured =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
-  if (configured != cudaSuccess) return configured;
-  // Resident blocks per SM for this instantiation, block size and shared memory (cached: the query is slow).
+  // Per device (the attribute is the current device's): the shared-memory opt-in, set once, and the
+  // resident blocks per SM for this instantiation, block size and shared memory (the query is slow).
   static std::mutex lock;
+  static std::unordered_map<int, bool> configured;
   static std::unordered_map<int64_t, int> resident;
   int per_sm = 0;
   {
     const std::lock_guard<std::mutex> guard(lock);
-    const int64_t key = bytes * (kMaxWarps + 1) + warps;
+    if (!configured.count(dev.device)) {
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
+      if (err != cudaSuccess) return err;
+      configured.emplace(dev.device, true);
+    }
+    const int64_t key = (bytes * (kMaxWarps + 1) + warps) * 64 + dev.device;
     if (auto it = resident.find(key); it != resident.end()) {
       per_sm = it->second;
     } else {
@@ -523,7 +543,9 @@ cudaError_t launch(const BitmaskGemvArgs& a, int warps, int depth, bool window, 
 
 bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps) {
   DeviceLimits dev;
-  if (args.words >= (int64_t{1} << 26) || warps < 1 || warps > kMaxWarps || device_limits(dev) != cudaSuccess) return false;
+  if (args.words >= (int64_t{1} << 26) || warps < 1 || warps > kMaxWarps || device_limits(dev) != cudaSuccess ||
+      dev.major < 8)
+    return false;
   Plan plan;
   switch (padded_tokens(args.tokens)) {
     case 1: plan = make_plan<1>(args.cols, args.words); break;

@@ -17,9 +17,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "cuda/bitmask_gemv.h"
 
@@ -38,18 +38,34 @@ struct Kernel {
   bool window = false;
 };
 
+// A whole decimal number (nothing before or after it).
+bool parse_int(const std::string& text, int& out) {
+  if (text.empty()) return false;
+  char* end = nullptr;
+  const long v = std::strtol(text.c_str(), &end, 10);
+  if (*end != '\0' || v < 0 || v > 1024) return false;
+  out = static_cast<int>(v);
+  return true;
+}
+
 Kernel parse_name(const std::string& name) {
   if (name.empty() || name == "auto") return Kernel{};
   if (name == "rows") return Kernel{false, true};
-  int warps = 16, depth = 2;
-  char walk[16] = "";
-  const int got = std::sscanf(name.c_str(), "groups:%d:%d:%15s", &warps, &depth, walk);
-  TORCH_CHECK(name == "groups" || got >= 1, kOp, ": unknown kernel '", name,
-              "' (choose auto, rows, or groups[:warps[:depth[:window]]])");
-  const bool window = std::string(walk) == "window";
-  TORCH_CHECK(warps >= 1 && warps <= 16 && (depth == 2 || depth == 4) && (got < 3 || window), kOp, ": kernel '",
-              name, "' needs 1-16 warps, depth 2 or 4, and 'window' or nothing after them");
-  return Kernel{true, true, warps, depth, window};
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    const size_t colon = name.find(':', start);
+    parts.push_back(name.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  Kernel k{true, true};
+  const bool ok = parts[0] == "groups" && parts.size() <= 4 && (parts.size() < 2 || parse_int(parts[1], k.warps)) &&
+                  (parts.size() < 3 || parse_int(parts[2], k.depth)) && (parts.size() < 4 || parts[3] == "window");
+  TORCH_CHECK(ok, kOp, ": unknown kernel '", name, "' (choose auto, rows, or groups[:warps[:depth[:window]]])");
+  k.window = parts.size() == 4;
+  TORCH_CHECK(k.warps >= 1 && k.warps <= 16 && (k.depth == 2 || k.depth == 4), kOp, ": kernel '", name,
+              "' needs 1-16 warps and depth 2 or 4");
+  return k;
 }
 
 // The kernel for `isa`; "auto" takes $LOSA_CUDA_KERNEL's choice, as a preference (no error where the

@@ -138,8 +138,14 @@ def groups_kernel_fits(cols: int, tokens: int, device: torch.device | str = "cud
 
 @functools.lru_cache(maxsize=8)
 def _smem_optin(device: str) -> int:
+    """Shared memory one block may opt into on ``device``; 0 below compute capability 8.0, where the
+    value-group kernel does not run (it needs ``cp.async``)."""
     props = torch.cuda.get_device_properties(torch.device(device))
-    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+    if props.major < 8:
+        return 0
+    # CUDA programming guide, per compute capability, where torch does not report it
+    known = 227 * 1024 if props.major >= 9 else 163 * 1024 if props.minor == 0 else 99 * 1024
+    return int(getattr(props, "shared_memory_per_block_optin", known))
 
 
 def has_cuda_op() -> bool:
