@@ -184,7 +184,7 @@ def test_groups_kernel_fit_rule(monkeypatch):
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
 def test_cuda_kernel_choice_errors(rng):
     """A forced value-group kernel that cannot hold x in shared memory, and unknown kernel names, fail with
-    a message; ``auto`` falls back to the row walk there."""
+    a message; ``auto`` runs 16 tokens of 11008 columns as two value-group launches of 8 tokens there."""
     w, packed = make_weight("bitmask", 16, 11008, rng, torch.bfloat16, sparsity=0.7)
     x = torch.randn(16, 11008, generator=rng).to(torch.bfloat16)
     bias = torch.randn(16, generator=rng).to(torch.bfloat16)
