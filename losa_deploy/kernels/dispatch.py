@@ -52,7 +52,8 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the CUDA op (value-group kernel) beats the best Triton configuration at every token count up to 16, 2:4
 # at 1 token included (19.8 µs against 45.4 on 4096x4096), and at 32 tokens (two launches of 16) where
 # the value-group kernel fits 16 tokens of x in shared memory (4096 input columns: 0.53-0.72x Triton's
-# time); where it does not (11008 input columns) the row walk runs and Triton is 1.5-2x faster from 32.
+# time). Where it does not (11008 input columns) Triton runs from 17 tokens: it was 1.5-2x faster than
+# the row walk at 32, and the op's 8-token value-group launches would take about 4 x 74 µs against 215.
 CUDA_OP_MAX_TOKENS = 16
 CUDA_OP_MAX_TOKENS_GROUPS = 32
 _OPS = ("bitmask_linear", "nm_linear")
@@ -125,7 +126,6 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
                                     weight.rows_per_block, bias, isa, panel)
 
 
-@functools.lru_cache(maxsize=1)
 def groups_kernel_fits(cols: int, tokens: int, device: torch.device | str = "cuda", warps: int = 16) -> bool:
     """Whether the CUDA op's value-group kernel can run ``cols`` input columns at ``tokens`` tokens (up to
     16 per launch) on ``device``: x and the per-warp mask buffers must fit one block's shared memory.
@@ -148,6 +148,7 @@ def _smem_optin(device: str) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", known))
 
 
+@functools.lru_cache(maxsize=1)
 def has_cuda_op() -> bool:
     """Whether the extension was built with the CUDA decode kernel."""
     return ops() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("losa::bitmask_linear", "CUDA")
