@@ -30,6 +30,7 @@
 #include <mutex>
 #include <type_traits>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "cuda/bitmask_gemv.h"
 #include "cuda/half_math.cuh"
@@ -494,7 +495,7 @@ cudaError_t launch_nt(const BitmaskGemvArgs& a, int warps, const DeviceLimits& d
   // Per device (the attribute is the current device's): the shared-memory opt-in, set once, and the
   // resident blocks per SM for this instantiation, block size and shared memory (the query is slow).
   static std::mutex lock;
-  static std::unordered_map<int, bool> configured;
+  static std::unordered_set<int> configured;
   static std::unordered_map<int64_t, int> resident;
   int per_sm = 0;
   {
@@ -502,7 +503,7 @@ cudaError_t launch_nt(const BitmaskGemvArgs& a, int warps, const DeviceLimits& d
     if (!configured.count(dev.device)) {
       const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
       if (err != cudaSuccess) return err;
-      configured.emplace(dev.device, true);
+      configured.insert(dev.device);
     }
     const int64_t key = (bytes * (kMaxWarps + 1) + warps) * 64 + dev.device;
     if (auto it = resident.find(key); it != resident.end()) {
@@ -539,13 +540,10 @@ cudaError_t launch(const BitmaskGemvArgs& a, int warps, int depth, bool window, 
   }
 }
 
-}  // namespace
-
-bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps) {
-  DeviceLimits dev;
-  if (args.words >= (int64_t{1} << 26) || warps < 1 || warps > kMaxWarps || device_limits(dev) != cudaSuccess ||
-      dev.major < 8)
-    return false;
+// Whether the kernel runs on `dev` for these arguments: compute capability 8.0+, and x plus the warps'
+// slices in one block's shared memory.
+bool fits(const BitmaskGemvArgs& args, int warps, const DeviceLimits& dev) {
+  if (args.words >= (int64_t{1} << 26) || warps < 1 || warps > kMaxWarps || dev.major < 8) return false;
   Plan plan;
   switch (padded_tokens(args.tokens)) {
     case 1: plan = make_plan<1>(args.cols, args.words); break;
@@ -557,13 +555,20 @@ bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps) {
   return plan.bytes(warps) <= dev.smem_optin;
 }
 
+}  // namespace
+
+bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps) {
+  DeviceLimits dev;
+  return device_limits(dev) == cudaSuccess && fits(args, warps, dev);
+}
+
 cudaError_t bitmask_gemv_groups(const BitmaskGemvArgs& a, int warps, int depth, bool window, cudaStream_t stream) {
   if (a.tokens < 1 || a.tokens > kMaxTokens) return cudaErrorInvalidValue;
   if (a.rows == 0) return cudaSuccess;
   if (reinterpret_cast<uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;
-  if (!bitmask_gemv_groups_fits(a, warps)) return cudaErrorInvalidValue;
   DeviceLimits dev;
   if (const cudaError_t err = device_limits(dev); err != cudaSuccess) return err;
+  if (!fits(a, warps, dev)) return cudaErrorInvalidValue;
   return a.dtype == Half16::kBFloat16 ? launch<__nv_bfloat16>(a, warps, depth, window, dev, stream)
                                        : launch<__half>(a, warps, depth, window, dev, stream);
 }
