@@ -43,8 +43,7 @@ import torch
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 sys.path.insert(0, "benchmarks")
-from gpu_suite import GROUP_KERNELS
-from losa_deploy.kernels.dispatch import groups_kernel_fits
+from gpu_suite import GROUP_KERNELS, kernel_runs
 g = torch.Generator("cuda").manual_seed(1)
 worst = 0.0
 for rows, cols, sparsity in ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.9), (77, 4096, 0.0)):
@@ -54,7 +53,7 @@ for rows, cols, sparsity in ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.
     for tokens in (1, 2, 5, 8, 16, 23):
         x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
         ref = x.double() @ w.double().T
-        for kernel in ("auto", *(k for k in GROUP_KERNELS if groups_kernel_fits(cols, tokens, "cuda", int(k.split(":")[1])))):
+        for kernel in ("auto", *(k for k in GROUP_KERNELS if kernel_runs(k, cols, tokens, "cuda"))):
             y = torch.ops.losa.bitmask_linear(x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
             err = float((y.double() - ref).norm() / ref.norm())
             worst = max(worst, err)
