@@ -149,9 +149,10 @@ def _cuda_linear(x, packed, bias, kernel: str):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 23])
 def test_cuda_op_matches_float64(kernel, dtype, tokens, rng):
     """Both CUDA kernels (row walk; value groups at three block sizes, two depths and both mask walks),
-    every token width they are instantiated for (and padding to it): row steps of 1024/2048 columns with ragged tails, rows whose
-    values start anywhere in a 16-byte group, empty rows, more rows than resident warps (the value-group
-    kernel's row loop), N:M weights through their bitmask view, and the dense fallback (fp32)."""
+    every token width they are instantiated for (and padding to it): row steps of 1024/2048 columns with
+    ragged tails, rows whose values start anywhere in a 16-byte group, empty rows, more rows than resident
+    warps (the value-group kernel's row loop), N:M weights through their bitmask view, and the dense
+    fallback (fp32)."""
     cases = [("bitmask", 37, 2101, 0.7), ("bitmask", 64, 4096, 0.5), ("bitmask", 5, 33, 0.0),
              ("bitmask", 11, 300, 0.95), ("2:4", 19, 1030, 0), ("mixed:8", 21, 700, 0),
              ("bitmask", 9001, 72, 0.6)]
