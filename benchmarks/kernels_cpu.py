@@ -9,13 +9,14 @@ unstructured: the bitmask kernel; 2:4: the N:M kernel) and token count (1, 8, 32
 * DeepSparse 1.8 (tokens 1 by default): an ONNX ``MatMul`` holding the same sparse weight in fp32, on its
   engine, in ``.venv-deepsparse`` (driven through files and a pipe: benchmarks/deepsparse_worker.py).
 
-Every contender uses the same number of threads. Before each timed call a buffer four times the size of
-the last-level cache is read, so the weights come from DRAM as in decode (a model's layers never stay
-cached from one token to the next); then the contender runs once on a small slice of its weight, so its
-code is warm as in decode (``run_config`` says why, and how DeepSparse is handled; ``--cold-path`` skips it). The machine's read bandwidth is measured in the same run (a 512 MiB
-streaming read with the same threads: ``losa::stream_read`` and ``torch.sum``, the faster one counts;
-before and after the timings, the higher counts), and each kernel's achieved GB/s is its packed bytes
-(values + masks + offsets) over its median time.
+Every contender uses the same number of threads. Before each timed call two buffers, each four times the
+size of the last-level cache, are read, so the weights come from DRAM as in decode (a model's layers never
+stay cached from one token to the next); then the contender runs once on a small slice of its weight, so
+its code is warm as in decode (``run_config`` says why, and how DeepSparse is handled; ``--cold-path``
+skips it). Those reads are streaming reads with the same threads (``losa::stream_read`` and ``torch.sum``,
+the faster counts), so they also measure the machine's read bandwidth right before each call: each call's
+GB/s (packed bytes: values + masks + offsets, over its time) is compared with the read just before it. A
+512 MiB probe before and after each run is recorded for context.
 
 The machine may be shared: before each configuration (and each bandwidth probe) the run waits until other
 processes use less than ``--quiet-cores`` of CPU (at most ``--max-wait`` seconds), and records what they
@@ -118,14 +119,25 @@ class OtherLoad:
 
 
 class Flusher:
-    """Reads a buffer larger than the caches, so the next call finds its weights in DRAM."""
+    """Reads a buffer larger than the caches, so the next call finds its weights in DRAM, and returns the
+    GB/s of that read: the machine's read bandwidth at that moment, paired with the call that follows.
+
+    Two halves of FLUSH_BYTES each, on huge pages like the packed weights, read by our probe and by
+    ``torch.sum`` (whichever streams faster varies with the VM's memory regime); the faster read counts.
+    Each half is read from DRAM: the other half's read has just evicted it."""
 
     def __init__(self):
-        self.buffer = torch.ones(FLUSH_BYTES // 8, dtype=torch.int64)
+        self.halves = [on_huge_pages(torch.ones(FLUSH_BYTES // 8, dtype=torch.int64)) for _ in range(2)]
 
-    def __call__(self):
+    def __call__(self) -> float:
         losa = ops()
-        losa.stream_read(self.buffer) if losa is not None else self.buffer.sum()
+        readers = (lambda b: losa.stream_read(b) if losa is not None else b.sum(), lambda b: b.sum())
+        best = 0.0
+        for reader, half in zip(readers, self.halves):
+            start = time.perf_counter()
+            reader(half)
+            best = max(best, half.nbytes / (time.perf_counter() - start) / 1e9)
+        return best
 
 
 def read_bandwidth(reps: int = 7) -> dict:
@@ -238,11 +250,14 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
         for fn in contenders.values():
             fn()
         times = {name: [] for name in [*contenders, *(["deepsparse"] if use_ds else [])]}
+        read_gbs = []  # the flush read just before each timed call of ours
         waited = load.wait_quiet()
         mark = load.start()
         for _ in range(reps):
             for name, fn in contenders.items():
-                flush()
+                gbs = flush()
+                if name == "ours":
+                    read_gbs.append(gbs)
                 if warm and name in warm_ups:
                     warm_ups[name]()
                 start = time.perf_counter()
@@ -260,6 +275,11 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
                "packed_bytes": packed.nbytes, "dense_bf16_bytes": dense_bf16.nbytes,
                **{f"{name}_ms": 1e3 * t for name, t in med.items()},
                "ours_gbs": packed.nbytes / med["ours"] / 1e9,
+               # Each call against the read bandwidth measured just before it (the VM's memory speed
+               # changes by 2x from one minute to the next): the median over repetitions.
+               "read_gbs": statistics.median(read_gbs),
+               "bw_fraction": statistics.median(packed.nbytes / t / 1e9 / bw
+                                                for t, bw in zip(times["ours"], read_gbs)),
                # Against the faster of torch's two placements (its own allocation, huge pages).
                "speedup_vs_torch_bf16": min(med["torch_bf16"], med["torch_bf16_huge"]) / med["ours"],
                "speedup_vs_torch_fp32": med["torch_fp32"] / med["ours"]}
@@ -268,7 +288,7 @@ def run_config(rows, cols, pattern, tokens_list, reps, seed, flush, deepsparse, 
             row["speedup_vs_deepsparse"] = med["deepsparse"] / med.get("ours_cold", med["ours"])
         results.append(row)
         print(f"{rows}x{cols} {pattern:>4} t{tokens:<3} ours {row['ours_ms']:.3f} ms "
-              f"({row['ours_gbs']:.1f} GB/s)  x{row['speedup_vs_torch_bf16']:.2f} vs bf16  "
+              f"({row['ours_gbs']:.1f} GB/s, {row['bw_fraction']:.0%} of {row['read_gbs']:.1f})  x{row['speedup_vs_torch_bf16']:.2f} vs bf16  "
               f"x{row['speedup_vs_torch_fp32']:.2f} vs fp32"
               + (f"  x{row['speedup_vs_deepsparse']:.2f} vs DeepSparse" if use_ds else "")
               + f"  (others {others:.2f} cores, waited {waited:.0f} s)", file=sys.stderr, flush=True)
@@ -334,10 +354,14 @@ def markdown(report: dict) -> str:
         f"{report['max_wait']:.0f} s) and records the cores they used while it was timed (last column, median "
         f"over runs). Runs: {len(runs)}, {report['reps']} interleaved repetitions each; every number is the "
         "median over runs, with the range over runs in brackets.  ",
-        f"Read bandwidth (512 MiB streaming read, {report['threads']} threads, the highest of torch.sum and our "
-        "probe on torch's allocation and on huge pages, before and after each run): "
-        + ", ".join(f"{bw:.1f}" for bw in bws) + " GB/s; each run's GB/s is compared with its own.  ",
-        "Times: median of the interleaved repetitions, weights cold (a 128 MiB buffer is read before every call"
+        f"Read bandwidth: every timed call follows a flush, two streaming reads of 128 MiB each with "
+        f"{report['threads']} threads on huge pages (our probe and torch.sum, the faster counts), and each call's "
+        "GB/s is compared with the read just before it (\"% of read bw\": median over repetitions of that "
+        "ratio; \"read GB/s\": median of those reads). The VM's memory speed changes by about 2x from one "
+        "minute to the next, so a reference taken minutes away misjudges the kernel both ways. For context, the "
+        "512 MiB probe before and after each run (highest of torch.sum and our probe, torch's allocation and "
+        "huge pages): " + ", ".join(f"{bw:.1f}" for bw in bws) + " GB/s.  ",
+        "Times: median of the interleaved repetitions, weights cold (the flush above comes before every call"
         + ("; then each contender runs once on a 64-row slice of its weight, held elsewhere, so its code, "
            "dispatcher and threads are warm as in a decode step where the previous layer has just run"
            if report.get("warm_path") else
@@ -351,9 +375,9 @@ def markdown(report: dict) -> str:
            "timed cold in the same run (in brackets)" if report.get("warm_path") else "")
         + "; each of its runs follows a 20 ms pause, so this process's idle OpenMP threads have stopped "
         "spinning.", "",
-        "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s | % of read bw | torch bf16 ms (own / huge) | "
+        "| shape (out x in) | pattern | tokens | packed MB | ours ms | GB/s | read GB/s | % of read bw | torch bf16 ms (own / huge) | "
         "speedup | torch fp32 ms | speedup | DeepSparse ms (ours cold) | speedup | others' cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         cold = f" ({r['ours_cold_ms']:.3f})" if "ours_cold_ms" in r else ""
@@ -361,7 +385,7 @@ def markdown(report: dict) -> str:
               else "- | -")
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {r['pattern']} | {r['tokens']} | {r['packed_bytes'] / 2**20:.1f} | "
-            f"{r['ours_ms']:.3f} | {r['ours_gbs']:.1f} | {ratio(r, 'bw_fraction', '{:.0%}')} | "
+            f"{r['ours_ms']:.3f} | {r['ours_gbs']:.1f} | {r['read_gbs']:.1f} | {ratio(r, 'bw_fraction', '{:.0%}')} | "
             f"{r['torch_bf16_ms']:.3f} / {r['torch_bf16_huge_ms']:.3f} | {ratio(r, 'speedup_vs_torch_bf16')} | "
             f"{r['torch_fp32_ms']:.3f} | "
             f"{ratio(r, 'speedup_vs_torch_fp32')} | {ds} | {r['others_cores']:.2f} |")
@@ -398,7 +422,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r["tokens"] == 1]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.85 * len(rows) + 2), 3.8))
     labels = [f"{r['shape'][0]}x{r['shape'][1]}\n{r['pattern']}" for r in rows]
     gbs = [r["ours_gbs"] for r in rows]
     spread = [[g - r["spread"]["ours_gbs"][0] for g, r in zip(gbs, rows)],
@@ -406,9 +430,13 @@ def plot(report: dict, path: Path) -> None:
     ax.bar(range(len(rows)), gbs, yerr=spread, capsize=2, color="tab:blue", label="ours (packed bytes / time)")
     ax.bar(range(len(rows)), [r["dense_bf16_bytes"] / r["torch_bf16_ms"] / 1e6 for r in rows], width=0.35,
            color="tab:gray", label="torch dense bf16 (dense bytes / time)")
-    bw = statistics.median(run["read_bandwidth_gbs"] for run in report["runs"])
-    ax.axhline(bw, color="black", linewidth=1, label=f"read bandwidth {bw:.1f} GB/s (median of runs)")
-    ax.axhline(0.8 * bw, color="black", linewidth=1, linestyle="--", label="80% of it")
+    # Each configuration's own reference: the reads paired with its calls (the memory speed drifts).
+    xs = range(len(rows))
+    read = [r["read_gbs"] for r in rows]
+    ax.hlines(read, [x - 0.45 for x in xs], [x + 0.45 for x in xs], color="black", linewidth=1,
+              label="read bandwidth just before the calls (median)")
+    ax.hlines([0.8 * b for b in read], [x - 0.45 for x in xs], [x + 0.45 for x in xs], color="black",
+              linewidth=1, linestyle="--", label="80% of it")
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("GB/s")
     ax.set_title(f"sparse linear, 1 token, bf16, {report['threads']} threads")
@@ -490,8 +518,6 @@ def main(argv=None) -> int:
             load.wait_quiet()
             after = read_bandwidth()
             bandwidth = max(*before.values(), *after.values())
-            for row in results:
-                row["bw_fraction"] = row["ours_gbs"] / bandwidth
             runs.append({"bandwidth_before": {k: round(v, 2) for k, v in before.items()},
                          "bandwidth_after": {k: round(v, 2) for k, v in after.items()},
                          "read_bandwidth_gbs": bandwidth, "results": results})

@@ -141,7 +141,7 @@ constexpr int64_t kPrefetchBytes = LOSA_PREFETCH_BYTES;
 
 // How a group of rows streams its values through the decode kernels (computed per row group).
 struct StreamHints {
-  int narrow_max = 0;  // chunks with at most this many values load 256 bits (expand_epi16)
+  int narrow = 0;      // chunks almost always hold at most 16 values (expand_epi16_narrow)
   int two_lines = 0;   // prefetch two lines per loop step instead of one
   int long_rows = 0;   // the activation row outgrows L1's share: near and far prefetch (kLongRowBytes)
 };
@@ -157,7 +157,7 @@ constexpr int64_t kNearPrefetchBytes = 2048, kFarPrefetchBytes = 16384;
 // Prefetch through inline asm that takes the address in a register. With the intrinsic, or with the line
 // passed as a memory operand (a char lvalue, which may alias anything), GCC 12 stores the accumulator
 // arrays back to the stack on every iteration. The branches sit in the asm for the reason given at
-// expand_epi16; both are taken the same way for a whole row group.
+// expand_epi16_narrow; both are taken the same way for a whole row group.
 LOSA_INLINE void prefetch_ahead(const void* p, int two_lines, int long_rows) {
   asm volatile(
       "testl %[long_rows], %[long_rows]\n\t"
@@ -323,30 +323,41 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
   return expand_words(_mm512_loadu_si512(p), m);
 }
 
-// The same from a 256-bit load where the chunk holds at most `narrow_max` (0 or 16) values. A 512-bit load
-// at a packed value's (2-byte aligned) address almost always spans two cache lines and costs Zen 4 two
-// load slots; at one token the loads, not the arithmetic, bound the loop (one value load and one
-// activation load per chunk against one expand and one dot product): 256-bit loads took the loop from
-// 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2. The branch is taken almost always
-// (N:M rows with 16 values per chunk: always) or almost never (rows where narrow_max is 0). It sits inside
-// the asm: written in C++, it made GCC keep the accumulators on the stack across the loop. The asm takes
-// the address in a register and names no memory operand: with the values as a (char) memory operand GCC
-// stored the accumulators to the stack after every dot product (one token: 1.01-1.02x at 50-70%, 1.05-1.11x
-// at 90% without those stores, A/B). Nothing can write the values while it runs: the row kernels only
-// read them, and they carry their own target attributes, so they are never inlined into a caller that
-// writes (row_values' scratch copy).
-LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m, int count, int narrow_max) {
+// The same, where the chunk holds at most 16 values (almost always, in rows at most 35% dense; always in
+// N:M rows with at most 16 values per chunk), from a 256-bit load. A 512-bit load at a packed value's
+// (2-byte aligned) address almost always spans two cache lines and costs Zen 4 two load slots: 256-bit
+// loads took the one-token loop from 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2. A
+// wider chunk takes a 512-bit load placed out of line (.pushsection), so the common path has no taken
+// branch: with an in-line `jmp` over the wide load the loop cost 3.68 cycles per chunk at 70% sparsity
+// and 3.62 at 80% (data in L2, one thread), with the branch out of line 3.54 and 3.46.
+//
+// Both loads sit inside asm. Written in C++, the branch made GCC keep the accumulators on the stack
+// across the loop. The asm takes the address in a register and names no memory operand: with the values
+// as a (char) memory operand GCC stored the accumulators to the stack after every dot product (one
+// token: 1.01-1.02x at 50-70%, 1.05-1.11x at 90% without those stores, A/B). Nothing can write the
+// values while it runs: the row kernels only read them, and they carry their own target attributes, so
+// they are never inlined into a caller that writes (row_values' scratch copy).
+LOSA_AVX512 LOSA_INLINE __m512i expand_epi16_narrow(const uint16_t* p, uint32_t m, int count) {
   __m512i src;
-  asm("cmpl %[limit], %[count]\n\t"
-      "jg 1f\n\t"
-      "vmovdqu16 (%[p]), %t[src]\n\t"  // a 256-bit load zeroes the upper half
-      "jmp 2f\n"
-      "1:\n\t"
-      "vmovdqu16 (%[p]), %[src]\n"
-      "2:"
+  asm("cmpl $16, %[count]\n\t"
+      "jg 3f\n\t"
+      "vmovdqu16 (%[p]), %t[src]\n"  // a 256-bit load zeroes the upper half
+      "2:\n\t"
+      ".pushsection .text.unlikely.losa_wide_chunk,\"ax\",@progbits\n"
+      "3:\n\t"
+      "vmovdqu16 (%[p]), %[src]\n\t"
+      "jmp 2b\n\t"
+      ".popsection"
       : [src] "=v"(src)
-      : [p] "r"(p), [count] "r"(count), [limit] "r"(narrow_max)
+      : [p] "r"(p), [count] "r"(count)
       : "cc");
+  return expand_words(src, m);
+}
+
+// The same for denser rows, always 512 bits wide; asm for the reasons above.
+LOSA_AVX512 LOSA_INLINE __m512i expand_epi16_wide(const uint16_t* p, uint32_t m) {
+  __m512i src;
+  asm("vmovdqu16 (%[p]), %[src]" : [src] "=v"(src) : [p] "r"(p));
   return expand_words(src, m);
 }
 
@@ -479,6 +490,15 @@ struct Avx512Bf16 {
   template <int TB, int R>
   LOSA_AVX512BF16 static void rows(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
                                    const StreamHints& hints, const uint16_t* x, int64_t ld, float* out) {
+    // The narrow loads are for decode only: more tokens are bound by the dot products, not by loads.
+    if constexpr (TB <= 2)
+      if (hints.narrow) return rows_with<TB, R, true>(vp, mask, words, fixed, hints, x, ld, out);
+    rows_with<TB, R, false>(vp, mask, words, fixed, hints, x, ld, out);
+  }
+
+  template <int TB, int R, bool kNarrow>
+  LOSA_AVX512BF16 static void rows_with(const raw* const* vp, const uint32_t* mask, int64_t words, int fixed,
+                                        const StreamHints& hints, const uint16_t* x, int64_t ld, float* out) {
     constexpr int U = unroll_for(TB, R);
     __m512 acc[U][R][TB];
     for (auto& a : acc)
@@ -496,9 +516,10 @@ struct Avx512Bf16 {
         for (int j = 0; j < R; ++j) {
           const uint16_t* p = v[j] + off[j][u];
           const uint32_t m = mask[j * words + w + u];
-          // Decode only: more tokens are bound by the dot products, not by loads.
-          if constexpr (TB <= 2)
-            e[j] = expand_epi16(p, m, off[j][u + 1] - off[j][u], hints.narrow_max);
+          if constexpr (kNarrow)
+            e[j] = expand_epi16_narrow(p, m, off[j][u + 1] - off[j][u]);
+          else if constexpr (TB <= 2)
+            e[j] = expand_epi16_wide(p, m);
           else
             e[j] = expand_epi16(p, m);
         }
@@ -571,11 +592,10 @@ bool rows_denser_than(const SparseRows& w, int64_t r, int rows, int percent) {
   return false;
 }
 
-// narrow_max: the chunk value count up to which the AVX-512 bf16 kernel loads values 256 bits wide
-// (expand_epi16): 16 for N:M rows with at most 16 values per chunk (the branch never changes direction)
-// and for bitmask rows at most 35% dense (a 32-column chunk then holds more than 16 values with
-// probability about 2%, 0.3% at 30%), 0 otherwise. Measured A/B (one token, 2 threads, weights cold, 7B
-// shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
+// narrow: whether the AVX-512 bf16 kernel loads values 256 bits wide (expand_epi16_narrow): for N:M rows
+// with at most 16 values per chunk (the wide branch is never taken) and for bitmask rows at most 35%
+// dense (a 32-column chunk then holds more than 16 values with probability about 2%, 0.3% at 30%).
+// Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
 // branches eat the gain); neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
 // two_lines: one token (four chunks per step), and rows more than 40% dense (see kPrefetchBytes) or long
 // rows (4096x11008, 65-75% sparse: 1.04-1.07x, 81 interleaved pairs; 80-90% neutral).
@@ -584,9 +604,9 @@ StreamHints stream_hints(const SparseRows& w, int64_t r, int rows, int tokens, i
   StreamHints hints;
   const int fixed = w.chunk_values(r);
   if (fixed)
-    hints.narrow_max = fixed <= 16 ? 16 : 0;
+    hints.narrow = fixed <= 16;
   else
-    hints.narrow_max = rows_denser_than(w, r, rows, 35) ? 0 : 16;
+    hints.narrow = !rows_denser_than(w, r, rows, 35);
   hints.long_rows = x_row_bytes > kLongRowBytes;
   hints.two_lines = tokens == 1 && (hints.long_rows || rows_denser_than(w, r, rows, 40));
   return hints;
