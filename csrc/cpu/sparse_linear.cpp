@@ -326,10 +326,12 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
 // The same, where the chunk holds at most 16 values (almost always, in rows at most 35% dense; always in
 // N:M rows with at most 16 values per chunk), from a 256-bit load. A 512-bit load at a packed value's
 // (2-byte aligned) address almost always spans two cache lines and costs Zen 4 two load slots: 256-bit
-// loads took the one-token loop from 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2. A
-// wider chunk takes a 512-bit load placed out of line (.pushsection), so the common path has no taken
-// branch: with an in-line `jmp` over the wide load the loop cost 3.68 cycles per chunk at 70% sparsity
-// and 3.62 at 80% (data in L2, one thread), with the branch out of line 3.54 and 3.46.
+// loads took the one-token loop from 3.8 to 3.3 cycles per chunk at 70% sparsity with the data in L2
+// (an earlier micro-benchmark). A wider chunk takes a 512-bit load placed out of line (.pushsection), so
+// the common path has no taken branch. In a stand-alone copy of the loop (one thread, 64 rows x 4096
+// columns in L2, 31 repetitions) an in-line `jmp` over the wide load cost 3.68 cycles per chunk at 70%
+// sparsity and 3.62 at 80%; out of line, 3.54 and 3.46. The stubs carry no symbol: a profiler credits
+// their (rare) samples to the function placed before them.
 //
 // Both loads sit inside asm. Written in C++, the branch made GCC keep the accumulators on the stack
 // across the loop. The asm takes the address in a register and names no memory operand: with the values
@@ -595,8 +597,9 @@ bool rows_denser_than(const SparseRows& w, int64_t r, int rows, int percent) {
 // narrow: whether the AVX-512 bf16 kernel loads values 256 bits wide (expand_epi16_narrow): for N:M rows
 // with at most 16 values per chunk (the wide branch is never taken) and for bitmask rows at most 35%
 // dense (a 32-column chunk then holds more than 16 values with probability about 2%, 0.3% at 30%).
-// Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.01-1.12x at 30% density, 1.12-1.15x at 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted
-// branches eat the gain); neutral on 2:4 (benchmarks/RESULTS.md, CPU sparse kernels).
+// Measured A/B (one token, 2 threads, weights cold, 7B shapes): 1.01-1.12x at 30% density, 1.12-1.15x at
+// 20%, 1.20-1.23x at 10%, 0.97-1.0x at 40% (mispredicted branches eat the gain); neutral on 2:4
+// (benchmarks/RESULTS.md, CPU sparse kernels).
 // two_lines: one token (four chunks per step), and rows more than 40% dense (see kPrefetchBytes) or long
 // rows (4096x11008, 65-75% sparse: 1.04-1.07x, 81 interleaved pairs; 80-90% neutral).
 // long_rows: see kLongRowBytes.
@@ -667,19 +670,30 @@ void decompress_rows(const SparseRows& w, int64_t r0, int64_t r1, typename K::xr
 // ---------------------------------------------------------------------------------------------------
 // Driver
 
-// Runs fn(r0, r1) over [0, rows) in blocks that the threads take in turn as they finish, about eight
-// per thread. On a shared VM the cores do not run at the same speed from one call to the next (one core's
-// neighbour is busy, the other's is not): with one fixed half per thread the slower one set the time.
-// A/B (one token, 7B shapes, 2 threads, weights cold, 41 interleaved pairs): 1.03-1.17x faster at 70%
-// while the machine was noisy, blocks of 64 to 256 rows alike; 0.96-1.01x (neutral) while it was quiet.
+// Runs fn(r0, r1) over [0, rows) in blocks that the threads take in turn as they finish. On a shared VM
+// the cores do not run at the same speed from one call to the next (one core's neighbour is busy, the
+// other's is not): with one fixed half per thread the slower one set the time. A/B (one token, 7B
+// shapes, 2 threads, weights cold, 41 interleaved pairs): 1.03-1.17x faster at 70% while the machine was
+// noisy, blocks of 64 to 256 rows alike; 0.96-1.01x (neutral) while it was quiet.
+// The blocks shrink as the rows run out ("guided": a claim takes the remaining rows / (2 x threads),
+// rounded up to 16, at least 16), so the threads also finish together: at the end one waits for at most
+// a small block instead of one eighth of its share. Stand-alone copy of the one-token loop, 2 threads,
+// weights cold, 31-61 interleaved pairs: 4096x4096 and 4096x11008 at 70% 1.04-1.07x, 11008x4096 and 2:4
+// neutral.
 // A nested call (inside another parallel region) runs every block on the calling thread.
 template <class Fn>
 void parallel_row_blocks(int64_t rows, const Fn& fn) {
   const int threads = at::get_num_threads();
-  const int64_t block = std::max<int64_t>(16, (rows / (8 * threads) + 15) / 16 * 16);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t r0; (r0 = next.fetch_add(block)) < rows;) fn(r0, std::min(rows, r0 + block));
+    int64_t r0 = next.load(std::memory_order_relaxed);
+    while (r0 < rows) {
+      const int64_t block = std::max<int64_t>(16, ((rows - r0) / (2 * threads) + 15) / 16 * 16);
+      if (next.compare_exchange_weak(r0, r0 + block, std::memory_order_relaxed)) {
+        fn(r0, std::min(rows, r0 + block));
+        r0 = next.load(std::memory_order_relaxed);
+      }  // else r0 now holds the current value: try again from there
+    }
   });
 }
 

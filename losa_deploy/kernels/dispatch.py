@@ -106,17 +106,18 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
         raise LosaError(f"sparse_linear: x must be floating point, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != cols:
         raise LosaError(f"sparse_linear: x has shape {tuple(x.shape)}, the weight takes {cols} input features")
-    if x.device != weight.values.device:
-        raise LosaError(f"sparse_linear: x is on {x.device}, the packed weight on {weight.values.device}")
-    if bias is not None and (bias.shape != (rows,) or bias.device != x.device):
-        raise LosaError(f"sparse_linear: bias must be [{rows}] on {x.device}, got {tuple(bias.shape)} on "
+    device = x.device  # looked up once: this runs per layer per decode step
+    if device != weight.values.device:
+        raise LosaError(f"sparse_linear: x is on {device}, the packed weight on {weight.values.device}")
+    if bias is not None and (bias.shape != (rows,) or bias.device != device):
+        raise LosaError(f"sparse_linear: bias must be [{rows}] on {device}, got {tuple(bias.shape)} on "
                         f"{bias.device}")
     chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
-    if x.device.type == "cuda" or chosen in GPU_BACKENDS:
+    if device.type == "cuda" or chosen in GPU_BACKENDS:
         gpu = packed if isinstance(packed, BitmaskGPULayout | NMGPULayout) else None
         return _gpu_linear(x, weight, gpu, bias, chosen)
     bitmask = isinstance(weight, BitmaskWeight)
-    isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", x.device.type, x.dtype, backend)
+    isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", device.type, x.dtype, chosen)
     if not isa:
         return _torch_linear(x, weight, bias)
     panel = panel_tokens or 0
