@@ -333,12 +333,13 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16(const uint16_t* p, uint32_t m) {
 // sparsity and 3.62 at 80%; out of line, 3.54 and 3.46. The stubs carry no symbol: a profiler credits
 // their (rare) samples to the function placed before them.
 //
-// Both loads sit inside asm. Written in C++, the branch made GCC keep the accumulators on the stack
-// across the loop. The asm takes the address in a register and names no memory operand: with the values
-// as a (char) memory operand GCC stored the accumulators to the stack after every dot product (one
-// token: 1.01-1.02x at 50-70%, 1.05-1.11x at 90% without those stores, A/B). Nothing can write the
+// The branch and both loads sit inside asm. Written in C++, the branch made GCC keep the accumulators on
+// the stack across the loop. The asm takes the address in a register and names no memory operand: with
+// the values as a (char) memory operand GCC stored the accumulators to the stack after every dot product
+// (one token: 1.01-1.02x at 50-70%, 1.05-1.11x at 90% without those stores, A/B). Nothing can write the
 // values while it runs: the row kernels only read them, and they carry their own target attributes, so
-// they are never inlined into a caller that writes (row_values' scratch copy).
+// they are never inlined into a caller that writes (row_values' scratch copy). Denser rows, with no
+// branch, use expand_epi16 above: its intrinsic load gives the same loop, with no stack traffic (objdump).
 LOSA_AVX512 LOSA_INLINE __m512i expand_epi16_narrow(const uint16_t* p, uint32_t m, int count) {
   __m512i src;
   asm("cmpl $16, %[count]\n\t"
@@ -353,13 +354,6 @@ LOSA_AVX512 LOSA_INLINE __m512i expand_epi16_narrow(const uint16_t* p, uint32_t 
       : [src] "=v"(src)
       : [p] "r"(p), [count] "r"(count)
       : "cc");
-  return expand_words(src, m);
-}
-
-// The same for denser rows, always 512 bits wide; asm for the reasons above.
-LOSA_AVX512 LOSA_INLINE __m512i expand_epi16_wide(const uint16_t* p, uint32_t m) {
-  __m512i src;
-  asm("vmovdqu16 (%[p]), %[src]" : [src] "=v"(src) : [p] "r"(p));
   return expand_words(src, m);
 }
 
@@ -520,8 +514,6 @@ struct Avx512Bf16 {
           const uint32_t m = mask[j * words + w + u];
           if constexpr (kNarrow)
             e[j] = expand_epi16_narrow(p, m, off[j][u + 1] - off[j][u]);
-          else if constexpr (TB <= 2)
-            e[j] = expand_epi16_wide(p, m);
           else
             e[j] = expand_epi16(p, m);
         }
