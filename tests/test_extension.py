@@ -63,3 +63,28 @@ def test_package_works_and_says_so_once_without_extension(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("compiled kernels unavailable") == 1
+
+
+def test_error_messages_carry_their_numbers_dtypes_and_shapes():
+    """LOSA_CHECK (csrc/check.h) formats every part itself: integers, dtypes by name, shapes as [a, b]."""
+    values, mask = torch.zeros(4, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"^bitmask_linear: row_ptr has 2 entries, 3 rows need 4"):
+        torch.ops.losa.bitmask_linear(torch.zeros(1, 64, dtype=torch.bfloat16), values, mask,
+                                      torch.zeros(2, dtype=torch.long), 64, None, "auto", 0)
+    q = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"float32 only, got Double"):
+        ops().causal_attention(q.double(), q.double(), q.double(), 1.0)
+    with pytest.raises(RuntimeError, match=r"key \[1, 2, 5, 4\] does not match query \[1, 2, 3, 4\]"):
+        ops().causal_attention(q, torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 1.0)
+
+
+def test_sources_check_input_only_through_losa_check():
+    """A bare TORCH_CHECK streaming a number crashed the process on a CUDA torch build (RESULTS.md, issue
+    #7): every check in csrc/ goes through LOSA_CHECK, which formats its message without an ostream."""
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    offenders = [f"{path.relative_to(csrc)}:{n}" for path in sorted(csrc.rglob("*"))
+                 if path.suffix in {".cpp", ".cu", ".h", ".cuh"} and path.name != "check.h"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if "TORCH_CHECK(" in line]
+    assert not offenders, offenders

@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "check.h"
 #include "cpu/sparse_linear.h"
 
 namespace {
@@ -16,17 +17,17 @@ losa::cpu::SparseRows bitmask_rows(const at::Tensor& values, const at::Tensor& m
   losa::cpu::check_values(values, kOp);
   losa::cpu::check_mask(mask, in_features, kOp);
   const int64_t rows = mask.size(0);
-  TORCH_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
+  LOSA_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
                   row_ptr.is_contiguous(),
               kOp, ": row_ptr must be a contiguous 1-D int64 CPU tensor");
-  TORCH_CHECK(row_ptr.size(0) == rows + 1, kOp, ": row_ptr has ", row_ptr.size(0), " entries, ", rows,
+  LOSA_CHECK(row_ptr.size(0) == rows + 1, kOp, ": row_ptr has ", row_ptr.size(0), " entries, ", rows,
               " rows need ", rows + 1);
   // Cheap structural checks (O(rows)); that each row's mask bits match its value count is checked once,
   // when the packed weight is built (BitmaskWeight), not on every call.
   const int64_t* ptr = row_ptr.data_ptr<int64_t>();
-  TORCH_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(), kOp, ": row_ptr must run from 0 to the ",
+  LOSA_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(), kOp, ": row_ptr must run from 0 to the ",
               values.numel(), " values, got ", ptr[0], "..", ptr[rows]);
-  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ptr[r] <= ptr[r + 1], kOp, ": row_ptr decreases at row ", r);
+  for (int64_t r = 0; r < rows; ++r) LOSA_CHECK(ptr[r] <= ptr[r + 1], kOp, ": row_ptr decreases at row ", r);
 
   losa::cpu::SparseRows w;
   w.rows = rows;
@@ -52,7 +53,7 @@ class BitmaskLinear : public torch::autograd::Function<BitmaskLinear> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& mask, const at::Tensor& row_ptr, int64_t in_features,
                             const std::optional<at::Tensor>& bias, c10::string_view isa, int64_t panel_tokens) {
-    TORCH_CHECK(!values.requires_grad(), kOp, ": the packed weight is frozen, its values cannot require grad");
+    LOSA_CHECK(!values.requires_grad(), kOp, ": the packed weight is frozen, its values cannot require grad");
     ctx->save_for_backward({values, mask, row_ptr});
     ctx->saved_data["in_features"] = in_features;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
@@ -67,7 +68,7 @@ class BitmaskLinear : public torch::autograd::Function<BitmaskLinear> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    TORCH_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
+    LOSA_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
     // needs_input_grad counts tensor inputs only: x, values, mask, row table, then the bias (index 4).
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const auto w = bitmask_rows(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt());

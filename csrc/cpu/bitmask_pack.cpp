@@ -9,12 +9,14 @@
 
 #include <cstdint>
 
+#include "check.h"
+
 namespace {
 
 at::Tensor pack_mask(const at::Tensor& mask) {
-  TORCH_CHECK(mask.dim() == 2, "pack_mask: mask must be 2-D [out, in], got ", mask.dim(), "-D");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "pack_mask: mask must be bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device().is_cpu(), "pack_mask: mask must be on the CPU");
+  LOSA_CHECK(mask.dim() == 2, "pack_mask: mask must be 2-D [out, in], got ", mask.dim(), "-D");
+  LOSA_CHECK(mask.scalar_type() == at::kBool, "pack_mask: mask must be bool, got ", mask.scalar_type());
+  LOSA_CHECK(mask.device().is_cpu(), "pack_mask: mask must be on the CPU");
   const auto m = mask.contiguous();
   const int64_t rows = m.size(0), cols = m.size(1), words = (cols + 31) / 32;
   auto out = at::empty({rows, words}, m.options().dtype(at::kInt));
@@ -35,10 +37,10 @@ at::Tensor pack_mask(const at::Tensor& mask) {
 }
 
 at::Tensor unpack_mask(const at::Tensor& words, int64_t cols) {
-  TORCH_CHECK(words.dim() == 2, "unpack_mask: words must be 2-D [out, ceil(in/32)]");
-  TORCH_CHECK(words.scalar_type() == at::kInt, "unpack_mask: words must be int32, got ", words.scalar_type());
-  TORCH_CHECK(words.device().is_cpu(), "unpack_mask: words must be on the CPU");
-  TORCH_CHECK(cols >= 0 && (cols + 31) / 32 == words.size(1), "unpack_mask: ", words.size(1),
+  LOSA_CHECK(words.dim() == 2, "unpack_mask: words must be 2-D [out, ceil(in/32)]");
+  LOSA_CHECK(words.scalar_type() == at::kInt, "unpack_mask: words must be int32, got ", words.scalar_type());
+  LOSA_CHECK(words.device().is_cpu(), "unpack_mask: words must be on the CPU");
+  LOSA_CHECK(cols >= 0 && (cols + 31) / 32 == words.size(1), "unpack_mask: ", words.size(1),
               " words per row cannot hold ", cols, " columns");
   const auto w = words.contiguous();
   const int64_t rows = w.size(0), nwords = w.size(1);

@@ -33,6 +33,7 @@
 
 #include <immintrin.h>
 
+#include "check.h"
 #include "cpu_features.h"
 
 namespace {
@@ -246,7 +247,7 @@ std::pair<AttendFn, const char*> chosen_variant() {
   if (const char* cap = std::getenv("LOSA_CPU_ISA"); cap != nullptr && *cap != '\0') {
     const std::string c(cap);
     const int limit = c == "default" ? 0 : c == "avx2" ? 1 : (c == "avx512" || c == "avx512_bf16") ? 2 : -1;
-    TORCH_CHECK(limit >= 0, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
+    LOSA_CHECK(limit >= 0, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
     best = std::min(best, limit);
   }
   if (best == 2) return {attend_avx512, "avx512"};
@@ -256,20 +257,20 @@ std::pair<AttendFn, const char*> chosen_variant() {
 // query [B, H, S, D], key and value [B, Hkv, S, D] (any strides with D contiguous); returns [B, S, H, D].
 at::Tensor causal_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             double scale) {
-  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
+  LOSA_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
               "causal_attention: query, key and value must be [batch, heads, seq, head_dim]");
-  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(),
+  LOSA_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(),
               "causal_attention: CPU tensors only");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
+  LOSA_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
                   value.scalar_type() == at::kFloat,
               "causal_attention: float32 only, got ", query.scalar_type());
   const int64_t batch = query.size(0), heads = query.size(1), seq = query.size(2), dim = query.size(3);
   const int64_t kv_heads = key.size(1);
-  TORCH_CHECK(key.sizes() == value.sizes(), "causal_attention: key ", key.sizes(), " and value ", value.sizes(),
+  LOSA_CHECK(key.sizes() == value.sizes(), "causal_attention: key ", key.sizes(), " and value ", value.sizes(),
               " differ");
-  TORCH_CHECK(key.size(0) == batch && key.size(2) == seq && key.size(3) == dim,
+  LOSA_CHECK(key.size(0) == batch && key.size(2) == seq && key.size(3) == dim,
               "causal_attention: key ", key.sizes(), " does not match query ", query.sizes());
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "causal_attention: ", heads,
+  LOSA_CHECK(kv_heads > 0 && heads % kv_heads == 0, "causal_attention: ", heads,
               " query heads are not a multiple of ", kv_heads, " key/value heads");
   const at::Tensor q = query.stride(3) == 1 ? query : query.contiguous();
   const at::Tensor k = key.stride(3) == 1 ? key : key.contiguous();

@@ -18,19 +18,21 @@
 #include <sys/mman.h>
 #endif
 
+#include "check.h"
+
 namespace {
 
 constexpr int64_t kHugePage = int64_t{2} << 20;
 
 at::Tensor huge_page_copy(const at::Tensor& tensor) {
-  TORCH_CHECK(tensor.device().is_cpu(), "huge_page_copy: need a CPU tensor, got ", tensor.device());
+  LOSA_CHECK(tensor.device().is_cpu(), "huge_page_copy: need a CPU tensor, got ", tensor.device());
   const at::Tensor src = tensor.contiguous();
   const int64_t nbytes = static_cast<int64_t>(src.nbytes());
 #ifdef __linux__
   if (nbytes >= kHugePage) {
     const int64_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
     void* data = std::aligned_alloc(kHugePage, size);
-    TORCH_CHECK(data != nullptr, "huge_page_copy: out of memory allocating ", size, " bytes");
+    LOSA_CHECK(data != nullptr, "huge_page_copy: out of memory allocating ", size, " bytes");
     madvise(data, size, MADV_HUGEPAGE);  // advice before the first touch; ignored when THP is off
     std::memcpy(data, src.data_ptr(), nbytes);
     return at::from_blob(data, src.sizes(), [](void* p) { std::free(p); }, src.options());

@@ -13,6 +13,7 @@
 
 #include <vector>
 
+#include "check.h"
 #include "cpu/sparse_linear.h"
 
 namespace {
@@ -26,10 +27,10 @@ class NmRows {
          int64_t rows_per_block) {
     losa::cpu::check_values(values, kOp);
     losa::cpu::check_mask(mask, in_features, kOp);
-    TORCH_CHECK(m >= 2 && m <= 16, kOp, ": M must be in 2..16, got ", m);
-    TORCH_CHECK(rows_per_block >= 1, kOp, ": rows_per_block must be positive, got ", rows_per_block);
+    LOSA_CHECK(m >= 2 && m <= 16, kOp, ": M must be in 2..16, got ", m);
+    LOSA_CHECK(rows_per_block >= 1, kOp, ": rows_per_block must be positive, got ", rows_per_block);
     const int64_t rows = mask.size(0), blocks = (rows + rows_per_block - 1) / rows_per_block;
-    TORCH_CHECK(block_n.device().is_cpu() && block_n.scalar_type() == at::kInt && block_n.dim() == 1 &&
+    LOSA_CHECK(block_n.device().is_cpu() && block_n.scalar_type() == at::kInt && block_n.dim() == 1 &&
                     block_n.is_contiguous() && block_n.size(0) == blocks,
                 kOp, ": block_n must be a contiguous int32 CPU tensor of ", blocks, " entries");
     const int32_t* ns = block_n.data_ptr<int32_t>();
@@ -39,12 +40,12 @@ class NmRows {
     chunk_.resize(blocks);
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n = ns[b];
-      TORCH_CHECK(n >= 0 && n < m, kOp, ": block ", b, " has N = ", n, ", which must be in 0..", m - 1);
+      LOSA_CHECK(n >= 0 && n < m, kOp, ": block ", b, " has N = ", n, ", which must be in 0..", m - 1);
       stride_[b] = full * n + (n * tail + m - 1) / m;  // the tail group keeps ceil(N·t/M)
       chunk_[b] = 32 % m == 0 ? static_cast<int32_t>(32 / m * n) : 0;
       start_[b + 1] = start_[b] + stride_[b] * std::min(rows_per_block, rows - b * rows_per_block);
     }
-    TORCH_CHECK(start_[blocks] == values.numel(), kOp, ": ", values.numel(), " values given, the N:M layout holds ",
+    LOSA_CHECK(start_[blocks] == values.numel(), kOp, ": ", values.numel(), " values given, the N:M layout holds ",
                 start_[blocks]);
     w_.rows = rows;
     w_.cols = in_features;
@@ -82,7 +83,7 @@ class NmLinear : public torch::autograd::Function<NmLinear> {
                             const at::Tensor& mask, const at::Tensor& block_n, int64_t in_features, int64_t m,
                             int64_t rows_per_block, const std::optional<at::Tensor>& bias, c10::string_view isa,
                             int64_t panel_tokens) {
-    TORCH_CHECK(!values.requires_grad(), kOp, ": the packed weight is frozen, its values cannot require grad");
+    LOSA_CHECK(!values.requires_grad(), kOp, ": the packed weight is frozen, its values cannot require grad");
     ctx->save_for_backward({values, mask, block_n});
     ctx->saved_data["in_features"] = in_features;
     ctx->saved_data["m"] = m;
@@ -98,7 +99,7 @@ class NmLinear : public torch::autograd::Function<NmLinear> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    TORCH_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
+    LOSA_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
     // needs_input_grad counts tensor inputs only: x, values, mask, row table, then the bias (index 4).
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     const NmRows w(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt(), ctx->saved_data["m"].toInt(),

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "cpu/cpu_features.h"
 
 #define LOSA_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,popcnt,f16c")))
@@ -93,11 +94,11 @@ Isa resolve_isa(const std::string& requested) {
   }
   for (Isa isa : kAllIsas) {
     if (name == isa_name(isa)) {
-      TORCH_CHECK(supports(isa), "losa: this CPU does not support the '", name, "' kernels");
+      LOSA_CHECK(supports(isa), "losa: this CPU does not support the '", name, "' kernels");
       return isa;
     }
   }
-  TORCH_CHECK(false, "losa: unknown CPU kernel '", name, "' (auto, avx512_bf16, avx512, avx2, portable)");
+  LOSA_CHECK(false, "losa: unknown CPU kernel '", name, "' (auto, avx512_bf16, avx512, avx2, portable)");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -745,7 +746,7 @@ at::Tensor run_fp32(const SparseRows& w, const at::Tensor& x2, const std::option
 }  // namespace
 
 at::Tensor sparse_to_dense(const SparseRows& w) {
-  TORCH_CHECK(w.cols >= 0 && w.rows >= 0, "sparse_to_dense: bad shape");
+  LOSA_CHECK(w.cols >= 0 && w.rows >= 0, "sparse_to_dense: bad shape");
   auto dense = at::empty({w.rows, w.cols}, at::TensorOptions().dtype(at::kFloat));
   float* out = dense.data_ptr<float>();
   const auto fill = [&](auto kernel) {
@@ -785,35 +786,35 @@ std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, co
 }
 
 void check_values(const at::Tensor& values, const char* op) {
-  TORCH_CHECK(values.device().is_cpu(), op, ": values must be on the CPU, got ", values.device());
-  TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.dim(), "-D");
-  TORCH_CHECK(values.is_contiguous(), op, ": values must be contiguous");
+  LOSA_CHECK(values.device().is_cpu(), op, ": values must be on the CPU, got ", values.device());
+  LOSA_CHECK(values.dim() == 1, op, ": values must be 1-D, got ", values.dim(), "-D");
+  LOSA_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   const auto dt = values.scalar_type();
-  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
+  LOSA_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
               ": values must be bfloat16, float16 or float32, got ", dt);
 }
 
 void check_mask(const at::Tensor& mask, int64_t cols, const char* op) {
-  TORCH_CHECK(mask.device().is_cpu(), op, ": mask must be on the CPU, got ", mask.device());
-  TORCH_CHECK(mask.scalar_type() == at::kInt, op, ": mask words must be int32, got ", mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 2 && mask.is_contiguous(), op, ": mask must be a contiguous 2-D [out, words]");
-  TORCH_CHECK(cols >= 0 && mask.size(1) == (cols + 31) / 32, op, ": mask has ", mask.size(1),
+  LOSA_CHECK(mask.device().is_cpu(), op, ": mask must be on the CPU, got ", mask.device());
+  LOSA_CHECK(mask.scalar_type() == at::kInt, op, ": mask words must be int32, got ", mask.scalar_type());
+  LOSA_CHECK(mask.dim() == 2 && mask.is_contiguous(), op, ": mask must be a contiguous 2-D [out, words]");
+  LOSA_CHECK(cols >= 0 && mask.size(1) == (cols + 31) / 32, op, ": mask has ", mask.size(1),
               " words per row, ", cols, " input features need ", (cols + 31) / 32);
 }
 
 at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
                              const std::string& isa_request, int64_t panel_tokens, const char* op) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  LOSA_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   const auto xdt = x.scalar_type();
-  TORCH_CHECK(xdt == at::kBFloat16 || xdt == at::kHalf || xdt == at::kFloat, op,
+  LOSA_CHECK(xdt == at::kBFloat16 || xdt == at::kHalf || xdt == at::kFloat, op,
               ": x must be bfloat16, float16 or float32, got ", xdt);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.cols, op, ": x has ", x.dim() ? x.size(-1) : 0,
+  LOSA_CHECK(x.dim() >= 1 && x.size(-1) == w.cols, op, ": x has ", x.dim() ? x.size(-1) : 0,
               " features, the weight has ", w.cols, " input features");
   if (bias) {
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU, got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.rows, op, ": bias must be [", w.rows, "], got ",
+    LOSA_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU, got ", bias->device());
+    LOSA_CHECK(bias->dim() == 1 && bias->size(0) == w.rows, op, ": bias must be [", w.rows, "], got ",
                 bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point");
+    LOSA_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point");
   }
   const Isa isa = resolve_isa(isa_request);
   if (panel_tokens <= 0) panel_tokens = kDefaultPanelTokens;

@@ -8,6 +8,7 @@
 
 #include <cstring>
 
+#include "check.h"
 #include "cpu/cpu_features.h"
 
 namespace {
@@ -36,9 +37,9 @@ uint64_t sum_lines_portable(const uint8_t* p, int64_t lines) {
 }
 
 at::Tensor stream_read(const at::Tensor& buffer) {
-  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "stream_read: need a contiguous CPU tensor");
+  LOSA_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "stream_read: need a contiguous CPU tensor");
   const auto* p = static_cast<const uint8_t*>(buffer.data_ptr());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 64 == 0, "stream_read: the buffer must be 64-byte aligned");
+  LOSA_CHECK(reinterpret_cast<uintptr_t>(p) % 64 == 0, "stream_read: the buffer must be 64-byte aligned");
   const int64_t lines = static_cast<int64_t>(buffer.nbytes()) / 64;
   const bool avx512 = losa::cpu::has_feature("avx512f");
   const uint64_t total = at::parallel_reduce(
