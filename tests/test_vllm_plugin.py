@@ -189,8 +189,8 @@ def vllm_runs(smollm2_mixed, tmp_path_factory):
     root, _ = smollm2_mixed
     tokenizer = load_tokenizer(root / "hf")
     prompts = [tokenizer(text)["input_ids"] for text in PACK_PROMPTS]
-    runs = [{"model": str(root / fmt), "prompts": prompts, "new_tokens": PACK_NEW_TOKENS, "dtype": "float32",
-             "gpu_memory_utilization": 0.12} for fmt in ("vllm", "hf")]
+    runs = [{"model": str(root / fmt), "prompts": prompts, "new_tokens": PACK_NEW_TOKENS, "dtype": "float32"}
+            for fmt in ("vllm", "hf")]
     work = tmp_path_factory.mktemp("vllm-run")
     (work / "request.json").write_text(json.dumps(runs))
     done = subprocess.run([sys.executable, "-m", "losa_deploy.engines.vllm_generate", work / "request.json",
