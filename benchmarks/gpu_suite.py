@@ -42,7 +42,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from losa_deploy.kernels.dispatch import gpu_kernel, groups_kernel_fits, has_cuda_op, sparse_linear
+from losa_deploy.kernels.dispatch import (
+    gpu_kernel,
+    groups_kernel_fits,
+    has_cuda_op,
+    positions_kernel_fits,
+    sparse_linear,
+)
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 from losa_deploy.kernels.formats.nm import NMWeight
@@ -50,6 +56,7 @@ from losa_deploy.utils.fs import atomic_file
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GROUP_KERNELS = ("groups:16:2", "groups:16:2:window", "groups:8:2:window", "groups:16:4")  # the op's default first
+POSITION_KERNELS = ("positions:16", "positions:8", "positions:16:2", "positions:8:2")  # one token only; W[:rows per warp]
 PATTERNS = ("50%", "70%", "90%", "2:4")
 TOKENS = (1, 8, 16, 32, 128)
 TOLERANCE = 1e-2
@@ -74,8 +81,11 @@ def triton_candidates(tokens: int):
 
 
 def kernel_runs(kernel: str, cols: int, tokens: int, device) -> bool:
-    """Whether the CUDA op runs ``kernel`` (``rows`` or ``groups:W:P[:window]``) at this size: a forced
-    value-group kernel that does not fit is an error, so the suite and the probe leave it out."""
+    """Whether the CUDA op runs ``kernel`` (``rows``, ``groups:W:P[:window]``, ``positions:W``) at this size:
+    a forced value-group kernel that does not fit is an error, so the suite and the probe leave it out.
+    The positions kernel is timed at one token only (more tokens are one launch each)."""
+    if kernel.startswith("positions"):
+        return tokens == 1 and positions_kernel_fits(cols, int(kernel.split(":")[1]) if ":" in kernel else 16)
     if not kernel.startswith("groups"):
         return True
     warps = int(kernel.split(":")[1]) if kernel.count(":") else 16
@@ -176,6 +186,10 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
     if groups:
         best = min(groups, key=groups.get)
         row["groups_best"], row["groups_us"] = best[len("cuda "):], groups[best]
+    positions = {k: v for k, v in times.items() if k.startswith("cuda positions")}
+    if positions:
+        best = min(positions, key=positions.get)
+        row["positions_best"], row["positions_us"] = best[len("cuda positions:"):], positions[best]
     for name, key in (("auto", "auto"), ("cuda rows", "rows"), ("cslt", "cslt")):
         if name in times:
             row[f"{key}_us"] = times[name]
@@ -232,8 +246,9 @@ def write(path: str, info: dict, rows: list[dict], lora) -> None:
 
 
 HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | auto GB/s | CUDA rows µs | "
-          "best CUDA groups µs (W:P) | best Triton µs (config) | best × | cuSPARSELt µs | cslt × |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "best CUDA groups µs (W:P) | best CUDA positions µs (W) | best Triton µs (config) | best × | "
+          "cuSPARSELt µs | cslt × |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -244,6 +259,7 @@ def table_row(r: dict) -> str:
     return (f"| {r['shape']} | {r['pattern']} | {r['tokens']} | {r['dense_us']:.1f} | {_fmt(r.get('auto_us'))} "
             f"({r.get('auto_kernel', '?')}) | {_fmt(r.get('speedup_auto'), '.2f')} | {_fmt(r.get('auto_GBps'), '.0f')} | "
             f"{_fmt(r.get('rows_us'))} | {_fmt(r.get('groups_us'))} ({r.get('groups_best', 'groups:—')[len('groups:'):]}) | "
+            f"{_fmt(r.get('positions_us'))} ({r.get('positions_best', '—')}) | "
             f"{_fmt(r.get('triton_best_us'))} ({r.get('triton_best', '—')}) | {_fmt(r.get('speedup_best'), '.2f')} | "
             f"{_fmt(r.get('cslt_us'))} | {_fmt(r.get('speedup_cslt'), '.2f')} |")
 
@@ -291,8 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-lora", action="store_true", help="skip the masked-LoRA benchmark")
     parser.add_argument("--sweep-budget", type=float, default=150.0,
                         help="seconds after which the Triton config sweep stops (default 150)")
-    parser.add_argument("--cuda-kernels", nargs="*", default=["rows", *GROUP_KERNELS],
-                        help="the CUDA op's kernels timed one by one (default: rows and a few groups settings)")
+    parser.add_argument("--cuda-kernels", nargs="*", default=["rows", *GROUP_KERNELS, *POSITION_KERNELS],
+                        help="the CUDA op's kernels timed one by one (default: rows, a few groups settings and "
+                        "the positions kernel at two block sizes and two rows per warp)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ragged shapes on the CPU under TRITON_INTERPRET=1: checks this script only")
     parser.add_argument("--seed", type=int, default=int(time.time()))

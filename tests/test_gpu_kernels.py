@@ -144,15 +144,16 @@ def _cuda_linear(x, packed, bias, kernel: str):
 
 
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
-@pytest.mark.parametrize("kernel", ["auto", "rows", "groups:16:4", "groups:3:2", "groups:5:2:window"])
+@pytest.mark.parametrize("kernel", ["auto", "rows", "groups:16:4", "groups:3:2", "groups:5:2:window", "positions",
+                                    "positions:3", "positions:8:2", "positions:5:3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 7, 16, 23])
 def test_cuda_op_matches_float64(kernel, dtype, tokens, rng):
-    """Both CUDA kernels (row walk; value groups at three block sizes, two depths and both mask walks),
+    """Every CUDA kernel (row walk; value groups at three block sizes, two depths and both mask walks; the
+    one-token positions kernel at three block sizes and one to three rows per warp, one launch per token),
     every token width they are instantiated for (and padding to it): row steps of 1024/2048 columns with
     ragged tails, rows whose values start anywhere in a 16-byte group, empty rows, more rows than resident
-    warps (the value-group kernel's row loop), N:M weights through their bitmask view, and the dense
-    fallback (fp32)."""
+    warps (the row loops), N:M weights through their bitmask view, and the dense fallback (fp32)."""
     cases = [("bitmask", 37, 2101, 0.7), ("bitmask", 64, 4096, 0.5), ("bitmask", 5, 33, 0.0),
              ("bitmask", 11, 300, 0.95), ("2:4", 19, 1030, 0), ("mixed:8", 21, 700, 0),
              ("bitmask", 9001, 72, 0.6)]
@@ -168,8 +169,9 @@ def test_cuda_op_matches_float64(kernel, dtype, tokens, rng):
 
 
 def test_groups_kernel_fit_rule(monkeypatch):
-    """The Python copy of the value-group kernel's shared-memory plan (dispatch.groups_kernel_fits, used to
-    send 17-32 tokens to the CUDA op) against hand-computed sizes on a 227 KiB (sm_90) block."""
+    """The Python copies of the value-group and positions kernels' shared-memory plans
+    (dispatch.groups_kernel_fits, used to send 17-32 tokens to the CUDA op; positions_kernel_fits, used by
+    the GPU suite) against hand-computed sizes on a 227 KiB (sm_90) block."""
     from losa_deploy.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 227 * 1024)
@@ -180,6 +182,12 @@ def test_groups_kernel_fit_rule(monkeypatch):
     assert not dispatch.groups_kernel_fits(11008, 16)  # 352 KB of x alone
     assert not dispatch.groups_kernel_fits(65536, 1)  # 131 KB of x + 16 x 16.5 KB of mask buffers
     assert dispatch.groups_kernel_fits(65536, 1, warps=4)
+    # positions: x in fp32, 36 floats per word, words padded to steps of 32; 2 x 1,040 bf16 values per warp
+    assert dispatch.positions_kernel_fits(4096)  # 128 x 144 + 16 x 4,160 = 84,992 B
+    assert dispatch.positions_kernel_fits(32768, warps=16)  # 147,456 + 66,560 = 214,016 B
+    assert not dispatch.positions_kernel_fits(40000, warps=16)  # 1,280 x 144 + 66,560 = 250,880 B
+    assert dispatch.positions_kernel_fits(40000, warps=8)  # 184,320 + 33,280 = 217,600 B
+    assert not dispatch.positions_kernel_fits(65536, warps=1)  # 294,912 B of x alone
 
 
 @pytest.mark.skipif(not has_cuda_op(), reason="extension built without CUDA")
@@ -192,7 +200,9 @@ def test_cuda_kernel_choice_errors(rng):
     with pytest.raises(RuntimeError, match="does not fit"):
         _cuda_linear(x, packed, bias, "groups")
     check_linear(_cuda_linear(x, packed, bias, "auto"), x, w, bias)
-    for bad in ("fastest", "groups:32", "groups:8:3", "groups:8:2:skip", "groups:4:2x", "groups:4:4:"):
+    for bad in ("fastest", "groups:32", "groups:8:3", "groups:8:2:skip", "groups:4:2x", "groups:4:4:",
+                "positions:0", "positions:17", "positions:x", "positions8", "positions:", "positions:4:0",
+                "positions:4:x", "positions:4:2:1"):
         with pytest.raises(RuntimeError, match="kernel"):
             _cuda_linear(x[:1], packed, bias, bad)
     layout = gpu_layout(packed.replace(**{k: v.cuda() for k, v in packed.tensors().items()}))
@@ -270,7 +280,7 @@ def test_dispatch_choices_and_bad_input(rng):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("source", ["bitmask_gemv.cu", "bitmask_gemv_groups.cu"])
+@pytest.mark.parametrize("source", ["bitmask_gemv.cu", "bitmask_gemv_groups.cu", "bitmask_gemv_positions.cu"])
 def test_cuda_sources_compile(arch, source, tmp_path):
     """Each kernel core compiles on its own (no torch headers) for Ampere and Hopper, with no spills."""
     obj = tmp_path / "kernel.o"

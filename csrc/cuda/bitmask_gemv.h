@@ -40,4 +40,13 @@ cudaError_t bitmask_gemv(const BitmaskGemvArgs& args, cudaStream_t stream);
 bool bitmask_gemv_groups_fits(const BitmaskGemvArgs& args, int warps);
 cudaError_t bitmask_gemv_groups(const BitmaskGemvArgs& args, int warps, int depth, bool window, cudaStream_t stream);
 
+// The positions kernel (bitmask_gemv_positions.cu), one token only: lanes visit every position of their
+// mask words with a fixed, branch-free loop, so its cost follows the columns, not the kept weights.
+// `warps` per block (1-16); the grid gives each warp about `rows_per_warp` rows (fewer blocks, each warp's
+// rows pipelined) where that is fewer blocks than fit at once. Compute capability 8.0+, x (fp32) plus
+// per-warp value buffers in shared memory, and sizes below 2^31: `fits` says whether this device runs it
+// for these arguments (tokens must be 1).
+bool bitmask_gemv_positions_fits(const BitmaskGemvArgs& args, int warps);
+cudaError_t bitmask_gemv_positions(const BitmaskGemvArgs& args, int warps, int rows_per_warp, cudaStream_t stream);
+
 }  // namespace losa::cuda

@@ -33,6 +33,7 @@
 #include <unordered_set>
 
 #include "cuda/bitmask_gemv.h"
+#include "cuda/device_common.cuh"
 #include "cuda/half_math.cuh"
 
 namespace losa::cuda {
@@ -82,30 +83,6 @@ __host__ __device__ inline Plan make_plan(int64_t cols, int64_t words) {
 template <int NT>
 __device__ __forceinline__ int x_index(int c) { return c * NT + (c >> 7) * kPad<NT>; }
 
-// Asynchronous global -> shared copies (sm_80+): no registers held, one wait for all of them. Compiled for
-// an older architecture they are plain copies, so the extension still builds there; the launcher does not
-// run this kernel below compute capability 8.0 (bitmask_gemv_groups_fits).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-__device__ __forceinline__ void copy_async4(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
-}
-__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
-#else
-__device__ __forceinline__ void copy_async4(void* dst, const void* src) {
-  *static_cast<uint32_t*>(dst) = *static_cast<const uint32_t*>(src);
-}
-__device__ __forceinline__ void copy_async16(void* dst, const void* src) {
-  *static_cast<uint4*>(dst) = *static_cast<const uint4*>(src);
-}
-__device__ __forceinline__ void copy_async_commit() {}
-__device__ __forceinline__ void copy_async_wait() {}
-#endif
 
 // Position of the n-th (0-based) set bit of w; n < popc(w). Five popcount halvings, no loop.
 __device__ __forceinline__ int nth_set_bit(uint32_t w, int n) {
@@ -460,31 +437,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) LOSA_MAX_REGISTERS((kMaxRegist
     copy_async_wait();
     __syncwarp();  // the next row's words (every lane's copies) and starts table are free / visible
   }
-}
-
-// Per device: its index, SM count, compute capability and opt-in shared memory per block, read once.
-struct DeviceLimits {
-  int device = 0, sms = 0, major = 0, smem_optin = 0;
-};
-
-cudaError_t device_limits(DeviceLimits& out) {
-  static std::mutex lock;
-  static std::unordered_map<int, DeviceLimits> cache;
-  int device = 0;
-  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  const std::lock_guard<std::mutex> guard(lock);
-  auto it = cache.find(device);
-  if (it == cache.end()) {
-    DeviceLimits d;
-    d.device = device;
-    cudaError_t err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (err != cudaSuccess) return err;
-    it = cache.emplace(device, d).first;
-  }
-  out = it->second;
-  return cudaSuccess;
 }
 
 template <typename T, int NT, int P, typename Walk = BitWalk>

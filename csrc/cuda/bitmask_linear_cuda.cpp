@@ -5,12 +5,18 @@
 //     launch (N:M weights arrive here through their bitmask view, formats/gpu.py);
 //   * anything else (fp32, mixed dtypes): the weight is decompressed and torch's dense linear runs.
 // `isa` picks the kernel here (the CPU op reads it as the instruction set):
-//   "auto" (or "")     the value-group kernel (bitmask_gemv_groups.cu) where it fits, else the row walk;
+//   "auto" (or "")     at one token with at least 20% of the weights kept, the positions kernel
+//                      (bitmask_gemv_positions.cu); otherwise the value-group kernel
+//                      (bitmask_gemv_groups.cu) where it fits, else the row walk;
 //                      $LOSA_CUDA_KERNEL (read once) replaces "auto" by one of the names below;
 //   "rows"             the row-walk kernel (bitmask_gemv.cu);
 //   "groups[:W[:P[:window]]]"  the value-group kernel with W warps per block (default 16), P groups per
 //                      lane in flight (default 2; 4 up to 2 tokens) and, with "window", its branch-free
 //                      mask walk (up to 2 tokens); an error where it does not fit.
+//   "positions[:W[:R]]"  the positions kernel (bitmask_gemv_positions.cu) with W warps per block
+//                      (default 16) and about R rows per warp (default 1: as many blocks as fit): one
+//                      token per launch, so several tokens take several launches; an error where it does
+//                      not fit.
 // `panel_tokens` is a CPU tuning knob and is ignored here.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,22 +27,26 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "cuda/bitmask_gemv.h"
 
 namespace {
 
 constexpr const char* kOp = "bitmask_linear (CUDA)";
 
-// Numbers go into error messages as strings: on the lent H200 (torch 2.11+cu130) a TORCH_CHECK whose
-// message streamed an integer crashed the process (segfault while formatting) instead of raising, and
-// one with strings only raised as it should.
-std::string num(int64_t v) { return std::to_string(v); }
 
 struct Kernel {
   bool groups = true, forced = false;
   int warps = 16, depth = 2;  // the fastest setting over the suite's shapes on an H200 (RESULTS.md)
   bool window = false;
+  bool positions = false;
+  int rows_per_warp = 1;
+  bool automatic = false;  // "auto" with no $LOSA_CUDA_KERNEL: one token may take the positions kernel
 };
+
+// "auto" at one token runs the positions kernel where at least this fraction of the weights is kept: its
+// cost follows the columns, the value-group kernel's the kept weights (H200 crossover: RESULTS.md).
+constexpr double kPositionsMinKept = 0.2;
 
 // A whole decimal number (nothing before or after it).
 bool parse_int(const std::string& text, int& out) {
@@ -49,8 +59,23 @@ bool parse_int(const std::string& text, int& out) {
 }
 
 Kernel parse_name(const std::string& name) {
-  if (name.empty() || name == "auto") return Kernel{};
+  if (name.empty() || name == "auto") {
+    Kernel k;
+    k.automatic = true;
+    return k;
+  }
   if (name == "rows") return Kernel{false, true};
+  if (name == "positions" || name.rfind("positions:", 0) == 0) {
+    Kernel k{false, true, 16};
+    k.positions = true;
+    const std::string rest = name.size() > 9 ? name.substr(10) : "";
+    const size_t colon = rest.find(':');
+    const bool ok = name.size() == 9 || (parse_int(rest.substr(0, colon), k.warps) &&
+                                         (colon == std::string::npos || parse_int(rest.substr(colon + 1), k.rows_per_warp)));
+    LOSA_CHECK(ok && k.warps >= 1 && k.warps <= 16 && k.rows_per_warp >= 1, kOp, ": kernel '", name,
+               "' needs 1-16 warps and at least 1 row per warp (positions[:warps[:rows]])");
+    return k;
+  }
   std::vector<std::string> parts;
   for (size_t start = 0;;) {
     const size_t colon = name.find(':', start);
@@ -61,9 +86,10 @@ Kernel parse_name(const std::string& name) {
   Kernel k{true, true};
   const bool ok = parts[0] == "groups" && parts.size() <= 4 && (parts.size() < 2 || parse_int(parts[1], k.warps)) &&
                   (parts.size() < 3 || parse_int(parts[2], k.depth)) && (parts.size() < 4 || parts[3] == "window");
-  TORCH_CHECK(ok, kOp, ": unknown kernel '", name, "' (choose auto, rows, or groups[:warps[:depth[:window]]])");
+  LOSA_CHECK(ok, kOp, ": unknown kernel '", name,
+              "' (choose auto, rows, groups[:warps[:depth[:window]]] or positions[:warps[:rows]])");
   k.window = parts.size() == 4;
-  TORCH_CHECK(k.warps >= 1 && k.warps <= 16 && (k.depth == 2 || k.depth == 4), kOp, ": kernel '", name,
+  LOSA_CHECK(k.warps >= 1 && k.warps <= 16 && (k.depth == 2 || k.depth == 4), kOp, ": kernel '", name,
               "' needs 1-16 warps and depth 2 or 4");
   return k;
 }
@@ -87,6 +113,7 @@ Kernel parse_kernel(c10::string_view isa) {
 // one row-walk launch (4096x11008 on an H200: 74 µs per 8-token value-group launch at 70% against 203 µs
 // for the row walk at 16 tokens). 16 when even one token does not fit (the row walk runs).
 int64_t tokens_per_launch(losa::cuda::BitmaskGemvArgs args, const Kernel& kernel) {
+  if (kernel.positions) return 1;
   if (!kernel.groups || kernel.forced) return losa::cuda::kMaxTokens;
   for (int t = losa::cuda::kMaxTokens; t >= 1; t /= 2) {
     args.tokens = t;
@@ -106,21 +133,21 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
                                const at::Tensor& row_ptr, int64_t in_features, const std::optional<at::Tensor>& bias,
                                c10::string_view isa, int64_t /*panel_tokens*/) {
   const int64_t rows = mask.size(0), words = (in_features + 31) / 32;
-  TORCH_CHECK(x.is_cuda() && values.is_cuda() && mask.is_cuda() && row_ptr.is_cuda(), kOp,
+  LOSA_CHECK(x.is_cuda() && values.is_cuda() && mask.is_cuda() && row_ptr.is_cuda(), kOp,
               ": x, values, mask and row_ptr must be CUDA tensors");
-  TORCH_CHECK(values.get_device() == x.get_device() && mask.get_device() == x.get_device() &&
+  LOSA_CHECK(values.get_device() == x.get_device() && mask.get_device() == x.get_device() &&
                   row_ptr.get_device() == x.get_device(),
               kOp, ": all tensors must be on one device");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", num(x.size(-1)), " features, the weight ",
-              num(in_features));
-  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), kOp, ": values must be contiguous 1-D");
-  TORCH_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.size(1) == words && mask.is_contiguous(), kOp,
-              ": mask must be contiguous int32 [rows, ", num(words), "]");
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 &&
+  LOSA_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
+              in_features);
+  LOSA_CHECK(values.dim() == 1 && values.is_contiguous(), kOp, ": values must be contiguous 1-D");
+  LOSA_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.size(1) == words && mask.is_contiguous(), kOp,
+              ": mask must be contiguous int32 [rows, ", words, "]");
+  LOSA_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 &&
                   row_ptr.is_contiguous(),
-              kOp, ": row_ptr must be contiguous int64 [", num(rows + 1), "]");
+              kOp, ": row_ptr must be contiguous int64 [", rows + 1, "]");
   if (bias) {
-    TORCH_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", num(rows),
+    LOSA_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
                 "] tensor");
   }
   const Kernel kernel = parse_kernel(isa);
@@ -151,17 +178,31 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
   args.dtype = dtype == at::kBFloat16 ? losa::cuda::Half16::kBFloat16 : losa::cuda::Half16::kFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto elem = x2.element_size();
-  const int64_t per_launch = tokens_per_launch(args, kernel);
+  Kernel chosen = kernel;
+  if (kernel.automatic && tokens == 1 &&
+      static_cast<double>(values.numel()) >= kPositionsMinKept * static_cast<double>(rows) * in_features) {
+    chosen = Kernel{false, false, 16};
+    chosen.positions = true;
+  }
+  const int64_t per_launch = tokens_per_launch(args, chosen);
   for (int64_t t0 = 0; t0 < tokens; t0 += per_launch) {
     args.tokens = static_cast<int>(std::min<int64_t>(per_launch, tokens - t0));
     args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
     args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
-    const bool groups = kernel.groups && losa::cuda::bitmask_gemv_groups_fits(args, kernel.warps);
-    TORCH_CHECK(groups || !kernel.forced || !kernel.groups, kOp, ": the value-group kernel does not fit ",
-                num(in_features), " columns at ", num(args.tokens), " tokens on this device (use rows)");
-    const cudaError_t err = groups ? losa::cuda::bitmask_gemv_groups(args, kernel.warps, kernel.depth, kernel.window, stream)
-                                   : losa::cuda::bitmask_gemv(args, stream);
-    TORCH_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+    // A preferred kernel that does not fit (not forced) gives way to the value-group kernel's default.
+    const bool positions = chosen.positions && losa::cuda::bitmask_gemv_positions_fits(args, chosen.warps);
+    LOSA_CHECK(positions || !chosen.positions || !chosen.forced, kOp, ": the positions kernel does not fit ",
+                in_features, " columns with ", chosen.warps, " warps on this device (use rows)");
+    const Kernel fallback{};
+    const Kernel& other = chosen.positions ? fallback : chosen;
+    const bool groups = !positions && other.groups && losa::cuda::bitmask_gemv_groups_fits(args, other.warps);
+    LOSA_CHECK(positions || groups || !other.forced || !other.groups, kOp, ": the value-group kernel does not fit ",
+                in_features, " columns at ", args.tokens, " tokens on this device (use rows)");
+    const cudaError_t err =
+        positions ? losa::cuda::bitmask_gemv_positions(args, chosen.warps, chosen.rows_per_warp, stream)
+        : groups  ? losa::cuda::bitmask_gemv_groups(args, other.warps, other.depth, other.window, stream)
+                  : losa::cuda::bitmask_gemv(args, stream);
+    LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
   auto shape = x.sizes().vec();
   shape.back() = rows;

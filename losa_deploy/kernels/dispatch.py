@@ -9,9 +9,10 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   up to :data:`CUDA_OP_MAX_TOKENS_GROUPS` where its value-group kernel holds 16 tokens of x in shared
   memory; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``: register decode + FMA up to
   8 tokens, decode + ``tl.dot`` beyond); the pure-PyTorch path when neither is available. The CUDA op
-  picks its kernel itself (``csrc/cuda/bitmask_linear_cuda.cpp``): the value-group kernel
-  (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
-  ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``).
+  picks its kernel itself (``csrc/cuda/bitmask_linear_cuda.cpp``): at one token with at least 20% of
+  the weights kept the positions kernel (``bitmask_gemv_positions.cu``), otherwise the value-group
+  kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
+  ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W``).
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
@@ -137,6 +138,15 @@ def groups_kernel_fits(cols: int, tokens: int, device: torch.device | str = "cud
     return x_bytes + warps * (2 * words_padded + 32) * 4 <= _smem_optin(str(device))
 
 
+def positions_kernel_fits(cols: int, warps: int = 16, device: torch.device | str = "cuda") -> bool:
+    """Whether the CUDA op's positions kernel (one token) can run ``cols`` input columns with ``warps``
+    warps per block on ``device``: x in fp32 (36 floats per 32 columns, whole steps of 32 words) and two
+    value buffers per warp must fit one block's shared memory. Mirrors ``make_plan`` in
+    ``csrc/cuda/bitmask_gemv_positions.cu``."""
+    words_padded = -(-max(-(-cols // 32), 1) // 32) * 32
+    return words_padded * 36 * 4 + warps * 2 * (32 * 32 + 16) * 2 <= _smem_optin(str(device))
+
+
 @functools.lru_cache(maxsize=8)
 def _smem_optin(device: str) -> int:
     """Shared memory one block may opt into on ``device``; 0 below compute capability 8.0, where the
@@ -234,6 +244,7 @@ __all__ = [
     "GPU_BACKENDS",
     "gpu_kernel",
     "groups_kernel_fits",
+    "positions_kernel_fits",
     "has_cuda_op",
     "kernel_weight",
     "register_op_metadata",
