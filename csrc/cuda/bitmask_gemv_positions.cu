@@ -25,10 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <mutex>
 #include <type_traits>
-#include <unordered_map>
-#include <unordered_set>
 
 #include "cuda/bitmask_gemv.h"
 #include "cuda/device_common.cuh"
@@ -270,29 +267,8 @@ cudaError_t launch(const BitmaskGemvArgs& a, int warps, int rows_per_warp, const
   auto kernel = bitmask_gemv_positions_kernel<T>;
   const Plan plan = make_plan(a.words);
   const int64_t bytes = plan.bytes(warps);
-  // Per device: the shared-memory opt-in, set once, and the resident blocks per SM for this block size and
-  // shared memory (the query is slow).
-  static std::mutex lock;
-  static std::unordered_set<int> configured;
-  static std::unordered_map<int64_t, int> resident;
   int per_sm = 0;
-  {
-    const std::lock_guard<std::mutex> guard(lock);
-    if (!configured.count(dev.device)) {
-      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
-      if (err != cudaSuccess) return err;
-      configured.insert(dev.device);
-    }
-    const int64_t key = (bytes * (kMaxWarps + 1) + warps) * 64 + dev.device;
-    if (auto it = resident.find(key); it != resident.end()) {
-      per_sm = it->second;
-    } else {
-      const cudaError_t err =
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * 32, static_cast<size_t>(bytes));
-      if (err != cudaSuccess) return err;
-      resident.emplace(key, per_sm);
-    }
-  }
+  if (const cudaError_t err = resident_blocks(kernel, warps * 32, bytes, dev, per_sm); err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
   // Blocks: enough for every row at `rows_per_warp` rows per warp, at most what is resident at once.
   const int64_t rows_per_block = static_cast<int64_t>(warps) * rows_per_warp;

@@ -5,8 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <set>
+#include <tuple>
 #include <unordered_map>
+#include <utility>
 
 namespace losa::cuda {
 
@@ -65,6 +69,31 @@ inline cudaError_t device_limits(DeviceLimits& out) {
   }
   out = it->second;
   return cudaSuccess;
+}
+
+// Resident blocks per SM of `kernel` at `threads` threads and `bytes` of dynamic shared memory on `dev`.
+// The kernel first opts into the device's full shared memory (the attribute is the current device's).
+// Both are done once per kernel and device, and the count is kept per launch shape: the query is slow.
+template <typename Kernel>
+cudaError_t resident_blocks(Kernel kernel, int threads, int64_t bytes, const DeviceLimits& dev, int& per_sm) {
+  static std::mutex lock;
+  static std::set<std::pair<const void*, int>> configured;
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> resident;
+  const void* fn = reinterpret_cast<const void*>(kernel);
+  const std::lock_guard<std::mutex> guard(lock);
+  if (!configured.count({fn, dev.device})) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin);
+    if (err != cudaSuccess) return err;
+    configured.insert({fn, dev.device});
+  }
+  const auto key = std::make_tuple(fn, dev.device, threads, bytes);
+  if (const auto it = resident.find(key); it != resident.end()) {
+    per_sm = it->second;
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(bytes));
+  if (err == cudaSuccess) resident.emplace(key, per_sm);
+  return err;
 }
 
 }  // namespace losa::cuda
