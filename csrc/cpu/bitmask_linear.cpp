@@ -19,14 +19,14 @@ losa::cpu::SparseRows bitmask_rows(const at::Tensor& values, const at::Tensor& m
   const int64_t rows = mask.size(0);
   LOSA_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
                   row_ptr.is_contiguous(),
-              kOp, ": row_ptr must be a contiguous 1-D int64 CPU tensor");
+             kOp, ": row_ptr must be a contiguous 1-D int64 CPU tensor");
   LOSA_CHECK(row_ptr.size(0) == rows + 1, kOp, ": row_ptr has ", row_ptr.size(0), " entries, ", rows,
-              " rows need ", rows + 1);
+             " rows need ", rows + 1);
   // Cheap structural checks (O(rows)); that each row's mask bits match its value count is checked once,
   // when the packed weight is built (BitmaskWeight), not on every call.
   const int64_t* ptr = row_ptr.data_ptr<int64_t>();
   LOSA_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(), kOp, ": row_ptr must run from 0 to the ",
-              values.numel(), " values, got ", ptr[0], "..", ptr[rows]);
+             values.numel(), " values, got ", ptr[0], "..", ptr[rows]);
   for (int64_t r = 0; r < rows; ++r) LOSA_CHECK(ptr[r] <= ptr[r + 1], kOp, ": row_ptr decreases at row ", r);
 
   losa::cpu::SparseRows w;

@@ -41,7 +41,7 @@ at::Tensor unpack_mask(const at::Tensor& words, int64_t cols) {
   LOSA_CHECK(words.scalar_type() == at::kInt, "unpack_mask: words must be int32, got ", words.scalar_type());
   LOSA_CHECK(words.device().is_cpu(), "unpack_mask: words must be on the CPU");
   LOSA_CHECK(cols >= 0 && (cols + 31) / 32 == words.size(1), "unpack_mask: ", words.size(1),
-              " words per row cannot hold ", cols, " columns");
+             " words per row cannot hold ", cols, " columns");
   const auto w = words.contiguous();
   const int64_t rows = w.size(0), nwords = w.size(1);
   auto out = at::empty({rows, cols}, w.options().dtype(at::kBool));

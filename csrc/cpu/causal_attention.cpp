@@ -258,20 +258,20 @@ std::pair<AttendFn, const char*> chosen_variant() {
 at::Tensor causal_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             double scale) {
   LOSA_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4,
-              "causal_attention: query, key and value must be [batch, heads, seq, head_dim]");
+             "causal_attention: query, key and value must be [batch, heads, seq, head_dim]");
   LOSA_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(),
-              "causal_attention: CPU tensors only");
+             "causal_attention: CPU tensors only");
   LOSA_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat &&
                   value.scalar_type() == at::kFloat,
-              "causal_attention: float32 only, got ", query.scalar_type());
+             "causal_attention: float32 only, got ", query.scalar_type());
   const int64_t batch = query.size(0), heads = query.size(1), seq = query.size(2), dim = query.size(3);
   const int64_t kv_heads = key.size(1);
   LOSA_CHECK(key.sizes() == value.sizes(), "causal_attention: key ", key.sizes(), " and value ", value.sizes(),
-              " differ");
+             " differ");
   LOSA_CHECK(key.size(0) == batch && key.size(2) == seq && key.size(3) == dim,
-              "causal_attention: key ", key.sizes(), " does not match query ", query.sizes());
+             "causal_attention: key ", key.sizes(), " does not match query ", query.sizes());
   LOSA_CHECK(kv_heads > 0 && heads % kv_heads == 0, "causal_attention: ", heads,
-              " query heads are not a multiple of ", kv_heads, " key/value heads");
+             " query heads are not a multiple of ", kv_heads, " key/value heads");
   const at::Tensor q = query.stride(3) == 1 ? query : query.contiguous();
   const at::Tensor k = key.stride(3) == 1 ? key : key.contiguous();
   const at::Tensor v = value.stride(3) == 1 ? value : value.contiguous();

@@ -412,21 +412,21 @@ void check_operands(const char* op, const at::Tensor& act, const std::optional<a
   LOSA_CHECK(act.dim() == 2, op, ": activations must be 2-D, got ", act.dim(), "-D");
   const auto dt = act.scalar_type();
   LOSA_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op,
-              ": activations must be float32, float64 or bfloat16, got ", dt);
+             ": activations must be float32, float64 or bfloat16, got ", dt);
   LOSA_CHECK(a.dim() == 2 && b.dim() == 2, op, ": lora_A and lora_B must be 2-D");
   const int64_t d = b.size(0), r = b.size(1), k = a.size(1);
   LOSA_CHECK(a.size(0) == r, op, ": rank mismatch, lora_A has ", a.size(0), " rows, lora_B ", r, " columns");
   LOSA_CHECK(a.scalar_type() == acc_type(dt) && b.scalar_type() == acc_type(dt), op, ": lora_A and lora_B must be ",
-              acc_type(dt), " for ", dt, " activations");
+             acc_type(dt), " for ", dt, " activations");
   LOSA_CHECK(words.scalar_type() == at::kInt && words.dim() == 2 && words.size(0) == d &&
                   words.size(1) == (k + kWordBits - 1) / kWordBits,
-              op, ": mask words must be int32 [", d, ", ", (k + kWordBits - 1) / kWordBits, "], got ",
-              words.scalar_type(), " ", words.sizes());
+             op, ": mask words must be int32 [", d, ", ", (k + kWordBits - 1) / kWordBits, "], got ",
+             words.scalar_type(), " ", words.sizes());
   if (weight.has_value()) {
     LOSA_CHECK(weight->dim() == 2 && weight->size(0) == d && weight->size(1) == k, op, ": weight must be [", d,
-                ", ", k, "], got ", weight->sizes());
+               ", ", k, "], got ", weight->sizes());
     LOSA_CHECK(weight->scalar_type() == dt, op, ": weight dtype ", weight->scalar_type(),
-                " differs from the activations' ", dt);
+               " differs from the activations' ", dt);
   }
   for (const at::Tensor* t : {&act, &words, &a, &b})
     LOSA_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU");
@@ -512,7 +512,7 @@ at::Tensor masked_lora_mm(const at::Tensor& x_in, const std::optional<at::Tensor
                           double scale) {
   check_operands("masked_lora_mm", x_in, weight_in, words_in, a_in, b_in);
   LOSA_CHECK(x_in.size(1) == a_in.size(1), "masked_lora_mm: x has ", x_in.size(1), " features, lora_A ",
-              a_in.size(1));
+             a_in.size(1));
   const auto x = x_in.contiguous(), words = words_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const auto weight = contiguous(weight_in);
   const int64_t tokens = x.size(0), d = b.size(0), k = a.size(1);
@@ -541,7 +541,7 @@ at::Tensor masked_lora_mm_t(const at::Tensor& grad_in, const std::optional<at::T
                             double scale) {
   check_operands("masked_lora_mm_t", grad_in, weight_in, words_in, a_in, b_in);
   LOSA_CHECK(grad_in.size(1) == b_in.size(0), "masked_lora_mm_t: grad has ", grad_in.size(1),
-              " features, lora_B ", b_in.size(0), " rows");
+             " features, lora_B ", b_in.size(0), " rows");
   const auto grad = grad_in.contiguous(), words = words_in.contiguous(), a = a_in.contiguous(),
              b = b_in.contiguous();
   const auto weight = contiguous(weight_in);
@@ -573,8 +573,8 @@ std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in
   check_operands("masked_lora_grad_ab", grad_in, std::nullopt, words_in, a_in, b_in);
   LOSA_CHECK(x_in.scalar_type() == grad_in.scalar_type() && x_in.dim() == 2 && x_in.size(0) == grad_in.size(0) &&
                   x_in.size(1) == a_in.size(1) && grad_in.size(1) == b_in.size(0),
-              "masked_lora_grad_ab: grad ", grad_in.sizes(), " and x ", x_in.sizes(), " do not match lora_B ",
-              b_in.sizes(), " and lora_A ", a_in.sizes());
+             "masked_lora_grad_ab: grad ", grad_in.sizes(), " and x ", x_in.sizes(), " do not match lora_B ",
+             b_in.sizes(), " and lora_A ", a_in.sizes());
   const auto grad = grad_in.contiguous(), x = x_in.contiguous(), words = words_in.contiguous(),
              a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t d = b.size(0), r = b.size(1), k = a.size(1);

@@ -32,7 +32,7 @@ class NmRows {
     const int64_t rows = mask.size(0), blocks = (rows + rows_per_block - 1) / rows_per_block;
     LOSA_CHECK(block_n.device().is_cpu() && block_n.scalar_type() == at::kInt && block_n.dim() == 1 &&
                     block_n.is_contiguous() && block_n.size(0) == blocks,
-                kOp, ": block_n must be a contiguous int32 CPU tensor of ", blocks, " entries");
+               kOp, ": block_n must be a contiguous int32 CPU tensor of ", blocks, " entries");
     const int32_t* ns = block_n.data_ptr<int32_t>();
     const int64_t full = in_features / m, tail = in_features % m;
     start_.assign(blocks + 1, 0);
@@ -46,7 +46,7 @@ class NmRows {
       start_[b + 1] = start_[b] + stride_[b] * std::min(rows_per_block, rows - b * rows_per_block);
     }
     LOSA_CHECK(start_[blocks] == values.numel(), kOp, ": ", values.numel(), " values given, the N:M layout holds ",
-                start_[blocks]);
+               start_[blocks]);
     w_.rows = rows;
     w_.cols = in_features;
     w_.words = mask.size(1);

@@ -791,7 +791,7 @@ void check_values(const at::Tensor& values, const char* op) {
   LOSA_CHECK(values.is_contiguous(), op, ": values must be contiguous");
   const auto dt = values.scalar_type();
   LOSA_CHECK(dt == at::kBFloat16 || dt == at::kHalf || dt == at::kFloat, op,
-              ": values must be bfloat16, float16 or float32, got ", dt);
+             ": values must be bfloat16, float16 or float32, got ", dt);
 }
 
 void check_mask(const at::Tensor& mask, int64_t cols, const char* op) {
@@ -799,7 +799,7 @@ void check_mask(const at::Tensor& mask, int64_t cols, const char* op) {
   LOSA_CHECK(mask.scalar_type() == at::kInt, op, ": mask words must be int32, got ", mask.scalar_type());
   LOSA_CHECK(mask.dim() == 2 && mask.is_contiguous(), op, ": mask must be a contiguous 2-D [out, words]");
   LOSA_CHECK(cols >= 0 && mask.size(1) == (cols + 31) / 32, op, ": mask has ", mask.size(1),
-              " words per row, ", cols, " input features need ", (cols + 31) / 32);
+             " words per row, ", cols, " input features need ", (cols + 31) / 32);
 }
 
 at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,
@@ -807,13 +807,13 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
   LOSA_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   const auto xdt = x.scalar_type();
   LOSA_CHECK(xdt == at::kBFloat16 || xdt == at::kHalf || xdt == at::kFloat, op,
-              ": x must be bfloat16, float16 or float32, got ", xdt);
+             ": x must be bfloat16, float16 or float32, got ", xdt);
   LOSA_CHECK(x.dim() >= 1 && x.size(-1) == w.cols, op, ": x has ", x.dim() ? x.size(-1) : 0,
-              " features, the weight has ", w.cols, " input features");
+             " features, the weight has ", w.cols, " input features");
   if (bias) {
     LOSA_CHECK(bias->device().is_cpu(), op, ": bias must be on the CPU, got ", bias->device());
     LOSA_CHECK(bias->dim() == 1 && bias->size(0) == w.rows, op, ": bias must be [", w.rows, "], got ",
-                bias->sizes());
+               bias->sizes());
     LOSA_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point");
   }
   const Isa isa = resolve_isa(isa_request);
