@@ -81,15 +81,14 @@ def triton_candidates(tokens: int):
 
 
 def kernel_runs(kernel: str, cols: int, tokens: int, device) -> bool:
-    """Whether the CUDA op runs ``kernel`` (``rows``, ``groups:W:P[:window]``, ``positions:W``) at this size:
+    """Whether the CUDA op runs ``kernel`` (``rows``, ``groups:W:P[:window]``, ``positions:W[:R]``) at this size:
     a forced value-group kernel that does not fit is an error, so the suite and the probe leave it out.
     The positions kernel is timed at one token only (more tokens are one launch each)."""
-    if kernel.startswith("positions"):
-        return tokens == 1 and positions_kernel_fits(cols, int(kernel.split(":")[1]) if ":" in kernel else 16)
-    if not kernel.startswith("groups"):
-        return True
-    warps = int(kernel.split(":")[1]) if kernel.count(":") else 16
-    return groups_kernel_fits(cols, tokens, device, warps)
+    family, *settings = kernel.split(":")
+    warps = int(settings[0]) if settings else 16  # both kernels' default
+    if family == "positions":
+        return tokens == 1 and positions_kernel_fits(cols, warps, device)
+    return groups_kernel_fits(cols, tokens, device, warps) if family == "groups" else True
 
 
 def make_weight(rows: int, cols: int, pattern: str, gen: torch.Generator) -> torch.Tensor:

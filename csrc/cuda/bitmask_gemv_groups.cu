@@ -64,8 +64,6 @@ struct Plan {
   int64_t bytes(int warps) const { return x_bytes + warps * warp_bytes; }
 };
 
-__host__ __device__ constexpr int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
-
 template <int NT>
 __host__ __device__ inline Plan make_plan(int64_t cols, int64_t words) {
   Plan p;

@@ -41,8 +41,6 @@ constexpr int kStepWords = 32;              // one mask word per lane
 constexpr int kXStride = 36;                // floats per word in xs: 32 columns + 4 of padding
 constexpr int kBufValues = 32 * 32 + 16;    // a step's values + the 8-aligned start before them + 1 read past
 
-__host__ __device__ constexpr int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
-
 // Shared memory: xs (words rounded up to a whole step, so every lane's x reads stay inside it), then two
 // value buffers per warp.
 struct Plan {

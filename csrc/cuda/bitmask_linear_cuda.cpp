@@ -34,7 +34,6 @@ namespace {
 
 constexpr const char* kOp = "bitmask_linear (CUDA)";
 
-
 struct Kernel {
   bool groups = true, forced = false;
   int warps = 16, depth = 2;  // the fastest setting over the suite's shapes on an H200 (RESULTS.md)
@@ -87,10 +86,10 @@ Kernel parse_name(const std::string& name) {
   const bool ok = parts[0] == "groups" && parts.size() <= 4 && (parts.size() < 2 || parse_int(parts[1], k.warps)) &&
                   (parts.size() < 3 || parse_int(parts[2], k.depth)) && (parts.size() < 4 || parts[3] == "window");
   LOSA_CHECK(ok, kOp, ": unknown kernel '", name,
-              "' (choose auto, rows, groups[:warps[:depth[:window]]] or positions[:warps[:rows]])");
+             "' (choose auto, rows, groups[:warps[:depth[:window]]] or positions[:warps[:rows]])");
   k.window = parts.size() == 4;
   LOSA_CHECK(k.warps >= 1 && k.warps <= 16 && (k.depth == 2 || k.depth == 4), kOp, ": kernel '", name,
-              "' needs 1-16 warps and depth 2 or 4");
+             "' needs 1-16 warps and depth 2 or 4");
   return k;
 }
 
@@ -134,21 +133,21 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
                                c10::string_view isa, int64_t /*panel_tokens*/) {
   const int64_t rows = mask.size(0), words = (in_features + 31) / 32;
   LOSA_CHECK(x.is_cuda() && values.is_cuda() && mask.is_cuda() && row_ptr.is_cuda(), kOp,
-              ": x, values, mask and row_ptr must be CUDA tensors");
+             ": x, values, mask and row_ptr must be CUDA tensors");
   LOSA_CHECK(values.get_device() == x.get_device() && mask.get_device() == x.get_device() &&
                   row_ptr.get_device() == x.get_device(),
-              kOp, ": all tensors must be on one device");
+             kOp, ": all tensors must be on one device");
   LOSA_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
-              in_features);
+             in_features);
   LOSA_CHECK(values.dim() == 1 && values.is_contiguous(), kOp, ": values must be contiguous 1-D");
   LOSA_CHECK(mask.scalar_type() == at::kInt && mask.dim() == 2 && mask.size(1) == words && mask.is_contiguous(), kOp,
-              ": mask must be contiguous int32 [rows, ", words, "]");
+             ": mask must be contiguous int32 [rows, ", words, "]");
   LOSA_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) == rows + 1 &&
                   row_ptr.is_contiguous(),
-              kOp, ": row_ptr must be contiguous int64 [", rows + 1, "]");
+             kOp, ": row_ptr must be contiguous int64 [", rows + 1, "]");
   if (bias) {
     LOSA_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
-                "] tensor");
+               "] tensor");
   }
   const Kernel kernel = parse_kernel(isa);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -184,24 +183,25 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
     chosen = Kernel{false, false, 16};
     chosen.positions = true;
   }
+  if (chosen.positions) {  // one token per launch; a preferred one that does not fit gives way to the default
+    args.tokens = 1;
+    const bool fits = losa::cuda::bitmask_gemv_positions_fits(args, chosen.warps);
+    LOSA_CHECK(fits || !chosen.forced, kOp, ": the positions kernel does not fit ", in_features, " columns with ",
+               chosen.warps, " warps on this device (use rows)");
+    if (!fits) chosen = Kernel{};
+  }
   const int64_t per_launch = tokens_per_launch(args, chosen);
   for (int64_t t0 = 0; t0 < tokens; t0 += per_launch) {
     args.tokens = static_cast<int>(std::min<int64_t>(per_launch, tokens - t0));
     args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
     args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
-    // A preferred kernel that does not fit (not forced) gives way to the value-group kernel's default.
-    const bool positions = chosen.positions && losa::cuda::bitmask_gemv_positions_fits(args, chosen.warps);
-    LOSA_CHECK(positions || !chosen.positions || !chosen.forced, kOp, ": the positions kernel does not fit ",
-                in_features, " columns with ", chosen.warps, " warps on this device (use rows)");
-    const Kernel fallback{};
-    const Kernel& other = chosen.positions ? fallback : chosen;
-    const bool groups = !positions && other.groups && losa::cuda::bitmask_gemv_groups_fits(args, other.warps);
-    LOSA_CHECK(positions || groups || !other.forced || !other.groups, kOp, ": the value-group kernel does not fit ",
-                in_features, " columns at ", args.tokens, " tokens on this device (use rows)");
+    const bool groups = chosen.groups && losa::cuda::bitmask_gemv_groups_fits(args, chosen.warps);
+    LOSA_CHECK(groups || !chosen.forced || !chosen.groups, kOp, ": the value-group kernel does not fit ",
+               in_features, " columns at ", args.tokens, " tokens on this device (use rows)");
     const cudaError_t err =
-        positions ? losa::cuda::bitmask_gemv_positions(args, chosen.warps, chosen.rows_per_warp, stream)
-        : groups  ? losa::cuda::bitmask_gemv_groups(args, other.warps, other.depth, other.window, stream)
-                  : losa::cuda::bitmask_gemv(args, stream);
+        chosen.positions ? losa::cuda::bitmask_gemv_positions(args, chosen.warps, chosen.rows_per_warp, stream)
+        : groups         ? losa::cuda::bitmask_gemv_groups(args, chosen.warps, chosen.depth, chosen.window, stream)
+                         : losa::cuda::bitmask_gemv(args, stream);
     LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
   auto shape = x.sizes().vec();

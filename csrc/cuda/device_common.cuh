@@ -14,6 +14,8 @@
 
 namespace losa::cuda {
 
+__host__ __device__ constexpr int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
 // Asynchronous global -> shared copies (sm_80+): no registers held while they fly. Compiled for an older
 // architecture they are plain copies, so the extension still builds there; the launchers do not run the
 // kernels that use them below compute capability 8.0.

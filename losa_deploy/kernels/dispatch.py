@@ -12,7 +12,7 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   picks its kernel itself (``csrc/cuda/bitmask_linear_cuda.cpp``): at one token with at least 20% of
   the weights kept the positions kernel (``bitmask_gemv_positions.cu``), otherwise the value-group
   kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
-  ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W``).
+  ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W[:R]``).
 * ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
