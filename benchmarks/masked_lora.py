@@ -193,7 +193,7 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = []
     for cfg in tqdm(grid(args), desc="masked-LoRA benchmark", unit="config", disable=args.no_progress):
-        row = {**dataclasses.asdict(cfg), "backend": resolve_backend(device, DTYPES[cfg.dtype])}
+        row = {**dataclasses.asdict(cfg), "backend": resolve_backend(device, DTYPES[cfg.dtype], FUSED_BACKEND)}
         row.update(time_config(cfg, device, args.rounds))
         for method in METHODS:
             row[f"peak_{method}"] = peak_bytes(method, cfg, device, args.threads)

@@ -1,5 +1,5 @@
-"""The masked-LoRA linear: every backend (compiled CPU kernels, Triton under its interpreter, PyTorch
-panels) against the materialising reference, gradcheck in float64, dropout, dtypes, the memory property
+"""The masked-LoRA linear: every backend (compiled CPU kernels, Triton tiles and Triton-built panels under
+Triton's interpreter, PyTorch panels) against the materialising reference, gradcheck in float64, dropout, dtypes, the memory property
 (nothing d×k saved for backward) and bad input."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from losa_deploy.errors import LosaError
 from losa_deploy.kernels import has_extension, ops
+from losa_deploy.kernels import masked_lora as masked_lora_module
 from losa_deploy.kernels import triton as triton_kernels
 from losa_deploy.kernels.formats.bitmask import pack_mask, to_disk
 from losa_deploy.kernels.masked_lora import (
@@ -27,7 +28,8 @@ needs_ext = pytest.mark.skipif(not has_extension(), reason="compiled extension n
 needs_triton = pytest.mark.skipif(not triton_kernels.available() or not (
     torch.cuda.is_available() or triton_kernels.interpreted()), reason="triton not installed")
 CPU_BACKENDS = [pytest.param("cpp", marks=needs_ext), "torch"]
-ALL_BACKENDS = [*CPU_BACKENDS, pytest.param("triton", marks=needs_triton)]
+TRITON_BACKENDS = [pytest.param("triton", marks=needs_triton), pytest.param("panels", marks=needs_triton)]
+ALL_BACKENDS = [*CPU_BACKENDS, *TRITON_BACKENDS]
 
 
 def make_problem(gen, tokens, d, k, rank, sparsity, dtype=torch.float64, adapter_dtype=None, lead=()):
@@ -43,7 +45,7 @@ def make_problem(gen, tokens, d, k, rank, sparsity, dtype=torch.float64, adapter
 
 
 def device_of(backend: str) -> str:
-    return TRITON_DEVICE if backend == "triton" else "cpu"
+    return TRITON_DEVICE if backend in ("triton", "panels") else "cpu"
 
 
 def run(fn, x, weight, mask, lora_a, lora_b, grad_y, device="cpu", **kwargs):
@@ -81,18 +83,73 @@ def test_matches_materialized_reference(backend, tokens, d, k, rank, sparsity, s
     assert_close(got, want, rtol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 @pytest.mark.parametrize("rank,sparsity,dtype", [(1, 0.0, torch.float32), (33, 0.95, torch.float64),
                                                  (7, 0.5, torch.bfloat16)])
-def test_triton_matches_reference(rng, rank, sparsity, dtype):
+def test_triton_matches_reference(rng, backend, rank, sparsity, dtype):
     # Ragged: 45 output rows and 77 inputs cross the 32-wide tiles; rank 33 pads to 64. Rows 0-31 are
     # pruned whole, so their tiles of G are empty and skipped (random masks never empty a tile).
     mask, weight, a, b, x, grad_y = make_problem(rng, 19, 45, 77, rank, sparsity, dtype=dtype, lead=(2,))
     mask[:32] = False
     weight[:32] = 0
     want = reference(x, weight, mask, a, b, grad_y, scale=1.5)
-    got = run(masked_lora_linear, x, weight, mask, a, b, grad_y, device=TRITON_DEVICE, scale=1.5, backend="triton")
+    got = run(masked_lora_linear, x, weight, mask, a, b, grad_y, device=TRITON_DEVICE, scale=1.5, backend=backend)
     assert_close(got, want, rtol={torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype])
+
+
+@pytest.mark.parametrize("backend", ["torch", *TRITON_BACKENDS])
+def test_panels_meet_at_ragged_edges(rng, monkeypatch, backend):
+    # 32-wide panels: 70 outputs and 101 inputs make four row panels and four column panels, the last
+    # ones partial, so every product is stitched from panels (on a GPU panels are 32 MiB).
+    monkeypatch.setattr(masked_lora_module, "_PANEL", 32)
+    mask, weight, a, b, x, grad_y = make_problem(rng, 13, 70, 101, 6, 0.6, dtype=torch.float32)
+    want = reference(x, weight, mask, a, b, grad_y, scale=0.8)
+    got = run(masked_lora_linear, x, weight, mask, a, b, grad_y, device=device_of(backend), scale=0.8,
+              backend=backend)
+    assert_close(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d,k", [(4096, 4096), (4096, 11008), (11008, 4096), (300, 70)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_panels_stay_under_a_quarter_of_the_delta(d, k, dtype):
+    # The panels backend's memory promise (issue #6's bar: extra memory at most half the reference's, whose
+    # extra is at least its bf16 d×k delta). The spans are planned without a GPU.
+    for total, other in ((d, k), (k, d)):
+        spans = masked_lora_module._spans(total, other, torch.device("cuda"),
+                                          masked_lora_module._quarter_delta(dtype, d * k))
+        assert spans[0].start == 0 and spans[-1].stop == total
+        assert all(a.stop == b.start and a.start % 32 == 0 for a, b in zip(spans, spans[1:]))
+        biggest = max(s.stop - s.start for s in spans) * other * dtype.itemsize
+        assert biggest <= max(8 << 20, d * k * 2 // 4)
+        if d * k * 2 // 4 > 8 << 20:
+            assert len(spans) >= 4 * 2 // dtype.itemsize  # not one panel of everything
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_effective_panel_is_the_merged_weight(rng, dtype):
+    from losa_deploy.kernels.triton.masked_lora import effective_panel, mask_panel_
+
+    d, k, rank = 57, 150, 5
+    mask, weight, a, b, _, _ = make_problem(rng, 1, d, k, rank, 0.5, dtype=dtype)
+    words = pack_mask(mask)
+    merged = effective_weight(weight.double(), mask, a.double(), b.double(), 1.7)
+    rows, cols = slice(9, 50), slice(32, 141)  # panels start on a word; these end inside one
+    dev = TRITON_DEVICE
+    panel = effective_panel(weight.to(dev), words.to(dev), a.to(dev), b.to(dev), 1.7, rows, cols, dtype)
+    assert panel.dtype == dtype and panel.shape == (41, 109)
+    want = merged[rows, cols]
+    err = ((panel.cpu().double() - want).abs().max() / want.abs().max()).item()
+    assert err <= {torch.float64: 1e-13, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]  # bf16: rounding + TF32 B·A
+    assert not panel.cpu()[~mask[rows, cols]].any()  # exactly zero off the mask
+    adapter_only = effective_panel(None, words.to(dev), a.to(dev), b.to(dev), 1.7, rows, cols, dtype)
+    base_only = effective_panel(weight.to(dev), words.to(dev), a.to(dev), b.to(dev), 0.0, rows, cols, dtype)
+    assert torch.equal(base_only.cpu(), weight[rows, cols])
+    if dtype == torch.float64:
+        assert torch.allclose(adapter_only.cpu() + base_only.cpu(), want, rtol=1e-13, atol=1e-13)
+    g = torch.randn(d, 109, generator=rng, dtype=dtype)
+    masked = mask_panel_(g.clone().to(dev), words.to(dev), cols).cpu()
+    assert torch.equal(masked, g * mask[:, cols])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -107,7 +164,7 @@ def test_gradcheck_float64(rng, backend, dropout):
                                   generator=torch.Generator(device).manual_seed(seed), backend=backend)
 
     inputs = tuple(t.clone().requires_grad_() for t in (x, a, b))
-    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend == "triton")
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=backend in ("triton", "panels"))
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -210,6 +267,8 @@ def test_resolve_backend():
     assert resolve_backend("cpu", torch.float32) == expected
     assert resolve_backend("cpu", torch.float16) == "torch"
     assert resolve_backend("cpu", torch.float32, "torch") == "torch"
+    # CUDA (no GPU needed to decide): Triton-built panels when Triton is there, else the PyTorch panels.
+    assert resolve_backend("cuda", torch.bfloat16) == ("panels" if triton_kernels.available() else "torch")
 
 
 @pytest.mark.parametrize("change,message", [

@@ -15,14 +15,25 @@ tensor is ever built (kernels.md §6):
 With dropout p > 0 the base and adapter products see different inputs, so each product runs twice:
 once on M⊙W (scale 0) and once on the adapter alone (``weight=None``).
 
-Three implementations of the products, picked by device (``backend="auto"``) or forced:
-``"cpp"`` (the compiled CPU kernels, ``csrc/cpu/masked_lora.cpp``), ``"triton"`` (GPU; on a CPU under
-``TRITON_INTERPRET=1``) and ``"torch"`` (plain PyTorch, panel by panel, any device).
+Four implementations of the products, picked by device (``backend="auto"``) or forced:
+
+- ``"cpp"``: the compiled CPU kernels (``csrc/cpu/masked_lora.cpp``), tile by tile; the CPU default.
+- ``"panels"``: the GPU default. Triton writes W_eff (or masks G) one bounded panel at a time (a quarter
+  of a bf16 d×k delta), in one pass over W and the mask; the vendor GEMM does the three big products. A
+  panel is transient, so nothing d×k outlives a product, but it is written once: on a GPU the vendor GEMM
+  is worth that.
+- ``"triton"``: everything in Triton kernels, tile by tile, nothing d×k ever written (the least memory).
+- ``"torch"``: plain PyTorch, panel by panel, any device: the readable statement of the products.
+
+Triton runs on CUDA, or on a CPU under ``TRITON_INTERPRET=1`` (the tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -32,61 +43,119 @@ from . import ops
 from . import triton as triton_kernels
 from .formats.bitmask import WORD_BITS, pack_mask, unpack_mask_reference, words_per_row
 
-BACKENDS = ("auto", "cpp", "triton", "torch")
+BACKENDS = ("auto", "cpp", "panels", "triton", "torch")
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-_PANEL = 256  # rows or columns per panel on the torch path (a multiple of 32: panels start on a word)
-# On a GPU a few big products beat many small ones: panels of up to 2^26 weights (256 MiB in fp32), built,
-# used and freed within one product, so nothing d×k is kept for backward (the whole layer at 7B sizes).
-_GPU_PANEL_WEIGHTS = 1 << 26
+_PANEL = 256  # rows or columns per panel on a CPU (a multiple of 32: panels start on a word)
 
 
-# ---- the pure-PyTorch products, panel by panel (the readable statement of what the kernels do) ----
+# ---- the panel products: W_eff and G in bounded panels, the big products by the vendor GEMM ----
 
 
-def _panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: slice, dtype) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class _PanelOps:
+    """How one panel backend builds a panel of W_eff and masks a panel of G, and how big a GPU panel is."""
+
+    build: Callable  # (weight, words, A, B, s, rows, cols, dtype) -> rows × cols of M ⊙ (W + s·B·A)
+    mask_: Callable  # (g, words, cols) -> g ⊙ M[:, cols], in place
+    panel_weights: Callable  # (dtype of the panel, d·k) -> weights per panel on a GPU
+
+
+def _torch_panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: slice, dtype) -> torch.Tensor:
     """Rows × cols of M ⊙ (W + s·B·A), computed in the adapters' dtype and rounded once to ``dtype``."""
-    first_word, ncols = cols.start // WORD_BITS, cols.stop - cols.start
-    mask = unpack_mask_reference(words[rows, first_word:first_word + words_per_row(ncols)], ncols)
+    mask = _mask_columns(words[rows], cols)
     value = lora_B[rows] @ lora_A[:, cols] * scale if scale != 0 else torch.zeros_like(mask, dtype=lora_A.dtype)
     if weight is not None:
         value = value + weight[rows, cols].to(lora_A.dtype)
     return value.mul_(mask).to(dtype)
 
 
-def _spans(total: int, other: int, device: torch.device):
+def _mask_columns(words: torch.Tensor, cols: slice) -> torch.Tensor:
+    """The bool mask of ``cols`` (starting on a word) from the rows' bitmask words."""
+    first_word, ncols = cols.start // WORD_BITS, cols.stop - cols.start
+    return unpack_mask_reference(words[:, first_word:first_word + words_per_row(ncols)], ncols)
+
+
+def _quarter_delta(dtype: torch.dtype, layer_weights: int) -> int:
+    """Weights per panel of the ``panels`` backend: a quarter of the bytes of a bf16 d×k delta (at least
+    8 MiB). The reference keeps that delta and more per layer, so a transient panel stays well under half of
+    its extra memory (issue #6's bar), while each GEMM still gets a quarter of the layer."""
+    return max(8 << 20, layer_weights * 2 // 4) // dtype.itemsize
+
+
+def _triton_panel_ops() -> _PanelOps:
+    from .triton import masked_lora as kernels
+
+    return _PanelOps(kernels.effective_panel, kernels.mask_panel_, _quarter_delta)
+
+
+# The pure-PyTorch panels (the readable statement of what the kernels do). On a GPU they are built in fp32
+# with an unpacked mask: panels of up to 2^26 weights, built, used and freed within one product.
+_TORCH_PANELS = _PanelOps(_torch_panel, lambda g, words, cols: g.mul_(_mask_columns(words, cols)),
+                          lambda dtype, layer_weights: 1 << 26)
+
+
+def _spans(total: int, other: int, device: torch.device, panel_weights: int):
     """Panels along a dimension of ``total``, the other dimension being ``other`` long."""
     size = _PANEL
     if device.type != "cpu":
-        size = max(_PANEL, _GPU_PANEL_WEIGHTS // max(other, 1) // WORD_BITS * WORD_BITS)
+        size = max(_PANEL, panel_weights // max(other, 1) // WORD_BITS * WORD_BITS)
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def _torch_mm(x, weight, words, lora_A, lora_B, scale):
+def _panel_mm(ops: _PanelOps, x, weight, words, lora_A, lora_B, scale):
     d, k = lora_B.shape[0], lora_A.shape[1]
+    spans = _spans(d, k, x.device, ops.panel_weights(x.dtype, d * k))
+    if len(spans) == 1:
+        return x @ ops.build(weight, words, lora_A, lora_B, scale, spans[0], slice(0, k), x.dtype).t()
     y = torch.empty(x.shape[0], d, dtype=x.dtype, device=x.device)
-    for rows in _spans(d, k, x.device):
-        y[:, rows] = x @ _panel(weight, words, lora_A, lora_B, scale, rows, slice(0, k), x.dtype).t()
+    for rows in spans:
+        y[:, rows] = x @ ops.build(weight, words, lora_A, lora_B, scale, rows, slice(0, k), x.dtype).t()
     return y
 
 
-def _torch_mm_t(grad, weight, words, lora_A, lora_B, scale):
+def _panel_mm_t(ops: _PanelOps, grad, weight, words, lora_A, lora_B, scale):
     d, k = lora_B.shape[0], lora_A.shape[1]
+    spans = _spans(k, d, grad.device, ops.panel_weights(grad.dtype, d * k))
+    if len(spans) == 1:
+        return grad @ ops.build(weight, words, lora_A, lora_B, scale, slice(0, d), spans[0], grad.dtype)
     dx = torch.empty(grad.shape[0], k, dtype=grad.dtype, device=grad.device)
-    for cols in _spans(k, d, grad.device):
-        dx[:, cols] = grad @ _panel(weight, words, lora_A, lora_B, scale, slice(0, d), cols, grad.dtype)
+    for cols in spans:
+        dx[:, cols] = grad @ ops.build(weight, words, lora_A, lora_B, scale, slice(0, d), cols, grad.dtype)
     return dx
 
 
-def _torch_grad_ab(grad, x, words, lora_A, lora_B, scale):
-    k = lora_A.shape[1]
+def _panel_grad_ab(ops: _PanelOps, grad, x, words, lora_A, lora_B, scale):
+    d, k = lora_B.shape[0], lora_A.shape[1]
     da, db = torch.empty_like(lora_A), torch.zeros_like(lora_B)
-    for cols in _spans(k, lora_B.shape[0], grad.device):
-        first_word, ncols = cols.start // WORD_BITS, cols.stop - cols.start
-        mask = unpack_mask_reference(words[:, first_word:first_word + words_per_row(ncols)], ncols)
-        g = (grad.t() @ x[:, cols]).to(lora_A.dtype).mul_(mask)
-        da[:, cols] = lora_B.t() @ g * scale
-        db += g @ lora_A[:, cols].t() * scale
-    return da, db
+    for cols in _spans(k, d, grad.device, ops.panel_weights(lora_A.dtype, d * k)):
+        g = ops.mask_(_gram(grad, x[:, cols], lora_A.dtype), words, cols)
+        da[:, cols] = lora_B.t() @ g
+        db.addmm_(g, lora_A[:, cols].t())
+    return da.mul_(scale), db.mul_(scale)
+
+
+def _gram(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dYᵀ·X in ``dtype`` (contiguous). A bf16/fp16 product on CUDA keeps its fp32 accumulator when torch
+    can write it out (``out_dtype``), instead of rounding G to 16 bits first."""
+    if grad.device.type == "cuda" and grad.dtype != dtype and _mm_writes_fp32(grad.device, grad.dtype):
+        return torch.mm(grad.t(), x, out_dtype=dtype)
+    return (grad.t() @ x).to(dtype).contiguous()
+
+
+@functools.cache
+def _mm_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        probe = torch.ones(2, 2, dtype=dtype, device=device)
+        return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or no kernel for this device
+        return False
+
+
+def _panel_kernels(ops: _PanelOps) -> SimpleNamespace:
+    return SimpleNamespace(mm=functools.partial(_panel_mm, ops), mm_t=functools.partial(_panel_mm_t, ops),
+                           grad_ab=functools.partial(_panel_grad_ab, ops))
 
 
 def _cpp_kernels():
@@ -102,8 +171,9 @@ def _triton_kernels():
 
 _KERNELS = {
     "cpp": _cpp_kernels,
+    "panels": lambda: _panel_kernels(_triton_panel_ops()),
     "triton": _triton_kernels,
-    "torch": lambda: SimpleNamespace(mm=_torch_mm, mm_t=_torch_mm_t, grad_ab=_torch_grad_ab),
+    "torch": lambda: _panel_kernels(_TORCH_PANELS),
 }
 
 
@@ -193,8 +263,8 @@ def masked_lora_linear(x, weight, mask, lora_A, lora_B, scale, bias=None, dropou
         dropout, training, generator: LoRA dropout on the adapter input only, applied when
             ``training`` and ``dropout > 0``; ``generator`` seeds the keep-mask. Dropout makes every
             product run twice (base and adapter separately).
-        backend: ``"auto"`` (compiled CPU kernels on CPU, Triton on CUDA, else PyTorch), or force
-            ``"cpp"``, ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (compiled CPU kernels on a CPU, ``"panels"`` on CUDA, else PyTorch), or
+            force ``"cpp"``, ``"panels"``, ``"triton"`` or ``"torch"`` (module docstring).
 
     Dtypes: the compute dtype is the autocast dtype when autocast is on for ``x``'s device, else
     ``x.dtype`` (then ``weight`` must have the same dtype). x and W are cast to it; A, B and every
@@ -220,13 +290,13 @@ def resolve_backend(device: torch.device | str, dtype: torch.dtype, backend: str
         raise LosaError(f"masked-LoRA backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     cpp_ok = device.type == "cpu" and dtype in _CPP_DTYPES and ops() is not None
     triton_ok = triton_kernels.available() and (device.type == "cuda" or triton_kernels.interpreted())
-    if backend == "auto":  # on CUDA the big-panel torch path measured fastest (RESULTS.md); Triton saves memory
-        return "cpp" if cpp_ok else "torch"
+    if backend == "auto":
+        return "cpp" if cpp_ok else "panels" if triton_ok and device.type == "cuda" else "torch"
     if backend == "cpp" and not cpp_ok:
         raise LosaError(f"masked-LoRA backend 'cpp' needs the compiled extension, a CPU tensor and "
                         f"float32/bfloat16/float64; got {device.type} {dtype}")
-    if backend == "triton" and not triton_ok:
-        raise LosaError("masked-LoRA backend 'triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if backend in ("panels", "triton") and not triton_ok:
+        raise LosaError(f"masked-LoRA backend {backend!r} needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
     return backend
 
 

@@ -11,6 +11,11 @@ W_eff = M ⊙ (W + s·B·A) that are computed in registers and never stored:
 Each W_eff tile costs a rank-r dot (r padded to 16 for ``tl.dot``) on top of the main product: an
 overhead of r/BLOCK_T in the forward (kernels.md §6.2). The mask is read as losa-bitmask words.
 A and B are fp32 (fp64 for gradcheck); activations and W are fp32, bf16, fp16 or fp64.
+
+The ``panels`` backend uses two more kernels and leaves the big products to the vendor GEMM:
+``effective_panel`` writes a bounded panel of W_eff in the compute dtype in one pass (the mask decoded
+and B·A formed in registers, as above), and ``mask_panel_`` zeroes a panel of G = dYᵀ·X outside the mask
+in place.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from .common import dot as _dot
 
 
 @triton.jit
-def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank, scale,
+def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
                     HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """The [len(rows), len(cols)] tile of M ⊙ (W + s·B·A), in the accumulation type; zero off the edges."""
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The [len(rows), len(cols)] tile of M ⊙ (W + B·A), in the accumulation type; zero off the edges.
+    B arrives scaled by s (the host does it once, in the adapters' dtype: Triton passes floats as fp32)."""
     row_ok = rows < d
     col_ok = cols < k
     inside = row_ok[:, None] & col_ok[None, :]
@@ -41,7 +47,7 @@ def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, r
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        tile = tl.dot(b, a, input_precision=PRECISION, out_dtype=ACC) * scale
+        tile = _dot(b, a, tile, PRECISION, UPCAST)
     if HAS_W:
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=inside, other=0.0)
         tile += w.to(ACC)
@@ -49,7 +55,7 @@ def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, r
 
 
 @triton.jit
-def _mm_kernel(x_ptr, w_ptr, words_ptr, a_ptr, b_ptr, y_ptr, tokens, d, k, n_words, rank, scale,
+def _mm_kernel(x_ptr, w_ptr, words_ptr, a_ptr, b_ptr, y_ptr, tokens, d, k, n_words, rank,
                HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
                PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -61,15 +67,15 @@ def _mm_kernel(x_ptr, w_ptr, words_ptr, a_ptr, b_ptr, y_ptr, tokens, d, k, n_wor
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * k + cols[None, :],
                     mask=tok_ok[:, None] & (cols < k)[None, :], other=0.0)
-        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank, scale,
-                               HAS_W, HAS_AB, R, ACC, PRECISION)
+        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
+                               HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
         acc = _dot(x, tl.trans(tile.to(x.dtype)), acc, PRECISION, UPCAST)
     tl.store(y_ptr + toks.to(tl.int64)[:, None] * d + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & (rows < d)[None, :])
 
 
 @triton.jit
-def _mm_t_kernel(g_ptr, w_ptr, words_ptr, a_ptr, b_ptr, dx_ptr, tokens, d, k, n_words, rank, scale,
+def _mm_t_kernel(g_ptr, w_ptr, words_ptr, a_ptr, b_ptr, dx_ptr, tokens, d, k, n_words, rank,
                  HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
                  PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -81,15 +87,15 @@ def _mm_t_kernel(g_ptr, w_ptr, words_ptr, a_ptr, b_ptr, dx_ptr, tokens, d, k, n_
         rows = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + toks.to(tl.int64)[:, None] * d + rows[None, :],
                     mask=tok_ok[:, None] & (rows < d)[None, :], other=0.0)
-        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank, scale,
-                               HAS_W, HAS_AB, R, ACC, PRECISION)
+        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
+                               HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
         acc = _dot(g, tile.to(g.dtype), acc, PRECISION, UPCAST)
     tl.store(dx_ptr + toks.to(tl.int64)[:, None] * k + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & (cols < k)[None, :])
 
 
 @triton.jit
-def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, tokens, d, k, n_words, rank, scale,
+def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, tokens, d, k, n_words, rank,
                     R: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,19 +115,47 @@ def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, token
             x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * k + cols[None, :],
                         mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
             grad = _dot(tl.trans(g), x, grad, PRECISION, UPCAST)
-        grad = tl.where(keep, grad, 0.0) * scale
+        grad = tl.where(keep, grad, 0.0)  # dB's factor s is applied on the host
         ranks = tl.arange(0, R)
         rank_ok = ranks < rank
         a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
                     mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        db = tl.dot(grad, tl.trans(a), input_precision=PRECISION, out_dtype=ACC)  # [BLOCK_N, R]
-        da = tl.dot(tl.trans(b), grad, input_precision=PRECISION, out_dtype=ACC)  # [R, BLOCK_K]
+        db = _dot(grad, tl.trans(a), tl.zeros((BLOCK_N, R), dtype=ACC), PRECISION, UPCAST)
+        da = _dot(tl.trans(b), grad, tl.zeros((R, BLOCK_K), dtype=ACC), PRECISION, UPCAST)
         tl.atomic_add(db_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], db,
                       mask=row_ok[:, None] & rank_ok[None, :])
         tl.atomic_add(da_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :], da,
                       mask=rank_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _panel_kernel(w_ptr, words_ptr, a_ptr, b_ptr, out_ptr, row0, col0, panel_rows, panel_cols,
+                  d, k, n_words, rank,
+                  HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, row0 + local_rows, col0 + local_cols, d, k, n_words,
+                           rank, HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
+    inside = (local_rows < panel_rows)[:, None] & (local_cols < panel_cols)[None, :]
+    tl.store(out_ptr + local_rows.to(tl.int64)[:, None] * panel_cols + local_cols[None, :],
+             tile.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _mask_kernel(g_ptr, words_ptr, col0, rows_total, panel_cols, n_words,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = col0 + local_cols
+    inside = (rows < rows_total)[:, None] & (local_cols < panel_cols)[None, :]
+    word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :], mask=inside, other=0)
+    keep = ((word >> (cols % 32)[None, :]) & 1) != 0
+    at = g_ptr + rows.to(tl.int64)[:, None] * panel_cols + local_cols[None, :]
+    g = tl.load(at, mask=inside, other=0.0)
+    tl.store(at, tl.where(keep, g, 0.0), mask=inside)
 
 
 _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
@@ -136,9 +170,18 @@ def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
         precision = "ieee"
     else:
         precision = "tf32"
-    block = 64 if act.dtype in (torch.bfloat16, torch.float16) and not interpreted() else 32
+    if interpreted():
+        block = 32
+    else:  # fp64 is reduced in registers (common.dot): small tiles keep it out of local memory
+        block = {torch.bfloat16: 64, torch.float16: 64, torch.float64: 16}.get(act.dtype, 32)
     return dict(R=max(16, triton.next_power_of_2(lora_A.shape[0])), ACC=_TL_ACC[lora_A.dtype], PRECISION=precision,
                 UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block)
+
+
+
+def _scaled_b(lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """s·B, the B the kernels read (a d×r product; it keeps s in the adapters' precision)."""
+    return lora_B * scale if scale != 0 else lora_B
 
 
 def mm(x, weight, words, lora_A, lora_B, scale):
@@ -148,8 +191,8 @@ def mm(x, weight, words, lora_A, lora_B, scale):
     y = torch.empty(tokens, d, dtype=x.dtype, device=x.device)
     cfg = _config(x, lora_A)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_N"]))
-    _mm_kernel[grid](x.contiguous(), weight if weight is not None else x, words, lora_A, lora_B, y,
-                     tokens, d, k, words.shape[1], lora_A.shape[0], float(scale),
+    _mm_kernel[grid](x.contiguous(), weight if weight is not None else x, words, lora_A, _scaled_b(lora_B, scale), y,
+                     tokens, d, k, words.shape[1], lora_A.shape[0],
                      HAS_W=weight is not None, HAS_AB=scale != 0, **cfg)
     return y
 
@@ -161,8 +204,8 @@ def mm_t(grad, weight, words, lora_A, lora_B, scale):
     dx = torch.empty(tokens, k, dtype=grad.dtype, device=grad.device)
     cfg = _config(grad, lora_A)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(k, cfg["BLOCK_K"]))
-    _mm_t_kernel[grid](grad.contiguous(), weight if weight is not None else grad, words, lora_A, lora_B, dx,
-                       tokens, d, k, words.shape[1], lora_A.shape[0], float(scale),
+    _mm_t_kernel[grid](grad.contiguous(), weight if weight is not None else grad, words, lora_A,
+                       _scaled_b(lora_B, scale), dx, tokens, d, k, words.shape[1], lora_A.shape[0],
                        HAS_W=weight is not None, HAS_AB=scale != 0, **cfg)
     return dx
 
@@ -175,6 +218,33 @@ def grad_ab(grad, x, words, lora_A, lora_B, scale):
     db = torch.zeros_like(lora_B)
     cfg = _config(grad, lora_A)
     grid = (triton.cdiv(d, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]))
-    _grad_ab_kernel[grid](grad.contiguous(), x.contiguous(), words, lora_A, lora_B, da, db,
-                          tokens, d, k, words.shape[1], rank, float(scale), **cfg)
-    return da, db
+    _grad_ab_kernel[grid](grad.contiguous(), x.contiguous(), words, lora_A, lora_B * scale, da, db,
+                          tokens, d, k, words.shape[1], rank, **cfg)
+    return da, db.mul_(scale)
+
+
+# ---- the panels backend's two kernels: the GEMMs around them are the vendor's ----
+
+
+def effective_panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: slice, dtype) -> torch.Tensor:
+    """Rows × cols of M ⊙ (W + s·B·A) in ``dtype``, from one pass over W and the mask words: B·A is
+    computed by tiles in registers and each value is rounded once."""
+    d, k = lora_B.shape[0], lora_A.shape[1]
+    panel_rows, panel_cols = rows.stop - rows.start, cols.stop - cols.start
+    out = torch.empty(panel_rows, panel_cols, dtype=dtype, device=words.device)
+    cfg = _config(out, lora_A)
+    del cfg["BLOCK_T"]
+    grid = (triton.cdiv(panel_rows, cfg["BLOCK_N"]), triton.cdiv(panel_cols, cfg["BLOCK_K"]))
+    _panel_kernel[grid](weight if weight is not None else out, words, lora_A, _scaled_b(lora_B, scale), out,
+                        rows.start, cols.start, panel_rows, panel_cols, d, k, words.shape[1], lora_A.shape[0],
+                        HAS_W=weight is not None, HAS_AB=scale != 0, **cfg)
+    return out
+
+
+def mask_panel_(g: torch.Tensor, words: torch.Tensor, cols: slice) -> torch.Tensor:
+    """Zero ``g`` (contiguous ``[rows of the mask, len(cols)]``) outside the mask's ``cols``, in place."""
+    rows_total, panel_cols = g.shape
+    block = 32 if interpreted() else 64
+    grid = (triton.cdiv(rows_total, block), triton.cdiv(panel_cols, block))
+    _mask_kernel[grid](g, words, cols.start, rows_total, panel_cols, words.shape[1], BLOCK_N=block, BLOCK_K=block)
+    return g
