@@ -24,22 +24,43 @@ import torch
 import triton
 import triton.language as tl
 
+from ...errors import LosaError
 from . import interpreted
 from .common import dot as _dot
 
 
 @triton.jit
-def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
+def _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K: tl.constexpr):
+    """bool [len(rows), BLOCK_K]: the mask bits of columns c0, c0 + 1, ... Bits past the row width are zero
+    in the words, so no column check is needed. From 32 columns on (c0 then starts a word) each word is
+    loaded once and its bits expanded in registers: a load and a 64-bit address per element cost the
+    fused kernels their registers."""
+    if BLOCK_K >= 32:
+        at = c0 // 32 + tl.arange(0, BLOCK_K // 32)
+        words = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + at[None, :],
+                        mask=row_ok[:, None] & (at < n_words)[None, :], other=0)
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        return tl.reshape(bits, (rows.shape[0], BLOCK_K)) != 0
+    else:
+        cols = c0 + tl.arange(0, BLOCK_K)
+        word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :],
+                       mask=row_ok[:, None] & (cols // 32 < n_words)[None, :], other=0)
+        return ((word >> (cols % 32)[None, :]) & 1) != 0
+
+
+@triton.jit
+def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, c0, d, k, n_words, rank,
                     HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
-                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The [len(rows), len(cols)] tile of M ⊙ (W + B·A), in the accumulation type; zero off the edges.
-    B arrives scaled by s (the host does it once, in the adapters' dtype: Triton passes floats as fp32)."""
+                    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [len(rows), BLOCK_K] tile of M ⊙ (W + B·A) at columns c0, c0 + 1, ..., in the accumulation type;
+    zero off the edges. B arrives scaled by s (the host does it once, in the adapters' dtype: Triton
+    passes floats as fp32)."""
+    cols = c0 + tl.arange(0, BLOCK_K)
     row_ok = rows < d
     col_ok = cols < k
     inside = row_ok[:, None] & col_ok[None, :]
-    word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :], mask=inside, other=0)
-    keep = ((word >> (cols % 32)[None, :]) & 1) != 0
-    tile = tl.zeros((rows.shape[0], cols.shape[0]), dtype=ACC)
+    keep = _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K)
+    tile = tl.zeros((rows.shape[0], BLOCK_K), dtype=ACC)
     if HAS_AB:
         ranks = tl.arange(0, R)
         rank_ok = ranks < rank
@@ -67,8 +88,8 @@ def _mm_kernel(x_ptr, w_ptr, words_ptr, a_ptr, b_ptr, y_ptr, tokens, d, k, n_wor
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * k + cols[None, :],
                     mask=tok_ok[:, None] & (cols < k)[None, :], other=0.0)
-        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
-                               HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
+        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, k0, d, k, n_words, rank,
+                               HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST, BLOCK_K)
         acc = _dot(x, tl.trans(tile.to(x.dtype)), acc, PRECISION, UPCAST)
     tl.store(y_ptr + toks.to(tl.int64)[:, None] * d + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & (rows < d)[None, :])
@@ -87,8 +108,8 @@ def _mm_t_kernel(g_ptr, w_ptr, words_ptr, a_ptr, b_ptr, dx_ptr, tokens, d, k, n_
         rows = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + toks.to(tl.int64)[:, None] * d + rows[None, :],
                     mask=tok_ok[:, None] & (rows < d)[None, :], other=0.0)
-        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, cols, d, k, n_words, rank,
-                               HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
+        tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, tl.program_id(1) * BLOCK_K, d, k, n_words,
+                               rank, HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST, BLOCK_K)
         acc = _dot(g, tile.to(g.dtype), acc, PRECISION, UPCAST)
     tl.store(dx_ptr + toks.to(tl.int64)[:, None] * k + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=tok_ok[:, None] & (cols < k)[None, :])
@@ -102,9 +123,7 @@ def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, token
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < d
     col_ok = cols < k
-    inside = row_ok[:, None] & col_ok[None, :]
-    word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :], mask=inside, other=0)
-    keep = ((word >> (cols % 32)[None, :]) & 1) != 0
+    keep = _keep(words_ptr, rows, row_ok, tl.program_id(1) * BLOCK_K, n_words, BLOCK_K)
     if tl.max(keep.to(tl.int32)) > 0:  # an all-zero tile has no gradient: skip its T-long reduction
         grad = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
         for t0 in range(0, tokens, BLOCK_T):
@@ -137,8 +156,8 @@ def _panel_kernel(w_ptr, words_ptr, a_ptr, b_ptr, out_ptr, row0, col0, panel_row
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     local_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, row0 + local_rows, col0 + local_cols, d, k, n_words,
-                           rank, HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST)
+    tile = _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, row0 + local_rows, col0 + tl.program_id(1) * BLOCK_K, d,
+                           k, n_words, rank, HAS_W, HAS_AB, R, ACC, PRECISION, UPCAST, BLOCK_K)
     inside = (local_rows < panel_rows)[:, None] & (local_cols < panel_cols)[None, :]
     tl.store(out_ptr + local_rows.to(tl.int64)[:, None] * panel_cols + local_cols[None, :],
              tile.to(out_ptr.dtype.element_ty), mask=inside)
@@ -149,10 +168,9 @@ def _mask_kernel(g_ptr, words_ptr, col0, rows_total, panel_cols, n_words,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = col0 + local_cols
-    inside = (rows < rows_total)[:, None] & (local_cols < panel_cols)[None, :]
-    word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :], mask=inside, other=0)
-    keep = ((word >> (cols % 32)[None, :]) & 1) != 0
+    row_ok = rows < rows_total
+    inside = row_ok[:, None] & (local_cols < panel_cols)[None, :]
+    keep = _keep(words_ptr, rows, row_ok, col0 + tl.program_id(1) * BLOCK_K, n_words, BLOCK_K)
     at = g_ptr + rows.to(tl.int64)[:, None] * panel_cols + local_cols[None, :]
     g = tl.load(at, mask=inside, other=0.0)
     tl.store(at, tl.where(keep, g, 0.0), mask=inside)
@@ -162,7 +180,9 @@ _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 
 def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
-    """Compile-time constants shared by the three kernels."""
+    """Compile-time constants and launch options shared by the kernels. 16-bit tiles of 64 take 8 warps:
+    with 4, the fused products need more than 255 registers a thread and spill (Triton's sm_90 build;
+    tests/test_masked_lora.py compiles them)."""
     # fp32 dots follow torch's own switch for TF32 (off by default), so fp32 results match torch's.
     if act.dtype == torch.float64:
         precision = "ieee"
@@ -175,7 +195,7 @@ def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
     else:  # fp64 is reduced in registers (common.dot): small tiles keep it out of local memory
         block = {torch.bfloat16: 64, torch.float16: 64, torch.float64: 16}.get(act.dtype, 32)
     return dict(R=max(16, triton.next_power_of_2(lora_A.shape[0])), ACC=_TL_ACC[lora_A.dtype], PRECISION=precision,
-                UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block)
+                UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block, num_warps=8 if block == 64 else 4)
 
 
 
@@ -230,6 +250,7 @@ def effective_panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: sli
     """Rows × cols of M ⊙ (W + s·B·A) in ``dtype``, from one pass over W and the mask words: B·A is
     computed by tiles in registers and each value is rounded once."""
     d, k = lora_B.shape[0], lora_A.shape[1]
+    _check_word_start(cols)
     panel_rows, panel_cols = rows.stop - rows.start, cols.stop - cols.start
     out = torch.empty(panel_rows, panel_cols, dtype=dtype, device=words.device)
     cfg = _config(out, lora_A)
@@ -243,8 +264,15 @@ def effective_panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: sli
 
 def mask_panel_(g: torch.Tensor, words: torch.Tensor, cols: slice) -> torch.Tensor:
     """Zero ``g`` (contiguous ``[rows of the mask, len(cols)]``) outside the mask's ``cols``, in place."""
+    _check_word_start(cols)
     rows_total, panel_cols = g.shape
     block = 32 if interpreted() else 64
     grid = (triton.cdiv(rows_total, block), triton.cdiv(panel_cols, block))
-    _mask_kernel[grid](g, words, cols.start, rows_total, panel_cols, words.shape[1], BLOCK_N=block, BLOCK_K=block)
+    _mask_kernel[grid](g, words, cols.start, rows_total, panel_cols, words.shape[1], BLOCK_N=block, BLOCK_K=block,
+                       num_warps=8 if block == 64 else 4)
     return g
+
+
+def _check_word_start(cols: slice) -> None:
+    if cols.start % 32:
+        raise LosaError(f"masked-LoRA panels start on a mask word (a multiple of 32 columns), got column {cols.start}")
