@@ -75,7 +75,8 @@ def triton_candidates(tokens: int):
                   Config("dot", 64, block_k=64, block_t=bt, num_warps=8),
                   Config("dot", 128, block_k=64, block_t=bt, num_warps=8),
                   Config("dot", 32, block_k=128, block_t=bt, num_warps=4),
-                  Config("dot", 64, block_k=64, block_t=bt, num_warps=8, num_stages=3, split_k=1)]
+                  Config("dot", 64, block_k=64, block_t=bt, num_warps=8, num_stages=3, split_k=1),
+                  Config("panels", 16), Config("panels", 8), Config("panels", 32, num_warps=8)]
     default = default_config(tokens)
     return [default, *[c for c in others if c != default]]
 
@@ -142,7 +143,7 @@ def semi_structured(w: torch.Tensor):
 def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep: bool, kernels=()) -> dict:
     """Check and time every contender for one (shape, pattern, tokens); the Triton sweep only if ``sweep``;
     ``kernels``: the CUDA op's kernels to time one by one (all of them up to 32 tokens, two above)."""
-    from losa_deploy.kernels.triton.sparse_gemm import sparse_matmul
+    from losa_deploy.kernels.triton.sparse_gemm import DECODE_MAX_TOKENS, Config, sparse_matmul
 
     x = torch.randn(tokens, cols, generator=gen, device=gen.device).to(torch.bfloat16)
     ref = F.linear(x.float(), w.float())
@@ -162,6 +163,9 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
                 x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
     for cfg in triton_candidates(tokens) if sweep else []:
         contenders[f"triton {cfg_name(cfg)}"] = lambda cfg=cfg: sparse_matmul(x, layout, config=cfg)
+    if tokens > DECODE_MAX_TOKENS:  # the prefill path, timed even without the sweep (where it starts is open)
+        panels = Config("panels", 16)
+        contenders.setdefault(f"triton {cfg_name(panels)}", lambda: sparse_matmul(x, layout, config=panels))
     if sparse24 is not None:
         contenders["cslt"] = lambda: F.linear(x, sparse24)
     times = {}

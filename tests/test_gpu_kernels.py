@@ -99,6 +99,40 @@ def test_triton_paths_and_split_k(fmt, path, tokens, split_k, rng):
     check_linear(sparse_matmul(x.to(DEVICE), layout, bias.to(DEVICE), cfg), x, w, bias)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 1.0])
+def test_decompress_is_exact(fmt, sparsity, rng):
+    """The panels path's decoder: any span of rows, back to the dense values bit for bit (ragged columns:
+    a partial 256-column chunk and a partial word)."""
+    from losa_deploy.kernels.triton.sparse_gemm import decompress
+
+    rows, cols = int(torch.randint(2, 60, (), generator=rng)), int(torch.randint(1, 600, (), generator=rng))
+    w, packed = make_weight(fmt, rows, cols, rng, torch.bfloat16, sparsity=sparsity if fmt == "bitmask" else 0.7)
+    layout = gpu_layout(packed.replace(**{k: v.to(DEVICE) for k, v in packed.tensors().items()}))
+    start = int(torch.randint(0, rows - 1, (), generator=rng))
+    stop = int(torch.randint(start + 1, rows + 1, (), generator=rng))
+    assert torch.equal(decompress(layout, slice(start, stop), torch.bfloat16).cpu(), w[start:stop])
+    assert torch.equal(decompress(layout, slice(0, rows), torch.float32).cpu(), w.float())
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4", "mixed:8", "2:6"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_panels_path(fmt, dtype, rng, monkeypatch):
+    """Decode panels of rows, multiply with the vendor GEMM: small panels (one of 16 rows, reused) so the
+    47 rows take three, the last one partial; with and without bias."""
+    from losa_deploy.kernels.triton import sparse_gemm
+    from losa_deploy.kernels.triton.sparse_gemm import Config, sparse_matmul
+
+    rows, cols, tokens = 47, 300, 37
+    monkeypatch.setattr(sparse_gemm, "PANEL_BYTES", 16 * cols * torch.tensor([], dtype=dtype).element_size())
+    w, packed = make_weight(fmt, rows, cols, rng, dtype, sparsity=0.5)
+    x = torch.randn(tokens, cols, generator=rng).to(dtype)
+    layout = gpu_layout(packed.replace(**{k: v.to(DEVICE) for k, v in packed.tensors().items()}))
+    for bias in (None, torch.randn(rows, generator=rng).to(dtype)):
+        y = sparse_matmul(x.to(DEVICE), layout, None if bias is None else bias.to(DEVICE), Config("panels", 16))
+        check_linear(y, x, w, bias)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
 def test_triton_bitmask_sparsity_extremes(sparsity, rng):
     from losa_deploy.kernels.triton.sparse_gemm import sparse_matmul
@@ -311,14 +345,22 @@ for tokens in (1, 8, 16):
         usage = resource_usage(kernel, {**pointers, **scalars}, consts, cfg.num_warps, cfg.num_stages)
         print(kernel.fn.__name__, tokens, is_nm, usage)
         assert usage.get("STACK", -1) == 0, f"{kernel.fn.__name__} tokens={tokens} nm={is_nm} spills: {usage}"
+cfg = sg.default_config(128)
+assert cfg.path == "panels"
+for is_nm in (False, True):
+    signature = dict(values_ptr="*bf16", mask_ptr="*i32", row_ptr="*i64", table_ptr="*i32", out_ptr="*bf16",
+                     **dict.fromkeys(["row0", "panel_rows", "n_rows", "n_cols", "n_words", "n_chunks"], "i32"))
+    usage = resource_usage(sg._decompress_kernel, signature, dict(IS_NM=is_nm, BLOCK_R=cfg.block_r), cfg.num_warps)
+    print("decompress", is_nm, usage)
+    assert usage.get("STACK", -1) == 0, f"decompress nm={is_nm} spills: {usage}"
 """
 
 
 @pytest.mark.skipif(not triton_kernels.available(), reason="triton not installed")
 def test_triton_kernels_compile_for_hopper_without_spills():
-    """The default configurations up to 16 tokens compile to sm_90 machine code with Triton's own compiler
-    (no GPU needed), with no register spills (local-memory stack of 0): the interpreter sees neither.
-    (The larger dot tiles spill a little and were still the fastest measured: see default_config.)"""
+    """The default configurations up to 16 tokens and the panels path's decoder compile to sm_90 machine code
+    with Triton's own compiler (no GPU needed), with no register spills (local-memory stack of 0): the
+    interpreter sees neither."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])

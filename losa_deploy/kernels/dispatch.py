@@ -8,7 +8,8 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   through their bitmask view) for 16-bit x and values and at most :data:`CUDA_OP_MAX_TOKENS` tokens, or
   up to :data:`CUDA_OP_MAX_TOKENS_GROUPS` where its value-group kernel holds 16 tokens of x in shared
   memory; otherwise the Triton kernels (``kernels/triton/sparse_gemm.py``: register decode + FMA up to
-  8 tokens, decode + ``tl.dot`` beyond); the pure-PyTorch path when neither is available. The CUDA op
+  8 tokens, decode + ``tl.dot`` up to 16, beyond that (prefill) W decoded once, a panel of rows at a time,
+  and cuBLAS); the pure-PyTorch path when neither is available. The CUDA op
   picks its kernel itself (``csrc/cuda/bitmask_linear_cuda.cpp``): at one token with at least 20% of
   the weights kept the positions kernel (``bitmask_gemv_positions.cu``), otherwise the value-group
   kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);

@@ -10,17 +10,24 @@ the previous tile's plus its kept count, and at a chunk start
 - N:M (M divides 32): ``row_ptr[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
   32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
 
-Two paths, picked by token count (:func:`default_config`):
+Three paths, picked by token count (:func:`default_config`):
 
 - ``decode`` (1-8 tokens): FMA of the decoded tile with each token's x slice, fp32 accumulation, one
   reduction at the end (1 token) or per tile (2-8 tokens). Split-K over column ranges, with fp32 atomic
   adds, when there are too few row blocks to fill the GPU.
-- ``dot`` (more tokens): the decoded ``[BLOCK_R, BLOCK_K]`` tile is multiplied with the
-  ``[BLOCK_T, BLOCK_K]`` x tile on the tensor cores (``tl.dot``); split-K the same way.
+- ``dot`` (9-16 tokens): the decoded ``[BLOCK_R, BLOCK_K]`` tile is multiplied with the
+  ``[BLOCK_T, BLOCK_K]`` x tile on the tensor cores (``tl.dot``); split-K the same way. Every token tile
+  decodes W again.
+- ``panels`` (more tokens: prefill): W is decoded once, a panel of rows at a time (:data:`PANEL_BYTES`,
+  about a third of an H100's L2, one buffer reused so the GEMM reads it back from L2), into the dense
+  dtype of x, and the vendor GEMM multiplies. Sparsity saves no FLOPs there; the aim is to stay near
+  dense speed (kernels.md §5.3), where the ``dot`` path, decoding once per 64 tokens, measured 0.04-0.10x
+  cuBLAS at 128 tokens. Here a column's value index is the row's base, plus the kept counts of the words
+  before it in its 256-column chunk, plus the set bits below it in its word (popcounts, no prefix scan).
 
-Measured on an H200 (benchmarks/RESULTS.md) these are the portable path, not the fast one: the decode
-costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a 4096x4096 GEMV,
-where cuBLAS takes 18 µs); the CUDA op (csrc/cuda/bitmask_gemv.cu) runs 1-16 tokens.
+Measured on an H200 (benchmarks/RESULTS.md) the decode and dot paths are the portable path, not the fast
+one: their decode costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a
+4096x4096 GEMV, where cuBLAS takes 18 µs); the CUDA op (csrc/cuda/) runs 1-16 tokens, or 32 where x fits.
 
 Activations and values may be bf16, fp16 or fp32 (the values are cast to x's dtype for the dot);
 the result has x's dtype.
@@ -32,6 +39,7 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -40,8 +48,10 @@ from ..formats.gpu import CHUNK_COLS, BitmaskGPULayout, GPULayout, NMGPULayout
 from . import interpreted
 from .common import dot
 
-PATHS = ("decode", "dot")
+PATHS = ("decode", "dot", "panels")
 DECODE_MAX_TOKENS = 8
+DOT_MAX_TOKENS = 16  # above: the panels path (not yet timed on a GPU; the dot path measured 0.08-0.17x dense at 32)
+PANEL_BYTES = 16 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -138,6 +148,39 @@ def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr
     _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
 
 
+@triton.jit
+def _popcount(x):
+    """Set bits of each uint32, as int32 (SWAR: the interpreter has no ``popc``)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _decompress_kernel(values_ptr, mask_ptr, row_ptr, table_ptr, out_ptr, row0, panel_rows, n_rows, n_cols,
+                       n_words, n_chunks, IS_NM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows ``row0 + [0, panel_rows)`` of W, dense, into ``out [panel_rows, n_cols]``: one program per
+    BLOCK_R rows and 256-column chunk."""
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = row0 + local
+    row_ok = (local < panel_rows) & (rows < n_rows)
+    c0 = tl.program_id(1) * 256
+    base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
+    at = c0 // 32 + tl.arange(0, 8)
+    words = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + at[None, :],
+                    mask=row_ok[:, None] & (at < n_words)[None, :], other=0).to(tl.uint32, bitcast=True)
+    counts = _popcount(words)
+    bit = tl.arange(0, 32)
+    below = _popcount(words[:, :, None] & ((tl.full((32,), 1, tl.uint32) << bit) - 1)[None, None, :])
+    index = base[:, None, None] + ((tl.cumsum(counts, 1) - counts)[:, :, None] + below).to(tl.int64)
+    kept = ((words[:, :, None] >> bit[None, None, :]) & 1) != 0
+    w = tl.reshape(tl.load(values_ptr + index, mask=kept, other=0.0), (BLOCK_R, 256))
+    cols = c0 + tl.arange(0, 256)
+    tl.store(out_ptr + local.to(tl.int64)[:, None] * n_cols + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < n_cols)[None, :])
+
+
 # -- host side ------------------------------------------------------------------------------------------
 
 
@@ -156,17 +199,20 @@ class Config:
 
 
 def default_config(tokens: int) -> Config:
-    """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x: the fastest of the candidates
-    benchmarks/gpu_suite.py sweeps, over the LLaMA-2-7B shapes and patterns on an H200 (benchmarks/RESULTS.md;
-    decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or within 3% at 16-128).
-    Up to 16 tokens they compile without register spills (tests/test_gpu_kernels.py checks it for sm_90);
-    the 32- and 64-token dot tiles spill a little (8 and 280 bytes of stack with Triton 3.9) and still
-    measured fastest."""
+    """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x. Up to 16 tokens: the fastest
+    of the candidates benchmarks/gpu_suite.py sweeps, over the LLaMA-2-7B shapes and patterns on an H200
+    (benchmarks/RESULTS.md; decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or
+    within 3% at 16). Beyond, the panels path: the dot path measured 0.08-0.17x cuBLAS at 32 tokens and
+    0.04-0.10x at 128, decoding W once per token tile; the panels path decodes it once, in about 24
+    instructions a weight in its sm_90 build (about 25 µs for 4096x4096 on an H100, estimated, not yet
+    timed). They compile without register spills (tests/test_gpu_kernels.py checks it for sm_90)."""
     if interpreted():  # few, large programs: the interpreter's cost is per program and per op
         return Config("decode", 16) if tokens <= DECODE_MAX_TOKENS else Config("dot", 16, block_t=16)
     if tokens <= DECODE_MAX_TOKENS:
         return Config("decode", 2, num_warps=2)
-    return Config("dot", 128, block_k=64, block_t=16 if tokens <= 16 else 32 if tokens <= 32 else 64, num_warps=8)
+    if tokens > DOT_MAX_TOKENS:
+        return Config("panels", 16)
+    return Config("dot", 128, block_k=64, block_t=16 if tokens <= 16 else 32, num_warps=8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -215,6 +261,8 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
         y = x.new_zeros(tokens, rows)
         return y if bias is None else y + bias.to(x.dtype)
     x = x.contiguous()
+    if cfg.path == "panels":
+        return _panels_matmul(x, layout, bias, cfg)
     k_steps = -(-cols // CHUNK_COLS)
     row_blocks = -(-rows // cfg.block_r)
     token_blocks = 1 if cfg.path == "decode" else -(-tokens // cfg.block_t)
@@ -239,4 +287,39 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
     return y
 
 
-__all__ = ["DECODE_MAX_TOKENS", "PATHS", "Config", "default_config", "sparse_matmul"]
+def decompress(layout: GPULayout, rows: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
+               block_r: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """Rows ``rows`` of the packed weight as a dense ``[len(rows), in]`` tensor of ``dtype`` (into ``out``, a
+    contiguous buffer of at least that many rows, when given)."""
+    table, is_nm = _chunk_table(layout)
+    n_rows, n_cols = layout.shape
+    panel_rows = len(range(n_rows)[rows])
+    if out is None:
+        out = torch.empty(panel_rows, n_cols, dtype=dtype, device=layout.device)
+    out = out[:panel_rows]
+    grid = (triton.cdiv(panel_rows, block_r), triton.cdiv(n_cols, CHUNK_COLS))
+    if panel_rows and n_cols:
+        _decompress_kernel[grid](layout.values, layout.mask, layout.row_ptr, table, out, rows.start or 0, panel_rows,
+                                 n_rows, n_cols, layout.mask.shape[1], 0 if is_nm else table.shape[1], IS_NM=is_nm,
+                                 BLOCK_R=block_r, num_warps=num_warps)
+    return out
+
+
+def _panels_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+    """The panels path: decode a panel of rows into one reused buffer, multiply it with the vendor GEMM."""
+    rows, cols = layout.shape
+    bias = None if bias is None else bias.to(x.dtype)
+    per_panel = max(cfg.block_r, PANEL_BYTES // (cols * x.element_size()) // cfg.block_r * cfg.block_r)
+    if per_panel >= rows:
+        return F.linear(x, decompress(layout, slice(0, rows), x.dtype, None, cfg.block_r, cfg.num_warps), bias)
+    y = x.new_empty(x.shape[0], rows)
+    buffer = torch.empty(per_panel, cols, dtype=x.dtype, device=x.device)
+    for start in range(0, rows, per_panel):
+        span = slice(start, min(start + per_panel, rows))
+        panel = decompress(layout, span, x.dtype, buffer, cfg.block_r, cfg.num_warps)
+        y[:, span] = F.linear(x, panel, None if bias is None else bias[span])
+    return y
+
+
+__all__ = ["DECODE_MAX_TOKENS", "DOT_MAX_TOKENS", "PANEL_BYTES", "PATHS", "Config", "decompress", "default_config",
+           "sparse_matmul"]
