@@ -50,7 +50,7 @@ from .common import dot
 
 PATHS = ("decode", "dot", "panels")
 DECODE_MAX_TOKENS = 8
-DOT_MAX_TOKENS = 16  # above: the panels path (not yet timed on a GPU; the dot path measured 0.08-0.17x dense at 32)
+DOT_MAX_TOKENS = 16  # above: the panels path (not yet timed on a GPU; the dot path measured 0.08-0.19x dense at 32)
 PANEL_BYTES = 16 << 20
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -202,7 +202,7 @@ def default_config(tokens: int) -> Config:
     """The configuration :func:`sparse_matmul` uses for ``tokens`` rows of x. Up to 16 tokens: the fastest
     of the candidates benchmarks/gpu_suite.py sweeps, over the LLaMA-2-7B shapes and patterns on an H200
     (benchmarks/RESULTS.md; decode: best at 1 token everywhere, within 3% of the best at 8; dot: best or
-    within 3% at 16). Beyond, the panels path: the dot path measured 0.08-0.17x cuBLAS at 32 tokens and
+    within 3% at 16). Beyond, the panels path: the dot path measured 0.08-0.19x cuBLAS at 32 tokens and
     0.04-0.10x at 128, decoding W once per token tile; the panels path decodes it once, in about 24
     instructions a weight in its sm_90 build (about 25 µs for 4096x4096 on an H100, estimated, not yet
     timed). They compile without register spills (tests/test_gpu_kernels.py checks it for sm_90)."""
