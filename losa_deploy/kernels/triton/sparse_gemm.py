@@ -3,12 +3,12 @@
 y = x · Wᵀ (+ bias) with W packed. Every program decodes tiles of W in registers, never in memory:
 programs walk 256-column chunks, each in tiles of ``[BLOCK_R rows, BLOCK_K columns]`` (BLOCK_K divides
 256). A kept column's value sits at (the row's first value in the tile) + (the kept columns of the tile
-before it), the second term a prefix sum along the tile (``tl.cumsum`` of the mask bits). The first is
-the previous tile's plus its kept count, and at a chunk start
+before it), the second term from popcounts: of the tile's words before the column's word, and of the
+bits below it in its word. The first is the previous tile's plus its kept count, and at a chunk start
 
 - bitmask: ``row_ptr[r] + chunk_offset[r, c/256]`` (formats/gpu.py);
 - N:M (M divides 32): ``row_ptr[r] + (c/32)·(32N/M)``. In the filled load-time layout every full
-  32-column word holds exactly 32N/M values, so the stride is fixed: no table, no popcounts.
+  32-column word holds exactly 32N/M values, so the stride is fixed: no table.
 
 Three paths, picked by token count (:func:`default_config`):
 
@@ -22,8 +22,7 @@ Three paths, picked by token count (:func:`default_config`):
   about a third of an H100's L2, one buffer reused so the GEMM reads it back from L2), into the dense
   dtype of x, and the vendor GEMM multiplies. Sparsity saves no FLOPs there; the aim is to stay near
   dense speed (kernels.md §5.3), where the ``dot`` path, decoding once per 64 tokens, measured 0.04-0.10x
-  cuBLAS at 128 tokens. Here a column's value index is the row's base, plus the kept counts of the words
-  before it in its 256-column chunk, plus the set bits below it in its word (popcounts, no prefix scan).
+  cuBLAS at 128 tokens.
 
 Measured on an H200 (benchmarks/RESULTS.md) the decode and dot paths are the portable path, not the fast
 one: their decode costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a
@@ -56,17 +55,33 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words):
-    """The ``[R, len(cols)]`` tile of W at columns ``cols`` (consecutive, from a multiple of 32), in the
-    values' dtype and zero where not kept, and the kept count of each row in it. ``base`` [R]: the index of
-    each row's first value at ``cols[0]``. Bits past the row width are zero in both formats, so no column
-    check is needed."""
-    word = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :],
-                   mask=row_ok[:, None] & (cols < n_words * 32)[None, :], other=0)
-    bit = (word >> (cols % 32)[None, :]) & 1
-    before = tl.cumsum(bit, 1)
-    w = tl.load(values_ptr + (base[:, None] + (before - 1)), mask=bit != 0, other=0.0)
-    return w, tl.sum(bit, 1)
+def _popcount(x):
+    """Set bits of each uint32, as int32 (SWAR, which LLVM turns into ``popc``; the interpreter has none)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _decode(values_ptr, mask_ptr, base, rows, row_ok, k0, n_words, BLOCK_K: tl.constexpr):
+    """The ``[R, BLOCK_K]`` tile of W at columns ``k0, k0 + 1, ...`` (k0 a multiple of 32, BLOCK_K of 32 or
+    more), in the values' dtype and zero where not kept, and the kept count of each row in it. ``base``
+    [R]: the index of each row's first value at ``k0``. A kept column's value sits at base + the kept
+    counts of the tile's words before its word + the set bits below it in its word: popcounts on words
+    loaded once, where a prefix scan along the tile cost twice the instructions and 70 times the shuffles
+    (sm_90 builds of the dot path). Bits past the row width are zero in both formats, so no column check
+    is needed."""
+    at = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + at[None, :],
+                    mask=row_ok[:, None] & (at < n_words)[None, :], other=0).to(tl.uint32, bitcast=True)
+    counts = _popcount(words)
+    bit = tl.arange(0, 32)
+    below = _popcount(words[:, :, None] & ((tl.full((32,), 1, tl.uint32) << bit) - 1)[None, None, :])
+    index = base[:, None, None] + ((tl.cumsum(counts, 1) - counts)[:, :, None] + below).to(tl.int64)
+    kept = ((words[:, :, None] >> bit[None, None, :]) & 1) != 0
+    w = tl.load(values_ptr + index, mask=kept, other=0.0)
+    return tl.reshape(w, (rows.shape[0], BLOCK_K)), tl.sum(counts, 1)
 
 
 @triton.jit
@@ -109,7 +124,7 @@ def _decode_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_
         for k0 in range(c0, c0 + 256, BLOCK_K):  # not unrolled: one tile's registers at a time
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_cols
-            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, k0, n_words, BLOCK_K)
             base += kept
             w = w.to(tl.float32)
             if T == 1:
@@ -142,19 +157,10 @@ def _dot_kernel(x_ptr, y_ptr, bias_ptr, values_ptr, mask_ptr, row_ptr, table_ptr
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * n_cols + cols[None, :],
                         mask=tok_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
-            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, cols, n_words)
+            w, kept = _decode(values_ptr, mask_ptr, base, rows, row_ok, k0, n_words, BLOCK_K)
             base += kept
             acc = dot(x, tl.trans(w.to(x.dtype)), acc, PRECISION, UPCAST)
     _store(y_ptr, bias_ptr, acc, toks, tok_ok, rows, row_ok, n_rows, HAS_BIAS, ATOMIC)
-
-
-@triton.jit
-def _popcount(x):
-    """Set bits of each uint32, as int32 (SWAR: the interpreter has no ``popc``)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24).to(tl.int32)
 
 
 @triton.jit
@@ -167,15 +173,7 @@ def _decompress_kernel(values_ptr, mask_ptr, row_ptr, table_ptr, out_ptr, row0, 
     row_ok = (local < panel_rows) & (rows < n_rows)
     c0 = tl.program_id(1) * 256
     base = _chunk_base(row_ptr, table_ptr, rows, row_ok, c0, n_chunks, IS_NM)
-    at = c0 // 32 + tl.arange(0, 8)
-    words = tl.load(mask_ptr + rows.to(tl.int64)[:, None] * n_words + at[None, :],
-                    mask=row_ok[:, None] & (at < n_words)[None, :], other=0).to(tl.uint32, bitcast=True)
-    counts = _popcount(words)
-    bit = tl.arange(0, 32)
-    below = _popcount(words[:, :, None] & ((tl.full((32,), 1, tl.uint32) << bit) - 1)[None, None, :])
-    index = base[:, None, None] + ((tl.cumsum(counts, 1) - counts)[:, :, None] + below).to(tl.int64)
-    kept = ((words[:, :, None] >> bit[None, None, :]) & 1) != 0
-    w = tl.reshape(tl.load(values_ptr + index, mask=kept, other=0.0), (BLOCK_R, 256))
+    w, _ = _decode(values_ptr, mask_ptr, base, rows, row_ok, c0, n_words, 256)
     cols = c0 + tl.arange(0, 256)
     tl.store(out_ptr + local.to(tl.int64)[:, None] * n_cols + cols[None, :], w.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (cols < n_cols)[None, :])
