@@ -146,9 +146,9 @@ def _gram(grad: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 def _mm_writes_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype not in (torch.bfloat16, torch.float16):
         return False
-    try:
-        probe = torch.ones(2, 2, dtype=dtype, device=device)
-        return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    try:  # shaped like the real call: a transposed dY and a column slice of X
+        grad, x = torch.ones(3, 4, dtype=dtype, device=device), torch.ones(3, 4, dtype=dtype, device=device)
+        return torch.mm(grad.t(), x[:, 1:3], out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or no kernel for this device
         return False
 
