@@ -12,10 +12,13 @@ cd "$(dirname "$0")/.."
 ROOT_OUT=${OUT:?set OUT}
 mkdir -p "$ROOT_OUT/kernels" "$ROOT_OUT/training"
 start=$SECONDS
-OUT=$ROOT_OUT/kernels TESTS="tests/test_gpu_kernels.py tests/test_masked_lora.py" TEST_TIMEOUT=150 SUITE_TIMEOUT=120 \
-  timeout 330 bash benchmarks/gpu_run.sh --no-lora --sweep-budget 0 --tokens 1 8 16 32 128 512
+# Inner limits: build 120 s, probes 2 x 120 s, each test file 110 s, suite 90 s (typically about 250 s in
+# all); the outer ones only guard the 600 s call.
+OUT=$ROOT_OUT/kernels TESTS="tests/test_gpu_kernels.py tests/test_masked_lora.py" BUILD_TIMEOUT=120 \
+  TEST_TIMEOUT=110 SUITE_TIMEOUT=90 \
+  timeout 360 bash benchmarks/gpu_run.sh --no-lora --sweep-budget 0 --tokens 1 8 16 32 128 512
 echo "== kernels: exit $? after $((SECONDS - start)) s"
-OUT=$ROOT_OUT/training SKIP_TESTS=1 timeout 180 bash benchmarks/gpu_training_check.sh
+OUT=$ROOT_OUT/training SKIP_TESTS=1 timeout 200 bash benchmarks/gpu_training_check.sh
 echo "== training: exit $? after $((SECONDS - start)) s"
 tar -czf "$ROOT_OUT/all.tgz" -C "$ROOT_OUT" kernels training
 echo "packed $ROOT_OUT/all.tgz"

@@ -41,7 +41,7 @@ for backend in ("panels", "torch", "triton"):
 PY
 for backend in panels torch triton; do
   echo "== masked LoRA, fused column = $backend"
-  timeout 40 python3 benchmarks/masked_lora.py --device cuda --rank 16 --k 4096 11008 --tokens 256 2048 \
+  timeout 35 python3 benchmarks/masked_lora.py --device cuda --rank 16 --k 4096 11008 --tokens 256 2048 \
     --no-dropout-row --rounds 3 --backend $backend --no-progress --json "$OUT/masked_lora_$backend.json"
 done
 echo "== LoSA on CUDA"

@@ -112,7 +112,13 @@ def test_decompress_is_exact(fmt, sparsity, rng):
     start = int(torch.randint(0, rows - 1, (), generator=rng))
     stop = int(torch.randint(start + 1, rows + 1, (), generator=rng))
     assert torch.equal(decompress(layout, slice(start, stop), torch.bfloat16).cpu(), w[start:stop])
-    assert torch.equal(decompress(layout, slice(0, rows), torch.float32).cpu(), w.float())
+    assert torch.equal(decompress(layout, slice(-2, None), torch.float32).cpu(), w[-2:].float())
+    buffer = torch.full((rows + 3, cols), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    assert torch.equal(decompress(layout, slice(None), torch.bfloat16, out=buffer).cpu(), w)
+    with pytest.raises(LosaError, match="step 1"):
+        decompress(layout, slice(0, rows, 2), torch.bfloat16)
+    with pytest.raises(LosaError, match="out must be"):
+        decompress(layout, slice(None), torch.bfloat16, out=buffer[:1])
 
 
 @pytest.mark.parametrize("fmt", ["bitmask", "2:4", "mixed:8", "2:6"])

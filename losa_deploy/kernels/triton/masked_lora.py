@@ -28,6 +28,8 @@ from ...errors import LosaError
 from . import interpreted
 from .common import dot as _dot
 
+RANK_STEP = tl.constexpr(16)  # ranks per adapter product inside a tile (tl.dot's smallest inner size)
+
 
 @triton.jit
 def _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K: tl.constexpr):
@@ -61,14 +63,15 @@ def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, c0, d, k, n_words, ran
     inside = row_ok[:, None] & col_ok[None, :]
     keep = _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K)
     tile = tl.zeros((rows.shape[0], BLOCK_K), dtype=ACC)
-    if HAS_AB:
-        ranks = tl.arange(0, R)
-        rank_ok = ranks < rank
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        tile = _dot(b, a, tile, PRECISION, UPCAST)
+    if HAS_AB:  # 16 ranks at a time, so a rank of 64 costs no more registers than one of 16
+        for r0 in tl.static_range(0, R, RANK_STEP):
+            ranks = r0 + tl.arange(0, RANK_STEP)
+            rank_ok = ranks < rank
+            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            tile = _dot(b, a, tile, PRECISION, UPCAST)
     if HAS_W:
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=inside, other=0.0)
         tile += w.to(ACC)
@@ -135,18 +138,19 @@ def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, token
                         mask=tok_ok[:, None] & col_ok[None, :], other=0.0)
             grad = _dot(tl.trans(g), x, grad, PRECISION, UPCAST)
         grad = tl.where(keep, grad, 0.0)  # dB's factor s is applied on the host
-        ranks = tl.arange(0, R)
-        rank_ok = ranks < rank
-        a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        db = _dot(grad, tl.trans(a), tl.zeros((BLOCK_N, R), dtype=ACC), PRECISION, UPCAST)
-        da = _dot(tl.trans(b), grad, tl.zeros((R, BLOCK_K), dtype=ACC), PRECISION, UPCAST)
-        tl.atomic_add(db_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], db,
-                      mask=row_ok[:, None] & rank_ok[None, :])
-        tl.atomic_add(da_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :], da,
-                      mask=rank_ok[:, None] & col_ok[None, :])
+        for r0 in tl.static_range(0, R, RANK_STEP):
+            ranks = r0 + tl.arange(0, RANK_STEP)
+            rank_ok = ranks < rank
+            a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            db = _dot(grad, tl.trans(a), tl.zeros((BLOCK_N, RANK_STEP), dtype=ACC), PRECISION, UPCAST)
+            da = _dot(tl.trans(b), grad, tl.zeros((RANK_STEP, BLOCK_K), dtype=ACC), PRECISION, UPCAST)
+            tl.atomic_add(db_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], db,
+                          mask=row_ok[:, None] & rank_ok[None, :])
+            tl.atomic_add(da_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :], da,
+                          mask=rank_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -180,9 +184,9 @@ _TL_ACC = {torch.float64: tl.float64, torch.float32: tl.float32}
 
 
 def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
-    """Compile-time constants and launch options shared by the kernels. 16-bit tiles of 64 take 8 warps:
-    with 4, the fused products need more than 255 registers a thread and spill (Triton's sm_90 build;
-    tests/test_masked_lora.py compiles them)."""
+    """Compile-time constants and launch options shared by the kernels. 8 warps: with 4, the fused products
+    need more than 255 registers a thread and spill, in every dtype (Triton's sm_90 build;
+    tests/test_masked_lora.py compiles them at ranks 16 and 64)."""
     # fp32 dots follow torch's own switch for TF32 (off by default), so fp32 results match torch's.
     if act.dtype == torch.float64:
         precision = "ieee"
@@ -195,7 +199,7 @@ def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
     else:  # fp64 is reduced in registers (common.dot): small tiles keep it out of local memory
         block = {torch.bfloat16: 64, torch.float16: 64, torch.float64: 16}.get(act.dtype, 32)
     return dict(R=max(16, triton.next_power_of_2(lora_A.shape[0])), ACC=_TL_ACC[lora_A.dtype], PRECISION=precision,
-                UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block, num_warps=8 if block == 64 else 4)
+                UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block, num_warps=8)
 
 
 

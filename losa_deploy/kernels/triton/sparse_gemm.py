@@ -25,8 +25,9 @@ Three paths, picked by token count (:func:`default_config`):
   cuBLAS at 128 tokens.
 
 Measured on an H200 (benchmarks/RESULTS.md) the decode and dot paths are the portable path, not the fast
-one: their decode costs a prefix sum and a gather per column, whatever the sparsity (about 45 µs for a
-4096x4096 GEMV, where cuBLAS takes 18 µs); the CUDA op (csrc/cuda/) runs 1-16 tokens, or 32 where x fits.
+one: their decode costs a gather per column, whatever the sparsity (about 45 µs for a 4096x4096 GEMV,
+where cuBLAS takes 18 µs, with the earlier prefix-scan decoder); the CUDA op (csrc/cuda/) runs 1-16
+tokens, or 32 where x fits.
 
 Activations and values may be bf16, fp16 or fp32 (the values are cast to x's dtype for the dot);
 the result has x's dtype.
@@ -210,7 +211,7 @@ def default_config(tokens: int) -> Config:
         return Config("decode", 2, num_warps=2)
     if tokens > DOT_MAX_TOKENS:
         return Config("panels", 16)
-    return Config("dot", 128, block_k=64, block_t=16 if tokens <= 16 else 32, num_warps=8)
+    return Config("dot", 128, block_k=64, block_t=16, num_warps=8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -287,17 +288,24 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
 
 def decompress(layout: GPULayout, rows: slice, dtype: torch.dtype, out: torch.Tensor | None = None,
                block_r: int = 16, num_warps: int = 4) -> torch.Tensor:
-    """Rows ``rows`` of the packed weight as a dense ``[len(rows), in]`` tensor of ``dtype`` (into ``out``, a
-    contiguous buffer of at least that many rows, when given)."""
+    """Rows ``rows`` (a slice with step 1) of the packed weight as a dense ``[len(rows), in]`` tensor of
+    ``dtype``: into ``out`` when given (contiguous, ``dtype``, at least that many rows of ``in`` columns)."""
     table, is_nm = _chunk_table(layout)
     n_rows, n_cols = layout.shape
-    panel_rows = len(range(n_rows)[rows])
+    start, stop, step = rows.indices(n_rows)
+    if step != 1:
+        raise LosaError(f"decompress: rows must be a slice with step 1, got {rows}")
+    panel_rows = max(stop - start, 0)
     if out is None:
         out = torch.empty(panel_rows, n_cols, dtype=dtype, device=layout.device)
+    elif (out.dtype != dtype or out.dim() != 2 or out.shape[0] < panel_rows or out.shape[1] != n_cols
+          or not out.is_contiguous() or out.device != layout.device):
+        raise LosaError(f"decompress: out must be a contiguous {dtype} [>= {panel_rows}, {n_cols}] tensor on "
+                        f"{layout.device}, got {out.dtype} {list(out.shape)} on {out.device}")
     out = out[:panel_rows]
     grid = (triton.cdiv(panel_rows, block_r), triton.cdiv(n_cols, CHUNK_COLS))
     if panel_rows and n_cols:
-        _decompress_kernel[grid](layout.values, layout.mask, layout.row_ptr, table, out, rows.start or 0, panel_rows,
+        _decompress_kernel[grid](layout.values, layout.mask, layout.row_ptr, table, out, start, panel_rows,
                                  n_rows, n_cols, layout.mask.shape[1], 0 if is_nm else table.shape[1], IS_NM=is_nm,
                                  BLOCK_R=block_r, num_warps=num_warps)
     return out
