@@ -252,7 +252,8 @@ def grad_ab(grad, x, words, lora_A, lora_B, scale):
 
 def effective_panel(weight, words, lora_A, lora_B, scale, rows: slice, cols: slice, dtype) -> torch.Tensor:
     """Rows × cols of M ⊙ (W + s·B·A) in ``dtype``, from one pass over W and the mask words: B·A is
-    computed by tiles in registers and each value is rounded once."""
+    computed by tiles in registers (with TF32 products for a 16-bit panel: their error is below the
+    panel's own rounding) and each value is rounded once to ``dtype``."""
     d, k = lora_B.shape[0], lora_A.shape[1]
     _check_word_start(cols)
     panel_rows, panel_cols = rows.stop - rows.start, cols.stop - cols.start
