@@ -51,6 +51,18 @@ def _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _adapter_slices(a_ptr, b_ptr, rows, row_ok, cols, col_ok, r0, rank, k):
+    """Ranks r0 .. r0 + 15 of B (``[len(rows), 16]``) and of A (``[16, len(cols)]``), zero past the rank."""
+    ranks = r0 + tl.arange(0, RANK_STEP)
+    rank_ok = ranks < rank
+    b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
+                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
+                mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+    return b, a
+
+
+@triton.jit
 def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, c0, d, k, n_words, rank,
                     HAS_W: tl.constexpr, HAS_AB: tl.constexpr, R: tl.constexpr, ACC: tl.constexpr,
                     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -65,12 +77,7 @@ def _effective_tile(w_ptr, words_ptr, a_ptr, b_ptr, rows, c0, d, k, n_words, ran
     tile = tl.zeros((rows.shape[0], BLOCK_K), dtype=ACC)
     if HAS_AB:  # 16 ranks at a time, so a rank of 64 costs no more registers than one of 16
         for r0 in tl.static_range(0, R, RANK_STEP):
-            ranks = r0 + tl.arange(0, RANK_STEP)
-            rank_ok = ranks < rank
-            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
-                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            b, a = _adapter_slices(a_ptr, b_ptr, rows, row_ok, cols, col_ok, r0, rank, k)
             tile = _dot(b, a, tile, PRECISION, UPCAST)
     if HAS_W:
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * k + cols[None, :], mask=inside, other=0.0)
@@ -139,12 +146,9 @@ def _grad_ab_kernel(g_ptr, x_ptr, words_ptr, a_ptr, b_ptr, da_ptr, db_ptr, token
             grad = _dot(tl.trans(g), x, grad, PRECISION, UPCAST)
         grad = tl.where(keep, grad, 0.0)  # dB's factor s is applied on the host
         for r0 in tl.static_range(0, R, RANK_STEP):
+            b, a = _adapter_slices(a_ptr, b_ptr, rows, row_ok, cols, col_ok, r0, rank, k)
             ranks = r0 + tl.arange(0, RANK_STEP)
             rank_ok = ranks < rank
-            a = tl.load(a_ptr + ranks.to(tl.int64)[:, None] * k + cols[None, :],
-                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :],
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             db = _dot(grad, tl.trans(a), tl.zeros((BLOCK_N, RANK_STEP), dtype=ACC), PRECISION, UPCAST)
             da = _dot(tl.trans(b), grad, tl.zeros((RANK_STEP, BLOCK_K), dtype=ACC), PRECISION, UPCAST)
             tl.atomic_add(db_ptr + rows.to(tl.int64)[:, None] * rank + ranks[None, :], db,
