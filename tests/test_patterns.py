@@ -43,7 +43,9 @@ def test_nm_detected_with_ragged_tail(rng, n, m):
 
 
 def test_dense_unstructured_mixed(rng):
-    w = random_weight(rng)
+    # At least 8 rows of 64 columns: a tiny random mask can look N:M by chance (3 rows of 16 columns whose
+    # two 8-groups each keep as many: about 1 in 100), which is not what this test is about.
+    w = random_weight(rng, int(torch.randint(8, 70, (), generator=rng)), int(torch.randint(64, 200, (), generator=rng)))
     assert detect_pattern(w).kind == "dense"
     for s in (0.5, 0.7, 0.9):
         u = w * (torch.rand(w.shape, generator=rng) > s)
@@ -54,6 +56,15 @@ def test_dense_unstructured_mixed(rng):
     p = detect_pattern(mixed)
     assert (p.kind, p.n, p.m) == ("mixed_nm", 4, 8)
     assert not is_nm(mixed, 2, 8) and is_nm(mixed, 4, 8)
+
+
+def test_one_group_per_row_is_no_evidence_of_nm(rng):
+    # 8 x 12 at 50% (seed 3828779092 in CI): with one full 8-group per row, every row "fills" its group,
+    # so any mask passed for mixed N:M. Now M needs two full groups per row.
+    w = random_weight(rng, 8, 12)
+    u = w * (torch.rand(w.shape, generator=rng) > 0.5)
+    assert detect_pattern(u).kind == "unstructured"
+    assert detect_pattern(nm_prune(random_weight(rng, 8, 12), 2, 4)).kind == "nm"  # M = 4 has 3 groups
 
 
 def test_tail_rule():

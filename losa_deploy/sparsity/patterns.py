@@ -98,7 +98,7 @@ def detect_pattern(weight: torch.Tensor) -> LayerPattern:
 def _nm_fit(keep: torch.Tensor, m: int) -> tuple[str, int] | None:
     """("nm" | "mixed_nm", N) if the mask is N:M for this M (N per row for mixed), else None."""
     rows, cols = keep.shape
-    if cols < m:
+    if cols < 2 * m:  # one full group per row fits any mask: a row's N would be whatever it keeps
         return None
     counts = nm_group_counts(keep, m)
     row_n = counts.max(dim=1).values  # the N each row follows
