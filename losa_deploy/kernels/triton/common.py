@@ -21,3 +21,10 @@ def dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def word_bits(words):
+    """``[R, W, 32]``: bit j of each of the ``[R, W]`` mask words (column 32·w + j of its tile), 0 or 1,
+    expanded in registers from words loaded once."""
+    return (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1

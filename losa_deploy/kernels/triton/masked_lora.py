@@ -27,6 +27,7 @@ import triton.language as tl
 from ...errors import LosaError
 from . import interpreted
 from .common import dot as _dot
+from .common import word_bits
 
 RANK_STEP = tl.constexpr(16)  # ranks per adapter product inside a tile (tl.dot's smallest inner size)
 
@@ -41,8 +42,7 @@ def _keep(words_ptr, rows, row_ok, c0, n_words, BLOCK_K: tl.constexpr):
         at = c0 // 32 + tl.arange(0, BLOCK_K // 32)
         words = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + at[None, :],
                         mask=row_ok[:, None] & (at < n_words)[None, :], other=0)
-        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-        return tl.reshape(bits, (rows.shape[0], BLOCK_K)) != 0
+        return tl.reshape(word_bits(words), (rows.shape[0], BLOCK_K)) != 0
     else:
         cols = c0 + tl.arange(0, BLOCK_K)
         word = tl.load(words_ptr + rows.to(tl.int64)[:, None] * n_words + (cols // 32)[None, :],
@@ -204,7 +204,6 @@ def _config(act: torch.Tensor, lora_A: torch.Tensor) -> dict:
         block = {torch.bfloat16: 64, torch.float16: 64, torch.float64: 16}.get(act.dtype, 32)
     return dict(R=max(16, triton.next_power_of_2(lora_A.shape[0])), ACC=_TL_ACC[lora_A.dtype], PRECISION=precision,
                 UPCAST=interpreted(), BLOCK_T=block, BLOCK_N=block, BLOCK_K=block, num_warps=8)
-
 
 
 def _scaled_b(lora_B: torch.Tensor, scale: float) -> torch.Tensor:

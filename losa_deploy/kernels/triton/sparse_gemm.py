@@ -46,7 +46,7 @@ import triton.language as tl
 from ...errors import LosaError
 from ..formats.gpu import CHUNK_COLS, BitmaskGPULayout, GPULayout, NMGPULayout
 from . import interpreted
-from .common import dot
+from .common import dot, word_bits
 
 PATHS = ("decode", "dot", "panels")
 DECODE_MAX_TOKENS = 8
@@ -80,7 +80,7 @@ def _decode(values_ptr, mask_ptr, base, rows, row_ok, k0, n_words, BLOCK_K: tl.c
     bit = tl.arange(0, 32)
     below = _popcount(words[:, :, None] & ((tl.full((32,), 1, tl.uint32) << bit) - 1)[None, None, :])
     index = base[:, None, None] + ((tl.cumsum(counts, 1) - counts)[:, :, None] + below).to(tl.int64)
-    kept = ((words[:, :, None] >> bit[None, None, :]) & 1) != 0
+    kept = word_bits(words) != 0
     w = tl.load(values_ptr + index, mask=kept, other=0.0)
     return tl.reshape(w, (rows.shape[0], BLOCK_K)), tl.sum(counts, 1)
 
