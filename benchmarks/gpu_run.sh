@@ -3,7 +3,7 @@
 #   1. build the extension with the CUDA op (pip install -e ., Hopper only, 16 jobs);
 #   2. probes of the value-group and the positions CUDA kernels, each in its own process: if one fails (or
 #      crashes the CUDA context), the rest runs without it (LOSA_CUDA_KERNEL=rows or groups:16:2) and the
-#      suite times the kernels left;
+#      suite times the kernels left; likewise the delta-layout kernel (the suite skips it if it fails);
 #   3. the GPU kernel tests on the real GPU ($TESTS, default tests/test_gpu_kernels.py; $PYTEST_K selects);
 #   4. with SANITIZE=1, compute-sanitizer (memcheck, racecheck) on the positions kernel; with NCU=1, a
 #      profile of the one-token kernels (ncu.txt);
@@ -108,6 +108,41 @@ else
   fi
 fi
 
+echo "== probe: the delta-layout kernel (losa::delta_linear) against float64, every launch shape, 1-7 tokens"
+if timeout 120 $PY - >"$OUT/probe_delta.log" 2>&1 <<'PY'
+import sys
+import torch
+from losa_deploy.kernels.dispatch import has_delta_op
+from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.delta import DeltaWeight
+sys.path.insert(0, "benchmarks")
+from gpu_suite import DELTA_CONFIGS
+assert has_delta_op(), "the extension has no delta_linear op"
+g = torch.Generator("cuda").manual_seed(4)
+worst = 0.0
+for rows, cols, sparsity in ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.9), (77, 4096, 0.0), (9001, 2101, 0.6)):
+    keep = torch.rand(rows, cols, generator=g, device="cuda") >= sparsity
+    w = (torch.randn(rows, cols, generator=g, device="cuda") * keep).bfloat16()
+    b = BitmaskWeight.from_dense(w)
+    d = DeltaWeight.build(b.values, b.mask, b.row_ptr, cols)
+    for tokens in (1, 2, 3, 4, 7):
+        x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
+        ref = x.double() @ w.double().T
+        for config in ("auto", *DELTA_CONFIGS, "1:1:1", "3:4:0", "2:1:0"):
+            y = torch.ops.losa.delta_linear(x, d.values, d.deltas, d.row_ptr, cols, None, config)
+            err = float((y.double() - ref).norm() / ref.norm())
+            worst = max(worst, err)
+            assert err < 1e-2, (rows, cols, sparsity, tokens, config, err)
+torch.cuda.synchronize()
+print(f"probe delta passed, worst relative error {worst:.2e}")
+PY
+then
+  cat "$OUT/probe_delta.log"
+else
+  echo "PROBE FAILED (delta): the suite runs without it"; tail -20 "$OUT/probe_delta.log"; status=1
+  suite_kernels+=(--delta-configs)
+fi
+
 echo "== tests on the GPU"
 start=$SECONDS
 workers=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
@@ -162,6 +197,6 @@ PY
 fi
 
 echo "== gpu_suite.py"
-timeout "${SUITE_TIMEOUT:-400}" $PY benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json" "${suite_kernels[@]}" "$@" 2>&1 \
+timeout "${SUITE_TIMEOUT:-400}" $PY benchmarks/gpu_suite.py --out "$OUT/gpu_suite.json" "$@" "${suite_kernels[@]}" 2>&1 \
   | tee "$OUT/suite.log" || status=1
 exit $status

@@ -14,6 +14,11 @@ Contenders per case:
 * ``cuda rows``: the CUDA op's row-walk kernel (``csrc/cuda/bitmask_gemv.cu``; 16 tokens per launch);
 * ``cuda groups:W:P``: the CUDA op's value-group kernel (``bitmask_gemv_groups.cu``) with W warps per
   block and P groups per lane in flight, a few settings (the best is reported);
+* ``cuda positions:W[:R]``: the CUDA op's one-token positions kernel (``bitmask_gemv_positions.cu``);
+* ``cuda delta W:D``: the delta-layout kernel (``losa::delta_linear``, ``csrc/cuda/delta_gemv.cu``) on the
+  same weight repacked (``kernels/formats/delta.py``), W warps per block, D groups per lane per step, loads
+  one step ahead (A = 1) or not, up to 16 tokens (launches of 4); its layout's bytes are reported as
+  ``bytes_delta``;
 * ``triton*``: the best of a few Triton launch configurations (block rows, warps, stages, split-K), the
   autotuning of this suite, kept small so the whole run takes minutes;
 * ``cslt``: ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt, or CUTLASS where torch picks it) for
@@ -46,10 +51,12 @@ from losa_deploy.kernels.dispatch import (
     gpu_kernel,
     groups_kernel_fits,
     has_cuda_op,
+    has_delta_op,
     positions_kernel_fits,
     sparse_linear,
 )
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.delta import DeltaWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 from losa_deploy.kernels.formats.nm import NMWeight
 from losa_deploy.utils.fs import atomic_file
@@ -58,6 +65,9 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 GROUP_KERNELS = ("groups:16:2", "groups:16:2:window", "groups:8:2:window", "groups:16:4")  # the op's default first
 POSITION_KERNELS = ("positions:16", "positions:8", "positions:16:2", "positions:8:2")  # one token only; W[:rows per warp]
 PATTERNS = ("50%", "70%", "90%", "2:4")
+# the op's default first; warps:depth:ahead (ahead 1: each step's loads one step early)
+DELTA_CONFIGS = ("8:2:1", "8:2:0", "4:2:1", "16:2:1", "8:1:1", "8:4:0", "16:4:0")
+DELTA_MAX_TOKENS = 16  # timed up to here (launches of 4 tokens)
 TOKENS = (1, 8, 16, 32, 128)
 TOLERANCE = 1e-2
 BARS = (("70%", 1, 2.0), ("50%", 1, 1.5), ("70%", 16, 1.3))  # (pattern, tokens, speedup over dense), H100
@@ -140,9 +150,12 @@ def semi_structured(w: torch.Tensor):
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep: bool, kernels=()) -> dict:
+def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep: bool, kernels=(),
+             delta: DeltaWeight | None = None, delta_configs=DELTA_CONFIGS) -> dict:
     """Check and time every contender for one (shape, pattern, tokens); the Triton sweep only if ``sweep``;
-    ``kernels``: the CUDA op's kernels to time one by one (all of them up to 32 tokens, two above)."""
+    ``kernels``: the CUDA op's kernels to time one by one (all of them up to 32 tokens, two above);
+    ``delta``: the weight in the delta layout, timed up to :data:`DELTA_MAX_TOKENS` tokens with each of
+    ``delta_configs``."""
     from losa_deploy.kernels.triton.sparse_gemm import DECODE_MAX_TOKENS, Config, sparse_matmul
 
     x = torch.randn(tokens, cols, generator=gen, device=gen.device).to(torch.bfloat16)
@@ -161,6 +174,11 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
                 continue
             contenders[f"cuda {kernel}"] = lambda kernel=kernel: torch.ops.losa.bitmask_linear(
                 x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
+    if delta is not None and tokens <= DELTA_MAX_TOKENS:
+        row["bytes_delta"] = delta.nbytes
+        for config in delta_configs:
+            contenders[f"cuda delta {config}"] = lambda config=config: torch.ops.losa.delta_linear(
+                x, delta.values, delta.deltas, delta.row_ptr, cols, None, config)
     for cfg in triton_candidates(tokens) if sweep else []:
         contenders[f"triton {cfg_name(cfg)}"] = lambda cfg=cfg: sparse_matmul(x, layout, config=cfg)
     if tokens > DECODE_MAX_TOKENS:  # the prefill path, timed even without the sweep (where it starts is open)
@@ -193,6 +211,11 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
     if positions:
         best = min(positions, key=positions.get)
         row["positions_best"], row["positions_us"] = best[len("cuda positions:"):], positions[best]
+    deltas = {k: v for k, v in times.items() if k.startswith("cuda delta")}
+    if deltas:
+        best = min(deltas, key=deltas.get)
+        row["delta_best"], row["delta_us"] = best[len("cuda delta "):], deltas[best]
+        row["speedup_delta"] = dense_us / deltas[best]
     for name, key in (("auto", "auto"), ("cuda rows", "rows"), ("cslt", "cslt")):
         if name in times:
             row[f"{key}_us"] = times[name]
@@ -227,13 +250,16 @@ def run_grid(args, info: dict) -> list[dict]:
             w = make_weight(rows, cols, pattern, gen)
             packed = pack(w, pattern)
             layout = gpu_layout(packed)
+            delta = (DeltaWeight.build(layout.values, layout.mask, layout.row_ptr, cols)
+                     if has_delta_op() and args.delta_configs else None)
             sparse24, cslt_error = semi_structured(w) if pattern == "2:4" else (None, None)
             if sparse24 is not None:
                 info["cslt_backend"] = type(sparse24).__name__  # cuSPARSELt or CUTLASS, as torch chose
             for tokens in args.tokens:
                 case_start = time.perf_counter()
                 sweep = case_start - start < args.sweep_budget
-                row = run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep, args.cuda_kernels)
+                row = run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, sweep, args.cuda_kernels,
+                               delta, args.delta_configs)
                 if cslt_error:
                     row["errors"]["cslt"] = cslt_error
                 row["seconds"] = time.perf_counter() - case_start
@@ -249,9 +275,9 @@ def write(path: str, info: dict, rows: list[dict], lora) -> None:
 
 
 HEADER = ("| shape (out x in) | pattern | T | dense µs | auto µs (kernel) | auto × | auto GB/s | CUDA rows µs | "
-          "best CUDA groups µs (W:P) | best CUDA positions µs (W) | best Triton µs (config) | best × | "
-          "cuSPARSELt µs | cslt × |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "best CUDA groups µs (W:P) | best CUDA positions µs (W) | best CUDA delta µs (W:D) | delta × | "
+          "best Triton µs (config) | best × | cuSPARSELt µs | cslt × |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fmt(value, spec=".1f") -> str:
@@ -263,6 +289,7 @@ def table_row(r: dict) -> str:
             f"({r.get('auto_kernel', '?')}) | {_fmt(r.get('speedup_auto'), '.2f')} | {_fmt(r.get('auto_GBps'), '.0f')} | "
             f"{_fmt(r.get('rows_us'))} | {_fmt(r.get('groups_us'))} ({r.get('groups_best', 'groups:—')[len('groups:'):]}) | "
             f"{_fmt(r.get('positions_us'))} ({r.get('positions_best', '—')}) | "
+            f"{_fmt(r.get('delta_us'))} ({r.get('delta_best', '—')}) | {_fmt(r.get('speedup_delta'), '.2f')} | "
             f"{_fmt(r.get('triton_best_us'))} ({r.get('triton_best', '—')}) | {_fmt(r.get('speedup_best'), '.2f')} | "
             f"{_fmt(r.get('cslt_us'))} | {_fmt(r.get('speedup_cslt'), '.2f')} |")
 
@@ -273,8 +300,9 @@ def bar_lines(rows: list[dict]) -> list[str]:
         for r in rows:
             if r["pattern"] == pattern and r["tokens"] == tokens:
                 got_auto, got_best = r.get("speedup_auto", 0.0), r.get("speedup_best", 0.0)
+                delta = f", delta {r['speedup_delta']:.2f}x" if "speedup_delta" in r else ""
                 lines.append(f"bar {pattern} T={tokens} {r['shape']}: need >= {need:.1f}x; auto {got_auto:.2f}x, "
-                             f"best {got_best:.2f}x -> {'MET' if got_auto >= need else 'not met'} (auto), "
+                             f"best {got_best:.2f}x{delta} -> {'MET' if got_auto >= need else 'not met'} (auto), "
                              f"{'MET' if got_best >= need else 'not met'} (best)")
     return lines
 
@@ -313,6 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda-kernels", nargs="*", default=["rows", *GROUP_KERNELS, *POSITION_KERNELS],
                         help="the CUDA op's kernels timed one by one (default: rows, a few groups settings and "
                         "the positions kernel at two block sizes and two rows per warp)")
+    parser.add_argument("--delta-configs", nargs="*", default=list(DELTA_CONFIGS),
+                        help="launch shapes (warps:depth) of the delta-layout kernel to time; none: skip it")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ragged shapes on the CPU under TRITON_INTERPRET=1: checks this script only")
     parser.add_argument("--seed", type=int, default=int(time.time()))
@@ -337,7 +367,7 @@ def main(argv=None) -> int:
     props = torch.cuda.get_device_properties(0) if args.device == "cuda" else None
     info = dict(device=props.name if props else "cpu (Triton interpreter)",
                 sms=props.multi_processor_count if props else 0, torch=torch.__version__, triton=triton.__version__,
-                cuda_op=has_cuda_op(), seed=args.seed, command=" ".join(sys.argv))
+                cuda_op=has_cuda_op(), delta_op=has_delta_op(), seed=args.seed, command=" ".join(sys.argv))
     if args.device == "cuda":
         info["copy_GBps"] = copy_bandwidth()
     print(json.dumps(info), flush=True)

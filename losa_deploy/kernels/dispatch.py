@@ -24,7 +24,11 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 dense GEMM on them instead of its row kernel (default: the op's, tuned by benchmarks/kernels_cpu.py).
 
 The GPU kernels read a :mod:`GPU layout <.formats.gpu>` (the packed arrays plus small offset tables):
-pass one (``SparseLinear`` keeps one per module on CUDA) or it is built on every call.
+pass one (``SparseLinear`` keeps one per module on CUDA) or it is built on every call. A
+:class:`~.formats.gpu.DeltaGPULayout` (``SparseLinear`` builds one when ``$LOSA_GPU_LAYOUT=delta``) also
+holds the weight in the :mod:`delta layout <.formats.delta>`: where ``auto`` or ``cuda`` would run the CUDA
+op on 1-:data:`DELTA_MAX_TOKENS` tokens, the op ``losa::delta_linear`` runs instead
+(``csrc/cuda/delta_gemv.cu``; ``$LOSA_DELTA_CONFIG``, ``warps:depth``, picks its launch shape).
 
 The compiled ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as
 opaque) and (in C++) an autograd formula for ``x`` and ``bias`` on the CPU. The GPU kernels are for
@@ -43,7 +47,8 @@ from ..errors import LosaError
 from . import ops
 from . import triton as triton_kernels
 from .formats.bitmask import BitmaskWeight
-from .formats.gpu import BitmaskGPULayout, GPULayout, NMGPULayout, gpu_layout
+from .formats.delta import DeltaWeight
+from .formats.gpu import BitmaskGPULayout, DeltaGPULayout, GPULayout, NMGPULayout, gpu_layout
 from .formats.nm import NMKernelLayout, NMWeight
 
 CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
@@ -58,14 +63,16 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the row walk at 32, and the op's 8-token value-group launches would take about 4 x 74 µs against 215.
 CUDA_OP_MAX_TOKENS = 16
 CUDA_OP_MAX_TOKENS_GROUPS = 32
+# The delta-layout kernel stages up to 4 tokens of x per launch (csrc/cuda/delta_gemv.h).
+DELTA_MAX_TOKENS = 4
 _OPS = ("bitmask_linear", "nm_linear")
 
-Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout
+Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout | DeltaGPULayout
 
 
 def kernel_weight(packed: Packed) -> BitmaskWeight | NMKernelLayout:
     """The layout the kernels read: a bitmask weight as it is, an N:M weight in its load-time layout."""
-    if isinstance(packed, BitmaskGPULayout | NMGPULayout):
+    if isinstance(packed, BitmaskGPULayout | NMGPULayout | DeltaGPULayout):
         return packed.weight
     if isinstance(packed, NMWeight):
         return packed.kernel_layout()
@@ -116,7 +123,7 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
                         f"{bias.device}")
     chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
     if device.type == "cuda" or chosen in GPU_BACKENDS:
-        gpu = packed if isinstance(packed, BitmaskGPULayout | NMGPULayout) else None
+        gpu = packed if isinstance(packed, BitmaskGPULayout | NMGPULayout | DeltaGPULayout) else None
         return _gpu_linear(x, weight, gpu, bias, chosen)
     bitmask = isinstance(weight, BitmaskWeight)
     isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", device.type, x.dtype, chosen)
@@ -166,6 +173,27 @@ def has_cuda_op() -> bool:
     return ops() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("losa::bitmask_linear", "CUDA")
 
 
+@functools.lru_cache(maxsize=1)
+def has_delta_op() -> bool:
+    """Whether the extension was built with the delta-layout CUDA kernel."""
+    return ops() is not None and _has_delta_schema()
+
+
+def _has_delta_schema() -> bool:
+    # the op is defined only by CUDA builds (csrc/cuda/delta_linear_cuda.cpp), with its CUDA kernel
+    return hasattr(torch.ops.losa, "delta_linear")
+
+
+def delta_linear(x: torch.Tensor, delta: DeltaWeight, bias: torch.Tensor | None = None,
+                 config: str | None = None) -> torch.Tensor:
+    """``x · Wᵀ (+ bias)`` with W in the delta layout, on the CUDA op (16-bit x and values of x's dtype).
+    ``config``: ``auto`` or ``warps:depth`` (default ``$LOSA_DELTA_CONFIG`` or ``auto``)."""
+    if not has_delta_op():
+        raise LosaError("delta_linear needs the extension built with CUDA")
+    return torch.ops.losa.delta_linear(x, delta.values, delta.deltas, delta.row_ptr, delta.shape[1], bias,
+                                       config or os.environ.get("LOSA_DELTA_CONFIG") or "auto")
+
+
 def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: torch.Tensor | None,
                chosen: str = "auto") -> str:
     """Which implementation :func:`sparse_linear` runs for x on a GPU (or forced GPU backend): ``cuda``,
@@ -208,6 +236,12 @@ def _gpu_linear(x, weight, gpu: GPULayout | None, bias, chosen: str) -> torch.Te
         return _torch_linear(x, weight, bias)
     gpu = gpu or gpu_layout(weight)
     rows, cols = weight.shape
+    if isinstance(gpu, DeltaGPULayout):
+        tokens = x.numel() // max(cols, 1)
+        if (kernel == "cuda" and 0 < tokens <= DELTA_MAX_TOKENS and has_delta_op()
+                and x.dtype in (torch.bfloat16, torch.float16) and gpu.delta.values.dtype == x.dtype):
+            return delta_linear(x, gpu.delta, bias)
+        gpu = gpu.base
     if kernel == "cuda":  # N:M weights too, through their bitmask view (formats/gpu.py)
         return torch.ops.losa.bitmask_linear(x, gpu.values, gpu.mask, gpu.row_ptr, cols, bias, "auto", 0)
     from .triton.sparse_gemm import sparse_matmul
@@ -231,10 +265,16 @@ def _fake_linear(x, values, mask, *args, **kwargs):
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
 
+def _fake_delta_linear(x, values, deltas, row_ptr, *args, **kwargs):
+    return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1))
+
+
 def register_op_metadata() -> None:
     """Called once when the extension loads."""
     for name in _OPS:
         torch.library.register_fake(f"losa::{name}")(_fake_linear)
+    if _has_delta_schema():
+        torch.library.register_fake("losa::delta_linear")(_fake_delta_linear)
 
 
 __all__ = [
@@ -242,11 +282,14 @@ __all__ = [
     "CPU_BACKENDS",
     "CUDA_OP_MAX_TOKENS",
     "CUDA_OP_MAX_TOKENS_GROUPS",
+    "DELTA_MAX_TOKENS",
     "GPU_BACKENDS",
+    "delta_linear",
     "gpu_kernel",
     "groups_kernel_fits",
     "positions_kernel_fits",
     "has_cuda_op",
+    "has_delta_op",
     "kernel_weight",
     "register_op_metadata",
     "sparse_linear",

@@ -12,10 +12,14 @@ streams them once per token, and 2 MiB pages spare it a TLB miss every 4 KiB.
 On CUDA (after ``.to("cuda")``, or built from CUDA tensors) the module also keeps the GPU kernels' layout
 (``kernels/formats/gpu.py``: the same tensors plus small offset tables, rebuilt whenever the tensors move
 or change dtype), so each forward runs the GPU kernel the token count calls for (``kernels.dispatch``)
-without rebuilding anything. On the CPU nothing changes.
+without rebuilding anything. With ``$LOSA_GPU_LAYOUT=delta`` that layout also holds the weight in the
+delta layout (``kernels/formats/delta.py``, a second copy of about the packed size), whose CUDA kernel
+runs 1-4 tokens. On the CPU nothing changes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -31,6 +35,18 @@ from ..sparsity.patterns import detect_pattern
 FORMATS = ("auto", "bitmask", "nm")
 _BITMASK_KEYS = ("lb_shape", "lb_values", "lb_mask", "lb_row_ptr")
 _NM_KEYS = ("nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n")
+
+
+GPU_LAYOUTS = ("bitmask", "delta")
+
+
+def gpu_layout_kind() -> str:
+    """``$LOSA_GPU_LAYOUT``: ``bitmask`` (default: the packed tensors plus offset tables) or ``delta``
+    (also the delta layout, for its 1-4 token kernel)."""
+    kind = os.environ.get("LOSA_GPU_LAYOUT") or "bitmask"
+    if kind not in GPU_LAYOUTS:
+        raise LosaError(f"unknown LOSA_GPU_LAYOUT {kind!r} (choose from {', '.join(GPU_LAYOUTS)})")
+    return kind
 
 
 def choose_format(weight: torch.Tensor) -> str:
@@ -118,8 +134,8 @@ class SparseLinear(nn.Module):
         return self
 
     def _refresh_gpu_layout(self) -> None:
-        self.gpu_layout: GPULayout | None = (gpu_layout(self.packed) if self.packed.values.device.type == "cuda"
-                                             else None)
+        self.gpu_layout: GPULayout | None = (gpu_layout(self.packed, delta=gpu_layout_kind() == "delta")
+                                             if self.packed.values.device.type == "cuda" else None)
 
     # -- state dict: the canonical on-disk arrays ---------------------------------------------------------
 

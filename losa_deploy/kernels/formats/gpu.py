@@ -23,6 +23,10 @@ bitmask weight: the CUDA decode kernel runs N:M weights through that view, and a
 32 runs as a bitmask everywhere.
 
 Both layouts expose ``row_ptr``, ``values`` and ``mask``: the bitmask view the CUDA kernel reads.
+
+:class:`DeltaGPULayout` (``gpu_layout(weight, delta=True)``) is either of them plus the weight again in
+the :mod:`delta layout <.delta>` (a copy: about 0.76 B/weight at 70% sparsity), which the CUDA op
+``delta_linear`` reads at 1-4 tokens; every other token count runs on the bitmask view.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from ...errors import LosaError
 from .bitmask import WORD_BITS, BitmaskWeight, popcount
+from .delta import DeltaWeight
 from .nm import NMKernelLayout
 
 CHUNK_COLS = 256  # columns per chunk_offset entry; the Triton kernels' column blocks are multiples of it
@@ -127,11 +132,31 @@ def _nm_rows(weight: NMKernelLayout) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([stride.new_zeros(1), stride.cumsum(0)]), row_n
 
 
-GPULayout = BitmaskGPULayout | NMGPULayout
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeltaGPULayout(_KernelWeightView):
+    """A bitmask or N:M GPU layout (``base``) plus the same weight in the delta layout."""
+
+    base: BitmaskGPULayout | NMGPULayout
+    delta: DeltaWeight
+
+    @property
+    def weight(self) -> BitmaskWeight | NMKernelLayout:
+        return self.base.weight
+
+    @property
+    def row_ptr(self) -> torch.Tensor:
+        return self.base.row_ptr
 
 
-def gpu_layout(weight: BitmaskWeight | NMKernelLayout) -> GPULayout:
-    """The GPU layout of a kernel weight (tables built on the weight's device)."""
+GPULayout = BitmaskGPULayout | NMGPULayout | DeltaGPULayout
+
+
+def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> GPULayout:
+    """The GPU layout of a kernel weight (tables built on the weight's device); with ``delta``, plus the
+    weight in the delta layout (:class:`DeltaGPULayout`)."""
+    if delta:
+        base = gpu_layout(weight)
+        return DeltaGPULayout(base, DeltaWeight.build(base.values, base.mask, base.row_ptr, base.shape[1]))
     if isinstance(weight, BitmaskWeight):
         return BitmaskGPULayout.build(weight)
     if isinstance(weight, NMKernelLayout) and WORD_BITS % weight.m == 0:
@@ -142,4 +167,4 @@ def gpu_layout(weight: BitmaskWeight | NMKernelLayout) -> GPULayout:
     raise LosaError(f"no GPU layout for {type(weight).__name__}")
 
 
-__all__ = ["CHUNK_COLS", "BitmaskGPULayout", "GPULayout", "NMGPULayout", "chunk_offsets", "gpu_layout"]
+__all__ = ["CHUNK_COLS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout", "chunk_offsets", "gpu_layout"]

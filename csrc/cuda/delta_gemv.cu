@@ -1,0 +1,85 @@
+// Launcher of the delta-layout decode kernel (device code: delta_gemv_kernel.cuh).
+#include "cuda/delta_gemv.h"
+
+#include <algorithm>
+
+#include "cuda/delta_gemv_kernel.cuh"
+#include "cuda/device_common.cuh"
+
+namespace losa::cuda {
+namespace {
+
+template <typename T, int TS, int DEPTH, bool AHEAD>
+__global__ void __launch_bounds__(delta::kMaxWarps * 32) delta_gemv_kernel(DeltaGemvArgs a) {
+  extern __shared__ __align__(16) float xs[];
+  delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, xs);
+}
+
+int64_t smem_bytes(const DeltaGemvArgs& a) { return std::max<int64_t>(a.cols, 1) * delta::token_stride(a.tokens) * 4; }
+
+bool fits(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
+  constexpr int64_t kInt = int64_t{1} << 31;
+  if (a.tokens < 1 || a.tokens > kDeltaMaxTokens || warps < 1 || warps > delta::kMaxWarps || dev.major < 7) return false;
+  // group indices + 32 · depth + 31 stay below 2^31 (the kernel counts groups in int)
+  if (a.rows >= kInt || a.cols * 4 >= kInt || a.groups + 4 * 32 + 32 >= kInt) return false;
+  return smem_bytes(a) <= dev.smem_optin;
+}
+
+template <typename T, int TS, int DEPTH, bool AHEAD>
+cudaError_t launch(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev, cudaStream_t stream) {
+  auto kernel = delta_gemv_kernel<T, TS, DEPTH, AHEAD>;
+  const int64_t bytes = smem_bytes(a);
+  int per_sm = 0;
+  if (const cudaError_t err = resident_blocks(kernel, warps * 32, bytes, dev, per_sm); err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  // A warp per row; no more blocks than are resident at once (each block stages x once, then its warps
+  // stride over the rows).
+  const int64_t blocks = std::min<int64_t>((a.rows + warps - 1) / warps, static_cast<int64_t>(per_sm) * dev.sms);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), warps * 32, static_cast<size_t>(bytes), stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int TS, bool AHEAD>
+cudaError_t launch_depth(const DeltaGemvArgs& a, int warps, int depth, const DeviceLimits& dev, cudaStream_t stream) {
+  switch (depth) {
+    case 1: return launch<T, TS, 1, AHEAD>(a, warps, dev, stream);
+    case 2: return launch<T, TS, 2, AHEAD>(a, warps, dev, stream);
+    case 4: return launch<T, TS, 4, AHEAD>(a, warps, dev, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, bool AHEAD>
+cudaError_t launch_tokens(const DeltaGemvArgs& a, int warps, int depth, const DeviceLimits& dev, cudaStream_t stream) {
+  switch (delta::token_stride(a.tokens)) {
+    case 1: return launch_depth<T, 1, AHEAD>(a, warps, depth, dev, stream);
+    case 2: return launch_depth<T, 2, AHEAD>(a, warps, depth, dev, stream);
+    default: return launch_depth<T, 4, AHEAD>(a, warps, depth, dev, stream);
+  }
+}
+
+template <typename T>
+cudaError_t launch_dtype(const DeltaGemvArgs& a, int warps, int depth, bool ahead, const DeviceLimits& dev,
+                         cudaStream_t stream) {
+  return ahead ? launch_tokens<T, true>(a, warps, depth, dev, stream)
+               : launch_tokens<T, false>(a, warps, depth, dev, stream);
+}
+
+}  // namespace
+
+bool delta_gemv_fits(const DeltaGemvArgs& args, int warps) {
+  DeviceLimits dev;
+  return device_limits(dev) == cudaSuccess && fits(args, warps, dev);
+}
+
+cudaError_t delta_gemv(const DeltaGemvArgs& a, int warps, int depth, bool ahead, cudaStream_t stream) {
+  if (a.rows == 0) return cudaSuccess;
+  if (reinterpret_cast<uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;
+  DeviceLimits dev;
+  if (const cudaError_t err = device_limits(dev); err != cudaSuccess) return err;
+  if (!fits(a, warps, dev)) return cudaErrorInvalidValue;
+  return a.bfloat16 ? launch_dtype<__nv_bfloat16>(a, warps, depth, ahead, dev, stream)
+                    : launch_dtype<__half>(a, warps, depth, ahead, dev, stream);
+}
+
+}  // namespace losa::cuda

@@ -1,0 +1,209 @@
+// The delta-layout decode kernel (kernels.md §1.1, after MACKO): device code only, so that
+// tests/cuda_host/ can run it on the CPU (LOSA_HOST_EMULATION) as well as nvcc compiling it.
+//
+// One warp per output row (rows a grid stride apart). Per step, lane l takes group g0 + l (and, at depth
+// D, g0 + 32k + l): one 16-byte load of its 8 values, one 4-byte load of their deltas, issued one step
+// ahead where AHEAD (the next step's loads, possibly the next row's, fly while this one is computed).
+// Then:
+//   1. the lane's 8 deltas are summed with two masks and one multiply (nibble_sum);
+//   2. an inclusive warp scan of those sums gives the column before the lane's first entry, and lane 31's
+//      sum moves the row's column cursor past the step;
+//   3. the lane walks its 8 entries: add the delta, read x at that column from shared memory, FMA.
+// Every lane does exactly 8 entries per group: no divergence, no bit search, and a warp's loads are one
+// contiguous 512-byte run of values plus 128 bytes of deltas. Lanes past the row's last group load nothing
+// and add zeros at a valid column (the cursor). x is staged once per block as fp32, [column][token] with
+// the tokens padded to 1, 2 or 4, so one vector load reads a column's tokens. A warp reduction ends a row.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda/delta_gemv.h"
+
+namespace losa::cuda::delta {
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxWarps = 16;
+
+// Floats per column in the staged x: the token count rounded up to 1, 2 or 4.
+__host__ __device__ constexpr int token_stride(int tokens) { return tokens <= 1 ? 1 : tokens == 2 ? 2 : 4; }
+
+// The sum of d's 8 nibbles. Adjacent nibbles are added into 4 bytes (each at most 30), and the multiply
+// gathers the 4 bytes into the top one (at most 120: no carry reaches it).
+__device__ __forceinline__ uint32_t nibble_sum(uint32_t d) {
+  const uint32_t pairs = (d & 0x0F0F0F0Fu) + ((d >> 4) & 0x0F0F0F0Fu);
+  return (pairs * 0x01010101u) >> 24;
+}
+
+// Two 16-bit values packed in a word (entry 2i in the low half) as floats.
+template <typename T>
+__device__ __forceinline__ float2 unpack_pair(uint32_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // a bf16 is the top half of an fp32
+    return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xFFFF0000u));
+  } else {
+    __half2 h;
+    static_assert(sizeof(h) == sizeof(bits));
+    memcpy(&h, &bits, sizeof(bits));
+    return __half22float2(h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return __half2float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(v);
+  else return __float2half(v);
+}
+
+// acc[t] += w · x[column, t] for the column's staged tokens (TS floats, 4·TS-byte aligned).
+template <int TS>
+__device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const float* xc) {
+  if constexpr (TS == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(xc);
+    acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
+  } else if constexpr (TS == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(xc);
+    acc[0] += w * v.x; acc[1] += w * v.y;
+  } else {
+    acc[0] += w * xc[0];
+  }
+}
+
+// x [tokens, cols] -> xs [cols][TS] as fp32, zero for the padding tokens.
+template <typename T, int TS>
+__device__ void stage_x(const T* x, int tokens, int cols, float* xs) {
+#pragma unroll 4
+  for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
+    const int c = i / TS, t = i % TS;
+    xs[i] = t < tokens ? to_float(x[static_cast<int64_t>(t) * cols + c]) : 0.f;
+  }
+}
+
+// The entries of one step of DEPTH groups per lane, added into acc; `cursor` is the row's column before
+// the step and moves past it.
+template <typename T, int TS, int DEPTH>
+__device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d)[DEPTH], const float* xs,
+                                     int lane, uint32_t& cursor, float (&acc)[TS]) {
+#pragma unroll
+  for (int k = 0; k < DEPTH; ++k) {
+    const uint32_t n = nibble_sum(d[k]);
+    uint32_t incl = n;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += t;
+    }
+    uint32_t col = cursor + incl - n;
+    cursor += __shfl_sync(kFull, incl, 31);
+    const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      col += (d[k] >> (4 * j)) & 15u;
+      const float2 pair = unpack_pair<T>(words[j / 2]);
+      fma_column<TS>(acc, (j & 1) ? pair.y : pair.x, xs + col * TS);
+    }
+  }
+}
+
+// One step's loads: DEPTH groups per lane (values and deltas), zeros for groups past the row's end.
+template <int DEPTH>
+struct Step {
+  uint4 v[DEPTH];
+  uint32_t d[DEPTH];
+};
+
+template <int DEPTH>
+__device__ __forceinline__ void load_step(const uint4* values, const uint32_t* deltas, int g, int end, Step<DEPTH>& s) {
+#pragma unroll
+  for (int k = 0; k < DEPTH; ++k) {
+    const bool live = g + 32 * k < end;
+    s.v[k] = live ? __ldg(values + g + 32 * k) : make_uint4(0u, 0u, 0u, 0u);
+    s.d[k] = live ? __ldg(deltas + g + 32 * k) : 0u;
+  }
+}
+
+// The warp's steps in order, rows first_row, first_row + stride, ... (empty rows have none), one step
+// ahead of the arithmetic: `next` is in flight while the current step is computed, and the first step's
+// loads fly while the block stages x. Group indices are 32-bit (the launcher checks that they fit).
+struct Prefetch {
+  int row, stride, rows, g, end;  // g: the step's first group (the same in every lane)
+
+  __device__ __forceinline__ void skip_done(const int64_t* row_ptr) {
+    while (row < rows && g >= end) {
+      row += stride;
+      if (row < rows) {
+        g = static_cast<int>(__ldg(row_ptr + row));
+        end = static_cast<int>(__ldg(row_ptr + row + 1));
+      }
+    }
+  }
+};
+
+// Grid-stride over rows, one warp per row; TS: staged floats per column (token_stride), DEPTH: groups per
+// lane per step; AHEAD: load each step one step ahead (Prefetch) rather than just before its arithmetic
+// (fewer instructions per step, latency hidden only by other warps). `xs` holds x: cols · TS floats of
+// shared memory.
+template <typename T, int TS, int DEPTH, bool AHEAD>
+__device__ void delta_gemv_rows(const DeltaGemvArgs& a, float* xs) {
+  const int rows = static_cast<int>(a.rows), cols = static_cast<int>(a.cols);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int first_row = blockIdx.x * warps + warp, stride = gridDim.x * warps;
+  const uint4* values = static_cast<const uint4*>(a.values);
+
+  Prefetch pf{first_row, stride, rows, 0, 0};
+  Step<DEPTH> next;
+  if constexpr (AHEAD) {
+    if (first_row < rows) {
+      pf.g = static_cast<int>(__ldg(a.row_ptr + first_row));
+      pf.end = static_cast<int>(__ldg(a.row_ptr + first_row + 1));
+    }
+    pf.skip_done(a.row_ptr);
+    if (pf.row < rows) load_step(values, a.deltas, pf.g + lane, pf.end, next);
+  }
+
+  stage_x<T, TS>(static_cast<const T*>(a.x), a.tokens, cols, xs);
+  __syncthreads();
+
+  const T* bias = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  for (int row = first_row; row < rows; row += stride) {
+    const int end = static_cast<int>(__ldg(a.row_ptr + row + 1));
+    float acc[TS] = {};
+    uint32_t cursor = 0;
+    for (int g = static_cast<int>(__ldg(a.row_ptr + row)); g < end; g += 32 * DEPTH) {
+      Step<DEPTH> current;
+      if constexpr (AHEAD) {
+        current = next;
+        pf.g += 32 * DEPTH;
+        pf.skip_done(a.row_ptr);
+        if (pf.row < rows) load_step(values, a.deltas, pf.g + lane, pf.end, next);
+      } else {
+        load_step(values, a.deltas, g + lane, end, current);
+      }
+      step<T, TS, DEPTH>(current.v, current.d, xs, lane, cursor, acc);
+    }
+#pragma unroll
+    for (int t = 0; t < TS; ++t) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(kFull, acc[t], o);
+    }
+    if (lane == 0) {
+      const float b = bias ? to_float(bias[row]) : 0.f;
+#pragma unroll
+      for (int t = 0; t < TS; ++t) {
+        if (t < a.tokens) y[static_cast<int64_t>(t) * rows + row] = from_float<T>(acc[t] + b);
+      }
+    }
+  }
+}
+
+}  // namespace losa::cuda::delta

@@ -1,0 +1,126 @@
+// losa::delta_linear: y = x · Wᵀ (+ bias) for a weight in the delta layout (formats/delta.py), CUDA only.
+// bf16 / fp16 x with values of the same dtype; up to 4 tokens per launch (more run as launches of 4).
+// `config`: "auto" (8 warps per block, 2 groups per lane per step, loaded a step ahead) or "W:D[:A]" (see
+// parse_config). The Python dispatcher sends it decode-sized inputs only where a layer holds this layout.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "check.h"
+#include "cuda/delta_gemv.h"
+
+namespace {
+
+constexpr const char* kOp = "delta_linear (CUDA)";
+
+struct Config {
+  int warps = 8, depth = 2;
+  bool ahead = true;
+};
+
+// A whole decimal number in [lo, hi] (nothing before or after it).
+bool parse_int(const std::string& text, int lo, int hi, int& out) {
+  if (text.empty() || text.size() > 4) return false;
+  char* end = nullptr;
+  const long v = std::strtol(text.c_str(), &end, 10);
+  if (*end != '\0' || !std::isdigit(static_cast<unsigned char>(text[0])) || v < lo || v > hi) return false;
+  out = static_cast<int>(v);
+  return true;
+}
+
+// "auto", or "W:D[:A]": W warps per block (1-16), D groups per lane per step (1, 2 or 4), A 1 (default) to
+// load each step one step ahead, 0 just before its arithmetic.
+Config parse_config(c10::string_view text) {
+  const std::string name(text);
+  Config c;
+  if (name.empty() || name == "auto") return c;
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    const size_t colon = name.find(':', start);
+    parts.push_back(name.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+    if (colon == std::string::npos) break;
+    start = colon + 1;
+  }
+  int ahead = 1;
+  const bool ok = (parts.size() == 2 || parts.size() == 3) && parse_int(parts[0], 1, 16, c.warps) &&
+                  parse_int(parts[1], 1, 4, c.depth) && c.depth != 3 &&
+                  (parts.size() == 2 || parse_int(parts[2], 0, 1, ahead));
+  LOSA_CHECK(ok, kOp, ": unknown kernel config '", name,
+             "' (auto, or warps:depth[:ahead] with 1-16 warps, depth 1, 2 or 4, ahead 0 or 1)");
+  c.ahead = ahead == 1;
+  return c;
+}
+
+at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& deltas,
+                             const at::Tensor& row_ptr, int64_t in_features, const std::optional<at::Tensor>& bias,
+                             c10::string_view config) {
+  const Config cfg = parse_config(config);
+  const int64_t rows = row_ptr.size(0) - 1, groups = deltas.numel();
+  LOSA_CHECK(x.is_cuda() && values.is_cuda() && deltas.is_cuda() && row_ptr.is_cuda(), kOp,
+             ": x, values, deltas and row_ptr must be CUDA tensors");
+  LOSA_CHECK(values.get_device() == x.get_device() && deltas.get_device() == x.get_device() &&
+                 row_ptr.get_device() == x.get_device(),
+             kOp, ": all tensors must be on one device");
+  LOSA_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
+             in_features);
+  const auto dtype = x.scalar_type();
+  LOSA_CHECK((dtype == at::kBFloat16 || dtype == at::kHalf) && values.scalar_type() == dtype, kOp,
+             ": x and values must both be bf16 or both fp16");
+  LOSA_CHECK(deltas.scalar_type() == at::kInt && deltas.dim() == 1 && deltas.is_contiguous(), kOp,
+             ": deltas must be contiguous int32 [groups]");
+  LOSA_CHECK(values.dim() == 1 && values.is_contiguous() && values.numel() == 8 * groups, kOp,
+             ": values must be contiguous [", 8 * groups, "] (8 per group)");
+  LOSA_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && rows >= 0 && row_ptr.is_contiguous(), kOp,
+             ": row_ptr must be contiguous int64 [rows + 1]");
+  if (bias) {
+    LOSA_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
+               "] tensor");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto x2 = x.reshape({-1, in_features}).contiguous();
+  const int64_t tokens = x2.size(0);
+  auto y = at::empty({tokens, rows}, x.options());
+  // 16-byte loads of values need an aligned base; fresh allocations are (the caching allocator aligns to 512 B)
+  const auto vals = reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0 ? values : values.clone();
+  const auto b = bias ? std::optional<at::Tensor>(bias->to(dtype).contiguous()) : std::nullopt;
+  losa::cuda::DeltaGemvArgs args;
+  args.values = vals.data_ptr();
+  args.deltas = reinterpret_cast<const uint32_t*>(deltas.data_ptr<int32_t>());
+  args.row_ptr = row_ptr.data_ptr<int64_t>();
+  args.bias = b ? b->data_ptr() : nullptr;
+  args.rows = rows;
+  args.cols = in_features;
+  args.groups = groups;
+  args.bfloat16 = dtype == at::kBFloat16;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto elem = x2.element_size();
+  for (int64_t t0 = 0; t0 < tokens; t0 += losa::cuda::kDeltaMaxTokens) {
+    args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kDeltaMaxTokens, tokens - t0));
+    args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
+    args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
+    LOSA_CHECK(losa::cuda::delta_gemv_fits(args, cfg.warps), kOp, ": ", in_features, " columns at ", args.tokens,
+               " tokens do not fit this device's shared memory");
+    const cudaError_t err = losa::cuda::delta_gemv(args, cfg.warps, cfg.depth, cfg.ahead, stream);
+    LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
+  }
+  auto shape = x.sizes().vec();
+  shape.back() = rows;
+  return y.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(losa, m) {
+  m.def(
+      "delta_linear(Tensor x, Tensor values, Tensor deltas, Tensor row_ptr, int in_features, Tensor? bias=None, "
+      "str config='auto') -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(losa, CUDA, m) { m.impl("delta_linear", &delta_linear_cuda); }
