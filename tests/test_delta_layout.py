@@ -120,7 +120,7 @@ def test_layout_bad_input(rng):
 
 
 def test_gpu_layout_env_choice(monkeypatch):
-    from losa_deploy.runtime.sparse_linear import gpu_layout_kind
+    from losa_deploy.kernels.formats.gpu import gpu_layout_kind
 
     monkeypatch.setenv("LOSA_GPU_LAYOUT", "delta")
     assert gpu_layout_kind() == "delta"
@@ -196,6 +196,17 @@ def test_emulated_kernel_matches_float64(emulated, dtype, tokens, depth, ahead, 
     warps = int(torch.randint(1, 4, (1,), generator=rng))
     blocks = int(torch.randint(1, 3, (1,), generator=rng))
     check(run_emulated(emulated, x, delta_of(w), bias, blocks, warps, depth, ahead), x, w, bias)
+
+
+@pytest.mark.parametrize("cols,offset", [(1024, 0), (1000, 0), (1000, 1), (1001, 0)])
+def test_emulated_kernel_x_staging(emulated, cols, offset, rng):
+    """One token: x staged 8 columns per 16-byte load (whole 8-column runs, 16-byte aligned x) or one by one
+    (a ragged width, or x starting 2 bytes into its storage)."""
+    w = random_sparse(9, cols, 0.6, rng, torch.bfloat16)
+    storage = torch.randn(cols + offset, generator=rng).to(torch.bfloat16)
+    x = storage[offset:].view(1, cols)
+    assert (x.data_ptr() % 16 == 0) == (offset == 0)
+    check(run_emulated(emulated, x, delta_of(w), None, 2, 2, 1, True), x, w, None)
 
 
 def test_emulated_kernel_dense_and_very_sparse(emulated, rng):

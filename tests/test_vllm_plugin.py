@@ -152,6 +152,31 @@ def test_tensor_parallel_loading_in_vllm_layers(tp, formats, rng, monkeypatch):
     torch.testing.assert_close(sum(outputs["down"]), h @ parts["down_proj"][1].T, rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_layouts_built_once_and_applied(rng, monkeypatch):
+    """On CUDA the method keeps each weight's GPU layout (the delta layout too, under LOSA_GPU_LAYOUT=delta)
+    and ``apply`` runs it: checked here on the CPU, where sparse_linear takes the kernel weight out of it."""
+    _require_vllm()
+    from losa_deploy.engines.vllm_plugin.linear_method import device_layouts
+    from losa_deploy.kernels.formats.gpu import DeltaGPULayout
+
+    shapes = {"q_proj": (64, 64), "k_proj": (16, 64), "v_proj": (16, 64), "gate_proj": (172, 64), "up_proj": (172, 64)}
+    parts = {name: (fmt, _pruned(*shape, "2:4" if fmt == "nm" else "50%", rng))
+             for (name, shape), fmt in zip(shapes.items(), FUSED_FORMATS["mixed"])}
+    parts["down_proj"] = ("bitmask", _pruned(64, 172, "50%", rng))
+    layers = _vllm_layers(1, 0, parts, monkeypatch)
+    for shard, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+        _load(layers["qkv"], shard, PACKERS[parts[name][0]](parts[name][1]))
+    qkv = layers["qkv"]
+    qkv.quant_method.process_weights_after_loading(qkv)
+    assert device_layouts(qkv.losa_weights, torch.device("cpu")) is qkv.losa_weights
+    monkeypatch.setenv("LOSA_GPU_LAYOUT", "delta")
+    qkv.losa_weights = device_layouts(qkv.losa_weights, torch.device("cuda"))  # built on the weights' device
+    assert len(qkv.losa_weights) == 3 and all(isinstance(w, DeltaGPULayout) for w in qkv.losa_weights)
+    x = torch.randn(5, 64, generator=rng)
+    expected = torch.cat([x @ parts[name][1].T for name in ("q_proj", "k_proj", "v_proj")], dim=-1)
+    torch.testing.assert_close(qkv.quant_method.apply(qkv, x), expected, rtol=1e-5, atol=1e-5)
+
+
 # --- end to end: vLLM on CPU, in a subprocess (its engine core runs in a process of its own) --------------
 
 MIXED = {"q_proj": "50%", "k_proj": "2:4", "v_proj": "50%", "o_proj": "2:4", "gate_proj": "2:4",

@@ -78,9 +78,23 @@ __device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const floa
   }
 }
 
-// x [tokens, cols] -> xs [cols][TS] as fp32, zero for the padding tokens.
+// x [tokens, cols] -> xs [cols][TS] as fp32, zero for the padding tokens. One token with 16-byte aligned
+// rows of whole 8-column runs: 8 columns per 16-byte load (a block stages all of x before its first row).
 template <typename T, int TS>
 __device__ void stage_x(const T* x, int tokens, int cols, float* xs) {
+  if (TS == 1 && cols % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+#pragma unroll 2
+    for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + c));
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+      float2 p[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[i] = unpack_pair<T>(words[i]);
+      *reinterpret_cast<float4*>(xs + c) = make_float4(p[0].x, p[0].y, p[1].x, p[1].y);
+      *reinterpret_cast<float4*>(xs + c + 4) = make_float4(p[2].x, p[2].y, p[3].x, p[3].y);
+    }
+    return;
+  }
 #pragma unroll 4
   for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
     const int c = i / TS, t = i % TS;
@@ -88,28 +102,50 @@ __device__ void stage_x(const T* x, int tokens, int cols, float* xs) {
   }
 }
 
+// Inclusive warp scan of v (a sum over lanes 0..lane).
+__device__ __forceinline__ uint32_t warp_scan(uint32_t v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t t = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += t;
+  }
+  return v;
+}
+
+// One group's 8 entries: col is the column before its first entry.
+template <typename T, int TS>
+__device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, const float* xs, float (&acc)[TS]) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    col += (d >> (4 * j)) & 15u;
+    const float2 pair = unpack_pair<T>(words[j / 2]);
+    fma_column<TS>(acc, (j & 1) ? pair.y : pair.x, xs + col * TS);
+  }
+}
+
 // The entries of one step of DEPTH groups per lane, added into acc; `cursor` is the row's column before
-// the step and moves past it.
+// the step and moves past it. Groups are scanned in pairs, one sum per 16-bit half (a lane's 8 deltas sum
+// to at most 120, a warp's to 3840: no carry between the halves), so a pair costs one scan, not two.
 template <typename T, int TS, int DEPTH>
 __device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d)[DEPTH], const float* xs,
                                      int lane, uint32_t& cursor, float (&acc)[TS]) {
-#pragma unroll
-  for (int k = 0; k < DEPTH; ++k) {
-    const uint32_t n = nibble_sum(d[k]);
-    uint32_t incl = n;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t t = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += t;
-    }
-    uint32_t col = cursor + incl - n;
+  if constexpr (DEPTH == 1) {
+    const uint32_t n = nibble_sum(d[0]);
+    const uint32_t incl = warp_scan(n, lane);
+    group<T, TS>(v[0], d[0], cursor + incl - n, xs, acc);
     cursor += __shfl_sync(kFull, incl, 31);
-    const uint32_t words[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+  } else {
+    static_assert(DEPTH % 2 == 0);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      col += (d[k] >> (4 * j)) & 15u;
-      const float2 pair = unpack_pair<T>(words[j / 2]);
-      fma_column<TS>(acc, (j & 1) ? pair.y : pair.x, xs + col * TS);
+    for (int k = 0; k < DEPTH; k += 2) {
+      const uint32_t n = nibble_sum(d[k]) | nibble_sum(d[k + 1]) << 16;
+      const uint32_t incl = warp_scan(n, lane), total = __shfl_sync(kFull, incl, 31);
+      const uint32_t before = incl - n;  // both halves: the sums of the lanes below
+      group<T, TS>(v[k], d[k], cursor + (before & 0xFFFFu), xs, acc);
+      cursor += total & 0xFFFFu;
+      group<T, TS>(v[k + 1], d[k + 1], cursor + (before >> 16), xs, acc);
+      cursor += total >> 16;
     }
   }
 }

@@ -19,15 +19,13 @@ runs 1-4 tokens. On the CPU nothing changes.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ..errors import LosaError
 from ..kernels.dispatch import kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
-from ..kernels.formats.gpu import GPULayout, gpu_layout
+from ..kernels.formats.gpu import GPULayout, gpu_layout, gpu_layout_kind
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
 from ..kernels.placement import place_for_decode
 from ..sparsity.patterns import detect_pattern
@@ -35,18 +33,6 @@ from ..sparsity.patterns import detect_pattern
 FORMATS = ("auto", "bitmask", "nm")
 _BITMASK_KEYS = ("lb_shape", "lb_values", "lb_mask", "lb_row_ptr")
 _NM_KEYS = ("nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n")
-
-
-GPU_LAYOUTS = ("bitmask", "delta")
-
-
-def gpu_layout_kind() -> str:
-    """``$LOSA_GPU_LAYOUT``: ``bitmask`` (default: the packed tensors plus offset tables) or ``delta``
-    (also the delta layout, for its 1-4 token kernel)."""
-    kind = os.environ.get("LOSA_GPU_LAYOUT") or "bitmask"
-    if kind not in GPU_LAYOUTS:
-        raise LosaError(f"unknown LOSA_GPU_LAYOUT {kind!r} (choose from {', '.join(GPU_LAYOUTS)})")
-    return kind
 
 
 def choose_format(weight: torch.Tensor) -> str:

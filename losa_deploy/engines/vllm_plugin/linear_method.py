@@ -12,7 +12,9 @@
 * ``apply`` runs ``losa_deploy.kernels.sparse_linear`` on each weight (the compiled CPU kernels; CUDA
   kernels where built) and concatenates the outputs when a fused layer's parts stayed apart (different
   formats: each keeps its own best layout). Where no compiled kernel exists for the device, the parts
-  are decompressed once to a dense weight (with a warning) rather than on every call.
+  are decompressed once to a dense weight (with a warning) rather than on every call. On CUDA each
+  weight is kept in its GPU layout (``kernels/formats/gpu.py``, ``$LOSA_GPU_LAYOUT``), built once after
+  loading: without it, every call rebuilt the offset tables.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ...errors import LosaError
 from ...kernels.dispatch import _kernel_isa, kernel_weight, sparse_linear
 from ...kernels.formats.bitmask import BitmaskWeight
+from ...kernels.formats.gpu import gpu_layout, gpu_layout_kind
 from ...kernels.formats.nm import NMWeight
 from ...kernels.placement import place_for_decode
 from .sharding import take
@@ -91,6 +94,8 @@ class LosaSparseLinearMethod(LinearMethodBase):
             logger.warning("losa_sparse: no compiled sparse kernel for %s; %s runs as a dense matmul",
                            device, layer.prefix)
             layer.losa_dense = torch.cat([w.to_dense() for w in weights])
+        else:
+            layer.losa_weights = device_layouts(weights, device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.losa_dense is not None:
@@ -144,6 +149,15 @@ def _stacked(weights: list) -> list:
         return [kind.concat_rows(weights)]
     except LosaError:  # e.g. N:M parts that end inside a row block
         return weights
+
+
+def device_layouts(weights: list, device: torch.device) -> list:
+    """The kernel weights as ``apply`` runs them on ``device``: on CUDA their GPU layouts (offset tables,
+    and the delta layout under ``$LOSA_GPU_LAYOUT=delta``), built once here rather than on every call."""
+    if device.type != "cuda":
+        return weights
+    delta = gpu_layout_kind() == "delta"
+    return [gpu_layout(w, delta=delta) for w in weights]
 
 
 def _has_kernel(device: torch.device, dtype: torch.dtype) -> bool:

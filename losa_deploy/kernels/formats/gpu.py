@@ -32,6 +32,7 @@ the :mod:`delta layout <.delta>` (a copy: about 0.76 B/weight at 70% sparsity), 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -151,6 +152,18 @@ class DeltaGPULayout(_KernelWeightView):
 GPULayout = BitmaskGPULayout | NMGPULayout | DeltaGPULayout
 
 
+GPU_LAYOUTS = ("bitmask", "delta")
+
+
+def gpu_layout_kind() -> str:
+    """``$LOSA_GPU_LAYOUT``: ``bitmask`` (default: the packed tensors plus offset tables) or ``delta``
+    (also the delta layout, for its 1-4 token kernel), for the layouts that models keep on CUDA."""
+    kind = os.environ.get("LOSA_GPU_LAYOUT") or "bitmask"
+    if kind not in GPU_LAYOUTS:
+        raise LosaError(f"unknown LOSA_GPU_LAYOUT {kind!r} (choose from {', '.join(GPU_LAYOUTS)})")
+    return kind
+
+
 def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> GPULayout:
     """The GPU layout of a kernel weight (tables built on the weight's device); with ``delta``, plus the
     weight in the delta layout (:class:`DeltaGPULayout`)."""
@@ -167,4 +180,5 @@ def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> G
     raise LosaError(f"no GPU layout for {type(weight).__name__}")
 
 
-__all__ = ["CHUNK_COLS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout", "chunk_offsets", "gpu_layout"]
+__all__ = ["CHUNK_COLS", "GPU_LAYOUTS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout", "chunk_offsets", "gpu_layout",
+           "gpu_layout_kind"]
