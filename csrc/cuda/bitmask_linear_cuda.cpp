@@ -29,6 +29,7 @@
 
 #include "check.h"
 #include "cuda/bitmask_gemv.h"
+#include "cuda/decode_call.h"
 
 namespace {
 
@@ -159,24 +160,19 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
     return y.to(dtype);
   }
 
-  const auto x2 = x.reshape({-1, in_features}).contiguous();
-  const int64_t tokens = x2.size(0);
-  auto y = at::empty({tokens, rows}, x.options());
-  // 16-byte vector loads need an aligned base; fresh allocations are (the caching allocator aligns to 512 B).
-  const auto vals = reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0 ? values : values.clone();
-  const auto b = bias ? std::optional<at::Tensor>(bias->to(dtype).contiguous()) : std::nullopt;
+  const auto call = losa::cuda::decode_call(x, values, bias, in_features, rows);
+  const int64_t tokens = call.tokens;
   losa::cuda::BitmaskGemvArgs args;
-  args.values = vals.data_ptr();
+  args.values = call.values.data_ptr();
   args.mask = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
   args.row_ptr = row_ptr.data_ptr<int64_t>();
-  args.bias = b ? b->data_ptr() : nullptr;
+  args.bias = call.bias_ptr();
   args.rows = rows;
   args.cols = in_features;
   args.words = words;
   args.nnz = values.numel();
   args.dtype = dtype == at::kBFloat16 ? losa::cuda::Half16::kBFloat16 : losa::cuda::Half16::kFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto elem = x2.element_size();
   Kernel chosen = kernel;
   if (kernel.automatic && tokens == 1 &&
       static_cast<double>(values.numel()) >= kPositionsMinKept * static_cast<double>(rows) * in_features) {
@@ -193,8 +189,8 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
   const int64_t per_launch = tokens_per_launch(args, chosen);
   for (int64_t t0 = 0; t0 < tokens; t0 += per_launch) {
     args.tokens = static_cast<int>(std::min<int64_t>(per_launch, tokens - t0));
-    args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
-    args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
+    args.x = call.x_at(t0);
+    args.y = call.y_at(t0);
     const bool groups = chosen.groups && losa::cuda::bitmask_gemv_groups_fits(args, chosen.warps);
     LOSA_CHECK(groups || !chosen.forced || !chosen.groups, kOp, ": the value-group kernel does not fit ",
                in_features, " columns at ", args.tokens, " tokens on this device (use rows)");
@@ -204,9 +200,7 @@ at::Tensor bitmask_linear_cuda(const at::Tensor& x, const at::Tensor& values, co
                          : losa::cuda::bitmask_gemv(args, stream);
     LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
-  auto shape = x.sizes().vec();
-  shape.back() = rows;
-  return y.view(shape);
+  return call.result(x);
 }
 
 }  // namespace

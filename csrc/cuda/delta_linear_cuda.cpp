@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda/decode_call.h"
 #include "cuda/delta_gemv.h"
 
 namespace {
@@ -84,35 +85,27 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
                "] tensor");
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto x2 = x.reshape({-1, in_features}).contiguous();
-  const int64_t tokens = x2.size(0);
-  auto y = at::empty({tokens, rows}, x.options());
-  // 16-byte loads of values need an aligned base; fresh allocations are (the caching allocator aligns to 512 B)
-  const auto vals = reinterpret_cast<uintptr_t>(values.data_ptr()) % 16 == 0 ? values : values.clone();
-  const auto b = bias ? std::optional<at::Tensor>(bias->to(dtype).contiguous()) : std::nullopt;
+  const auto call = losa::cuda::decode_call(x, values, bias, in_features, rows);
   losa::cuda::DeltaGemvArgs args;
-  args.values = vals.data_ptr();
+  args.values = call.values.data_ptr();
   args.deltas = reinterpret_cast<const uint32_t*>(deltas.data_ptr<int32_t>());
   args.row_ptr = row_ptr.data_ptr<int64_t>();
-  args.bias = b ? b->data_ptr() : nullptr;
+  args.bias = call.bias_ptr();
   args.rows = rows;
   args.cols = in_features;
   args.groups = groups;
   args.bfloat16 = dtype == at::kBFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto elem = x2.element_size();
-  for (int64_t t0 = 0; t0 < tokens; t0 += losa::cuda::kDeltaMaxTokens) {
-    args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kDeltaMaxTokens, tokens - t0));
-    args.x = static_cast<const char*>(x2.data_ptr()) + t0 * in_features * elem;
-    args.y = static_cast<char*>(y.data_ptr()) + t0 * rows * elem;
+  for (int64_t t0 = 0; t0 < call.tokens; t0 += losa::cuda::kDeltaMaxTokens) {
+    args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kDeltaMaxTokens, call.tokens - t0));
+    args.x = call.x_at(t0);
+    args.y = call.y_at(t0);
     LOSA_CHECK(losa::cuda::delta_gemv_fits(args, cfg.warps), kOp, ": ", in_features, " columns at ", args.tokens,
                " tokens do not fit this device's shared memory");
     const cudaError_t err = losa::cuda::delta_gemv(args, cfg.warps, cfg.depth, cfg.ahead, stream);
     LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
-  auto shape = x.sizes().vec();
-  shape.back() = rows;
-  return y.view(shape);
+  return call.result(x);
 }
 
 }  // namespace
