@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 ROOT_OUT=${OUT:?set OUT}
 mkdir -p "$ROOT_OUT/kernels" "$ROOT_OUT/training"
 start=$SECONDS
-# Inner limits: build 120 s, probes 3 x 120 s, each test file 110 s, suite 100 s (typically about 280 s in
-# all); the outer ones only guard the 600 s call.
+# Inner limits: build 120 s, probes 3 x 120 s, each test file 110 s, suite 100 s; typically about 280 s in
+# all. The outer limits guard the 600 s call: if everything ran long, the suite (last) is what is cut.
 DELTA_TESTS="tests/test_delta_layout.py::test_cuda_delta_op_matches_float64"
 DELTA_TESTS+=" tests/test_delta_layout.py::test_sparse_linear_runs_the_delta_layout"
 OUT=$ROOT_OUT/kernels TESTS="tests/test_gpu_kernels.py tests/test_masked_lora.py $DELTA_TESTS" BUILD_TIMEOUT=120 \

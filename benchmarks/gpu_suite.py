@@ -67,7 +67,7 @@ POSITION_KERNELS = ("positions:16", "positions:8", "positions:16:2", "positions:
 PATTERNS = ("50%", "70%", "90%", "2:4")
 # the op's default first; warps:depth:ahead (ahead 1: each step's loads one step early)
 DELTA_CONFIGS = ("8:2:1", "8:2:0", "4:2:1", "16:2:1", "8:1:1", "8:4:0", "16:4:0")
-DELTA_MAX_TOKENS = 16  # timed up to here (launches of 4 tokens)
+DELTA_TIMED_TOKENS = 16  # the delta kernel is timed up to here (launches of 4 tokens)
 TOKENS = (1, 8, 16, 32, 128)
 TOLERANCE = 1e-2
 BARS = (("70%", 1, 2.0), ("50%", 1, 1.5), ("70%", 16, 1.3))  # (pattern, tokens, speedup over dense), H100
@@ -154,7 +154,7 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
              delta: DeltaWeight | None = None, delta_configs=DELTA_CONFIGS) -> dict:
     """Check and time every contender for one (shape, pattern, tokens); the Triton sweep only if ``sweep``;
     ``kernels``: the CUDA op's kernels to time one by one (all of them up to 32 tokens, two above);
-    ``delta``: the weight in the delta layout, timed up to :data:`DELTA_MAX_TOKENS` tokens with each of
+    ``delta``: the weight in the delta layout, timed up to :data:`DELTA_TIMED_TOKENS` tokens with each of
     ``delta_configs``."""
     from losa_deploy.kernels.triton.sparse_gemm import DECODE_MAX_TOKENS, Config, sparse_matmul
 
@@ -174,7 +174,7 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
                 continue
             contenders[f"cuda {kernel}"] = lambda kernel=kernel: torch.ops.losa.bitmask_linear(
                 x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
-    if delta is not None and tokens <= DELTA_MAX_TOKENS:
+    if delta is not None and tokens <= DELTA_TIMED_TOKENS:
         row["bytes_delta"] = delta.nbytes
         for config in delta_configs:
             contenders[f"cuda delta {config}"] = lambda config=config: torch.ops.losa.delta_linear(
@@ -250,7 +250,7 @@ def run_grid(args, info: dict) -> list[dict]:
             w = make_weight(rows, cols, pattern, gen)
             packed = pack(w, pattern)
             layout = gpu_layout(packed)
-            delta = (DeltaWeight.build(layout.values, layout.mask, layout.row_ptr, cols)
+            delta = (DeltaWeight.build(layout.values, layout.mask, cols)
                      if has_delta_op() and args.delta_configs else None)
             sparse24, cslt_error = semi_structured(w) if pattern == "2:4" else (None, None)
             if sparse24 is not None:
@@ -342,7 +342,7 @@ def main(argv=None) -> int:
                         help="the CUDA op's kernels timed one by one (default: rows, a few groups settings and "
                         "the positions kernel at two block sizes and two rows per warp)")
     parser.add_argument("--delta-configs", nargs="*", default=list(DELTA_CONFIGS),
-                        help="launch shapes (warps:depth) of the delta-layout kernel to time; none: skip it")
+                        help="launch shapes (warps:depth[:ahead]) of the delta-layout kernel to time; none: skip it")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny ragged shapes on the CPU under TRITON_INTERPRET=1: checks this script only")
     parser.add_argument("--seed", type=int, default=int(time.time()))

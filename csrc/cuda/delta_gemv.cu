@@ -17,12 +17,15 @@ __global__ void __launch_bounds__(delta::kMaxWarps * 32) delta_gemv_kernel(Delta
 
 int64_t smem_bytes(const DeltaGemvArgs& a) { return std::max<int64_t>(a.cols, 1) * delta::token_stride(a.tokens) * 4; }
 
-bool fits(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
+const char* misfit(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
   constexpr int64_t kInt = int64_t{1} << 31;
-  if (a.tokens < 1 || a.tokens > kDeltaMaxTokens || warps < 1 || warps > delta::kMaxWarps || dev.major < 7) return false;
+  if (dev.major < 7) return "needs compute capability 7.0 or newer";
+  if (warps < 1 || warps > delta::kMaxWarps) return "needs 1-16 warps per block";
+  if (a.tokens < 1 || a.tokens > kDeltaMaxTokens) return "takes 1-4 tokens per launch";
   // group indices + 32 · depth + 31 stay below 2^31 (the kernel counts groups in int)
-  if (a.rows >= kInt || a.cols * 4 >= kInt || a.groups + 4 * 32 + 32 >= kInt) return false;
-  return smem_bytes(a) <= dev.smem_optin;
+  if (a.rows >= kInt || a.cols * 4 >= kInt || a.groups + 4 * 32 + 32 >= kInt) return "needs sizes below 2^31";
+  if (smem_bytes(a) > dev.smem_optin) return "needs x (fp32) to fit one block's shared memory";
+  return nullptr;
 }
 
 template <typename T, int TS, int DEPTH, bool AHEAD>
@@ -67,9 +70,10 @@ cudaError_t launch_dtype(const DeltaGemvArgs& a, int warps, int depth, bool ahea
 
 }  // namespace
 
-bool delta_gemv_fits(const DeltaGemvArgs& args, int warps) {
+const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps) {
   DeviceLimits dev;
-  return device_limits(dev) == cudaSuccess && fits(args, warps, dev);
+  if (device_limits(dev) != cudaSuccess) return "could not read the device's limits";
+  return misfit(args, warps, dev);
 }
 
 cudaError_t delta_gemv(const DeltaGemvArgs& a, int warps, int depth, bool ahead, cudaStream_t stream) {
@@ -77,7 +81,7 @@ cudaError_t delta_gemv(const DeltaGemvArgs& a, int warps, int depth, bool ahead,
   if (reinterpret_cast<uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;
   DeviceLimits dev;
   if (const cudaError_t err = device_limits(dev); err != cudaSuccess) return err;
-  if (!fits(a, warps, dev)) return cudaErrorInvalidValue;
+  if (misfit(a, warps, dev)) return cudaErrorInvalidValue;
   return a.bfloat16 ? launch_dtype<__nv_bfloat16>(a, warps, depth, ahead, dev, stream)
                     : launch_dtype<__half>(a, warps, depth, ahead, dev, stream);
 }

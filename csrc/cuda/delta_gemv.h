@@ -26,9 +26,9 @@ struct DeltaGemvArgs {
 
 constexpr int kDeltaMaxTokens = 4;
 
-// Whether this device runs `args` with `warps` warps per block (1-16): x in fp32 must fit one block's
-// shared memory, sizes below 2^31.
-bool delta_gemv_fits(const DeltaGemvArgs& args, int warps);
+// Why this device cannot run `args` with `warps` warps per block, or nullptr when it can: compute
+// capability 7.0+, 1-16 warps, 1-4 tokens, x in fp32 within one block's shared memory, sizes below 2^31.
+const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps);
 // `depth` groups per lane per step (1, 2 or 4); `ahead`: each step's loads are issued one step ahead.
 // Launches on `stream`; returns the launch error.
 cudaError_t delta_gemv(const DeltaGemvArgs& args, int warps, int depth, bool ahead, cudaStream_t stream);

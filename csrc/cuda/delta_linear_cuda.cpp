@@ -63,26 +63,27 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
                              const at::Tensor& row_ptr, int64_t in_features, const std::optional<at::Tensor>& bias,
                              c10::string_view config) {
   const Config cfg = parse_config(config);
-  const int64_t rows = row_ptr.size(0) - 1, groups = deltas.numel();
   LOSA_CHECK(x.is_cuda() && values.is_cuda() && deltas.is_cuda() && row_ptr.is_cuda(), kOp,
              ": x, values, deltas and row_ptr must be CUDA tensors");
   LOSA_CHECK(values.get_device() == x.get_device() && deltas.get_device() == x.get_device() &&
-                 row_ptr.get_device() == x.get_device(),
+                 row_ptr.get_device() == x.get_device() && (!bias || bias->device() == x.device()),
              kOp, ": all tensors must be on one device");
-  LOSA_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x has ", x.size(-1), " features, the weight ",
-             in_features);
+  LOSA_CHECK(x.dim() >= 1 && x.size(-1) == in_features, kOp, ": x must have ", in_features,
+             " features in its last dimension");
   const auto dtype = x.scalar_type();
   LOSA_CHECK((dtype == at::kBFloat16 || dtype == at::kHalf) && values.scalar_type() == dtype, kOp,
              ": x and values must both be bf16 or both fp16");
   LOSA_CHECK(deltas.scalar_type() == at::kInt && deltas.dim() == 1 && deltas.is_contiguous(), kOp,
              ": deltas must be contiguous int32 [groups]");
+  const int64_t groups = deltas.numel();
   LOSA_CHECK(values.dim() == 1 && values.is_contiguous() && values.numel() == 8 * groups, kOp,
              ": values must be contiguous [", 8 * groups, "] (8 per group)");
-  LOSA_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && rows >= 0 && row_ptr.is_contiguous(), kOp,
-             ": row_ptr must be contiguous int64 [rows + 1]");
+  LOSA_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.size(0) >= 1 &&
+                 row_ptr.is_contiguous(),
+             kOp, ": row_ptr must be contiguous int64 [rows + 1]");
+  const int64_t rows = row_ptr.size(0) - 1;
   if (bias) {
-    LOSA_CHECK(bias->is_cuda() && bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be a CUDA [", rows,
-               "] tensor");
+    LOSA_CHECK(bias->dim() == 1 && bias->size(0) == rows, kOp, ": bias must be [", rows, "]");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto call = losa::cuda::decode_call(x, values, bias, in_features, rows);
@@ -96,12 +97,21 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
   args.groups = groups;
   args.bfloat16 = dtype == at::kBFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t t0 = 0; t0 < call.tokens; t0 += losa::cuda::kDeltaMaxTokens) {
-    args.tokens = static_cast<int>(std::min<int64_t>(losa::cuda::kDeltaMaxTokens, call.tokens - t0));
+  // Tokens per launch: 4, or fewer where 4 tokens of x do not fit shared memory (a wide layer on a GPU
+  // with less of it: 11008 columns need 176 KB at 4 tokens, 44 KB at 1).
+  int per_launch = losa::cuda::kDeltaMaxTokens;
+  args.tokens = per_launch;
+  while (per_launch > 1 && losa::cuda::delta_gemv_misfit(args, cfg.warps)) {
+    per_launch /= 2;
+    args.tokens = per_launch;
+  }
+  for (int64_t t0 = 0; t0 < call.tokens; t0 += per_launch) {
+    args.tokens = static_cast<int>(std::min<int64_t>(per_launch, call.tokens - t0));
     args.x = call.x_at(t0);
     args.y = call.y_at(t0);
-    LOSA_CHECK(losa::cuda::delta_gemv_fits(args, cfg.warps), kOp, ": ", in_features, " columns at ", args.tokens,
-               " tokens do not fit this device's shared memory");
+    const char* why = losa::cuda::delta_gemv_misfit(args, cfg.warps);
+    LOSA_CHECK(why == nullptr, kOp, ": ", in_features, " columns, ", rows, " rows at ", args.tokens,
+               " tokens: the kernel ", why ? why : "");
     const cudaError_t err = losa::cuda::delta_gemv(args, cfg.warps, cfg.depth, cfg.ahead, stream);
     LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }

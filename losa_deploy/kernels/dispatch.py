@@ -155,6 +155,13 @@ def positions_kernel_fits(cols: int, warps: int = 16, device: torch.device | str
     return words_padded * 36 * 4 + warps * 2 * (32 * 32 + 16) * 2 <= _smem_optin(str(device))
 
 
+def delta_kernel_fits(cols: int, device: torch.device | str = "cuda") -> bool:
+    """Whether the delta-layout kernel can run ``cols`` input columns on ``device`` (one token of x in fp32
+    in one block's shared memory; the op runs fewer tokens per launch where 4 do not fit). Mirrors
+    ``misfit`` in ``csrc/cuda/delta_gemv.cu`` (compute capability 8.0+ here, where that allows 7.0)."""
+    return max(cols, 1) * 4 <= _smem_optin(str(device))
+
+
 @functools.lru_cache(maxsize=8)
 def _smem_optin(device: str) -> int:
     """Shared memory one block may opt into on ``device``; 0 below compute capability 8.0, where the
@@ -239,7 +246,8 @@ def _gpu_linear(x, weight, gpu: GPULayout | None, bias, chosen: str) -> torch.Te
     if isinstance(gpu, DeltaGPULayout):
         tokens = x.numel() // max(cols, 1)
         if (kernel == "cuda" and 0 < tokens <= DELTA_MAX_TOKENS and has_delta_op()
-                and x.dtype in (torch.bfloat16, torch.float16) and gpu.delta.values.dtype == x.dtype):
+                and x.dtype in (torch.bfloat16, torch.float16) and gpu.delta.values.dtype == x.dtype
+                and delta_kernel_fits(cols, x.device)):
             return delta_linear(x, gpu.delta, bias)
         gpu = gpu.base
     if kernel == "cuda":  # N:M weights too, through their bitmask view (formats/gpu.py)
@@ -284,6 +292,7 @@ __all__ = [
     "CUDA_OP_MAX_TOKENS_GROUPS",
     "DELTA_MAX_TOKENS",
     "GPU_BACKENDS",
+    "delta_kernel_fits",
     "delta_linear",
     "gpu_kernel",
     "groups_kernel_fits",

@@ -5,8 +5,10 @@
 // barrier), the full-warp shuffles (__shfl_sync, __shfl_up_sync, __shfl_xor_sync: every lane of the warp
 // must take part, as the kernels under test guarantee; a partial mask aborts), __ldg, the float/int bit
 // casts and __launch_bounds__. The 16-bit conversions come from CUDA's own headers, which run on the host.
-// Blocks run one after another; shared memory is a zeroed buffer per block (dynamic shared memory is
-// passed to the body as a pointer).
+// Blocks run one after another; dynamic shared memory is a 16-byte aligned buffer per block, passed to the
+// body as a pointer and filled with 0xFF bytes (NaN as floats), so a read of anything the kernel did not
+// write shows in its output. A 16-byte __ldg from an address that is not 16-byte aligned aborts, as the
+// GPU would fault.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -64,6 +66,7 @@ void launch(unsigned grid, unsigned threads, size_t shared_bytes, Body body) {
   for (unsigned b = 0; b < grid; ++b) {
     Block block(static_cast<int>(threads));
     std::vector<float4> shared((shared_bytes + sizeof(float4) - 1) / sizeof(float4) + 1);  // 16-byte aligned
+    std::memset(shared.data(), 0xFF, shared.size() * sizeof(float4));
     std::vector<std::thread> pool;
     pool.reserve(threads);
     for (unsigned t = 0; t < threads; ++t) {
@@ -102,7 +105,10 @@ V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
 }
 
 template <typename V>
-V __ldg(const V* p) { return *p; }
+V __ldg(const V* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0) std::abort();  // a misaligned vector load faults
+  return *p;
+}
 
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }

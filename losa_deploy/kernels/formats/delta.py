@@ -60,20 +60,20 @@ class DeltaWeight:
             raise LosaError("delta layout: values, deltas and row_ptr are on different devices")
 
     @classmethod
-    def build(cls, values: torch.Tensor, mask: torch.Tensor, row_ptr: torch.Tensor, cols: int) -> DeltaWeight:
-        """From a bitmask view (kept ``values`` in row-major column order, int32 ``mask`` words, int64
-        ``row_ptr``), on its device."""
+    def build(cls, values: torch.Tensor, mask: torch.Tensor, cols: int) -> DeltaWeight:
+        """From a bitmask view (kept ``values`` in row-major column order, int32 ``mask`` words), on its
+        device. Temporaries: about 64 bytes per kept weight while building."""
         rows = mask.shape[0]
         device = values.device
         keep_rows, keep_cols = unpack_mask_reference(mask, cols).nonzero(as_tuple=True)
         if keep_cols.numel() != values.numel():
             raise LosaError(f"delta layout: the mask keeps {keep_cols.numel()} weights, values holds "
                             f"{values.numel()}")
-        row_start = row_ptr[:-1].to(device)
         # each kept value's gap from the previous kept column of its row (from column 0 for the first)
         previous = torch.zeros_like(keep_cols)
         previous[1:] = keep_cols[:-1]
-        first = torch.arange(keep_cols.numel(), device=device) == row_start[keep_rows]
+        first = torch.ones_like(keep_rows, dtype=torch.bool)
+        first[1:] = keep_rows[1:] != keep_rows[:-1]
         gap = keep_cols - torch.where(first, torch.zeros_like(previous), previous)
         pads = ((gap - 1) // MAX_DELTA).clamp_min(0)  # padding entries of delta 15 before this value
 

@@ -165,11 +165,11 @@ def gpu_layout_kind() -> str:
 
 
 def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> GPULayout:
-    """The GPU layout of a kernel weight (tables built on the weight's device); with ``delta``, plus the
-    weight in the delta layout (:class:`DeltaGPULayout`)."""
-    if delta:
+    """The GPU layout of a kernel weight (tables built on the weight's device); with ``delta`` and 16-bit
+    values, plus the weight in the delta layout (:class:`DeltaGPULayout`; its kernel takes bf16 / fp16)."""
+    if delta and weight.values.dtype in (torch.bfloat16, torch.float16):  # the delta kernel's dtypes
         base = gpu_layout(weight)
-        return DeltaGPULayout(base, DeltaWeight.build(base.values, base.mask, base.row_ptr, base.shape[1]))
+        return DeltaGPULayout(base, DeltaWeight.build(base.values, base.mask, base.shape[1]))
     if isinstance(weight, BitmaskWeight):
         return BitmaskGPULayout.build(weight)
     if isinstance(weight, NMKernelLayout) and WORD_BITS % weight.m == 0:

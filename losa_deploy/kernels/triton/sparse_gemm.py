@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ...errors import LosaError
-from ..formats.gpu import CHUNK_COLS, BitmaskGPULayout, GPULayout, NMGPULayout
+from ..formats.gpu import CHUNK_COLS, BitmaskGPULayout, DeltaGPULayout, GPULayout, NMGPULayout
 from . import interpreted
 from .common import dot, word_bits
 
@@ -229,6 +229,8 @@ def _split_k(programs: int, k_steps: int, device: torch.device) -> int:
 
 def _chunk_table(layout: GPULayout) -> tuple[torch.Tensor, bool]:
     """The per-chunk table the kernels read (bitmask: chunk_offset; N:M: word_values) and whether it is N:M."""
+    if isinstance(layout, DeltaGPULayout):  # these kernels read its bitmask or N:M base
+        layout = layout.base
     if isinstance(layout, BitmaskGPULayout):
         return layout.chunk_offset, False
     if isinstance(layout, NMGPULayout):
