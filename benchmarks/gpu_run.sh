@@ -5,7 +5,7 @@
 #      crashes the CUDA context), the rest runs without it (LOSA_CUDA_KERNEL=rows or groups:16:2) and the
 #      suite times the kernels left; likewise the delta-layout kernel (the suite skips it if it fails);
 #   3. the GPU kernel tests on the real GPU ($TESTS, default tests/test_gpu_kernels.py; $PYTEST_K selects);
-#   4. with SANITIZE=1, compute-sanitizer (memcheck, racecheck) on the positions kernel; with NCU=1, a
+#   4. with SANITIZE=1, compute-sanitizer (memcheck, racecheck) on the positions and delta kernels; with NCU=1, a
 #      profile of the one-token kernels (ncu.txt);
 #   5. benchmarks/gpu_suite.py (checks + timings; arguments go to it).
 # Before 2, the CPU ops' error path is checked once (cpu_errors.log): a CUDA op message streaming an
@@ -154,12 +154,13 @@ for tests in ${TESTS:-tests/test_gpu_kernels.py}; do  # one file's failure stops
 done
 echo "tests took $((SECONDS - start)) s"
 
-if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then  # optional: the positions kernel
+if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer >/dev/null; then  # optional: positions and delta
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer --tool $tool: positions kernels on small ragged shapes"
+    echo "== compute-sanitizer --tool $tool: positions and delta kernels on small ragged shapes"
     timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 $PY - >"$OUT/sanitize_$tool.log" 2>&1 <<'PY'
 import torch
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.delta import DeltaWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 g = torch.Generator("cuda").manual_seed(3)
 for rows, cols, sparsity in ((37, 2101, 0.7), (300, 1000, 0.9), (64, 4096, 0.5), (2000, 72, 0.6), (5, 33, 0.0)):
@@ -168,6 +169,11 @@ for rows, cols, sparsity in ((37, 2101, 0.7), (300, 1000, 0.9), (64, 4096, 0.5),
     x = torch.randn(1, cols, generator=g, device="cuda").bfloat16()
     for kernel in ("positions:3", "positions:8"):
         torch.ops.losa.bitmask_linear(x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
+    if hasattr(torch.ops.losa, "delta_linear"):  # the delta-layout kernel, 1 and 3 tokens, both load orders
+        d = DeltaWeight.build(layout.values, layout.mask, cols)
+        for tokens, config in ((1, "3:2:1"), (1, "8:4:0"), (3, "4:1:1")):
+            x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
+            torch.ops.losa.delta_linear(x, d.values, d.deltas, d.row_ptr, cols, None, config)
 torch.cuda.synchronize()
 print("done")
 PY
