@@ -54,7 +54,7 @@ def main() -> int:
     print("| tokens staged | D | A | registers | loop instructions | per entry |\n|---|---|---|---|---|---|")
     for func in re.split(r"\n\s+Function : ", sass)[1:]:
         name = func.split("\n")[0].strip()
-        m = re.search(r"delta_gemv_kernelI13__nv_bfloat16Li(\d)ELi(\d)ELb(\d)E", name)
+        m = re.search(r"delta_gemv_kernelI13__nv_bfloat16Li(\d+)ELi(\d)ELb(\d)E", name)
         entries = 8 * int(m.group(2)) if m else 0
         loop = main_loop(func, entries) if m else None
         if loop:

@@ -108,7 +108,7 @@ else
   fi
 fi
 
-echo "== probe: the delta-layout kernel (losa::delta_linear) against float64, every launch shape, 1-7 tokens"
+echo "== probe: the delta-layout kernel (losa::delta_linear) against float64, every launch shape, 1-16 tokens"
 if timeout 120 $PY - >"$OUT/probe_delta.log" 2>&1 <<'PY'
 import sys
 import torch
@@ -125,7 +125,7 @@ for rows, cols, sparsity in ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.
     w = (torch.randn(rows, cols, generator=g, device="cuda") * keep).bfloat16()
     b = BitmaskWeight.from_dense(w)
     d = DeltaWeight.build(b.values, b.mask, cols)
-    for tokens in (1, 2, 3, 4, 7):
+    for tokens in (1, 2, 3, 4, 7, 16):
         x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
         ref = x.double() @ w.double().T
         for config in ("auto", *DELTA_CONFIGS, "1:1:1", "3:4:0", "2:1:0"):

@@ -17,7 +17,8 @@ Contenders per case:
 * ``cuda positions:W[:R]``: the CUDA op's one-token positions kernel (``bitmask_gemv_positions.cu``);
 * ``cuda delta W:D``: the delta-layout kernel (``losa::delta_linear``, ``csrc/cuda/delta_gemv.cu``) on the
   same weight repacked (``kernels/formats/delta.py``), W warps per block, D groups per lane per step, loads
-  one step ahead (A = 1) or not, up to 16 tokens (launches of 4); its layout's bytes are reported as
+  one step ahead (A = 1) or not, up to 16 tokens (one launch where x fits shared memory); its layout's
+  bytes are reported as
   ``bytes_delta``;
 * ``triton*``: the best of a few Triton launch configurations (block rows, warps, stages, split-K), the
   autotuning of this suite, kept small so the whole run takes minutes;
@@ -67,7 +68,7 @@ POSITION_KERNELS = ("positions:16", "positions:8", "positions:16:2", "positions:
 PATTERNS = ("50%", "70%", "90%", "2:4")
 # the op's default first; warps:depth:ahead (ahead 1: each step's loads one step early)
 DELTA_CONFIGS = ("8:2:1", "8:2:0", "4:2:1", "16:2:1", "8:1:1", "8:4:0", "16:4:0")
-DELTA_TIMED_TOKENS = 16  # the delta kernel is timed up to here (launches of 4 tokens)
+DELTA_TIMED_TOKENS = 16  # the delta kernel is timed up to here
 TOKENS = (1, 8, 16, 32, 128)
 TOLERANCE = 1e-2
 BARS = (("70%", 1, 2.0), ("50%", 1, 1.5), ("70%", 16, 1.3))  # (pattern, tokens, speedup over dense), H100

@@ -92,11 +92,10 @@ def test_layout_size_and_padding_at_llm_sparsity(rng):
 def test_layout_from_nm_and_gpu_layout(rng):
     """N:M weights (2:4 and mixed N:8) through their bitmask view; ``gpu_layout(delta=True)`` keeps the
     base layout for the other paths and routes them there (here: the CPU)."""
-    for w, packed in [
-        (lambda w: (w, NMWeight.from_dense(w, 2, 4).kernel_layout()))(random_nm(13, 84, 2, 4, rng, dtype=torch.bfloat16)),
-        (lambda w: (w, NMWeight.from_dense(w, m=8, rows_per_block=8).kernel_layout()))(
-            random_nm(21, 70, torch.randint(1, 8, (21,), generator=rng), 8, rng, dtype=torch.bfloat16)),
-    ]:
+    w24 = random_nm(13, 84, 2, 4, rng, dtype=torch.bfloat16)
+    w8 = random_nm(21, 70, torch.randint(1, 8, (21,), generator=rng), 8, rng, dtype=torch.bfloat16)
+    for w, packed in [(w24, NMWeight.from_dense(w24, 2, 4).kernel_layout()),
+                      (w8, NMWeight.from_dense(w8, m=8, rows_per_block=8).kernel_layout())]:
         layout = gpu_layout(packed, delta=True)
         assert isinstance(layout, DeltaGPULayout)
         assert torch.equal(layout.delta.to_dense(), w)
@@ -207,14 +206,14 @@ def check(y, x, w, bias, ulps: int = 1):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 8, 11, 16])
 @pytest.mark.parametrize("depth", [1, 2, 4])
 @pytest.mark.parametrize("ahead", [True, False])
 def test_emulated_kernel_matches_float64(emulated, dtype, tokens, depth, ahead, rng):
-    """Every instantiation (token strides 1/2/4, 3 tokens padded to 4, depths 1/2/4, loads a step ahead
-    or not): rows of several steps and a partial last step, empty rows (also the first and last rows, which
-    the prefetch must skip), more rows than warps (the grid stride), one or two blocks, and a row whose only
-    value sits at the last column."""
+    """Every instantiation (token strides 1/2/4 staged in fp32 and 8/16 in 16 bits; 3, 6 and 11 tokens
+    padded; depths 1/2/4; loads a step ahead or not): rows of several steps and a partial last step, empty
+    rows (also the first and last rows, which the prefetch must skip), more rows than warps (the grid
+    stride), one or two blocks, and a row whose only value sits at the last column."""
     rows = int(torch.randint(5, 24, (1,), generator=rng))
     cols = int(torch.randint(300, 1400, (1,), generator=rng))
     sparsity = float(torch.empty(1).uniform_(0.3, 0.9, generator=rng))
@@ -285,13 +284,13 @@ def test_cuda_op_sources_parse(source, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", ["auto", "1:1", "3:4", "16:2", "8:1:0", "5:4:0", "8:2:1"])
 def test_cuda_delta_op_matches_float64(dtype, config, rng):
-    """The op on a GPU, 1-7 tokens (launches of 4), ragged shapes, empty rows, more rows than resident
-    warps, every launch shape."""
+    """The op on a GPU: 1-17 tokens (16 per launch where x fits, else fewer), ragged shapes, empty rows,
+    more rows than resident warps, every launch shape."""
     for rows, cols, sparsity in [(37, 2101, 0.7), (64, 4096, 0.5), (9001, 72, 0.6), (11, 300, 0.95)]:
         w = random_sparse(rows, cols, sparsity, rng, dtype)
         w[::4] = 0
         d = delta_of(w.cuda())
-        for tokens in (1, 2, 3, 4, 7):
+        for tokens in (1, 2, 3, 4, 7, 16, 17):
             x = torch.randn(tokens, cols, generator=rng).to(dtype)
             bias = torch.randn(rows, generator=rng).to(dtype)
             y = torch.ops.losa.delta_linear(x.cuda(), d.values, d.deltas, d.row_ptr, cols, bias.cuda(), config)
@@ -301,14 +300,14 @@ def test_cuda_delta_op_matches_float64(dtype, config, rng):
 @pytest.mark.skipif(not has_delta_op(), reason="extension built without CUDA")
 def test_cuda_delta_op_awkward_inputs(rng):
     """Values at a misaligned view (the op copies them to an aligned base), non-contiguous x, an fp32 bias,
-    5-9 tokens (launches of 4 and a ragged last one); a bias on the CPU is an error, not a bad read."""
+    5-9 tokens and 33 (launches of 16 and a ragged last one); a bias on the CPU is an error, not a bad read."""
     w = random_sparse(70, 1000, 0.7, rng, torch.bfloat16)
     d = delta_of(w.cuda())
     shifted = torch.empty(d.values.numel() + 1, dtype=d.values.dtype, device="cuda")
     shifted[1:] = d.values
     values = shifted[1:]
     assert values.data_ptr() % 16 != 0
-    for tokens in (5, 8, 9):
+    for tokens in (5, 8, 9, 33):
         x = torch.randn(1000, tokens, generator=rng).to(torch.bfloat16)
         bias = torch.randn(70, generator=rng)
         y = torch.ops.losa.delta_linear(x.cuda().T, values, d.deltas, d.row_ptr, 1000, bias.cuda(), "auto")
@@ -319,7 +318,7 @@ def test_cuda_delta_op_awkward_inputs(rng):
 
 @pytest.mark.skipif(not has_delta_op(), reason="extension built without CUDA")
 def test_sparse_linear_runs_the_delta_layout(rng, monkeypatch):
-    """``$LOSA_GPU_LAYOUT=delta``: SparseLinear on CUDA holds the delta layout, runs it at 1-4 tokens and
+    """``$LOSA_GPU_LAYOUT=delta``: SparseLinear on CUDA holds the delta layout, runs it at 1-16 tokens and
     the bitmask kernels beyond; a bad config is a clear error."""
     from losa_deploy.runtime.sparse_linear import SparseLinear
 
@@ -327,7 +326,7 @@ def test_sparse_linear_runs_the_delta_layout(rng, monkeypatch):
     w = random_sparse(48, 300, 0.7, rng, torch.bfloat16)
     layer = SparseLinear(BitmaskWeight.from_dense(w)).cuda()
     assert isinstance(layer.gpu_layout, DeltaGPULayout)
-    for tokens in (1, 4, 9):
+    for tokens in (1, 4, 9, 20):
         x = torch.randn(tokens, 300, generator=rng).to(torch.bfloat16)
         check(layer(x.cuda()).cpu(), x, w, None)
     from losa_deploy.kernels import dispatch

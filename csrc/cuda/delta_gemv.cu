@@ -11,20 +11,23 @@ namespace {
 
 template <typename T, int TS, int DEPTH, bool AHEAD>
 __global__ void __launch_bounds__(delta::kMaxWarps * 32) delta_gemv_kernel(DeltaGemvArgs a) {
-  extern __shared__ __align__(16) float xs[];
+  extern __shared__ __align__(16) unsigned char xs[];
   delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, xs);
 }
 
-int64_t smem_bytes(const DeltaGemvArgs& a) { return std::max<int64_t>(a.cols, 1) * delta::token_stride(a.tokens) * 4; }
+int64_t smem_bytes(const DeltaGemvArgs& a) {
+  const int ts = delta::token_stride(a.tokens);
+  return std::max<int64_t>(a.cols, 1) * ts * delta::staged_bytes(ts);
+}
 
 const char* misfit(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
   constexpr int64_t kInt = int64_t{1} << 31;
   if (dev.major < 7) return "needs compute capability 7.0 or newer";
   if (warps < 1 || warps > delta::kMaxWarps) return "needs 1-16 warps per block";
-  if (a.tokens < 1 || a.tokens > kDeltaMaxTokens) return "takes 1-4 tokens per launch";
+  if (a.tokens < 1 || a.tokens > kDeltaMaxTokens) return "takes 1-16 tokens per launch";
   // group indices + 32 · depth + 31 stay below 2^31 (the kernel counts groups in int)
   if (a.rows >= kInt || a.cols * 4 >= kInt || a.groups + 4 * 32 + 32 >= kInt) return "needs sizes below 2^31";
-  if (smem_bytes(a) > dev.smem_optin) return "needs x (fp32) to fit one block's shared memory";
+  if (smem_bytes(a) > dev.smem_optin) return "needs the staged x to fit one block's shared memory";
   return nullptr;
 }
 
@@ -57,7 +60,9 @@ cudaError_t launch_tokens(const DeltaGemvArgs& a, int warps, int depth, const De
   switch (delta::token_stride(a.tokens)) {
     case 1: return launch_depth<T, 1, AHEAD>(a, warps, depth, dev, stream);
     case 2: return launch_depth<T, 2, AHEAD>(a, warps, depth, dev, stream);
-    default: return launch_depth<T, 4, AHEAD>(a, warps, depth, dev, stream);
+    case 4: return launch_depth<T, 4, AHEAD>(a, warps, depth, dev, stream);
+    case 8: return launch_depth<T, 8, AHEAD>(a, warps, depth, dev, stream);
+    default: return launch_depth<T, 16, AHEAD>(a, warps, depth, dev, stream);
   }
 }
 

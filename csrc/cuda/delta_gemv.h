@@ -1,7 +1,7 @@
 // The delta-layout decode kernel's interface (csrc/cuda/delta_gemv.cu), in plain C++ so the kernel compiles
 // with nvcc alone and its device code runs in the host emulation of tests/cuda_host/.
 //
-// y[t, r] = sum_c x[t, c] · W[r, c] (+ bias[r]) for 1-4 tokens per launch, W in the delta layout
+// y[t, r] = sum_c x[t, c] · W[r, c] (+ bias[r]) for 1-16 tokens per launch, W in the delta layout
 // (losa_deploy/kernels/formats/delta.py): groups of 8 entries, each a 16-bit value and a 4-bit column
 // delta; row r's groups are row_ptr[r] .. row_ptr[r + 1].
 #pragma once
@@ -20,14 +20,15 @@ struct DeltaGemvArgs {
   const void* bias = nullptr;        // [rows] or nullptr
   void* y = nullptr;                 // [tokens, rows]
   int64_t rows = 0, cols = 0, groups = 0;
-  int tokens = 1;                    // 1..kDeltaMaxTokens
+  int tokens = 1;                    // 1..kDeltaMaxTokens (x staged in shared memory: fewer may fit)
   bool bfloat16 = true;              // x, values, bias and y: bf16, else fp16
 };
 
-constexpr int kDeltaMaxTokens = 4;
+constexpr int kDeltaMaxTokens = 16;
 
 // Why this device cannot run `args` with `warps` warps per block, or nullptr when it can: compute
-// capability 7.0+, 1-16 warps, 1-4 tokens, x in fp32 within one block's shared memory, sizes below 2^31.
+// capability 7.0+, 1-16 warps, 1-16 tokens, the staged x (fp32 up to 4 tokens, 16-bit from 8) within
+// one block's shared memory, sizes below 2^31.
 const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps);
 // `depth` groups per lane per step (1, 2 or 4); `ahead`: each step's loads are issued one step ahead.
 // Launches on `stream`; returns the launch error.

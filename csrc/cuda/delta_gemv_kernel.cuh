@@ -1,5 +1,5 @@
 // The delta-layout decode kernel (kernels.md §1.1, after MACKO): device code only, so that
-// tests/cuda_host/ can run it on the CPU (LOSA_HOST_EMULATION) as well as nvcc compiling it.
+// tests/cuda_host/ can run it on the CPU as well as nvcc compiling it.
 //
 // One warp per output row (rows a grid stride apart). Per step, lane l takes group g0 + l (and, at depth
 // D, g0 + 32k + l): one 16-byte load of its 8 values, one 4-byte load of their deltas, issued one step
@@ -11,8 +11,9 @@
 //   3. the lane walks its 8 entries: add the delta, read x at that column from shared memory, FMA.
 // Every lane does exactly 8 entries per group: no divergence, no bit search, and a warp's loads are one
 // contiguous 512-byte run of values plus 128 bytes of deltas. Lanes past the row's last group load nothing
-// and add zeros at a valid column (the cursor). x is staged once per block as fp32, [column][token] with
-// the tokens padded to 1, 2 or 4, so one vector load reads a column's tokens. A warp reduction ends a row.
+// and add zeros at a valid column (the cursor). x is staged once per block, [column][token] with the
+// tokens padded to 1, 2, 4, 8 or 16 (fp32 up to 4, x's 16-bit type above), so one or two vector loads read
+// a column's tokens. A warp reduction ends a row.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -29,8 +30,14 @@ namespace losa::cuda::delta {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kMaxWarps = 16;
 
-// Floats per column in the staged x: the token count rounded up to 1, 2 or 4.
-__host__ __device__ constexpr int token_stride(int tokens) { return tokens <= 1 ? 1 : tokens == 2 ? 2 : 4; }
+// Tokens per column in the staged x: the token count rounded up to a power of two (1-16).
+__host__ __device__ constexpr int token_stride(int tokens) {
+  return tokens <= 1 ? 1 : tokens == 2 ? 2 : tokens <= 4 ? 4 : tokens <= 8 ? 8 : 16;
+}
+
+// Bytes per staged activation: fp32 up to 4 tokens (no conversion per read), x's own 16-bit type from 8
+// (exact, and half the shared memory: 16 tokens of 4096 columns take 128 KB).
+__host__ __device__ constexpr int staged_bytes(int ts) { return ts >= 8 ? 2 : 4; }
 
 // The sum of d's 8 nibbles. Adjacent nibbles are added into 4 bytes (each at most 30), and the multiply
 // gathers the 4 bytes into the top one (at most 120: no carry reaches it).
@@ -64,41 +71,67 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half(v);
 }
 
-// acc[t] += w · x[column, t] for the column's staged tokens (TS floats, 4·TS-byte aligned).
-template <int TS>
-__device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const float* xc) {
-  if constexpr (TS == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(xc);
+// acc[t] += w · x[col, t] for the column's TS staged tokens: floats up to 4 tokens (one 4·TS-byte
+// aligned vector load), 16-bit values of type T from 8 (TS / 8 16-byte loads).
+template <typename T, int TS>
+__device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const void* xs, uint32_t col) {
+  if constexpr (TS >= 8) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const T*>(xs) + col * TS);
+#pragma unroll
+    for (int q = 0; q < TS / 8; ++q) {
+      const uint4 raw = p[q];
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = unpack_pair<T>(words[i]);
+        acc[8 * q + 2 * i] += w * f.x;
+        acc[8 * q + 2 * i + 1] += w * f.y;
+      }
+    }
+  } else if constexpr (TS == 4) {
+    const float4 v = reinterpret_cast<const float4*>(xs)[col];
     acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
   } else if constexpr (TS == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(xc);
+    const float2 v = reinterpret_cast<const float2*>(xs)[col];
     acc[0] += w * v.x; acc[1] += w * v.y;
   } else {
-    acc[0] += w * xc[0];
+    acc[0] += w * static_cast<const float*>(xs)[col];
   }
 }
 
-// x [tokens, cols] -> xs [cols][TS] as fp32, zero for the padding tokens. One token with 16-byte aligned
-// rows of whole 8-column runs: 8 columns per 16-byte load (a block stages all of x before its first row).
+// x [tokens, cols] -> the staged x, [cols][TS] (staged_bytes(TS) each), zero for the padding tokens. One
+// token with 16-byte aligned rows of whole 8-column runs: 8 columns per 16-byte load (a block stages all of
+// x before its first row).
 template <typename T, int TS>
-__device__ void stage_x(const T* x, int tokens, int cols, float* xs) {
-  if (TS == 1 && cols % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-#pragma unroll 2
-    for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + c));
-      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-      float2 p[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) p[i] = unpack_pair<T>(words[i]);
-      *reinterpret_cast<float4*>(xs + c) = make_float4(p[0].x, p[0].y, p[1].x, p[1].y);
-      *reinterpret_cast<float4*>(xs + c + 4) = make_float4(p[2].x, p[2].y, p[3].x, p[3].y);
-    }
-    return;
-  }
+__device__ void stage_x(const T* x, int tokens, int cols, void* xs) {
+  if constexpr (TS >= 8) {
+    T* out = static_cast<T*>(xs);
+    const T zero = from_float<T>(0.f);
 #pragma unroll 4
-  for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
-    const int c = i / TS, t = i % TS;
-    xs[i] = t < tokens ? to_float(x[static_cast<int64_t>(t) * cols + c]) : 0.f;
+    for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
+      const int c = i / TS, t = i % TS;
+      out[i] = t < tokens ? x[static_cast<int64_t>(t) * cols + c] : zero;
+    }
+  } else {
+    float* out = static_cast<float*>(xs);
+    if (TS == 1 && cols % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+#pragma unroll 2
+      for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + c));
+        const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+        float2 p[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) p[i] = unpack_pair<T>(words[i]);
+        *reinterpret_cast<float4*>(out + c) = make_float4(p[0].x, p[0].y, p[1].x, p[1].y);
+        *reinterpret_cast<float4*>(out + c + 4) = make_float4(p[2].x, p[2].y, p[3].x, p[3].y);
+      }
+      return;
+    }
+#pragma unroll 4
+    for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
+      const int c = i / TS, t = i % TS;
+      out[i] = t < tokens ? to_float(x[static_cast<int64_t>(t) * cols + c]) : 0.f;
+    }
   }
 }
 
@@ -114,13 +147,13 @@ __device__ __forceinline__ uint32_t warp_scan(uint32_t v, int lane) {
 
 // One group's 8 entries: col is the column before its first entry.
 template <typename T, int TS>
-__device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, const float* xs, float (&acc)[TS]) {
+__device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, const void* xs, float (&acc)[TS]) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     col += (d >> (4 * j)) & 15u;
     const float2 pair = unpack_pair<T>(words[j / 2]);
-    fma_column<TS>(acc, (j & 1) ? pair.y : pair.x, xs + col * TS);
+    fma_column<T, TS>(acc, (j & 1) ? pair.y : pair.x, xs, col);
   }
 }
 
@@ -128,7 +161,7 @@ __device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, 
 // the step and moves past it. Groups are scanned in pairs, one sum per 16-bit half (a lane's 8 deltas sum
 // to at most 120, a warp's to 3840: no carry between the halves), so a pair costs one scan, not two.
 template <typename T, int TS, int DEPTH>
-__device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d)[DEPTH], const float* xs,
+__device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d)[DEPTH], const void* xs,
                                      int lane, uint32_t& cursor, float (&acc)[TS]) {
   if constexpr (DEPTH == 1) {
     const uint32_t n = nibble_sum(d[0]);
@@ -184,12 +217,12 @@ struct Prefetch {
   }
 };
 
-// Grid-stride over rows, one warp per row; TS: staged floats per column (token_stride), DEPTH: groups per
+// Grid-stride over rows, one warp per row; TS: staged tokens per column (token_stride), DEPTH: groups per
 // lane per step; AHEAD: load each step one step ahead (Prefetch) rather than just before its arithmetic
-// (fewer instructions per step, latency hidden only by other warps). `xs` holds x: cols · TS floats of
-// shared memory.
+// (fewer instructions per step, latency hidden only by other warps). `xs` holds x: cols · TS ·
+// staged_bytes(TS) bytes of shared memory, 16-byte aligned.
 template <typename T, int TS, int DEPTH, bool AHEAD>
-__device__ void delta_gemv_rows(const DeltaGemvArgs& a, float* xs) {
+__device__ void delta_gemv_rows(const DeltaGemvArgs& a, void* xs) {
   const int rows = static_cast<int>(a.rows), cols = static_cast<int>(a.cols);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int first_row = blockIdx.x * warps + warp, stride = gridDim.x * warps;

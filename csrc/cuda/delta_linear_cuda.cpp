@@ -1,5 +1,5 @@
 // losa::delta_linear: y = x · Wᵀ (+ bias) for a weight in the delta layout (formats/delta.py), CUDA only.
-// bf16 / fp16 x with values of the same dtype; up to 4 tokens per launch (more run as launches of 4).
+// bf16 / fp16 x with values of the same dtype; up to 16 tokens per launch (more run as several launches).
 // `config`: "auto" (8 warps per block, 2 groups per lane per step, loaded a step ahead) or "W:D[:A]" (see
 // parse_config). The Python dispatcher sends it decode-sized inputs only where a layer holds this layout.
 #include <ATen/ATen.h>
@@ -97,8 +97,8 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
   args.groups = groups;
   args.bfloat16 = dtype == at::kBFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  // Tokens per launch: 4, or fewer where 4 tokens of x do not fit shared memory (a wide layer on a GPU
-  // with less of it: 11008 columns need 176 KB at 4 tokens, 44 KB at 1).
+  // Tokens per launch: 16, or fewer where 16 tokens of staged x do not fit shared memory (11008 columns:
+  // 352 KB at 16 tokens, 176 KB at 8 or 4, 44 KB at 1; an H100 has 227 KB per block).
   int per_launch = losa::cuda::kDeltaMaxTokens;
   args.tokens = per_launch;
   while (per_launch > 1 && losa::cuda::delta_gemv_misfit(args, cfg.warps)) {

@@ -63,8 +63,9 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the row walk at 32, and the op's 8-token value-group launches would take about 4 x 74 µs against 215.
 CUDA_OP_MAX_TOKENS = 16
 CUDA_OP_MAX_TOKENS_GROUPS = 32
-# The delta-layout kernel stages up to 4 tokens of x per launch (csrc/cuda/delta_gemv.h).
-DELTA_MAX_TOKENS = 4
+# The delta-layout kernel stages up to 16 tokens of x per launch (csrc/cuda/delta_gemv.h; fewer where they
+# do not fit shared memory). Above that the bitmask kernels run: the delta kernel would read W again per launch.
+DELTA_MAX_TOKENS = 16
 _OPS = ("bitmask_linear", "nm_linear")
 
 Packed = BitmaskWeight | NMWeight | NMKernelLayout | BitmaskGPULayout | NMGPULayout | DeltaGPULayout

@@ -14,7 +14,7 @@ On CUDA (after ``.to("cuda")``, or built from CUDA tensors) the module also keep
 or change dtype), so each forward runs the GPU kernel the token count calls for (``kernels.dispatch``)
 without rebuilding anything. With ``$LOSA_GPU_LAYOUT=delta`` that layout also holds the weight in the
 delta layout (``kernels/formats/delta.py``, a second copy of about the packed size), whose CUDA kernel
-runs 1-4 tokens. On the CPU nothing changes.
+runs 1-16 tokens. On the CPU nothing changes.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ using losa::cuda::DeltaGemvArgs;
 
 template <typename T, int TS, int DEPTH, bool AHEAD>
 void run(const DeltaGemvArgs& a, unsigned blocks, unsigned warps) {
-  const size_t bytes = static_cast<size_t>(a.cols > 0 ? a.cols : 1) * TS * 4;
+  const size_t bytes = static_cast<size_t>(a.cols > 0 ? a.cols : 1) * TS * losa::cuda::delta::staged_bytes(TS);
   emulate::launch(blocks, warps * 32, bytes, [&](void* shared) {
-    losa::cuda::delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, static_cast<float*>(shared));
+    losa::cuda::delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, shared);
   });
 }
 
@@ -31,7 +31,9 @@ int run_tokens(const DeltaGemvArgs& a, unsigned blocks, unsigned warps, int dept
   switch (losa::cuda::delta::token_stride(a.tokens)) {
     case 1: return run_depth<T, 1, AHEAD>(a, blocks, warps, depth);
     case 2: return run_depth<T, 2, AHEAD>(a, blocks, warps, depth);
-    default: return run_depth<T, 4, AHEAD>(a, blocks, warps, depth);
+    case 4: return run_depth<T, 4, AHEAD>(a, blocks, warps, depth);
+    case 8: return run_depth<T, 8, AHEAD>(a, blocks, warps, depth);
+    default: return run_depth<T, 16, AHEAD>(a, blocks, warps, depth);
   }
 }
 

@@ -26,7 +26,7 @@ Both layouts expose ``row_ptr``, ``values`` and ``mask``: the bitmask view the C
 
 :class:`DeltaGPULayout` (``gpu_layout(weight, delta=True)``) is either of them plus the weight again in
 the :mod:`delta layout <.delta>` (a copy: about 0.76 B/weight at 70% sparsity), which the CUDA op
-``delta_linear`` reads at 1-4 tokens; every other token count runs on the bitmask view.
+``delta_linear`` reads at 1-16 tokens; every other token count runs on the bitmask view.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ GPU_LAYOUTS = ("bitmask", "delta")
 
 def gpu_layout_kind() -> str:
     """``$LOSA_GPU_LAYOUT``: ``bitmask`` (default: the packed tensors plus offset tables) or ``delta``
-    (also the delta layout, for its 1-4 token kernel), for the layouts that models keep on CUDA."""
+    (also the delta layout, for its 1-16 token kernel), for the layouts that models keep on CUDA."""
     kind = os.environ.get("LOSA_GPU_LAYOUT") or "bitmask"
     if kind not in GPU_LAYOUTS:
         raise LosaError(f"unknown LOSA_GPU_LAYOUT {kind!r} (choose from {', '.join(GPU_LAYOUTS)})")
@@ -180,5 +180,5 @@ def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> G
     raise LosaError(f"no GPU layout for {type(weight).__name__}")
 
 
-__all__ = ["CHUNK_COLS", "GPU_LAYOUTS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout", "chunk_offsets", "gpu_layout",
-           "gpu_layout_kind"]
+__all__ = ["CHUNK_COLS", "GPU_LAYOUTS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout",
+           "chunk_offsets", "gpu_layout", "gpu_layout_kind"]
