@@ -138,13 +138,18 @@ def test_delta_layout_only_for_16_bit_values_and_triton_reads_its_base(rng):
 
 
 def test_delta_kernel_fit_rule(monkeypatch):
-    """dispatch.delta_kernel_fits mirrors the launcher: one token of x in fp32 in one block's shared memory
-    (the op itself launches fewer tokens at a time where 4 do not fit)."""
+    """dispatch.delta_kernel_fits mirrors the launcher: the tokens rounded up to a power of two, staged in
+    fp32 up to 4 and in 16 bits from 8, in one block's shared memory (227 KiB on sm_90)."""
     from losa_deploy.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 227 * 1024)
     assert dispatch.delta_kernel_fits(11008) and dispatch.delta_kernel_fits(58112)  # 227 KiB = 58,112 floats
     assert not dispatch.delta_kernel_fits(58113)
+    assert dispatch.delta_kernel_fits(11008, 4)  # 11008 x 4 x 4 = 176,128 B
+    assert dispatch.delta_kernel_fits(11008, 5) and dispatch.delta_kernel_fits(11008, 8)  # x 8 x 2: the same
+    assert not dispatch.delta_kernel_fits(11008, 9)  # 16 x 2 = 352,256 B
+    assert dispatch.delta_kernel_fits(4096, 16) and not dispatch.delta_kernel_fits(4096, 17)  # 131,072 B; > 16
+    assert dispatch.delta_kernel_fits(14336, 3) and not dispatch.delta_kernel_fits(14600, 3)  # 229,376; 233,600 B
     monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 0)  # below compute capability 8.0
     assert not dispatch.delta_kernel_fits(64)
 
@@ -333,6 +338,7 @@ def test_sparse_linear_runs_the_delta_layout(rng, monkeypatch):
 
     monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 1024)  # x does not fit: the bitmask kernels
     check(layer(x[:1].cuda()).cpu(), x[:1], w, None)
+    check(layer(x[:3].cuda()).cpu(), x[:3], w, None)
     delta = layer.gpu_layout.delta
     for bad in ("8:3", "8", "0:2", "17:2", "8:2:2", "8:2:1:0", "8:x", "8:2:", ":2", "-1:2"):
         with pytest.raises(RuntimeError, match="unknown kernel config"):

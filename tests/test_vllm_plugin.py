@@ -170,11 +170,19 @@ def test_gpu_layouts_built_once_and_applied(rng, monkeypatch):
     qkv.quant_method.process_weights_after_loading(qkv)
     assert device_layouts(qkv.losa_weights, torch.device("cpu")) is qkv.losa_weights
     monkeypatch.setenv("LOSA_GPU_LAYOUT", "delta")
-    qkv.losa_weights = device_layouts(qkv.losa_weights, torch.device("cuda"))  # built on the weights' device
-    assert len(qkv.losa_weights) == 3 and all(isinstance(w, DeltaGPULayout) for w in qkv.losa_weights)
     x = torch.randn(5, 64, generator=rng)
     expected = torch.cat([x @ parts[name][1].T for name in ("q_proj", "k_proj", "v_proj")], dim=-1)
+    fp32 = qkv.losa_weights
+    qkv.losa_weights = device_layouts(fp32, torch.device("cuda"))  # built on the weights' device
+    assert len(qkv.losa_weights) == 3 and not any(isinstance(w, DeltaGPULayout) for w in qkv.losa_weights)
     torch.testing.assert_close(qkv.quant_method.apply(qkv, x), expected, rtol=1e-5, atol=1e-5)
+    # the delta kernel takes 16-bit values: a bf16 model gets the delta copy
+    bf16 = [w.replace(values=w.values.bfloat16()) for w in fp32]
+    qkv.losa_weights = device_layouts(bf16, torch.device("cuda"))
+    assert all(isinstance(w, DeltaGPULayout) for w in qkv.losa_weights)
+    for w, layout in zip(bf16, qkv.losa_weights):
+        assert torch.equal(layout.delta.to_dense(), w.to_dense())
+    torch.testing.assert_close(qkv.quant_method.apply(qkv, x.bfloat16()).float(), expected, rtol=2e-2, atol=5e-2)
 
 
 # --- end to end: vLLM on CPU, in a subprocess (its engine core runs in a process of its own) --------------

@@ -81,6 +81,12 @@ const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps) {
   return misfit(args, warps, dev);
 }
 
+int delta_gemv_auto_warps(const DeltaGemvArgs& args) {
+  DeviceLimits dev;
+  if (device_limits(dev) != cudaSuccess) return 8;
+  return 2 * smem_bytes(args) > dev.smem_optin ? 16 : 8;
+}
+
 cudaError_t delta_gemv(const DeltaGemvArgs& a, int warps, int depth, bool ahead, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   if (reinterpret_cast<uintptr_t>(a.values) % 16 != 0) return cudaErrorMisalignedAddress;

@@ -30,6 +30,9 @@ constexpr int kDeltaMaxTokens = 16;
 // capability 7.0+, 1-16 warps, 1-16 tokens, the staged x (fp32 up to 4 tokens, 16-bit from 8) within
 // one block's shared memory, sizes below 2^31.
 const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps);
+// The default warps per block for `args`: 8, or 16 where the staged x leaves room for one block per SM
+// only (so that 16 warps rather than 8 share the SM).
+int delta_gemv_auto_warps(const DeltaGemvArgs& args);
 // `depth` groups per lane per step (1, 2 or 4); `ahead`: each step's loads are issued one step ahead.
 // Launches on `stream`; returns the launch error.
 cudaError_t delta_gemv(const DeltaGemvArgs& args, int warps, int depth, bool ahead, cudaStream_t stream);

@@ -12,8 +12,8 @@
 // Every lane does exactly 8 entries per group: no divergence, no bit search, and a warp's loads are one
 // contiguous 512-byte run of values plus 128 bytes of deltas. Lanes past the row's last group load nothing
 // and add zeros at a valid column (the cursor). x is staged once per block, [column][token] with the
-// tokens padded to 1, 2, 4, 8 or 16 (fp32 up to 4, x's 16-bit type above), so one or two vector loads read
-// a column's tokens. A warp reduction ends a row.
+// tokens padded to 1, 2, 4, 8 or 16 (fp32 up to 4; from 8 x's 16-bit type, in planes of 8 tokens), so one
+// vector load per 4 or 8 tokens reads a column. A warp reduction ends a row.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -71,15 +71,23 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half(v);
 }
 
+// Where x[col, t] is staged, in elements of the staged type: [col][TS] up to 4 tokens; from 8, planes of 8
+// tokens, [t / 8][col][8] (16 bytes per column and plane: a 16-byte load per 8 tokens, and lanes reading
+// different columns spread over all the banks, where 32-byte columns would use half of them).
+template <int TS>
+__device__ __forceinline__ uint32_t staged_index(uint32_t col, uint32_t t, uint32_t cols) {
+  if constexpr (TS >= 8) return (t >> 3) * cols * 8 + col * 8 + (t & 7);
+  else return col * TS + t;
+}
+
 // acc[t] += w · x[col, t] for the column's TS staged tokens: floats up to 4 tokens (one 4·TS-byte
-// aligned vector load), 16-bit values of type T from 8 (TS / 8 16-byte loads).
+// aligned vector load), 16-bit values of type T from 8 (one 16-byte load per plane of 8 tokens).
 template <typename T, int TS>
-__device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const void* xs, uint32_t col) {
+__device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const void* xs, uint32_t col, uint32_t cols) {
   if constexpr (TS >= 8) {
-    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const T*>(xs) + col * TS);
 #pragma unroll
     for (int q = 0; q < TS / 8; ++q) {
-      const uint4 raw = p[q];
+      const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const T*>(xs) + staged_index<TS>(col, 8 * q, cols));
       const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -99,22 +107,42 @@ __device__ __forceinline__ void fma_column(float (&acc)[TS], float w, const void
   }
 }
 
-// x [tokens, cols] -> the staged x, [cols][TS] (staged_bytes(TS) each), zero for the padding tokens. One
-// token with 16-byte aligned rows of whole 8-column runs: 8 columns per 16-byte load (a block stages all of
-// x before its first row).
+// x [tokens, cols] -> the staged x (staged_index, staged_bytes(TS) each), zero for the padding tokens.
+// Where x's rows are 16-byte aligned runs of whole 8-column groups, each thread loads 8 columns of one
+// token with one 16-byte load (coalesced across the warp) and spreads them; else one element at a time. A
+// block stages all of x before its first row.
 template <typename T, int TS>
 __device__ void stage_x(const T* x, int tokens, int cols, void* xs) {
+  const bool vector = cols % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if constexpr (TS >= 8) {
     T* out = static_cast<T*>(xs);
     const T zero = from_float<T>(0.f);
+    if (vector) {
+      const int runs = cols / 8;
+#pragma unroll 2
+      for (int i = threadIdx.x; i < TS * runs; i += blockDim.x) {
+        const int t = i / runs, c0 = 8 * (i % runs);
+        T v[8];
+        if (t < tokens) {
+          const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * cols + c0));
+          memcpy(v, &raw, sizeof(raw));
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) v[k] = zero;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) out[staged_index<TS>(c0 + k, t, cols)] = v[k];
+      }
+      return;
+    }
 #pragma unroll 4
     for (int i = threadIdx.x; i < cols * TS; i += blockDim.x) {
-      const int c = i / TS, t = i % TS;
-      out[i] = t < tokens ? x[static_cast<int64_t>(t) * cols + c] : zero;
+      const int t = i / cols, c = i % cols;  // consecutive threads: consecutive columns of one token
+      out[staged_index<TS>(c, t, cols)] = t < tokens ? x[static_cast<int64_t>(t) * cols + c] : zero;
     }
   } else {
     float* out = static_cast<float*>(xs);
-    if (TS == 1 && cols % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    if (TS == 1 && vector) {
 #pragma unroll 2
       for (int c = 8 * threadIdx.x; c < cols; c += 8 * blockDim.x) {
         const uint4 raw = __ldg(reinterpret_cast<const uint4*>(x + c));
@@ -147,13 +175,14 @@ __device__ __forceinline__ uint32_t warp_scan(uint32_t v, int lane) {
 
 // One group's 8 entries: col is the column before its first entry.
 template <typename T, int TS>
-__device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, const void* xs, float (&acc)[TS]) {
+__device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, const void* xs, uint32_t cols,
+                                      float (&acc)[TS]) {
   const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     col += (d >> (4 * j)) & 15u;
     const float2 pair = unpack_pair<T>(words[j / 2]);
-    fma_column<T, TS>(acc, (j & 1) ? pair.y : pair.x, xs, col);
+    fma_column<T, TS>(acc, (j & 1) ? pair.y : pair.x, xs, col, cols);
   }
 }
 
@@ -162,11 +191,11 @@ __device__ __forceinline__ void group(const uint4& v, uint32_t d, uint32_t col, 
 // to at most 120, a warp's to 3840: no carry between the halves), so a pair costs one scan, not two.
 template <typename T, int TS, int DEPTH>
 __device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d)[DEPTH], const void* xs,
-                                     int lane, uint32_t& cursor, float (&acc)[TS]) {
+                                     uint32_t cols, int lane, uint32_t& cursor, float (&acc)[TS]) {
   if constexpr (DEPTH == 1) {
     const uint32_t n = nibble_sum(d[0]);
     const uint32_t incl = warp_scan(n, lane);
-    group<T, TS>(v[0], d[0], cursor + incl - n, xs, acc);
+    group<T, TS>(v[0], d[0], cursor + incl - n, xs, cols, acc);
     cursor += __shfl_sync(kFull, incl, 31);
   } else {
     static_assert(DEPTH % 2 == 0);
@@ -175,9 +204,9 @@ __device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d
       const uint32_t n = nibble_sum(d[k]) | nibble_sum(d[k + 1]) << 16;
       const uint32_t incl = warp_scan(n, lane), total = __shfl_sync(kFull, incl, 31);
       const uint32_t before = incl - n;  // both halves: the sums of the lanes below
-      group<T, TS>(v[k], d[k], cursor + (before & 0xFFFFu), xs, acc);
+      group<T, TS>(v[k], d[k], cursor + (before & 0xFFFFu), xs, cols, acc);
       cursor += total & 0xFFFFu;
-      group<T, TS>(v[k + 1], d[k + 1], cursor + (before >> 16), xs, acc);
+      group<T, TS>(v[k + 1], d[k + 1], cursor + (before >> 16), xs, cols, acc);
       cursor += total >> 16;
     }
   }
@@ -258,7 +287,7 @@ __device__ void delta_gemv_rows(const DeltaGemvArgs& a, void* xs) {
       } else {
         load_step(values, a.deltas, g + lane, end, current);
       }
-      step<T, TS, DEPTH>(current.v, current.d, xs, lane, cursor, acc);
+      step<T, TS, DEPTH>(current.v, current.d, xs, cols, lane, cursor, acc);
     }
 #pragma unroll
     for (int t = 0; t < TS; ++t) {

@@ -1,7 +1,7 @@
 // losa::delta_linear: y = x · Wᵀ (+ bias) for a weight in the delta layout (formats/delta.py), CUDA only.
 // bf16 / fp16 x with values of the same dtype; up to 16 tokens per launch (more run as several launches).
-// `config`: "auto" (8 warps per block, 2 groups per lane per step, loaded a step ahead) or "W:D[:A]" (see
-// parse_config). The Python dispatcher sends it decode-sized inputs only where a layer holds this layout.
+// `config`: "auto" (8 warps per block, or 16 where only one block fits an SM; 2 groups per lane per step,
+// loaded a step ahead) or "W:D[:A]" (see parse_config). The Python dispatcher sends it decode-sized inputs only where a layer holds this layout.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -22,7 +22,7 @@ namespace {
 constexpr const char* kOp = "delta_linear (CUDA)";
 
 struct Config {
-  int warps = 8, depth = 2;
+  int warps = 0, depth = 2;  // warps 0: delta_gemv_auto_warps decides per launch
   bool ahead = true;
 };
 
@@ -99,9 +99,10 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Tokens per launch: 16, or fewer where 16 tokens of staged x do not fit shared memory (11008 columns:
   // 352 KB at 16 tokens, 176 KB at 8 or 4, 44 KB at 1; an H100 has 227 KB per block).
+  const int check_warps = cfg.warps ? cfg.warps : 8;  // the fit does not depend on the warps (1-16)
   int per_launch = losa::cuda::kDeltaMaxTokens;
   args.tokens = per_launch;
-  while (per_launch > 1 && losa::cuda::delta_gemv_misfit(args, cfg.warps)) {
+  while (per_launch > 1 && losa::cuda::delta_gemv_misfit(args, check_warps)) {
     per_launch /= 2;
     args.tokens = per_launch;
   }
@@ -109,10 +110,11 @@ at::Tensor delta_linear_cuda(const at::Tensor& x, const at::Tensor& values, cons
     args.tokens = static_cast<int>(std::min<int64_t>(per_launch, call.tokens - t0));
     args.x = call.x_at(t0);
     args.y = call.y_at(t0);
-    const char* why = losa::cuda::delta_gemv_misfit(args, cfg.warps);
+    const int warps = cfg.warps ? cfg.warps : losa::cuda::delta_gemv_auto_warps(args);
+    const char* why = losa::cuda::delta_gemv_misfit(args, warps);
     LOSA_CHECK(why == nullptr, kOp, ": ", in_features, " columns, ", rows, " rows at ", args.tokens,
                " tokens: the kernel ", why ? why : "");
-    const cudaError_t err = losa::cuda::delta_gemv(args, cfg.warps, cfg.depth, cfg.ahead, stream);
+    const cudaError_t err = losa::cuda::delta_gemv(args, warps, cfg.depth, cfg.ahead, stream);
     LOSA_CHECK(err == cudaSuccess, kOp, ": kernel launch failed: ", cudaGetErrorString(err));
   }
   return call.result(x);

@@ -27,7 +27,7 @@ The GPU kernels read a :mod:`GPU layout <.formats.gpu>` (the packed arrays plus 
 pass one (``SparseLinear`` keeps one per module on CUDA) or it is built on every call. A
 :class:`~.formats.gpu.DeltaGPULayout` (``SparseLinear`` builds one when ``$LOSA_GPU_LAYOUT=delta``) also
 holds the weight in the :mod:`delta layout <.formats.delta>`: where ``auto`` or ``cuda`` would run the CUDA
-op on 1-:data:`DELTA_MAX_TOKENS` tokens, the op ``losa::delta_linear`` runs instead
+op on 1-:data:`DELTA_MAX_TOKENS` tokens and x fits one launch of it, the op ``losa::delta_linear`` runs instead
 (``csrc/cuda/delta_gemv.cu``; ``$LOSA_DELTA_CONFIG``, ``warps:depth``, picks its launch shape).
 
 The compiled ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as
@@ -63,8 +63,8 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the row walk at 32, and the op's 8-token value-group launches would take about 4 x 74 µs against 215.
 CUDA_OP_MAX_TOKENS = 16
 CUDA_OP_MAX_TOKENS_GROUPS = 32
-# The delta-layout kernel stages up to 16 tokens of x per launch (csrc/cuda/delta_gemv.h; fewer where they
-# do not fit shared memory). Above that the bitmask kernels run: the delta kernel would read W again per launch.
+# The delta-layout kernel stages up to 16 tokens of x per launch (csrc/cuda/delta_gemv.h). Dispatch sends it
+# only calls that fit one launch: more launches would read W again each time.
 DELTA_MAX_TOKENS = 16
 _OPS = ("bitmask_linear", "nm_linear")
 
@@ -156,11 +156,16 @@ def positions_kernel_fits(cols: int, warps: int = 16, device: torch.device | str
     return words_padded * 36 * 4 + warps * 2 * (32 * 32 + 16) * 2 <= _smem_optin(str(device))
 
 
-def delta_kernel_fits(cols: int, device: torch.device | str = "cuda") -> bool:
-    """Whether the delta-layout kernel can run ``cols`` input columns on ``device`` (one token of x in fp32
-    in one block's shared memory; the op runs fewer tokens per launch where 4 do not fit). Mirrors
-    ``misfit`` in ``csrc/cuda/delta_gemv.cu`` (compute capability 8.0+ here, where that allows 7.0)."""
-    return max(cols, 1) * 4 <= _smem_optin(str(device))
+def delta_kernel_fits(cols: int, tokens: int = 1, device: torch.device | str = "cuda") -> bool:
+    """Whether the delta-layout kernel runs ``tokens`` (1-16) tokens of ``cols`` input columns in one launch
+    on ``device``: x staged in one block's shared memory, the tokens rounded up to a power of two, 4 bytes
+    each up to 4 tokens and 2 from 8. (The op itself launches fewer tokens at a time where they do not
+    fit, reading W once per launch: dispatch does not send it such calls.) Mirrors ``misfit`` and
+    ``smem_bytes`` in ``csrc/cuda/delta_gemv.cu`` (compute capability 8.0+ here, where that allows 7.0)."""
+    if not 1 <= tokens <= DELTA_MAX_TOKENS:
+        return False
+    stride = 1 << (tokens - 1).bit_length()
+    return max(cols, 1) * stride * (4 if stride <= 4 else 2) <= _smem_optin(str(device))
 
 
 @functools.lru_cache(maxsize=8)
@@ -248,7 +253,7 @@ def _gpu_linear(x, weight, gpu: GPULayout | None, bias, chosen: str) -> torch.Te
         tokens = x.numel() // max(cols, 1)
         if (kernel == "cuda" and 0 < tokens <= DELTA_MAX_TOKENS and has_delta_op()
                 and x.dtype in (torch.bfloat16, torch.float16) and gpu.delta.values.dtype == x.dtype
-                and delta_kernel_fits(cols, x.device)):
+                and delta_kernel_fits(cols, tokens, x.device)):
             return delta_linear(x, gpu.delta, bias)
         gpu = gpu.base
     if kernel == "cuda":  # N:M weights too, through their bitmask view (formats/gpu.py)
