@@ -235,12 +235,14 @@ def test_emulated_kernel_matches_float64(emulated, dtype, tokens, depth, ahead, 
 
 
 @pytest.mark.parametrize("cols,offset", [(1024, 0), (1000, 0), (1000, 1), (1001, 0)])
-def test_emulated_kernel_x_staging(emulated, cols, offset, rng):
-    """One token: x staged 8 columns per 16-byte load (whole 8-column runs, 16-byte aligned x) or one by one
-    (a ragged width, or x starting 2 bytes into its storage)."""
+@pytest.mark.parametrize("tokens", [1, 11])
+def test_emulated_kernel_x_staging(emulated, cols, offset, tokens, rng):
+    """x staged 8 columns per 16-byte load (whole 8-column runs, 16-byte aligned x; fp32 at one token, bf16
+    planes at 11 tokens padded to 16) or one by one (a ragged width, or x starting 2 bytes into its
+    storage)."""
     w = random_sparse(9, cols, 0.6, rng, torch.bfloat16)
-    storage = torch.randn(cols + offset, generator=rng).to(torch.bfloat16)
-    x = storage[offset:].view(1, cols)
+    storage = torch.randn(tokens * cols + offset, generator=rng).to(torch.bfloat16)
+    x = storage[offset:].view(tokens, cols)
     assert (x.data_ptr() % 16 == 0) == (offset == 0)
     check(run_emulated(emulated, x, delta_of(w), None, 2, 2, 1, True), x, w, None)
 
