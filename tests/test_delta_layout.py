@@ -79,6 +79,22 @@ def test_layout_is_exact_and_well_formed(sparsity, rng):
     assert int(nibbles(d).sum()) == int(cols_of[d.row_ptr[1:][groups > 0] * GROUP - 1].sum())
 
 
+def test_layout_built_in_row_chunks_is_the_same(rng):
+    """Building a few kept weights at a time (whole rows per chunk, a row larger than the chunk alone, empty
+    rows at chunk edges) gives the same arrays as one pass."""
+    w = random_sparse(23, 300, 0.6, rng, torch.bfloat16)
+    w[::5] = 0
+    w[-1] = 0
+    b = BitmaskWeight.from_dense(w)
+    whole = DeltaWeight.build(b.values, b.mask, 300)
+    for chunk in (1, 50, 170, 10**9):
+        part = DeltaWeight.build(b.values, b.mask, 300, chunk=chunk)
+        for name in ("values", "deltas", "row_ptr"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)), (chunk, name)
+    empty = DeltaWeight.build(b.values[:0], b.mask[:0], 300, chunk=4)
+    assert empty.shape == (0, 300) and empty.row_ptr.tolist() == [0]
+
+
 def test_layout_size_and_padding_at_llm_sparsity(rng):
     """At 70% sparsity: about 1.005 entries per kept value (gaps over 15 are rare) and 0.76 B/weight,
     within 5% of the bitmask's 0.725."""

@@ -50,7 +50,11 @@ cudaError_t launch_depth(const DeltaGemvArgs& a, int warps, int depth, const Dev
   switch (depth) {
     case 1: return launch<T, TS, 1, AHEAD>(a, warps, dev, stream);
     case 2: return launch<T, TS, 2, AHEAD>(a, warps, dev, stream);
-    case 4: return launch<T, TS, 4, AHEAD>(a, warps, dev, stream);
+    case 4:
+      // 16 tokens with 4 groups per lane would keep 16 sums plus 4 groups' loads live: ptxas spills (sm_90).
+      // A step of 2 groups already carries 16 · 16 FMAs per lane and group pair.
+      if constexpr (TS == 16) return launch<T, TS, 2, AHEAD>(a, warps, dev, stream);
+      else return launch<T, TS, 4, AHEAD>(a, warps, dev, stream);
     default: return cudaErrorInvalidValue;
   }
 }

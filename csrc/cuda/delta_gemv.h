@@ -33,7 +33,8 @@ const char* delta_gemv_misfit(const DeltaGemvArgs& args, int warps);
 // The default warps per block for `args`: 8, or 16 where the staged x leaves room for one block per SM
 // only (so that 16 warps rather than 8 share the SM).
 int delta_gemv_auto_warps(const DeltaGemvArgs& args);
-// `depth` groups per lane per step (1, 2 or 4); `ahead`: each step's loads are issued one step ahead.
+// `depth` groups per lane per step (1, 2 or 4; 4 runs as 2 at 9-16 tokens); `ahead`: each step's loads are
+// issued one step ahead.
 // Launches on `stream`; returns the launch error.
 cudaError_t delta_gemv(const DeltaGemvArgs& args, int warps, int depth, bool ahead, cudaStream_t stream);
 

@@ -212,6 +212,29 @@ __device__ __forceinline__ void step(const uint4 (&v)[DEPTH], const uint32_t (&d
   }
 }
 
+// The warp's sums of v[0..TS), scattered: lane l returns the sum of v[l / (32 / TS)] over all 32
+// lanes. Each halving step sends half of the lane's values to the partner lane and keeps the other half
+// (TS - 1 shuffles in all), then plain butterflies finish: TS + 4 - log2(TS) shuffles instead of 5 · TS
+// (16 tokens: 16 instead of 80).
+template <int TS>
+__device__ __forceinline__ float reduce_scatter(float (&v)[TS], int lane) {  // v is consumed
+  constexpr int kHalvings = TS >= 16 ? 4 : TS >= 8 ? 3 : TS >= 4 ? 2 : TS >= 2 ? 1 : 0;  // log2(TS)
+#pragma unroll
+  for (int h = 0; h < kHalvings; ++h) {  // keep the upper half where lane & m, else the lower
+    const int n = TS >> (h + 1), m = 16 >> h;
+    const bool upper = (lane & m) != 0;
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+      const float send = upper ? v[i] : v[n + i];
+      const float keep = upper ? v[n + i] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFull, send, m);
+    }
+  }
+#pragma unroll
+  for (int m = 16 >> kHalvings; m >= 1; m /= 2) v[0] += __shfl_xor_sync(kFull, v[0], m);
+  return v[0];
+}
+
 // One step's loads: DEPTH groups per lane (values and deltas), zeros for groups past the row's end.
 template <int DEPTH>
 struct Step {
@@ -289,17 +312,11 @@ __device__ void delta_gemv_rows(const DeltaGemvArgs& a, void* xs) {
       }
       step<T, TS, DEPTH>(current.v, current.d, xs, cols, lane, cursor, acc);
     }
-#pragma unroll
-    for (int t = 0; t < TS; ++t) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(kFull, acc[t], o);
-    }
-    if (lane == 0) {
+    const float sum = reduce_scatter<TS>(acc, lane);  // lane l: token (l / (32 / TS)) summed over the warp
+    const int t = lane / (32 / TS);
+    if (lane % (32 / TS) == 0 && t < a.tokens) {
       const float b = bias ? to_float(bias[row]) : 0.f;
-#pragma unroll
-      for (int t = 0; t < TS; ++t) {
-        if (t < a.tokens) y[static_cast<int64_t>(t) * rows + row] = from_float<T>(acc[t] + b);
-      }
+      y[static_cast<int64_t>(t) * rows + row] = from_float<T>(sum + b);
     }
   }
 }

@@ -21,7 +21,10 @@ int run_depth(const DeltaGemvArgs& a, unsigned blocks, unsigned warps, int depth
   switch (depth) {
     case 1: run<T, TS, 1, AHEAD>(a, blocks, warps); return 0;
     case 2: run<T, TS, 2, AHEAD>(a, blocks, warps); return 0;
-    case 4: run<T, TS, 4, AHEAD>(a, blocks, warps); return 0;
+    case 4:  // as the launcher: 4 groups per lane run as 2 at 16 staged tokens
+      if constexpr (TS == 16) run<T, TS, 2, AHEAD>(a, blocks, warps);
+      else run<T, TS, 4, AHEAD>(a, blocks, warps);
+      return 0;
     default: return 1;
   }
 }

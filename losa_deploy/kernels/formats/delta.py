@@ -29,7 +29,7 @@ import dataclasses
 import torch
 
 from ...errors import LosaError
-from .bitmask import unpack_mask_reference
+from .bitmask import popcount, unpack_mask_reference
 
 GROUP = 8  # entries per group: one 16-byte load of 16-bit values
 MAX_DELTA = 15  # a nibble
@@ -60,15 +60,41 @@ class DeltaWeight:
             raise LosaError("delta layout: values, deltas and row_ptr are on different devices")
 
     @classmethod
-    def build(cls, values: torch.Tensor, mask: torch.Tensor, cols: int) -> DeltaWeight:
+    def build(cls, values: torch.Tensor, mask: torch.Tensor, cols: int, chunk: int = 1 << 24) -> DeltaWeight:
         """From a bitmask view (kept ``values`` in row-major column order, int32 ``mask`` words), on its
-        device. Temporaries: about 64 bytes per kept weight while building."""
+        device. Rows are encoded ``chunk`` kept weights at a time (whole rows; about 64 bytes of
+        temporaries per kept weight, so about 1 GiB at the default), then joined."""
+        kept = popcount(mask).sum(1)
+        if int(kept.sum()) != values.numel():
+            raise LosaError(f"delta layout: the mask keeps {int(kept.sum())} weights, values holds "
+                            f"{values.numel()}")
+        ends = kept.cumsum(0).cpu()
+        parts, row0 = [], 0
+        while row0 < mask.shape[0] or not parts:
+            start = int(ends[row0 - 1]) if row0 else 0
+            # at least one row; then as many as fit the chunk
+            row1 = max(row0 + 1, int(torch.searchsorted(ends, start + chunk, right=True)))
+            row1 = min(row1, mask.shape[0])
+            stop = int(ends[row1 - 1]) if row1 else 0
+            parts.append(cls._encode(values[start:stop], mask[row0:row1], cols))
+            row0 = row1
+        return parts[0] if len(parts) == 1 else cls._join(parts)
+
+    @classmethod
+    def _join(cls, parts: list[DeltaWeight]) -> DeltaWeight:
+        """Row blocks (same columns) one after the other."""
+        offsets = torch.tensor([0] + [p.deltas.numel() for p in parts[:-1]]).cumsum(0)
+        row_ptr = torch.cat([p.row_ptr[:-1] + int(o) for p, o in zip(parts, offsets)]
+                            + [parts[-1].row_ptr[-1:] + int(offsets[-1])])
+        return cls((sum(p.shape[0] for p in parts), parts[0].shape[1]), torch.cat([p.values for p in parts]),
+                   torch.cat([p.deltas for p in parts]), row_ptr)
+
+    @classmethod
+    def _encode(cls, values: torch.Tensor, mask: torch.Tensor, cols: int) -> DeltaWeight:
+        """One block of rows (see the module docstring)."""
         rows = mask.shape[0]
         device = values.device
         keep_rows, keep_cols = unpack_mask_reference(mask, cols).nonzero(as_tuple=True)
-        if keep_cols.numel() != values.numel():
-            raise LosaError(f"delta layout: the mask keeps {keep_cols.numel()} weights, values holds "
-                            f"{values.numel()}")
         # each kept value's gap from the previous kept column of its row (from column 0 for the first)
         previous = torch.zeros_like(keep_cols)
         previous[1:] = keep_cols[:-1]
