@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "cuda/delta_gemv.h"
+#include "cuda/half_math.cuh"
 
 namespace losa::cuda::delta {
 
@@ -57,18 +58,6 @@ __device__ __forceinline__ float2 unpack_pair(uint32_t bits) {
     memcpy(&h, &bits, sizeof(bits));
     return __half22float2(h);
   }
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return __half2float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(v);
-  else return __float2half(v);
 }
 
 // Where x[col, t] is staged, in elements of the staged type: [col][TS] up to 4 tokens; from 8, planes of 8
