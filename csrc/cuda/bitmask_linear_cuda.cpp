@@ -48,15 +48,8 @@ struct Kernel {
 // cost follows the columns, the value-group kernel's the kept weights (H200 crossover: RESULTS.md).
 constexpr double kPositionsMinKept = 0.2;
 
-// A whole decimal number (nothing before or after it).
-bool parse_int(const std::string& text, int& out) {
-  if (text.empty()) return false;
-  char* end = nullptr;
-  const long v = std::strtol(text.c_str(), &end, 10);
-  if (*end != '\0' || v < 0 || v > 1024) return false;
-  out = static_cast<int>(v);
-  return true;
-}
+// A whole decimal number up to 1024 (the ranges are checked after, with their own message).
+bool parse_int(const std::string& text, int& out) { return losa::cuda::parse_int(text, 0, 1024, out); }
 
 Kernel parse_name(const std::string& name) {
   if (name.empty() || name == "auto") {
@@ -76,13 +69,7 @@ Kernel parse_name(const std::string& name) {
                "' needs 1-16 warps and at least 1 row per warp (positions[:warps[:rows]])");
     return k;
   }
-  std::vector<std::string> parts;
-  for (size_t start = 0;;) {
-    const size_t colon = name.find(':', start);
-    parts.push_back(name.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
-    if (colon == std::string::npos) break;
-    start = colon + 1;
-  }
+  const std::vector<std::string> parts = losa::cuda::split_colons(name);
   Kernel k{true, true};
   const bool ok = parts[0] == "groups" && parts.size() <= 4 && (parts.size() < 2 || parse_int(parts[1], k.warps)) &&
                   (parts.size() < 3 || parse_int(parts[2], k.depth)) && (parts.size() < 4 || parts[3] == "window");

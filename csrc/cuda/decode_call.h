@@ -1,14 +1,41 @@
 // What the CUDA decode ops (bitmask_linear_cuda.cpp, delta_linear_cuda.cpp) share around their kernels:
 // x as contiguous [tokens, in], y [tokens, rows] in x's dtype, the values at a 16-byte aligned base (the
-// kernels' vector loads), the bias contiguous in x's dtype, and where a launch's token range starts.
+// kernels' vector loads), the bias contiguous in x's dtype, and where a launch's token range starts; and
+// the reading of their kernel-config strings ("groups:16:2", "8:2:1").
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cctype>
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 namespace losa::cuda {
+
+// The parts of `text` between colons ("a::b" -> "a", "", "b").
+inline std::vector<std::string> split_colons(const std::string& text) {
+  std::vector<std::string> parts;
+  for (size_t start = 0;;) {
+    const size_t colon = text.find(':', start);
+    parts.push_back(text.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+    if (colon == std::string::npos) return parts;
+    start = colon + 1;
+  }
+}
+
+// A whole decimal number of 1-4 digits (nothing else: no sign, no space) within [lo, hi].
+inline bool parse_int(const std::string& text, int lo, int hi, int& out) {
+  if (text.empty() || text.size() > 4) return false;
+  for (const char ch : text) {
+    if (!std::isdigit(static_cast<unsigned char>(ch))) return false;
+  }
+  const int v = std::stoi(text);
+  if (v < lo || v > hi) return false;
+  out = v;
+  return true;
+}
 
 struct DecodeCall {
   at::Tensor x2, y, values;

@@ -8,8 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cctype>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -26,29 +24,14 @@ struct Config {
   bool ahead = true;
 };
 
-// A whole decimal number in [lo, hi] (nothing before or after it).
-bool parse_int(const std::string& text, int lo, int hi, int& out) {
-  if (text.empty() || text.size() > 4) return false;
-  char* end = nullptr;
-  const long v = std::strtol(text.c_str(), &end, 10);
-  if (*end != '\0' || !std::isdigit(static_cast<unsigned char>(text[0])) || v < lo || v > hi) return false;
-  out = static_cast<int>(v);
-  return true;
-}
-
 // "auto", or "W:D[:A]": W warps per block (1-16), D groups per lane per step (1, 2 or 4), A 1 (default) to
 // load each step one step ahead, 0 just before its arithmetic.
 Config parse_config(c10::string_view text) {
   const std::string name(text);
   Config c;
   if (name.empty() || name == "auto") return c;
-  std::vector<std::string> parts;
-  for (size_t start = 0;;) {
-    const size_t colon = name.find(':', start);
-    parts.push_back(name.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
-    if (colon == std::string::npos) break;
-    start = colon + 1;
-  }
+  using losa::cuda::parse_int;
+  const std::vector<std::string> parts = losa::cuda::split_colons(name);
   int ahead = 1;
   const bool ok = (parts.size() == 2 || parts.size() == 3) && parse_int(parts[0], 1, 16, c.warps) &&
                   parse_int(parts[1], 1, 4, c.depth) && c.depth != 3 &&
