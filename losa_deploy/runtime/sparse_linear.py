@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import LosaError
 from ..kernels.dispatch import kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
-from ..kernels.formats.gpu import GPULayout, gpu_layout, gpu_layout_kind
+from ..kernels.formats.gpu import GPULayout, model_gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
 from ..kernels.placement import place_for_decode
 from ..sparsity.patterns import detect_pattern
@@ -120,8 +120,8 @@ class SparseLinear(nn.Module):
         return self
 
     def _refresh_gpu_layout(self) -> None:
-        self.gpu_layout: GPULayout | None = (gpu_layout(self.packed, delta=gpu_layout_kind() == "delta")
-                                             if self.packed.values.device.type == "cuda" else None)
+        on_cuda = self.packed.values.device.type == "cuda"
+        self.gpu_layout: GPULayout | None = model_gpu_layout(self.packed) if on_cuda else None
 
     # -- state dict: the canonical on-disk arrays ---------------------------------------------------------
 

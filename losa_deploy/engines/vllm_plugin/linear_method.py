@@ -29,7 +29,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from ...errors import LosaError
 from ...kernels.dispatch import _kernel_isa, kernel_weight, sparse_linear
 from ...kernels.formats.bitmask import BitmaskWeight
-from ...kernels.formats.gpu import gpu_layout, gpu_layout_kind
+from ...kernels.formats.gpu import model_gpu_layout
 from ...kernels.formats.nm import NMWeight
 from ...kernels.placement import place_for_decode
 from .sharding import take
@@ -154,10 +154,7 @@ def _stacked(weights: list) -> list:
 def device_layouts(weights: list, device: torch.device) -> list:
     """The kernel weights as ``apply`` runs them on ``device``: on CUDA their GPU layouts (offset tables,
     and the delta layout under ``$LOSA_GPU_LAYOUT=delta``), built once here rather than on every call."""
-    if device.type != "cuda":
-        return weights
-    delta = gpu_layout_kind() == "delta"
-    return [gpu_layout(w, delta=delta) for w in weights]
+    return [model_gpu_layout(w) for w in weights] if device.type == "cuda" else weights
 
 
 def _has_kernel(device: torch.device, dtype: torch.dtype) -> bool:

@@ -180,5 +180,11 @@ def gpu_layout(weight: BitmaskWeight | NMKernelLayout, delta: bool = False) -> G
     raise LosaError(f"no GPU layout for {type(weight).__name__}")
 
 
+def model_gpu_layout(weight: BitmaskWeight | NMKernelLayout) -> GPULayout:
+    """The GPU layout a model keeps for a weight on CUDA (``SparseLinear``, the vLLM plugin): with the delta
+    layout too where ``$LOSA_GPU_LAYOUT=delta``."""
+    return gpu_layout(weight, delta=gpu_layout_kind() == "delta")
+
+
 __all__ = ["CHUNK_COLS", "GPU_LAYOUTS", "BitmaskGPULayout", "DeltaGPULayout", "GPULayout", "NMGPULayout",
-           "chunk_offsets", "gpu_layout", "gpu_layout_kind"]
+           "chunk_offsets", "gpu_layout", "gpu_layout_kind", "model_gpu_layout"]
