@@ -64,11 +64,10 @@ class DeltaWeight:
         """From a bitmask view (kept ``values`` in row-major column order, int32 ``mask`` words), on its
         device. Rows are encoded ``chunk`` kept weights at a time (whole rows; about 64 bytes of
         temporaries per kept weight, so about 1 GiB at the default), then joined."""
-        kept = popcount(mask).sum(1)
-        if int(kept.sum()) != values.numel():
-            raise LosaError(f"delta layout: the mask keeps {int(kept.sum())} weights, values holds "
-                            f"{values.numel()}")
-        ends = kept.cumsum(0).cpu()
+        ends = popcount(mask).sum(1).cumsum(0).cpu()  # kept weights up to the end of each row
+        total = int(ends[-1]) if len(ends) else 0
+        if total != values.numel():
+            raise LosaError(f"delta layout: the mask keeps {total} weights, values holds {values.numel()}")
         parts, row0 = [], 0
         while row0 < mask.shape[0] or not parts:
             start = int(ends[row0 - 1]) if row0 else 0
@@ -132,6 +131,14 @@ class DeltaWeight:
 
     def columns(self) -> torch.Tensor:
         """int64 ``[groups * 8]``: each entry's column."""
+        return self._columns(self._entry_rows())
+
+    def _entry_rows(self) -> torch.Tensor:
+        """int64 ``[groups * 8]``: each entry's row."""
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.deltas.device),
+                                       self.row_ptr.diff() * GROUP)
+
+    def _columns(self, row_of: torch.Tensor) -> torch.Tensor:
         shifts = 4 * torch.arange(GROUP, device=self.deltas.device, dtype=torch.int64)
         nibbles = ((self.deltas.to(torch.int64) & 0xFFFFFFFF).unsqueeze(1) >> shifts) & MAX_DELTA
         flat = nibbles.reshape(-1)
@@ -140,17 +147,14 @@ class DeltaWeight:
         total = flat.cumsum(0)
         # the running sum restarts at each row's first entry
         starts = self.row_ptr[:-1] * GROUP
-        row_of = torch.repeat_interleave(torch.arange(self.shape[0], device=flat.device),
-                                         self.row_ptr.diff() * GROUP)
         before = torch.where(starts > 0, total[(starts - 1).clamp_min(0)], torch.zeros_like(starts))
         return total - before[row_of]
 
     def to_dense(self) -> torch.Tensor:
-        rows, cols = self.shape
-        row_of = torch.repeat_interleave(torch.arange(rows, device=self.values.device), self.row_ptr.diff() * GROUP)
-        dense = torch.zeros(rows, cols, dtype=self.values.dtype, device=self.values.device)
+        row_of = self._entry_rows()
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         # padding entries are zeros at a real column (or a kept column again): add, do not overwrite
-        return dense.index_put_((row_of, self.columns()), self.values, accumulate=True)
+        return dense.index_put_((row_of, self._columns(row_of)), self.values, accumulate=True)
 
     @property
     def device(self) -> torch.device:
