@@ -1,8 +1,10 @@
-"""Random sparse weights for the kernel, format and runtime tests (ragged shapes, exact zeros)."""
+"""Random sparse weights for the kernel, format and runtime tests (ragged shapes, exact zeros), and the
+float64 check of a sparse linear's output."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from losa_deploy.sparsity.patterns import nm_tail_keep
 
@@ -60,3 +62,21 @@ def prune_linears_(model: torch.nn.Module, sparsity: float | None = None, nm: tu
                 keep[:, -tail:] = tail_rank < nm_tail_keep(n, m, tail)
         w.mul_(keep)
         w[w == 0] = 0.0  # no negative zeros
+
+
+# unit roundoff of the output dtype (the kernels round their fp32 result once)
+ROUNDOFF = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def check_linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ulps: int = 1):
+    """``y`` against F.linear in float64 on the same values: within ``ulps`` roundings of the output plus an
+    fp32 accumulation bound on the sum of |x·w| terms."""
+    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    scale = F.linear(x.double().abs(), w.double().abs()) + (0 if bias is None else bias.double().abs())
+    err = (y.double().cpu() - ref.cpu()).abs()
+    bound = ulps * ROUNDOFF[y.dtype] * 1.01 * ref.abs().cpu() + 1e-5 * scale.cpu() + 1e-30
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert bool(torch.isfinite(y).all()), "non-finite output (an element was not written?)"
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.2f}x the bound; max abs error {err.max().item():.3e}"
+    assert ref.abs().max() > 0  # the problem is not all zeros

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sparse_weights import random_nm, random_sparse
+from sparse_weights import check_linear, random_nm, random_sparse
 
 from losa_deploy.errors import LosaError
 from losa_deploy.kernels.dispatch import has_delta_op, sparse_linear
@@ -35,7 +34,6 @@ def _cuda_include() -> Path:
 
 
 CUDA_INCLUDE = _cuda_include()
-ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def delta_of(w: torch.Tensor) -> DeltaWeight:
@@ -116,7 +114,7 @@ def test_layout_from_nm_and_gpu_layout(rng):
         assert isinstance(layout, DeltaGPULayout)
         assert torch.equal(layout.delta.to_dense(), w)
         x = torch.randn(3, w.shape[1], generator=rng).to(torch.bfloat16)
-        check(sparse_linear(x, layout), x, w, None)
+        check_linear(sparse_linear(x, layout), x, w, None)
 
 
 def test_layout_bad_input(rng):
@@ -150,7 +148,7 @@ def test_delta_layout_only_for_16_bit_values_and_triton_reads_its_base(rng):
     assert isinstance(layout, DeltaGPULayout)
     x = torch.randn(3, 70, generator=rng).to(torch.bfloat16)
     # two ulps: the interpreter's fp32 -> bf16 conversion does not round to nearest
-    check(sparse_matmul(x.to(device), layout).cpu(), x, w16.cpu(), None, ulps=1 if device == "cuda" else 2)
+    check_linear(sparse_matmul(x.to(device), layout).cpu(), x, w16.cpu(), None, ulps=1 if device == "cuda" else 2)
 
 
 def test_delta_kernel_fit_rule(monkeypatch):
@@ -213,19 +211,6 @@ def run_emulated(fn, x, d: DeltaWeight, bias, blocks: int, warps: int, depth: in
     return y
 
 
-def check(y, x, w, bias, ulps: int = 1):
-    """Within the output's rounding (``ulps`` units of roundoff) plus an fp32 accumulation bound on the sum
-    of |x·w| terms."""
-    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-    scale = F.linear(x.double().abs(), w.double().abs()) + (0 if bias is None else bias.double().abs())
-    err = (y.double() - ref).abs()
-    bound = ulps * ROUNDOFF[y.dtype] * 1.01 * ref.abs() + 1e-5 * scale + 1e-30
-    assert bool(torch.isfinite(y).all()), "an output was not written"
-    worst = (err / bound).max().item()
-    assert worst <= 1.0, f"error {worst:.2f}x the bound; max abs error {err.max().item():.3e}"
-    assert ref.abs().max() > 0
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 6, 8, 11, 16])
 @pytest.mark.parametrize("depth", [1, 2, 4])
@@ -247,7 +232,7 @@ def test_emulated_kernel_matches_float64(emulated, dtype, tokens, depth, ahead, 
     bias = torch.randn(rows, generator=rng).to(dtype) if tokens != 2 else None
     warps = int(torch.randint(1, 4, (1,), generator=rng))
     blocks = int(torch.randint(1, 3, (1,), generator=rng))
-    check(run_emulated(emulated, x, delta_of(w), bias, blocks, warps, depth, ahead), x, w, bias)
+    check_linear(run_emulated(emulated, x, delta_of(w), bias, blocks, warps, depth, ahead), x, w, bias)
 
 
 @pytest.mark.parametrize("cols,offset", [(1024, 0), (1000, 0), (1000, 1), (1001, 0)])
@@ -260,7 +245,7 @@ def test_emulated_kernel_x_staging(emulated, cols, offset, tokens, rng):
     storage = torch.randn(tokens * cols + offset, generator=rng).to(torch.bfloat16)
     x = storage[offset:].view(tokens, cols)
     assert (x.data_ptr() % 16 == 0) == (offset == 0)
-    check(run_emulated(emulated, x, delta_of(w), None, 2, 2, 1, True), x, w, None)
+    check_linear(run_emulated(emulated, x, delta_of(w), None, 2, 2, 1, True), x, w, None)
 
 
 def test_emulated_kernel_dense_and_very_sparse(emulated, rng):
@@ -269,7 +254,7 @@ def test_emulated_kernel_dense_and_very_sparse(emulated, rng):
         w = random_sparse(6, 517, sparsity, rng, torch.bfloat16)
         w[0, 0] = 1.0
         x = torch.randn(1, 517, generator=rng).to(torch.bfloat16)
-        check(run_emulated(emulated, x, delta_of(w), None, 1, 8, 2, True), x, w, None)  # auto's 8 warps
+        check_linear(run_emulated(emulated, x, delta_of(w), None, 1, 8, 2, True), x, w, None)  # auto's 8 warps
 
 
 # -- the CUDA build: sources compile, and the op on a GPU --------------------------------------------------
@@ -317,7 +302,7 @@ def test_cuda_delta_op_matches_float64(dtype, config, rng):
             x = torch.randn(tokens, cols, generator=rng).to(dtype)
             bias = torch.randn(rows, generator=rng).to(dtype)
             y = torch.ops.losa.delta_linear(x.cuda(), d.values, d.deltas, d.row_ptr, cols, bias.cuda(), config)
-            check(y.cpu(), x, w, bias)
+            check_linear(y.cpu(), x, w, bias)
 
 
 @pytest.mark.skipif(not has_delta_op(), reason="extension built without CUDA")
@@ -334,7 +319,7 @@ def test_cuda_delta_op_awkward_inputs(rng):
         x = torch.randn(1000, tokens, generator=rng).to(torch.bfloat16)
         bias = torch.randn(70, generator=rng)
         y = torch.ops.losa.delta_linear(x.cuda().T, values, d.deltas, d.row_ptr, 1000, bias.cuda(), "auto")
-        check(y.cpu(), x.T, w, bias.to(torch.bfloat16))
+        check_linear(y.cpu(), x.T, w, bias.to(torch.bfloat16))
     with pytest.raises(RuntimeError, match="one device"):
         torch.ops.losa.delta_linear(x.cuda().T, d.values, d.deltas, d.row_ptr, 1000, bias, "auto")
 
@@ -351,12 +336,12 @@ def test_sparse_linear_runs_the_delta_layout(rng, monkeypatch):
     assert isinstance(layer.gpu_layout, DeltaGPULayout)
     for tokens in (1, 4, 9, 20):
         x = torch.randn(tokens, 300, generator=rng).to(torch.bfloat16)
-        check(layer(x.cuda()).cpu(), x, w, None)
+        check_linear(layer(x.cuda()).cpu(), x, w, None)
     from losa_deploy.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_smem_optin", lambda device: 1024)  # x does not fit: the bitmask kernels
-    check(layer(x[:1].cuda()).cpu(), x[:1], w, None)
-    check(layer(x[:3].cuda()).cpu(), x[:3], w, None)
+    check_linear(layer(x[:1].cuda()).cpu(), x[:1], w, None)
+    check_linear(layer(x[:3].cuda()).cpu(), x[:3], w, None)
     delta = layer.gpu_layout.delta
     for bad in ("8:3", "8", "0:2", "17:2", "8:2:2", "8:2:1:0", "8:x", "8:2:", ":2", "-1:2"):
         with pytest.raises(RuntimeError, match="unknown kernel config"):

@@ -4,6 +4,7 @@ small ragged shapes), the CUDA decode op where it was built, the GPU layouts' of
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -11,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import sparse_weights
 import torch
-import torch.nn.functional as F
 from sparse_weights import prune_linears_, random_nm, random_sparse
 
 from losa_deploy.errors import LosaError
@@ -27,11 +28,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: conftest.py turn
 pytestmark = pytest.mark.skipif(not triton_kernels.available() or not (
     torch.cuda.is_available() or triton_kernels.interpreted()), reason="triton not installed")
 
-# unit roundoff of the output dtype (the result is rounded once, from fp32); the interpreter's fp32 -> bf16
-# conversion does not round to nearest, so there one ulp is allowed
-ROUNDOFF = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-if triton_kernels.interpreted():
-    ROUNDOFF = {dtype: 2 * u for dtype, u in ROUNDOFF.items()}
+# the interpreter's fp32 -> bf16 conversion does not round to nearest, so there one more rounding is allowed
+check_linear = functools.partial(sparse_weights.check_linear, ulps=2 if triton_kernels.interpreted() else 1)
 
 
 def make_weight(fmt: str, rows: int, cols: int, gen: torch.Generator, dtype: torch.dtype, sparsity: float = 0.7):
@@ -48,20 +46,6 @@ def make_weight(fmt: str, rows: int, cols: int, gen: torch.Generator, dtype: tor
         return w, NMWeight.from_dense(w, m=m, rows_per_block=8).kernel_layout()
     w = random_nm(rows, cols, int(n), m, gen, dtype=dtype)
     return w, NMWeight.from_dense(w, int(n), m).kernel_layout()
-
-
-def check_linear(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None):
-    """``y`` against F.linear in float64 on the same values: within the output's rounding plus an fp32
-    accumulation bound on the sum of |x·w| terms."""
-    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-    scale = F.linear(x.double().abs(), w.double().abs()) + (0 if bias is None else bias.double().abs())
-    err = (y.double().cpu() - ref.cpu()).abs()
-    bound = ROUNDOFF[y.dtype] * 1.01 * ref.abs().cpu() + 1e-5 * scale.cpu() + 1e-30
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    assert bool(torch.isfinite(y).all()), "non-finite output (an element was not written?)"
-    worst = (err / bound).max().item()
-    assert worst <= 1.0, f"error {worst:.2f}x the bound; max abs error {err.max().item():.3e}"
-    assert ref.abs().max() > 0  # the problem is not all zeros
 
 
 FORMATS = ["bitmask", "2:4", "2:8", "1:4", "4:16", "mixed:8", "2:6"]
