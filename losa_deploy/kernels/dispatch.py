@@ -28,7 +28,7 @@ pass one (``SparseLinear`` keeps one per module on CUDA) or it is built on every
 :class:`~.formats.gpu.DeltaGPULayout` (``SparseLinear`` builds one when ``$LOSA_GPU_LAYOUT=delta``) also
 holds the weight in the :mod:`delta layout <.formats.delta>`: where ``auto`` or ``cuda`` would run the CUDA
 op on 1-:data:`DELTA_MAX_TOKENS` tokens and x fits one launch of it, the op ``losa::delta_linear`` runs instead
-(``csrc/cuda/delta_gemv.cu``; ``$LOSA_DELTA_CONFIG``, ``warps:depth``, picks its launch shape).
+(``csrc/cuda/delta_gemv.cu``; ``$LOSA_DELTA_CONFIG``, ``warps:depth[:ahead]``, picks its launch shape).
 
 The compiled ops are registered with fake implementations (so ``torch.compile`` and vLLM treat them as
 opaque) and (in C++) an autograd formula for ``x`` and ``bias`` on the CPU. The GPU kernels are for
@@ -200,7 +200,7 @@ def _has_delta_schema() -> bool:
 def delta_linear(x: torch.Tensor, delta: DeltaWeight, bias: torch.Tensor | None = None,
                  config: str | None = None) -> torch.Tensor:
     """``x · Wᵀ (+ bias)`` with W in the delta layout, on the CUDA op (16-bit x and values of x's dtype).
-    ``config``: ``auto`` or ``warps:depth`` (default ``$LOSA_DELTA_CONFIG`` or ``auto``)."""
+    ``config``: ``auto`` or ``warps:depth[:ahead]`` (default ``$LOSA_DELTA_CONFIG`` or ``auto``)."""
     if not has_delta_op():
         raise LosaError("delta_linear needs the extension built with CUDA")
     return torch.ops.losa.delta_linear(x, delta.values, delta.deltas, delta.row_ptr, delta.shape[1], bias,
