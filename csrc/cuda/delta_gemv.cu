@@ -31,51 +31,29 @@ const char* misfit(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
   return nullptr;
 }
 
-template <typename T, int TS, int DEPTH, bool AHEAD>
-cudaError_t launch(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev, cudaStream_t stream) {
-  auto kernel = delta_gemv_kernel<T, TS, DEPTH, AHEAD>;
-  const int64_t bytes = smem_bytes(a);
-  int per_sm = 0;
-  if (const cudaError_t err = resident_blocks(kernel, warps * 32, bytes, dev, per_sm); err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  // A warp per row; no more blocks than are resident at once (each block stages x once, then its warps
-  // stride over the rows).
-  const int64_t blocks = std::min<int64_t>((a.rows + warps - 1) / warps, static_cast<int64_t>(per_sm) * dev.sms);
-  kernel<<<dim3(static_cast<unsigned>(blocks)), warps * 32, static_cast<size_t>(bytes), stream>>>(a);
-  return cudaGetLastError();
-}
+// Launches one instantiation (delta::visit_instance picks it).
+struct Launch {
+  const DeltaGemvArgs& a;
+  int warps;
+  const DeviceLimits& dev;
+  cudaStream_t stream;
 
-template <typename T, int TS, bool AHEAD>
-cudaError_t launch_depth(const DeltaGemvArgs& a, int warps, int depth, const DeviceLimits& dev, cudaStream_t stream) {
-  switch (depth) {
-    case 1: return launch<T, TS, 1, AHEAD>(a, warps, dev, stream);
-    case 2: return launch<T, TS, 2, AHEAD>(a, warps, dev, stream);
-    case 4:
-      // 16 tokens with 4 groups per lane would keep 16 sums plus 4 groups' loads live: ptxas spills (sm_90).
-      // A step of 2 groups already carries 16 · 16 FMAs per lane and group pair.
-      if constexpr (TS == 16) return launch<T, TS, 2, AHEAD>(a, warps, dev, stream);
-      else return launch<T, TS, 4, AHEAD>(a, warps, dev, stream);
-    default: return cudaErrorInvalidValue;
+  template <typename T, int TS, int DEPTH, bool AHEAD>
+  cudaError_t operator()() const {
+    auto kernel = delta_gemv_kernel<T, TS, DEPTH, AHEAD>;
+    const int64_t bytes = smem_bytes(a);
+    int per_sm = 0;
+    if (const cudaError_t err = resident_blocks(kernel, warps * 32, bytes, dev, per_sm); err != cudaSuccess) {
+      return err;
+    }
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    // A warp per row; no more blocks than are resident at once (each block stages x once, then its warps
+    // stride over the rows).
+    const int64_t blocks = std::min<int64_t>((a.rows + warps - 1) / warps, static_cast<int64_t>(per_sm) * dev.sms);
+    kernel<<<dim3(static_cast<unsigned>(blocks)), warps * 32, static_cast<size_t>(bytes), stream>>>(a);
+    return cudaGetLastError();
   }
-}
-
-template <typename T, bool AHEAD>
-cudaError_t launch_tokens(const DeltaGemvArgs& a, int warps, int depth, const DeviceLimits& dev, cudaStream_t stream) {
-  switch (delta::token_stride(a.tokens)) {
-    case 1: return launch_depth<T, 1, AHEAD>(a, warps, depth, dev, stream);
-    case 2: return launch_depth<T, 2, AHEAD>(a, warps, depth, dev, stream);
-    case 4: return launch_depth<T, 4, AHEAD>(a, warps, depth, dev, stream);
-    case 8: return launch_depth<T, 8, AHEAD>(a, warps, depth, dev, stream);
-    default: return launch_depth<T, 16, AHEAD>(a, warps, depth, dev, stream);
-  }
-}
-
-template <typename T>
-cudaError_t launch_dtype(const DeltaGemvArgs& a, int warps, int depth, bool ahead, const DeviceLimits& dev,
-                         cudaStream_t stream) {
-  return ahead ? launch_tokens<T, true>(a, warps, depth, dev, stream)
-               : launch_tokens<T, false>(a, warps, depth, dev, stream);
-}
+};
 
 }  // namespace
 
@@ -97,8 +75,8 @@ cudaError_t delta_gemv(const DeltaGemvArgs& a, int warps, int depth, bool ahead,
   DeviceLimits dev;
   if (const cudaError_t err = device_limits(dev); err != cudaSuccess) return err;
   if (misfit(a, warps, dev)) return cudaErrorInvalidValue;
-  return a.bfloat16 ? launch_dtype<__nv_bfloat16>(a, warps, depth, ahead, dev, stream)
-                    : launch_dtype<__half>(a, warps, depth, ahead, dev, stream);
+  const Launch launch{a, warps, dev, stream};
+  return delta::visit_instance(a, depth, ahead, cudaErrorInvalidValue, launch);
 }
 
 }  // namespace losa::cuda

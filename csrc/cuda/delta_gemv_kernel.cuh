@@ -310,4 +310,40 @@ __device__ void delta_gemv_rows(const DeltaGemvArgs& a, void* xs) {
   }
 }
 
+// Which instantiation serves a call: `f.template operator()<T, TS, DEPTH, AHEAD>()` for x's 16-bit type,
+// the staged token count (token_stride), the depth and the load order, returning its result; `bad_depth`
+// for a depth other than 1, 2 or 4. At 16 staged tokens a depth of 4 runs as 2: with 16 sums and 4 groups'
+// loads live, ptxas spilled there (sm_90), and a pair of groups already carries 16 · 16 FMAs per lane.
+// The launcher (delta_gemv.cu) and the CPU emulation (tests/cuda_host) both choose through this.
+template <typename T, int TS, bool AHEAD, typename R, typename F>
+R visit_depth(int depth, R bad_depth, F& f) {
+  switch (depth) {
+    case 1: return f.template operator()<T, TS, 1, AHEAD>();
+    case 2: return f.template operator()<T, TS, 2, AHEAD>();
+    case 4: return f.template operator()<T, TS, TS == 16 ? 2 : 4, AHEAD>();
+    default: return bad_depth;
+  }
+}
+
+template <typename T, bool AHEAD, typename R, typename F>
+R visit_tokens(int tokens, int depth, R bad_depth, F& f) {
+  switch (token_stride(tokens)) {
+    case 1: return visit_depth<T, 1, AHEAD>(depth, bad_depth, f);
+    case 2: return visit_depth<T, 2, AHEAD>(depth, bad_depth, f);
+    case 4: return visit_depth<T, 4, AHEAD>(depth, bad_depth, f);
+    case 8: return visit_depth<T, 8, AHEAD>(depth, bad_depth, f);
+    default: return visit_depth<T, 16, AHEAD>(depth, bad_depth, f);
+  }
+}
+
+template <typename R, typename F>
+R visit_instance(const DeltaGemvArgs& a, int depth, bool ahead, R bad_depth, F& f) {
+  if (a.bfloat16) {
+    return ahead ? visit_tokens<__nv_bfloat16, true>(a.tokens, depth, bad_depth, f)
+                 : visit_tokens<__nv_bfloat16, false>(a.tokens, depth, bad_depth, f);
+  }
+  return ahead ? visit_tokens<__half, true>(a.tokens, depth, bad_depth, f)
+               : visit_tokens<__half, false>(a.tokens, depth, bad_depth, f);
+}
+
 }  // namespace losa::cuda::delta
