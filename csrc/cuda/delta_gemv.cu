@@ -15,10 +15,7 @@ __global__ void __launch_bounds__(delta::kMaxWarps * 32) delta_gemv_kernel(Delta
   delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, xs);
 }
 
-int64_t smem_bytes(const DeltaGemvArgs& a) {
-  const int ts = delta::token_stride(a.tokens);
-  return std::max<int64_t>(a.cols, 1) * ts * delta::staged_bytes(ts);
-}
+int64_t smem_bytes(const DeltaGemvArgs& a) { return delta::staged_x_bytes(a.cols, a.tokens); }
 
 const char* misfit(const DeltaGemvArgs& a, int warps, const DeviceLimits& dev) {
   constexpr int64_t kInt = int64_t{1} << 31;

@@ -40,6 +40,11 @@ __host__ __device__ constexpr int token_stride(int tokens) {
 // (exact, and half the shared memory: 16 tokens of 4096 columns take 128 KB).
 __host__ __device__ constexpr int staged_bytes(int ts) { return ts >= 8 ? 2 : 4; }
 
+// Shared memory for the staged x of `tokens` tokens (at least one column's worth).
+__host__ __device__ constexpr int64_t staged_x_bytes(int64_t cols, int tokens) {
+  return (cols > 0 ? cols : 1) * token_stride(tokens) * staged_bytes(token_stride(tokens));
+}
+
 // The sum of d's 8 nibbles. Adjacent nibbles are added into 4 bytes (each at most 30), and the multiply
 // gathers the 4 bytes into the top one (at most 120: no carry reaches it).
 __device__ __forceinline__ uint32_t nibble_sum(uint32_t d) {

@@ -15,7 +15,7 @@ struct Run {
 
   template <typename T, int TS, int DEPTH, bool AHEAD>
   int operator()() const {
-    const size_t bytes = static_cast<size_t>(a.cols > 0 ? a.cols : 1) * TS * losa::cuda::delta::staged_bytes(TS);
+    const auto bytes = static_cast<size_t>(losa::cuda::delta::staged_x_bytes(a.cols, a.tokens));
     emulate::launch(blocks, warps * 32, bytes, [&](void* shared) {
       losa::cuda::delta::delta_gemv_rows<T, TS, DEPTH, AHEAD>(a, shared);
     });
