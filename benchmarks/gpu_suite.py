@@ -200,31 +200,24 @@ def run_case(rows, cols, pattern, w, packed, layout, sparse24, tokens, gen, swee
             continue
         times[name] = bench(fn)
     row["times_us"] = times
-    tritons = {k: v for k, v in times.items() if k.startswith("triton")}
-    if tritons:
-        best = min(tritons, key=tritons.get)
-        row["triton_best"], row["triton_best_us"] = best[len("triton "):], tritons[best]
-    groups = {k: v for k, v in times.items() if k.startswith("cuda groups")}
-    if groups:
-        best = min(groups, key=groups.get)
-        row["groups_best"], row["groups_us"] = best[len("cuda "):], groups[best]
-    positions = {k: v for k, v in times.items() if k.startswith("cuda positions")}
-    if positions:
-        best = min(positions, key=positions.get)
-        row["positions_best"], row["positions_us"] = best[len("cuda positions:"):], positions[best]
-    deltas = {k: v for k, v in times.items() if k.startswith("cuda delta")}
-    if deltas:
-        best = min(deltas, key=deltas.get)
-        row["delta_best"], row["delta_us"] = best[len("cuda delta "):], deltas[best]
-        row["speedup_delta"] = dense_us / deltas[best]
+    # the fastest setting of each kernel family: (its names' prefix, the part dropped from the kept name, key)
+    for family, dropped, key in (("triton", "triton ", "triton"), ("cuda groups", "cuda ", "groups"),
+                                 ("cuda positions", "cuda positions:", "positions"),
+                                 ("cuda delta", "cuda delta ", "delta")):
+        members = {k: v for k, v in times.items() if k.startswith(family)}
+        if members:
+            best = min(members, key=members.get)
+            row[f"{key}_best"], row[f"{key}_us"] = best[len(dropped):], members[best]
+    if "delta_us" in row:
+        row["speedup_delta"] = dense_us / row["delta_us"]
     for name, key in (("auto", "auto"), ("cuda rows", "rows"), ("cslt", "cslt")):
         if name in times:
             row[f"{key}_us"] = times[name]
     if "auto" in times:  # bytes the kernel must read over its time (x and y are small)
         row["auto_GBps"] = row["bytes_packed"] / times["auto"] / 1e3
     row["dense_GBps"] = row["bytes_dense"] / dense_us / 1e3
-    if tritons:
-        row["triton_us"] = row["triton_best_us"]
+    if "triton_us" in row:
+        row["triton_best_us"] = row["triton_us"]
     sparse_times = [times[k] for k in times if k != "cslt"]
     if sparse_times:
         row["best_us"] = min(sparse_times)
