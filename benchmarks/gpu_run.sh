@@ -57,18 +57,22 @@ rc=$?
 [ $rc -eq 0 ] || { echo "CPU OP ERROR PATH FAILED (exit $rc: a crash, not an exception)"; status=1; }
 cat "$OUT/cpu_errors.log"
 
-# probe FAMILY: the op's kernels of FAMILY (groups: every value-group setting at 1-23 tokens and "auto"
-# above one token; positions: every positions setting and "auto" at one token) against float64, in a
-# process of its own (a kernel that faults takes its CUDA context down with it).
+# probe FAMILY: the kernels of FAMILY against float64, in a process of its own (a kernel that faults takes
+# its CUDA context down with it): groups: every value-group setting and "auto" above one token; positions:
+# every positions setting and "auto" at one token; delta: losa::delta_linear at every launch shape. LLaMA
+# shapes and ragged ones, 1-23 tokens.
 probe() {
   timeout 120 $PY - "$1" >"$OUT/probe_$1.log" 2>&1 <<'PY'
 import sys
 import torch
+from losa_deploy.kernels.dispatch import has_delta_op
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.delta import DeltaWeight
 from losa_deploy.kernels.formats.gpu import gpu_layout
 sys.path.insert(0, "benchmarks")
-from gpu_suite import GROUP_KERNELS, POSITION_KERNELS, kernel_runs
+from gpu_suite import DELTA_CONFIGS, GROUP_KERNELS, POSITION_KERNELS, kernel_runs
 family = sys.argv[1]
+assert family != "delta" or has_delta_op(), "the extension has no delta_linear op"
 g = torch.Generator("cuda").manual_seed(1)
 worst = 0.0
 shapes = ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.9), (77, 4096, 0.0), (9001, 2101, 0.6))
@@ -76,13 +80,21 @@ for rows, cols, sparsity in shapes:
     keep = torch.rand(rows, cols, generator=g, device="cuda") >= sparsity
     w = (torch.randn(rows, cols, generator=g, device="cuda") * keep).bfloat16()
     layout = gpu_layout(BitmaskWeight.from_dense(w))
-    for tokens in (1, 2, 5, 8, 16, 23):
+    delta = DeltaWeight.build(layout.values, layout.mask, cols) if family == "delta" else None
+    for tokens in (1, 2, 3, 4, 5, 7, 8, 16, 23):
         x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
         ref = x.double() @ w.double().T
-        family_kernels = GROUP_KERNELS if family == "groups" else POSITION_KERNELS
-        auto = ["auto"] if (tokens == 1) == (family == "positions") else []
-        for kernel in (*auto, *(k for k in family_kernels if kernel_runs(k, cols, tokens, "cuda"))):
-            y = torch.ops.losa.bitmask_linear(x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
+        if family == "delta":
+            kernels = ("auto", *DELTA_CONFIGS, "1:1:1", "3:4:0", "2:1:0")
+        else:
+            family_kernels = GROUP_KERNELS if family == "groups" else POSITION_KERNELS
+            auto = ["auto"] if (tokens == 1) == (family == "positions") else []
+            kernels = (*auto, *(k for k in family_kernels if kernel_runs(k, cols, tokens, "cuda")))
+        for kernel in kernels:
+            if delta is not None:
+                y = torch.ops.losa.delta_linear(x, delta.values, delta.deltas, delta.row_ptr, cols, None, kernel)
+            else:
+                y = torch.ops.losa.bitmask_linear(x, layout.values, layout.mask, layout.row_ptr, cols, None, kernel, 0)
             err = float((y.double() - ref).norm() / ref.norm())
             worst = max(worst, err)
             assert err < 1e-2, (rows, cols, sparsity, tokens, kernel, err)
@@ -91,7 +103,7 @@ print(f"probe {family} passed, worst relative error {worst:.2e}")
 PY
 }
 
-echo "== probes against float64 (LLaMA shapes and ragged ones, 1-23 tokens): value-group, then positions"
+echo "== probes against float64 (LLaMA shapes and ragged ones, 1-23 tokens): value-group, positions, delta"
 suite_kernels=()
 if ! probe groups; then
   echo "PROBE FAILED (groups): the rest runs on the row-walk kernel"; tail -20 "$OUT/probe_groups.log"; status=1
@@ -107,36 +119,7 @@ else
     cat "$OUT/probe_positions.log"
   fi
 fi
-
-echo "== probe: the delta-layout kernel (losa::delta_linear) against float64, every launch shape, 1-16 tokens"
-if timeout 120 $PY - >"$OUT/probe_delta.log" 2>&1 <<'PY'
-import sys
-import torch
-from losa_deploy.kernels.dispatch import has_delta_op
-from losa_deploy.kernels.formats.bitmask import BitmaskWeight
-from losa_deploy.kernels.formats.delta import DeltaWeight
-sys.path.insert(0, "benchmarks")
-from gpu_suite import DELTA_CONFIGS
-assert has_delta_op(), "the extension has no delta_linear op"
-g = torch.Generator("cuda").manual_seed(4)
-worst = 0.0
-for rows, cols, sparsity in ((4096, 4096, 0.7), (64, 11008, 0.5), (300, 1000, 0.9), (77, 4096, 0.0), (9001, 2101, 0.6)):
-    keep = torch.rand(rows, cols, generator=g, device="cuda") >= sparsity
-    w = (torch.randn(rows, cols, generator=g, device="cuda") * keep).bfloat16()
-    b = BitmaskWeight.from_dense(w)
-    d = DeltaWeight.build(b.values, b.mask, cols)
-    for tokens in (1, 2, 3, 4, 7, 16):
-        x = torch.randn(tokens, cols, generator=g, device="cuda").bfloat16()
-        ref = x.double() @ w.double().T
-        for config in ("auto", *DELTA_CONFIGS, "1:1:1", "3:4:0", "2:1:0"):
-            y = torch.ops.losa.delta_linear(x, d.values, d.deltas, d.row_ptr, cols, None, config)
-            err = float((y.double() - ref).norm() / ref.norm())
-            worst = max(worst, err)
-            assert err < 1e-2, (rows, cols, sparsity, tokens, config, err)
-torch.cuda.synchronize()
-print(f"probe delta passed, worst relative error {worst:.2e}")
-PY
-then
+if probe delta; then
   cat "$OUT/probe_delta.log"
 else
   echo "PROBE FAILED (delta): the suite runs without it"; tail -20 "$OUT/probe_delta.log"; status=1
