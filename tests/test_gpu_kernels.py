@@ -304,7 +304,8 @@ def test_dispatch_choices_and_bad_input(rng):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("source", ["bitmask_gemv.cu", "bitmask_gemv_groups.cu", "bitmask_gemv_positions.cu"])
+@pytest.mark.parametrize("source", ["bitmask_gemv.cu", "bitmask_gemv_groups.cu", "bitmask_gemv_positions.cu",
+                                    "delta_gemv.cu"])
 def test_cuda_sources_compile(arch, source, tmp_path):
     """Each kernel core compiles on its own (no torch headers) for Ampere and Hopper, with no spills."""
     obj = tmp_path / "kernel.o"
