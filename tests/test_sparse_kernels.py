@@ -225,6 +225,29 @@ def test_ops_are_registered_for_compile_and_autograd(rng):
     check_close(compiled(x) / 2, x, w, bias)
 
 
+@pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
+def test_compiled_training_step_traces_the_backward(rng):
+    """AOTAutograd traces the C++ backward with fake tensors: it may only call dispatcher ops (the formats'
+    ``*_to_dense`` ops, faked in Python), never read packed data directly."""
+    w = random_sparse(13, 37, 0.7, rng)
+    bitmask = BitmaskWeight.from_dense(w)
+    nm = NMWeight.from_dense(random_nm(13, 37, 2, 4, rng), 2, 4).kernel_layout()
+    torch.library.opcheck(torch.ops.losa.bitmask_to_dense.default, (bitmask.values, bitmask.mask, bitmask.row_ptr, 37))
+    torch.library.opcheck(torch.ops.losa.nm_to_dense.default, (nm.values, nm.mask, nm.block_n, 37, 4, 64))
+    for weight in (bitmask, nm):
+        dense = weight.to_dense()
+        bias = torch.randn(13, generator=rng)
+        x = torch.randn(2, 5, 37, generator=rng)
+        step = torch.compile(lambda t, b, weight=weight: sparse_linear(t, weight, b).square().sum(),
+                             fullgraph=True, backend="aot_eager")
+        xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        step(xg, bg).backward()
+        xr, br = x.double().requires_grad_(), bias.double().requires_grad_()
+        torch.nn.functional.linear(xr, dense.double(), br).square().sum().backward()
+        torch.testing.assert_close(xg.grad, xr.grad.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bg.grad, br.grad.float(), rtol=1e-5, atol=1e-5)
+
+
 def test_pure_pytorch_path_without_extension(tmp_path):
     code = (
         "import torch\n"

@@ -48,6 +48,11 @@ at::Tensor bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values, con
                                       panel_tokens, kOp);
 }
 
+at::Tensor bitmask_to_dense_cpu(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& row_ptr,
+                                int64_t in_features) {
+  return losa::cpu::sparse_to_dense(bitmask_rows(values, mask, row_ptr, in_features));
+}
+
 class BitmaskLinear : public torch::autograd::Function<BitmaskLinear> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
@@ -71,9 +76,15 @@ class BitmaskLinear : public torch::autograd::Function<BitmaskLinear> {
     LOSA_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
     // needs_input_grad counts tensor inputs only: x, values, mask, row table, then the bias (index 4).
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    const auto w = bitmask_rows(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt());
+    const bool need_x = ctx->needs_input_grad(0);
+    // Through the dispatcher (not a direct call), so torch.compile traces the backward with its fake op.
+    static auto to_dense = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("losa::bitmask_to_dense", "")
+                               .typed<decltype(bitmask_to_dense_cpu)>();
+    const at::Tensor dense =
+        need_x ? to_dense.call(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt()) : at::Tensor();
     auto [grad_x, grad_bias] = losa::cpu::sparse_linear_backward(
-        w, grads[0], static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), ctx->needs_input_grad(0),
+        dense, grads[0], static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), need_x,
         bias_dtype >= 0 && ctx->needs_input_grad(4) ? std::optional(static_cast<at::ScalarType>(bias_dtype))
                                                      : std::nullopt);
     return {grad_x, {}, {}, {}, {}, grad_bias, {}, {}};
@@ -92,8 +103,12 @@ TORCH_LIBRARY_FRAGMENT(losa, m) {
   m.def(
       "bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_ptr, int in_features, "
       "Tensor? bias=None, str isa='auto', int panel_tokens=0) -> Tensor");
+  m.def("bitmask_to_dense(Tensor values, Tensor mask, Tensor row_ptr, int in_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(losa, CPU, m) { m.impl("bitmask_linear", &bitmask_linear_cpu); }
+TORCH_LIBRARY_IMPL(losa, CPU, m) {
+  m.impl("bitmask_linear", &bitmask_linear_cpu);
+  m.impl("bitmask_to_dense", &bitmask_to_dense_cpu);
+}
 
 TORCH_LIBRARY_IMPL(losa, Autograd, m) { m.impl("bitmask_linear", &bitmask_linear_autograd); }

@@ -77,6 +77,12 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   return losa::cpu::sparse_linear_cpu(w.rows(), x, bias, std::string(isa), panel_tokens, kOp);
 }
 
+at::Tensor nm_to_dense_cpu(const at::Tensor& values, const at::Tensor& mask, const at::Tensor& block_n,
+                           int64_t in_features, int64_t m, int64_t rows_per_block) {
+  const NmRows w(values, mask, block_n, in_features, m, rows_per_block);
+  return losa::cpu::sparse_to_dense(w.rows());
+}
+
 class NmLinear : public torch::autograd::Function<NmLinear> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
@@ -102,10 +108,16 @@ class NmLinear : public torch::autograd::Function<NmLinear> {
     LOSA_CHECK(saved[0].device().is_cpu(), kOp, ": the backward pass runs on the CPU only");
     // needs_input_grad counts tensor inputs only: x, values, mask, row table, then the bias (index 4).
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    const NmRows w(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt(), ctx->saved_data["m"].toInt(),
-                   ctx->saved_data["rows_per_block"].toInt());
+    const bool need_x = ctx->needs_input_grad(0);
+    // Through the dispatcher (not a direct call), so torch.compile traces the backward with its fake op.
+    static auto to_dense =
+        c10::Dispatcher::singleton().findSchemaOrThrow("losa::nm_to_dense", "").typed<decltype(nm_to_dense_cpu)>();
+    const at::Tensor dense = need_x ? to_dense.call(saved[0], saved[1], saved[2], ctx->saved_data["in_features"].toInt(),
+                                                    ctx->saved_data["m"].toInt(),
+                                                    ctx->saved_data["rows_per_block"].toInt())
+                                    : at::Tensor();
     auto [grad_x, grad_bias] = losa::cpu::sparse_linear_backward(
-        w.rows(), grads[0], static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), ctx->needs_input_grad(0),
+        dense, grads[0], static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), need_x,
         bias_dtype >= 0 && ctx->needs_input_grad(4) ? std::optional(static_cast<at::ScalarType>(bias_dtype))
                                                      : std::nullopt);
     return {grad_x, {}, {}, {}, {}, {}, {}, grad_bias, {}, {}};
@@ -124,8 +136,12 @@ TORCH_LIBRARY_FRAGMENT(losa, m) {
   m.def(
       "nm_linear(Tensor x, Tensor values, Tensor mask, Tensor block_n, int in_features, int m, "
       "int rows_per_block, Tensor? bias=None, str isa='auto', int panel_tokens=0) -> Tensor");
+  m.def("nm_to_dense(Tensor values, Tensor mask, Tensor block_n, int in_features, int m, int rows_per_block) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(losa, CPU, m) { m.impl("nm_linear", &nm_linear_cpu); }
+TORCH_LIBRARY_IMPL(losa, CPU, m) {
+  m.impl("nm_linear", &nm_linear_cpu);
+  m.impl("nm_to_dense", &nm_to_dense_cpu);
+}
 
 TORCH_LIBRARY_IMPL(losa, Autograd, m) { m.impl("nm_linear", &nm_linear_autograd); }

@@ -771,15 +771,15 @@ at::Tensor sparse_to_dense(const SparseRows& w) {
   return dense;
 }
 
-std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& dense_weight, const at::Tensor& grad_y,
                                                          at::ScalarType x_dtype, bool need_x,
                                                          std::optional<at::ScalarType> bias_dtype) {
-  const at::Tensor grad = grad_y.reshape({-1, w.rows}).to(at::kFloat);
+  const at::Tensor grad = grad_y.reshape({-1, grad_y.size(-1)}).to(at::kFloat);
   at::Tensor grad_x, grad_bias;
   if (need_x) {
     auto shape = grad_y.sizes().vec();
-    shape.back() = w.cols;
-    grad_x = grad.mm(sparse_to_dense(w)).to(x_dtype).view(shape);
+    shape.back() = dense_weight.size(1);
+    grad_x = grad.mm(dense_weight).to(x_dtype).view(shape);
   }
   if (bias_dtype) grad_bias = grad.sum(0).to(*bias_dtype);
   return {grad_x, grad_bias};

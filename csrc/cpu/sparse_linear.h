@@ -71,7 +71,9 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
 at::Tensor sparse_to_dense(const SparseRows& w);
 
 // Gradients of y = x·Wᵀ + b for x and b (the packed weight is frozen); undefined where not needed.
-std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const SparseRows& w, const at::Tensor& grad_y,
+// dense_weight is W in fp32 (from the format's to_dense op; undefined when x needs no gradient). Only
+// dispatcher ops run here, so torch.compile can trace the backward with fake tensors.
+std::pair<at::Tensor, at::Tensor> sparse_linear_backward(const at::Tensor& dense_weight, const at::Tensor& grad_y,
                                                          at::ScalarType x_dtype, bool need_x,
                                                          std::optional<at::ScalarType> bias_dtype);
 

@@ -272,7 +272,9 @@ def _torch_linear(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias:
 
 
 # -- torch.library: fake (meta) kernels, so torch.compile and vLLM treat the ops as opaque -------------
-# (Autograd is registered in C++, next to the CPU kernels: gradients for x and the bias.)
+# (Autograd is registered in C++, next to the CPU kernels: gradients for x and the bias. Its backward
+# multiplies by the fp32 weight from the format's ``*_to_dense`` op, faked here too, so compiled training
+# traces.)
 
 
 def _fake_linear(x, values, mask, *args, **kwargs):
@@ -283,10 +285,15 @@ def _fake_delta_linear(x, values, deltas, row_ptr, *args, **kwargs):
     return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1))
 
 
+def _fake_to_dense(values, mask, table, in_features, *args):
+    return mask.new_empty((mask.shape[0], in_features), dtype=torch.float32)
+
+
 def register_op_metadata() -> None:
     """Called once when the extension loads."""
     for name in _OPS:
         torch.library.register_fake(f"losa::{name}")(_fake_linear)
+        torch.library.register_fake(f"losa::{name.removesuffix('_linear')}_to_dense")(_fake_to_dense)
     if _has_delta_schema():
         torch.library.register_fake("losa::delta_linear")(_fake_delta_linear)
 
