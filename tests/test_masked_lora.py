@@ -228,10 +228,14 @@ def test_every_cpu_instruction_set_variant(rng, monkeypatch, isa, dtype):
     monkeypatch.setenv("LOSA_CPU_ISA", isa)
     # Capped at what this CPU has: the variants it lacks fall back to the best one it has.
     assert ops().masked_lora_isa() in ("default", "avx2", "avx512", "avx512_bf16")
-    mask, weight, a, b, x, grad_y = make_problem(rng, 21, 70, 300, 5, 0.5, dtype=dtype)
-    want = reference(x, weight, mask, a, b, grad_y, scale=1.25)
-    got = run(masked_lora_linear, x, weight, mask, a, b, grad_y, scale=1.25, backend="cpp")
-    assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2e-2)
+    # Plus degenerate shapes: one input (the bf16 rank-pair interleave once failed at k = 1), one output.
+    for tokens, d, k, rank in ((21, 70, 300, 5), (3, 4, 1, 3), (5, 1, 33, 2), (2, 1, 1, 1)):
+        mask, weight, a, b, x, grad_y = make_problem(rng, tokens, d, k, rank, 0.5, dtype=dtype)
+        mask[0, 0], weight[0, 0] = True, 1.0  # at least one kept weight
+        want = reference(x, weight, mask, a, b, grad_y, scale=1.25)
+        bound = reference(x.abs(), weight.abs(), mask, a.abs(), b.abs(), grad_y.abs(), scale=1.25)
+        got = run(masked_lora_linear, x, weight, mask, a, b, grad_y, scale=1.25, backend="cpp")
+        assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2e-2, bound=bound)
 
 
 @needs_ext

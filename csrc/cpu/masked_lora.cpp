@@ -451,7 +451,9 @@ std::pair<at::Tensor, at::Tensor> rank_pairs(const at::Tensor& a, const at::Tens
   const auto b2 = at::constant_pad_nd(b * scale, {0, pad}).to(at::kBFloat16);  // [d, r + pad]
   const int64_t pairs = a2.size(0) / 2, k = a.size(1);
   // Interleave the two ranks of a pair along the last axis, then read each (lo, hi) bf16 pair as a word.
-  return {a2.view({pairs, 2, k}).transpose(1, 2).contiguous().view(at::kInt).view({pairs, k}),
+  // Flattened to [pairs, 2k] first: at k = 1 the transposed view already counts as contiguous, and its
+  // size-1 axis keeps a stride of 1, which a dtype view rejects.
+  return {a2.view({pairs, 2, k}).transpose(1, 2).contiguous().view({pairs, 2 * k}).view(at::kInt),
           b2.contiguous().view(at::kInt)};
 }
 
