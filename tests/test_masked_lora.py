@@ -296,14 +296,24 @@ def test_resolve_backend():
     (dict(dropout=1.0), "dropout"),
     (dict(scale=float("nan")), "scale"),
     (dict(backend="cuda"), "backend must be one of"),
+    (dict(bias=torch.zeros(8)), r"bias must be a \[9\] tensor"),
 ])
 def test_bad_input_is_a_clear_error(change, message):
     args = dict(x=torch.zeros(4, 37), weight=torch.zeros(9, 37), mask=torch.ones(9, 37, dtype=torch.bool),
-                lora_a=torch.zeros(2, 37), lora_b=torch.zeros(9, 2), scale=1.0, dropout=0.0, backend="auto")
+                lora_a=torch.zeros(2, 37), lora_b=torch.zeros(9, 2), scale=1.0, dropout=0.0, backend="auto",
+                bias=None)
     args.update(change)
     with pytest.raises(LosaError, match=message):
         masked_lora_linear(args["x"], args["weight"], args["mask"], args["lora_a"], args["lora_b"], args["scale"],
-                           dropout=args["dropout"], backend=args["backend"])
+                           bias=args["bias"], dropout=args["dropout"], backend=args["backend"])
+
+
+def test_numpy_scale_is_a_number(rng):
+    import numpy as np
+
+    mask, weight, a, b, x, _ = make_problem(rng, 3, 5, 7, 2, 0.5, dtype=torch.float32)
+    torch.testing.assert_close(masked_lora_linear(x, weight, mask, a, b, np.float32(0.5)),
+                               masked_lora_linear(x, weight, mask, a, b, 0.5))
 
 
 _AOT_SCRIPT = r"""

@@ -67,6 +67,31 @@ def test_load_converts_dtype(packed, pack_prompts):
     assert model(torch.tensor([pack_prompts[0]])).logits.isfinite().all()
 
 
+def test_loaded_model_saves_a_packed_checkpoint(packed, pack_prompts, tmp_path):
+    # save_pretrained writes SparseLinear's packed tensors, and the block that tells ld.load they are packed.
+    out, _ = packed
+    assert ld.load(out / "losa", dtype="bf16").config.dtype == torch.bfloat16
+    model = ld.load(out / "losa")
+    model.save_pretrained(tmp_path / "saved")
+    again = ld.load(tmp_path / "saved")
+    assert {m.format for m in get_architecture(again).linears(again).values()} == \
+        {m.format for m in get_architecture(model).linears(model).values()}
+    with torch.no_grad():
+        ids = torch.tensor([pack_prompts[0]])
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_load_checks_its_arguments_first(packed):
+    out, _ = packed
+    with pytest.raises(LosaError, match="unknown sparse backend 'avx9'"):
+        ld.load(out / "losa", backend="avx9")
+    with pytest.raises(LosaError, match="bad device 'gpu0'"):
+        ld.load(out / "losa", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(LosaError, match="sees no CUDA GPU"):
+            ld.load(out / "losa", device="cuda")
+
+
 def test_dense_model_packs_and_loads(stories_dir, tmp_path, pack_prompts):
     result = ld.pack(stories_dir, tmp_path / "losa", format="losa", progress=False)
     assert result["warnings"] and result["pattern"] == "dense"

@@ -58,6 +58,20 @@ def test_dense_unstructured_mixed(rng):
     assert not is_nm(mixed, 2, 8) and is_nm(mixed, 4, 8)
 
 
+def test_empty_rows_fit_any_nm_pattern(rng):
+    # A 2:4 weight with whole rows pruned (a dead neuron) is still 2:4, not unstructured nor mixed.
+    w = nm_prune(random_weight(rng, 16, 64), 2, 4)
+    w[[3, 11]] = 0
+    p = detect_pattern(w)
+    assert (p.kind, p.n, p.m) == ("nm", 2, 4)
+    mixed = torch.cat([w[:8], nm_prune(random_weight(rng, 8, 64), 1, 4)])
+    assert (detect_pattern(mixed).kind, detect_pattern(mixed).n) == ("mixed_nm", 2)
+    # Empty rows alone are no evidence: a random mask with some pruned rows stays unstructured.
+    u = random_weight(rng, 16, 64) * (torch.rand(16, 64, generator=rng) > 0.5)
+    u[:4] = 0
+    assert detect_pattern(u).kind == "unstructured"
+
+
 def test_one_group_per_row_is_no_evidence_of_nm(rng):
     # 8 x 12 at 50% (seed 3828779092 in CI): with one full 8-group per row, every row "fills" its group,
     # so any mask passed for mixed N:M. Now M needs two full groups per row.

@@ -107,6 +107,8 @@ def test_sparsify_skips_dense_filtered_and_tied(rng):
         ld.sparsify_(model, min_sparsity=1.5)
     with pytest.raises(LosaError, match="unknown sparse format"):
         ld.sparsify_(model, format="csr")
+    with pytest.raises(LosaError, match="SparseLinear.from_linear"):  # a bare linear has no parent to swap in
+        ld.sparsify_(model.lm_head)
 
 
 @pytest.mark.parametrize("format", ["bitmask", "nm"])
@@ -119,6 +121,13 @@ def test_sparse_linear_module(rng, format):
     assert 0.6 < sparse.sparsity < 0.7
     x = torch.randn(4, 5, 90, generator=rng)
     torch.testing.assert_close(sparse(x), linear(x), atol=1e-5, rtol=1e-4)
+    # The bias trains as nn.Linear's does (the packed weight is frozen); a frozen one stays frozen.
+    assert sparse.bias.requires_grad
+    sparse(x).square().sum().backward()
+    linear(x).square().sum().backward()
+    torch.testing.assert_close(sparse.bias.grad, linear.bias.grad, atol=1e-4, rtol=1e-4)
+    linear.bias.requires_grad_(False)
+    assert not SparseLinear.from_linear(linear, format=format).bias.requires_grad
     back = sparse.to_dense_linear()
     assert torch.equal(back.weight, linear.weight) and torch.equal(back.bias, linear.bias)
     half = sparse.to(torch.bfloat16)  # .to() converts the packed values like a dense weight

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -272,6 +273,9 @@ def masked_lora_linear(x, weight, mask, lora_A, lora_B, scale, bias=None, dropou
     """
     compute = _compute_dtype(x)
     d, k, words = _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (d,)):
+        raise LosaError(f"masked_lora_linear: bias must be a [{d}] tensor, got "
+                        f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     chosen = resolve_backend(x.device, compute, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).to(compute).contiguous()
@@ -332,7 +336,7 @@ def _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute):
     if weight.dtype != compute and not torch.is_autocast_enabled(x.device.type):
         raise LosaError(f"masked_lora_linear: weight is {weight.dtype}, x is {x.dtype}; match them or run "
                         "under torch.autocast")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale)):  # numbers.Real: numpy scalars too
         raise LosaError(f"masked_lora_linear: scale must be a finite number, got {scale!r}")
     if not 0.0 <= dropout < 1.0:
         raise LosaError(f"masked_lora_linear: dropout must be in [0, 1), got {dropout}")

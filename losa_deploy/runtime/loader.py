@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LosaError
+from ..kernels.dispatch import BACKENDS
 from ..kernels.formats.bitmask import BitmaskWeight
 from ..kernels.formats.nm import NMWeight
 from ..models.checkpoint import check_checkpoint, parse_dtype
@@ -52,8 +53,13 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    device = _check_device(device)
+    if backend is not None and backend not in BACKENDS:
+        raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    torch_dtype = parse_dtype(dtype)
     config = check_checkpoint(path, trust_remote_code)
-    modules = packing_block(config, path)["modules"]
+    block = packing_block(config, path)
+    modules = block["modules"]
     plain = {k: v for k, v in config.items() if k not in _PACKING_KEYS}
     hf_config = AutoConfig.for_model(**plain)
     with init_empty_weights(include_buffers=False):
@@ -79,7 +85,20 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     empty = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if empty:
         raise LosaError(f"{path} is missing {len(empty)} weight(s), e.g. {empty[0]}")
-    torch_dtype = parse_dtype(dtype)
     if torch_dtype is not None:
         model.to(torch_dtype)
+        model.config.dtype = torch_dtype
+    # save_pretrained writes the packed tensors (SparseLinear's state dict), so it must write the block
+    # that says so too, or the saved directory would read as a plain model with its linears missing.
+    model.config.losa_sparse = block
     return model.eval().to(device)
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise LosaError(f"bad device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LosaError(f"device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    return device

@@ -64,7 +64,8 @@ class SparseLinear(nn.Module):
         self._set_packed(kernel_weight(weight))
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise LosaError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # The bias trains if the replaced one did, as in nn.Linear; only the packed weight is frozen.
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format: str = "auto", dtype: torch.dtype | None = None,

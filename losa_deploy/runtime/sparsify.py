@@ -46,6 +46,9 @@ def sparsify_(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY, form
         raise LosaError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     if format not in FORMATS:
         raise LosaError(f"unknown sparse format {format!r} (choose from {', '.join(FORMATS)})")
+    if type(model) is nn.Linear:  # it has no parent to swap it in: say how, rather than corrupt it
+        raise LosaError("sparsify_ swaps the linears inside a model; for a bare nn.Linear use "
+                        "SparseLinear.from_linear(linear)")
     shared = _shared_weights(model)
     candidates = [(name, module) for name, module in model.named_modules()
                   if type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))]

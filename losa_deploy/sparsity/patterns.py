@@ -105,14 +105,16 @@ def _nm_fit(keep: torch.Tensor, m: int) -> tuple[str, int] | None:
     n = int(row_n.max())
     if n >= m or n == 0:
         return None
-    # Groups must be (nearly) full relative to their row's N: random unstructured masks are not.
-    fill = counts.sum(1).double() / (row_n.double().clamp(min=1) * counts.shape[1])
+    # Groups must be (nearly) full relative to their row's N: random unstructured masks are not. An empty
+    # row fits every N:M pattern, so it counts neither for nor against.
+    used = row_n > 0
+    fill = counts[used].sum(1).double() / (row_n[used].double() * counts.shape[1])
     if float(fill.mean()) < _FULL_GROUPS:
         return None
     tail = cols % m
     if tail and bool((keep[:, -tail:].sum(1) > (row_n * tail + m - 1) // m).any()):
         return None  # the tail group may keep at most nm_tail_keep(row N, m, tail)
-    return ("nm" if int(row_n.min()) == n else "mixed_nm"), n
+    return ("nm" if int(row_n[used].min()) == n else "mixed_nm"), n
 
 
 def model_pattern(patterns: dict[str, LayerPattern]) -> str:
