@@ -157,5 +157,28 @@ def test_sparse_linear_bad_input(rng):
         sparse.load_state_dict(state)
 
 
+def test_sparse_linear_loads_like_nn_linear(rng):
+    linear = torch.nn.Linear(40, 10)
+    with torch.no_grad():
+        linear.weight.copy_(random_sparse(10, 40, 0.5, rng))
+    sparse = SparseLinear.from_linear(linear)
+    other = torch.nn.Linear(40, 10)
+    with torch.no_grad():
+        other.weight.copy_(random_sparse(10, 40, 0.6, rng))
+    # A bf16 state dict loads into the fp32 module as fp32 values, as nn.Linear copies into its own dtype.
+    state = SparseLinear.from_linear(other, dtype=torch.bfloat16).state_dict()
+    sparse.load_state_dict(state)
+    assert sparse.packed.values.dtype == torch.float32
+    assert torch.equal(sparse.packed.to_dense(), other.weight.detach().bfloat16().float())
+    # Without the packed keys: strict raises naming them; strict=False lists them, loads the bias and keeps
+    # the packed weight as it is.
+    with pytest.raises(RuntimeError, match="Missing key.*lb_values"):
+        sparse.load_state_dict({"bias": other.bias.detach()})
+    before = sparse.packed.to_dense().clone()
+    result = sparse.load_state_dict({"bias": linear.bias.detach()}, strict=False)
+    assert torch.equal(sparse.packed.to_dense(), before) and torch.equal(sparse.bias, linear.bias)
+    assert result.missing_keys == ["lb_shape", "lb_values", "lb_mask", "lb_row_ptr"]
+
+
 def test_public_api_exports():
     assert ld.sparsify_ is ld.api.sparsify_ and ld.SparseLinear is SparseLinear

@@ -134,29 +134,37 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # (torch passes strict=True here even for load_state_dict(strict=False): that only decides whether
+        # the missing and unexpected keys raise.)
         is_nm = prefix + "nm_values" in state_dict
-        try:
-            packed = (NMWeight.from_state_dict(state_dict, prefix).kernel_layout() if is_nm
-                      else BitmaskWeight.from_state_dict(state_dict, prefix))
-        except LosaError as exc:
-            error_msgs.append(f"{prefix.rstrip('.')}: {exc}")
-            return
-        if packed.shape != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix.rstrip('.')}: packed weight is {packed.shape}, the module is "
-                              f"{(self.out_features, self.in_features)}")
-            return
-        device = self.packed.values.device
-        self._set_packed(packed.replace(**{k: v.to(device) for k, v in packed.tensors().items()}))
+        own = {*(_NM_KEYS if is_nm else _BITMASK_KEYS), *(["bias"] if self.bias is not None else [])}
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in own)
+        packed = None
+        if is_nm or prefix + "lb_values" in state_dict:
+            try:
+                packed = (NMWeight.from_state_dict(state_dict, prefix).kernel_layout() if is_nm
+                          else BitmaskWeight.from_state_dict(state_dict, prefix))
+            except LosaError as exc:
+                error_msgs.append(f"{prefix.rstrip('.')}: {exc}")
+                return
+            if packed.shape != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix.rstrip('.')}: packed weight is {packed.shape}, the module is "
+                                  f"{(self.out_features, self.in_features)}")
+                return
+        elif strict:  # no packed weight: missing, as nn.Linear reports a missing weight
+            missing_keys.extend(prefix + key for key in _BITMASK_KEYS)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[prefix + "bias"])
             elif strict:
                 missing_keys.append(prefix + "bias")
-        own = {*(_NM_KEYS if is_nm else _BITMASK_KEYS), *(["bias"] if self.bias is not None else [])}
-        if strict:
-            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
-                                   and k[len(prefix):] not in own)
-
+        if packed is not None:
+            # Loaded into the module's device and value dtype, as nn.Linear copies into its own weight.
+            device, dtype = self.packed.values.device, self.packed.values.dtype
+            self._set_packed(packed.replace(**{k: v.to(device, dtype) if k == "values" else v.to(device)
+                                               for k, v in packed.tensors().items()}))
 
 __all__ = ["FORMATS", "SparseLinear", "choose_format", "pack_weight"]
