@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from .data import (
     SELF,
@@ -38,9 +37,9 @@ from .models import (
 )
 from .runtime import SparseLinear, sparsify_
 from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
-from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
+from .sparsity.prune import PruneConfig, Structure, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
-from .utils.fs import check_output_dir
+from .utils.fs import check_output_dir, check_output_file
 
 
 def inspect(model: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -95,15 +94,18 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
         raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
     path = resolve_model(model)
     model_config = check_checkpoint(path, trust_remote_code)
-    check_output_dir(output, overwrite)
-    if plot is not None and not Path(plot).resolve().parent.is_dir():
-        raise LosaError(f"--plot: directory {Path(plot).resolve().parent} does not exist")
+    check_output_dir(output, overwrite, inputs=(path, *([] if calib == SELF else [calib])))
+    if plot is not None:
+        check_output_file(plot, "--plot")
     ctx = context_length(model_config)
     seqlen = seqlen or min(2048, ctx)
     if not 2 <= seqlen <= ctx:
         raise LosaError(f"seqlen {seqlen} must be between 2 and the model's context ({ctx} tokens)")
     if config.is_file_allocation:
         check_allocation_file(allocation, model_config)
+        if sparsity is not None and Structure.parse(structure).kind == "unstructured":
+            raise LosaError(f"--sparsity {sparsity:g} does not apply with an allocation file: {allocation} sets "
+                            "every layer's sparsity; leave --sparsity out")
     tokenizer = load_tokenizer(path, trust_remote_code)
     started = time.perf_counter()
     windows = None

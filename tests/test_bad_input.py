@@ -85,3 +85,124 @@ def test_existing_output_is_not_overwritten(cli, tmp_path):
     _assert_clean_failure(cli("import-gguf", tmp_path / "fake.gguf", "-o", tmp_path / "out"), tmp_path, before,
                           "already exists")
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    for path in [dst, *dst.iterdir()]:  # the shared assets are read-only; the copies must not be
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dst
+
+
+def test_output_may_not_be_or_contain_an_input(cli, stories_dir, tmp_path):
+    model = _copy(stories_dir, tmp_path / "model")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    prune = ["--sparsity", "0.5", "--method", "magnitude", "--overwrite"]
+    _assert_clean_failure(cli("prune", model, "-o", model, *prune), tmp_path, before, "is the input")
+    _assert_clean_failure(cli("prune", model, "-o", tmp_path, *prune), tmp_path, before, "contains the input")
+    _assert_clean_failure(cli("pack", model, "-o", model, "--overwrite"), tmp_path, before, "is the input")
+    (model / "adapter").mkdir()
+    (model / "adapter" / "adapter_config.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_clean_failure(cli("merge", model, "--adapter", model / "adapter", "-o", model, "--overwrite"),
+                          tmp_path, before, "is the input")
+    assert (model / "model.safetensors").read_bytes() == (stories_dir / "model.safetensors").read_bytes()
+
+
+def test_result_files_are_checked_before_any_work(cli, stories_dir, tmp_path, monkeypatch):
+    (tmp_path / "adir").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    prune = ["prune", stories_dir, "-o", tmp_path / "out", "--sparsity", "0.5", "--method", "magnitude"]
+    _assert_clean_failure(cli(*prune, "--json", tmp_path / "adir"), tmp_path, before, "--json")
+    _assert_clean_failure(cli(*prune, "--plot", tmp_path / "adir"), tmp_path, before, "is a directory")
+    _assert_clean_failure(cli(*prune, "--json", tmp_path / "out"), tmp_path, before, "is the output directory")
+    _assert_clean_failure(cli("env", "--json", tmp_path / "adir"), tmp_path, before, "is a directory")
+    _assert_clean_failure(cli("inspect", stories_dir, "--plot", tmp_path / "adir"), tmp_path, before,
+                          "is a directory")
+    # An unwritable folder (root ignores modes, so the check is what is faked).
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path / "adir") else
+                        real_access(p, mode))
+    _assert_clean_failure(cli(*prune[:3], tmp_path / "adir" / "out", *prune[4:]), tmp_path, before,
+                          "is not writable")
+    _assert_clean_failure(cli(*prune, "--json", tmp_path / "adir" / "r.json"), tmp_path, before, "is not writable")
+
+
+def test_resume_without_a_checkpoint_keeps_a_finished_output(cli, stories_dir, tinystories, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("finetune", stories_dir, "-o", tmp_path / "out", "--data", tinystories, "--method", "lora", "--sparsity", "0.5",
+                 "--resume")
+    _assert_clean_failure(result, tmp_path, before, "already exists")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--lr", "-1"], "learning rate"), (["--lr", "nan"], "learning rate"), (["--max-len", "1"], "max_len"),
+    (["--autocast", "fp8"], "unknown autocast mode"), (["--warmup", "1.5"], "warm-up"),
+    (["--alpha", "inf"], "alpha"),
+])
+def test_finetune_options_fail_before_any_work(cli, stories_dir, tinystories, tmp_path, args, match):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("finetune", stories_dir, "-o", tmp_path / "out", "--data", tinystories, "--method", "lora",
+                 "--sparsity", "0.5", *args)
+    _assert_clean_failure(result, tmp_path, before, match)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "sparsegpt", "--sparsity", "0.5", "--percdamp", "-1"], "percdamp"),
+    (["--method", "sparsegpt", "--sparsity", "0.5", "--percdamp", "nan"], "percdamp"),
+    (["--method", "magnitude", "--sparsity", "0.7", "--allocation", "ALLOC"], "does not apply with an allocation"),
+])
+def test_prune_options_fail_before_any_work(cli, stories_dir, tmp_path, args, match):
+    (tmp_path / "alloc.json").write_text(json.dumps([0.5] * 5))
+    args = [str(tmp_path / "alloc.json") if a == "ALLOC" else a for a in args]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_clean_failure(cli("prune", stories_dir, "-o", tmp_path / "out", *args), tmp_path, before, match)
+
+
+def test_corrupt_files_are_one_line_errors(cli, stories_dir, tinystories, tmp_path):
+    import struct
+
+    model = _copy(stories_dir, tmp_path / "model")
+    raw = bytearray((model / "model.safetensors").read_bytes())
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    at = raw.index(b'"F32"', 8, 8 + header_len)
+    raw[at:at + 5] = b'"F16"'  # same length: the header parses, but a tensor's bytes no longer fit it
+    (model / "model.safetensors").write_bytes(bytes(raw))
+    (tmp_path / "t.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x00\x00")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for command in (["inspect", model], ["eval", model, "--data", tinystories, "--seqlen", "64"],
+                    ["pack", model, "-o", tmp_path / "p"]):
+        _assert_clean_failure(cli(*command), tmp_path, before, "does not fit bytes")
+    _assert_clean_failure(cli("import-gguf", tmp_path / "t.gguf", "-o", tmp_path / "g"), tmp_path, before,
+                          "corrupt or truncated GGUF")
+    _assert_clean_failure(cli("merge", stories_dir, "--adapter", adapter, "-o", tmp_path / "m"), tmp_path, before,
+                          "not a valid safetensors file")
+
+
+def test_nan_weights_and_packed_checkpoints_are_refused(cli, stories_dir, tinystories, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = _copy(stories_dir, tmp_path / "nan")
+    state = load_file(model / "model.safetensors")
+    key = next(k for k in state if k.endswith("mlp.up_proj.weight"))
+    state[key][3, 5] = float("nan")
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    assert cli("pack", stories_dir, "-o", tmp_path / "packed", "--format", "losa")[0] == 0
+    before = sorted(p.name for p in tmp_path.iterdir())
+    prune = ["-o", tmp_path / "out", "--sparsity", "0.5", "--method", "magnitude"]
+    _assert_clean_failure(cli("eval", model, "--data", tinystories, "--seqlen", "64"), tmp_path, before,
+                          f"weight {key} holds NaN")
+    _assert_clean_failure(cli("prune", model, *prune), tmp_path, before, f"weight {key} holds NaN")
+    for command in (["inspect", tmp_path / "packed"], ["prune", tmp_path / "packed", *prune]):
+        _assert_clean_failure(cli(*command), tmp_path, before, "is a packed checkpoint")
+    assert torch.isnan(load_file(model / "model.safetensors")[key]).any()

@@ -32,6 +32,25 @@ def test_save_load_is_bit_exact(stories_dir, tmp_path):
     for (k1, t1), (k2, t2) in zip(model.state_dict().items(), reloaded.state_dict().items()):
         assert k1 == k2 and torch.equal(t1, t2), k1
     assert load_tokenizer(out)("Once upon a time")["input_ids"] == tokenizer("Once upon a time")["input_ids"]
+    # Ordinary files (safetensors writes its own 0600; the output follows the umask like every other file).
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(p.name, p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+        {(p.name, 0o666 & ~umask) for p in out.iterdir()}
+
+
+def test_json_results_are_strict_json(tmp_path):
+    import numpy as np
+
+    from losa_deploy.utils.fs import write_json
+
+    write_json(tmp_path / "r.json", {"ppl": float("nan"), "rows": [1.5, float("inf"), np.float32("nan")],
+                                     "n": np.int64(3)})
+    text = (tmp_path / "r.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"ppl": None, "rows": [1.5, None, None], "n": 3}
 
 
 def test_save_keeps_bf16_bits(stories_dir, tmp_path):

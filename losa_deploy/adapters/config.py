@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..errors import LosaError
@@ -28,7 +29,7 @@ class AdapterConfig:
     def __post_init__(self):
         if not 1 <= self.rank <= self.max_rank:
             raise LosaError(f"adapter rank {self.rank} must be between 1 and max_rank {self.max_rank}")
-        if self.alpha <= 0 or self.scale_rank < 1:
+        if not (math.isfinite(self.alpha) and self.alpha > 0) or self.scale_rank < 1:
             raise LosaError("adapter alpha and scale_rank must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise LosaError(f"adapter dropout must be in [0, 1), got {self.dropout}")

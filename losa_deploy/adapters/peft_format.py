@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .._version import __version__
 from ..errors import LosaError
 from ..models.arch import get_architecture
+from ..models.checkpoint import check_safetensors
 from ..utils.fs import atomic_dir
 from .config import AdapterConfig
 from .model import adapter_state_dict, adapters_of, inject_adapters, load_adapter_state_dict
@@ -82,6 +83,7 @@ def load_peft_adapter(model, path: str | os.PathLike) -> dict:
     try:
         config = json.loads((path / "adapter_config.json").read_text())
         side = json.loads((path / SIDE).read_text()) if (path / SIDE).is_file() else {}
+        check_safetensors(path / "adapter_model.safetensors")
         tensors = load_file(path / "adapter_model.safetensors")
     except (OSError, json.JSONDecodeError) as exc:
         raise LosaError(f"cannot read the adapter in {path}: {exc}") from None

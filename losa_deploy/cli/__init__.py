@@ -3,13 +3,15 @@
 Every command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict``. The dict is
 what ``--json PATH`` writes. A command whose module does not exist yet is listed anyway and says it is not
 built (exit 2). User errors (:class:`~losa_deploy.errors.LosaError`) print one ``error: ...`` line on
-stderr and exit 2; nothing is written.
+stderr and exit 2; nothing is written. An OSError (a full disk, a refused write) is one line too, exit 1
+(``LOSA_DEBUG=1`` shows its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -78,8 +80,7 @@ def _pending(name: str, pending: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.json:
-            _check_json_path(args.json)
+        _check_output_files(args)
         _quiet_libraries()
         result = args.run(args)
         if args.json and result is not None:  # None: a worker process of a multi-process run
@@ -92,13 +93,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the system refused a read or write (disk full, permissions): not our bug
+        if os.environ.get("LOSA_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _check_json_path(path: str) -> None:
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise LosaError(f"--json: directory {parent} does not exist")
+def _check_output_files(args) -> None:
+    """--json and --plot are written last: check them before any work, and that neither is OUT."""
+    from ..utils.fs import check_output_file
+
+    output = getattr(args, "output", None)
+    for flag in ("json", "plot"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        check_output_file(path, f"--{flag}")
+        if output is not None and Path(path).resolve() == Path(output).resolve():
+            raise LosaError(f"--{flag} {path} is the output directory; choose another path")
 
 
 def _quiet_libraries() -> None:

@@ -16,7 +16,7 @@ def run(args) -> dict:
     from ..models import import_gguf
     from ..utils.fs import check_output_dir
 
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, inputs=(args.gguf,))
     out = import_gguf(args.gguf, args.output, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     return {"output": str(out), "source": args.gguf}

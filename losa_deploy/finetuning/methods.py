@@ -92,6 +92,7 @@ class MethodConfig:
             raise LosaError(f"the largest rank the schedule asks for ({top}) exceeds max_rank {self.max_rank}: "
                             "raise --max-rank (the adapter capacity must cover every allocated rank)")
         lambda_for(0.5, self.lambda_schedule)  # validates the name
+        self.adapter_config()  # validates alpha, dropout and init now, not after pruning
         return structure, target
 
     @property

@@ -48,7 +48,7 @@ from . import distributed
 from .data import split_budget, training_examples
 from .methods import LosaSchedule, MethodConfig, prune_once
 from .shears import ShearsRun, preflight
-from .state import read_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
+from .state import STATE, read_checkpoint, remove_checkpoint, restore_checkpoint, save_checkpoint
 from .trainer import TrainConfig, train_phase
 
 
@@ -68,13 +68,18 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     rank, world = distributed.init(dev.type)
     progress = progress and rank == 0
     _, target = method.checked()
+    train.checked()
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
     if method.method == "shears":
         preflight(method.shears, config["model_type"], search_data is not None or eval_data is not None)
     ckpt = Path(f"{output}.ckpt")
-    if not resume:
-        check_output_dir(output, overwrite)
+    # Only a run that resumes its own checkpoint may replace OUT without --overwrite (a crash can fall
+    # between writing OUT and removing the checkpoint); --resume with nothing to resume is a fresh run.
+    resuming = resume and (ckpt / STATE).is_file()
+    if not resuming:
+        check_output_dir(output, overwrite, inputs=(path, *(p for p in (data, eval_data, calib, search_data)
+                                                            if p is not None and p != SELF)))
     ctx = context_length(config)
     seqlen = seqlen or min(train.max_len, ctx)
     if max(seqlen, train.max_len) > ctx:
@@ -153,7 +158,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         if ev is not None:
             chosen["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
     if rank == 0:
-        report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resume,
+        report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resuming,
                                     save_base))
         if ev is not None:
             report["final_eval_ppl"] = history[-1]["eval_ppl"] if shears is None else chosen["eval_ppl"]

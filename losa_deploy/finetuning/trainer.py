@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import IGNORE_INDEX, TokenizedExample, collate
+from ..errors import LosaError
 from . import distributed
 from .data import shuffled
+
+AUTOCAST_MODES = ("auto", "bf16", "none")
 
 
 @dataclass
@@ -32,6 +35,22 @@ class TrainConfig:
     max_len: int = 256
     seed: int = 0
     autocast: str = "auto"  # "bf16", "none", or "auto" (bf16 where the device runs it natively)
+
+    def checked(self) -> TrainConfig:
+        """Validate before any work (a bad value otherwise fails after pruning, deep in the optimizer)."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise LosaError(f"learning rate must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise LosaError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise LosaError(f"warm-up share must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_len < 2:
+            raise LosaError(f"max_len must be at least 2 tokens (one input, one label), got {self.max_len}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise LosaError("batch size and gradient accumulation must be positive")
+        if self.autocast not in AUTOCAST_MODES:
+            raise LosaError(f"unknown autocast mode '{self.autocast}' (choose from {', '.join(AUTOCAST_MODES)})")
+        return self
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def read_config(path: str | os.PathLike) -> dict:
         raise LosaError(f"{cfg_path} is not valid JSON ({exc})") from None
 
 
-def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False) -> dict:
-    """Validate a model directory without loading the model; returns its config as a dict."""
+def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False, packed: bool = False) -> dict:
+    """Validate a model directory without loading the model; returns its config as a dict. ``packed``: a
+    ``losa`` / ``vllm`` packed checkpoint is what the caller reads (only ``losa_deploy.load`` does)."""
     path = Path(path)
     config = read_config(path)
+    if not packed and is_packed(config):
+        raise LosaError(f"{path} is a packed checkpoint (losa_sparse): serve it with losa_deploy.load or vLLM; "
+                        "the other commands read an unpacked one (e.g. `pack --format hf` of its source)")
     if "auto_map" in config and not trust_remote_code:
         raise LosaError(f"{path} ships its own modelling code (auto_map); pass --trust-remote-code to run it")
     model_type = config.get("model_type")
@@ -91,22 +96,44 @@ def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False) -
         raise LosaError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
     for file in files:
         if file.suffix == ".safetensors":
-            _check_safetensors(file)
+            check_safetensors(file)
         else:
             _check_pickle(file)
     return config
 
 
-def _check_safetensors(file: Path) -> None:
-    """Check the header parses and the file holds every byte the header points at."""
-    size = file.stat().st_size
+# Bytes per element of the safetensors dtypes we can size (others are only checked to lie in the file).
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def is_packed(config: dict) -> bool:
+    """Whether config.json describes our packed format (``losa`` writes the block, ``vllm`` a quant method)."""
+    return "losa_sparse" in config or (config.get("quantization_config") or {}).get("quant_method") == "losa_sparse"
+
+
+def check_safetensors(file: str | os.PathLike) -> None:
+    """Check, from the header alone, that a safetensors file is whole and consistent: every tensor's bytes lie
+    in the file and match its dtype and shape (a wrong dtype or shape otherwise surfaces as a library
+    traceback half-way through a command)."""
+    file = Path(file)
     try:
+        size = file.stat().st_size
         with open(file, "rb") as raw:
             header_len = int.from_bytes(raw.read(8), "little")
             if size < 8 or header_len > size - 8:
                 raise ValueError("header length exceeds the file size")
             header = json.loads(raw.read(header_len))
-        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, entry in entries.items():
+            begin, end = entry["data_offsets"]
+            numel = math.prod(entry["shape"])
+            itemsize = _ST_ITEMSIZE.get(entry["dtype"])
+            if not 0 <= begin <= end or (itemsize is not None and end - begin != numel * itemsize):
+                raise ValueError(f"tensor {key}: {entry['dtype']} {entry['shape']} does not fit bytes {begin}..{end}")
+        data_end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    except OSError as exc:
+        raise LosaError(f"cannot read {file}: {exc.strerror or exc}") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise LosaError(f"{file} is not a valid safetensors file ({exc})") from None
     if size < 8 + header_len + data_end:
@@ -148,6 +175,9 @@ def load_model(
         raise LosaError(f"{path} is missing {len(missing)} weight(s), e.g. {sorted(missing)[0]}")
     if info.get("mismatched_keys"):
         raise LosaError(f"{path} has weights of the wrong shape, e.g. {info['mismatched_keys'][0]}")
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise LosaError(f"{path} is corrupt: weight {name} holds NaN or Inf values")
     model.eval()
     return model.to(device)
 

@@ -24,6 +24,7 @@ def load_gguf(gguf_path: str | os.PathLike, dtype=None):
     with open(file, "rb") as raw:
         if raw.read(4) != b"GGUF":
             raise LosaError(f"{file} is not a GGUF file (bad magic)")
+    _check_gguf(file)
     kwargs = {"gguf_file": file.name, "local_files_only": True}
     try:
         model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=parse_dtype(dtype) or "float32", **kwargs)
@@ -32,6 +33,17 @@ def load_gguf(gguf_path: str | os.PathLike, dtype=None):
         raise LosaError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
     architecture_for(model.config.model_type)
     return model, tokenizer
+
+
+def _check_gguf(file: Path) -> None:
+    """Parse the header and tensor table (memory-mapped, no tensor data read): a truncated or corrupt file
+    fails here with one message instead of deep inside transformers' loader."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(file)
+    except Exception as exc:  # the reader raises struct, index, value and OS errors alike on bad bytes
+        raise LosaError(f"{file} is a corrupt or truncated GGUF file ({type(exc).__name__}: {exc})") from None
 
 
 def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, dtype=None, overwrite: bool = False) -> Path:

@@ -57,7 +57,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     if backend is not None and backend not in BACKENDS:
         raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
     torch_dtype = parse_dtype(dtype)
-    config = check_checkpoint(path, trust_remote_code)
+    config = check_checkpoint(path, trust_remote_code, packed=True)
     block = packing_block(config, path)
     modules = block["modules"]
     plain = {k: v for k, v in config.items() if k not in _PACKING_KEYS}

@@ -16,6 +16,7 @@ The model is modified in place and never copied; the report holds allocated and 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -93,6 +94,8 @@ class PruneConfig:
                             f"--structure mixed-{structure.n}:{structure.m}")
         if self.lam is not None and not 0.0 <= self.lam < 1.0:
             raise LosaError(f"lambda must be in [0, 1), got {self.lam:g}")
+        if not (math.isfinite(self.percdamp) and self.percdamp > 0):
+            raise LosaError(f"SparseGPT's percdamp (Hessian dampening) must be a positive number, got {self.percdamp:g}")
         if self.method == "sparsegpt" and structure.m and self.blocksize % structure.m:
             raise LosaError(f"SparseGPT's blocksize {self.blocksize} must be a multiple of M={structure.m}")
         return structure, target

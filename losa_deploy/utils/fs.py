@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,17 +18,40 @@ from pathlib import Path
 from ..errors import LosaError
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Validate an output directory before any work starts, so bad input fails fast."""
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
+                     inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Validate an output directory before any work starts, so bad input fails fast. ``inputs``: the
+    directories the command reads, which the output must neither be nor contain (replacing it would
+    delete them)."""
     path = Path(path)
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == path.resolve() or path.resolve() in source.parents:
+            raise LosaError(f"output {path} {'is' if source == path.resolve() else 'contains'} the input "
+                            f"{source}; choose another directory")
     if path.exists() and not overwrite:
         raise LosaError(f"output {path} already exists (pass --overwrite to replace it)")
     if path.exists() and not path.is_dir():
         raise LosaError(f"output {path} exists and is not a directory")
+    _check_parent(path, f"output {path}")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Validate a file to be written at the end (``--json``, ``--plot``) before any work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise LosaError(f"{what} {path} is a directory")
+    _check_parent(path, f"{what} {path}")
+    return path
+
+
+def _check_parent(path: Path, what: str) -> None:
     parent = path.resolve().parent
     if not parent.is_dir():
-        raise LosaError(f"parent directory {parent} of output {path} does not exist")
-    return path
+        raise LosaError(f"parent directory {parent} of {what} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LosaError(f"cannot write {what}: directory {parent} is not writable")
 
 
 @contextlib.contextmanager
@@ -41,6 +65,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _ordinary_modes(tmp)
     if path.exists():
         # Move the old version aside first so that a failed rename can be undone.
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.resolve().parent))
@@ -56,8 +81,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``path``; it replaces ``path`` when the block completes."""
     path = Path(path)
     parent = path.resolve().parent
-    if not parent.is_dir():
-        raise LosaError(f"parent directory {parent} of {path} does not exist")
+    _check_parent(path, str(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=parent)
     try:
         with os.fdopen(fd, mode) as handle:
@@ -70,6 +94,14 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator:
         raise
 
 
+def _ordinary_modes(root: Path) -> None:
+    """safetensors writes its files private (0600); the outputs are ordinary files, readable per the umask."""
+    mode = 0o666 & ~_umask()
+    for file in root.rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 == 0o600:
+            os.chmod(file, mode)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -79,14 +111,25 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as handle:
-        json.dump(obj, handle, indent=2, sort_keys=False, default=_json_default)
+        json.dump(_finite(obj), handle, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
         handle.write("\n")
+
+
+def _finite(obj):
+    """NaN and infinities as null: JSON has no such numbers, and strict readers reject Python's NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _json_default(obj):
     # numpy scalars, paths and tensors of one element show up in results; make them plain JSON.
     if hasattr(obj, "item"):
-        return obj.item()
+        return _finite(obj.item())
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
