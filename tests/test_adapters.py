@@ -132,6 +132,33 @@ def test_peft_export_reloads_with_per_module_ranks(stories_dir, tmp_path, rng):
         torch.testing.assert_close(wrapped(ids).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [
+    dict(rank_pattern={"model.layers.0.self_attn.q_proj": 2}),
+    dict(rank_pattern={"layers.1.mlp.down_proj": 3}, alpha_pattern={"layers.1.mlp.down_proj": 16}),
+    dict(use_rslora=True, rank_pattern={"model.layers.2.self_attn.v_proj": 6}),
+])
+def test_stock_peft_adapters_merge_with_peft_scales(stories_dir, tmp_path, rng, options):
+    # An adapter PEFT itself wrote (no losa_adapter.json): each module's scale is PEFT's, from its own rank,
+    # alpha_pattern and use_rslora, so the merge equals PEFT's merge_and_unload.
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(stories_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], **options)
+    wrapped = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=rng) * 0.05)
+    wrapped.save_pretrained(tmp_path / "stock")
+    want = wrapped.merge_and_unload().state_dict()
+    ours = load_model(stories_dir)
+    load_peft_adapter(ours, tmp_path / "stock")
+    merge_adapters(ours)
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_adapter_for_another_base_is_refused(stories_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -169,7 +169,7 @@ def test_deepsparse_is_fp32_only(cli, sparse_stories, tmp_path):
 def test_output_cannot_be_the_input(sparse_stories, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(sparse_stories, copy)
-    with pytest.raises(LosaError, match="is the input model"):
+    with pytest.raises(LosaError, match="is the input"):
         pack(copy, copy, overwrite=True, progress=False)
     assert (copy / "model.safetensors").is_file()
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -99,14 +101,32 @@ def load_peft_adapter(model, path: str | os.PathLike) -> dict:
     if foreign:
         raise LosaError(f"adapter in {path} does not match this base model: no module {foreign[0]}")
     _check_base(model, side.get("base_sha256", {}), path)
-    scale = side.get("scale", config["lora_alpha"] / config["r"])
+    scales = _peft_scales(config, ranks) if "scale" not in side else dict.fromkeys(ranks, side["scale"])
+    # Our layers share one scale s; a module of another scale carries the ratio in B (s·B·A is unchanged).
+    scale = Counter(scales.values()).most_common(1)[0][0]
+    for name, module_scale in scales.items():
+        if module_scale != scale:
+            state[f"{name}.lora_B"] = state[f"{name}.lora_B"] * (module_scale / scale)
     targets = tuple(sorted({arch.locate(n)[1] for n in ranks}))
     cfg = AdapterConfig(rank=1, max_rank=max(side.get("max_rank", 0), *ranks.values()), alpha=scale,
                         scale_rank=1, dropout=0.0, masked=bool(side.get("masked", False)), targets=targets)
     inject_adapters(model, cfg, ranks=ranks)
     with torch.no_grad():
         load_adapter_state_dict(model, state)
-    return {"ranks": ranks, "masked": cfg.masked, "scale": scale}
+    return {"ranks": ranks, "masked": cfg.masked, "scale": scale if len(set(scales.values())) == 1 else scales}
+
+
+def _peft_scales(config: dict, ranks: dict[str, int]) -> dict[str, float]:
+    """Each module's scale as stock PEFT computes it: its alpha (``alpha_pattern`` or ``lora_alpha``) over
+    its rank, or over the rank's square root with ``use_rslora``."""
+    alpha_pattern = config.get("alpha_pattern") or {}
+    scales = {}
+    for name, rank in ranks.items():
+        # PEFT's rule: a pattern key matches a module whose name ends in it, at a dot.
+        key = next((k for k in alpha_pattern if re.match(rf"(.*\.)?({k})$", name)), None)
+        alpha = alpha_pattern[key] if key is not None else config["lora_alpha"]
+        scales[name] = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    return scales
 
 
 def weight_sha256(weight: torch.Tensor) -> str:
