@@ -180,6 +180,18 @@ def test_a_target_below_the_present_sparsity_is_refused(cli, sparse_stories, tin
     _assert_refused(result, tmp_path, before, "un-prune")
 
 
+def test_losa_with_rmi_runs_on_a_pruned_model(cli, sparse_stories, tinystories, tmp_path):
+    # Already at the target: the RMI allocation has no solution below the present sparsity (it used to stop
+    # the run), so every block keeps at least its own zeros and the phases train the adapters.
+    result = cli(*finetune_args(sparse_stories, tinystories, tmp_path / "o", "--method", "losa", "--sparsity", "0.5",
+                                "--steps", "2", "--allocation", "rmi"))
+    assert result[0] == 0, result[2]
+    before, after = linears(weights(sparse_stories)), linears(weights(tmp_path / "o"))
+    assert all(bool((after[k][before[k] == 0] == 0).all()) for k in before), "a pruned weight came back"
+    kept = sum(int((t != 0).sum()) for t in after.values()) / sum(t.numel() for t in after.values())
+    assert 1 - kept >= 0.5 - 1e-3
+
+
 def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     long_prompt = "Tell me a long story about a cat and a dog who went to the park. " * 8

@@ -176,8 +176,12 @@ class LosaSchedule:
                 self.block_n = alloc.nm_allocation(signal, n, m) if signal is not None else [n] * len(blocks)
             return [Target.nm(nm_schedule(b, m, self.cfg.steps)[phase], m) for b in self.block_n], signal
         current = [_sparsity(b) for b in blocks]
-        if signal is None:
-            return [Target.unstructured(max(s_t, c)) for c in current], None
+        # A model pruned before LoSA can already be sparser than this phase's mean allows (every block at
+        # least s_t - lam and its present sparsity): the LP then has no solution, and, as without RMI, each
+        # block just keeps at least its own zeros.
+        floor = sum(max(s_t - lam, c) for c in current) / len(current)
+        if signal is None or floor > s_t:
+            return [Target.unstructured(max(s_t, c)) for c in current], signal
         per_block = alloc.solve_allocation_lp(signal, s_t, lam, lower=current)
         return [Target.unstructured(s) for s in per_block], signal
 
