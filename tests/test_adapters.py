@@ -204,3 +204,6 @@ def test_schedules():
     assert nm_schedule(2, 4, 5) == [3, 2, 2, 2, 2]
     with pytest.raises(LosaError):
         sparsity_schedule(1.0, 5)
+    assert lambda_for(0.5, "constant:0.04") == 0.04
+    with pytest.raises(LosaError, match="must be in"):
+        lambda_for(0.5, "constant:-1")

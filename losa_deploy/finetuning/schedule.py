@@ -47,9 +47,12 @@ def lambda_for(sparsity: float, mode: str = "banded", previous: float | None = N
     """
     if mode.startswith("constant:"):
         try:
-            return float(mode.split(":", 1)[1])
+            lam = float(mode.split(":", 1)[1])
         except ValueError:
             raise LosaError(f"bad lambda schedule '{mode}'") from None
+        if not 0.0 <= lam < 1.0:
+            raise LosaError(f"lambda schedule '{mode}': lambda must be in [0, 1)")
+        return lam
     if mode not in ("banded", "reference"):
         raise LosaError(f"unknown lambda schedule '{mode}' (banded, reference, constant:<λ>)")
     if sparsity <= 0.5:
