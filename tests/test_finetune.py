@@ -192,6 +192,18 @@ def test_losa_with_rmi_runs_on_a_pruned_model(cli, sparse_stories, tinystories, 
     assert 1 - kept >= 0.5 - 1e-3
 
 
+def test_a_model_pruned_to_the_target_keeps_its_mask(cli, sparse_stories, tinystories, tmp_path):
+    # prune -> finetune -> merge: the one-shot prune (Wanda here) would re-prune the magnitude-pruned model
+    # and move its zeros; at the target already, the model keeps its own.
+    out = tmp_path / "o"
+    args = finetune_args(sparse_stories, tinystories, out, "--method", "sparse-lora", "--sparsity", "0.5",
+                         "--json", tmp_path / "r.json")
+    assert cli(*args)[0] == 0
+    assert json.loads((tmp_path / "r.json").read_text())["one_shot"]["kept_input_mask"]
+    before, after = linears(weights(sparse_stories)), linears(weights(out))
+    assert all(torch.equal(after[k] == 0, before[k] == 0) for k in before)
+
+
 def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     long_prompt = "Tell me a long story about a cat and a dog who went to the park. " * 8

@@ -42,7 +42,7 @@ from ..models import (
     resolve_model,
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
-from ..sparsity.patterns import global_sparsity
+from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
 from ..utils.fs import atomic_dir, check_output_dir
 from . import distributed
 from .data import split_budget, training_examples
@@ -67,7 +67,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     dev = distributed.training_device(device)
     rank, world = distributed.init(dev.type)
     progress = progress and rank == 0
-    _, target = method.checked()
+    structure, target = method.checked()
     train.checked()
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
@@ -113,7 +113,8 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     started = time.perf_counter()
     history, one_shot = [], None
     if state is None and method.method != "losa":
-        one_shot = prune_once(lm, method, windows, progress)
+        kept = _kept_mask(lm, structure, target)
+        one_shot = prune_once(lm, method, windows, progress) if kept is None else kept
     inject_adapters(lm, method.adapter_config(), seed=train.seed)
     if state is not None:
         restore_checkpoint(ckpt, lm)
@@ -173,6 +174,20 @@ def _check_not_unpruning(lm, target: float) -> None:
     if current > target + 0.005:
         raise LosaError(f"the model is already {100 * current:.2f}% sparse: a target of {100 * target:.2f}% "
                         "would un-prune it (give a target at least as high)")
+
+
+def _kept_mask(lm, structure, target: float) -> dict | None:
+    """A model pruned to the target already (say by `prune`, with any allocation) keeps its own zeros: the
+    one-shot prune would otherwise re-prune it uniformly and move its mask. None where it must be pruned."""
+    weights = [m.weight for m in get_architecture(lm).linears(lm).values()]
+    current = global_sparsity(weights)
+    if abs(current - target) > 0.005:  # the tolerance of _check_not_unpruning: rounding per row
+        return None
+    if structure.kind == "nm" and not all(is_nm(w, structure.n, structure.m) for w in weights):
+        return None
+    if structure.kind == "mixed_nm" and not all(detect_pattern(w).m == structure.m for w in weights):
+        return None
+    return {"kept_input_mask": True, "achieved_sparsity": current}
 
 
 def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path) -> str:
