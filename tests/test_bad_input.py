@@ -55,6 +55,8 @@ def test_empty_data_file(cli, stories_dir, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     result = cli("eval", stories_dir, "--data", tmp_path / "empty.txt", "--json", tmp_path / "out.json")
     _assert_clean_failure(result, tmp_path, before, "is empty")
+    result = cli("eval", stories_dir, "--data", tmp_path, "--json", tmp_path / "out.json")
+    _assert_clean_failure(result, tmp_path, before, "is not a regular file")
 
 
 def test_seqlen_longer_than_context(cli, stories_dir, tinystories, tmp_path):

@@ -204,6 +204,27 @@ def test_a_model_pruned_to_the_target_keeps_its_mask(cli, sparse_stories, tinyst
     assert all(torch.equal(after[k] == 0, before[k] == 0) for k in before)
 
 
+def test_a_bf16_model_comes_out_bf16(cli, sparse_stories, tinystories, tmp_path):
+    # Trained in fp32, written as stored: OUT, OUT/base and a later `merge` of the two are bf16, the merge
+    # reproduces OUT bit for bit, and the zeros are the input's.
+    import losa_deploy as ld
+
+    model = tmp_path / "bf16"
+    ld.pack(sparse_stories, model, format="hf", dtype="bf16", progress=False)
+    out = tmp_path / "o"
+    assert cli(*finetune_args(model, tinystories, out, "--method", "sparse-lora", "--sparsity", "0.5",
+                              "--save-base"))[0] == 0
+    assert cli("merge", out / "base", "--adapter", out / "adapter", "-o", tmp_path / "m")[0] == 0
+    before = linears(weights(model))
+    for path in (out, out / "base", tmp_path / "m"):
+        state = weights(path)
+        assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.bfloat16}, path
+        assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+        assert all(torch.equal(linears(state)[k] == 0, before[k] == 0) for k in before), path
+    merged, again = weights(out), weights(tmp_path / "m")
+    assert all(torch.equal(merged[k], again[k]) for k in merged)
+
+
 def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     long_prompt = "Tell me a long story about a cat and a dog who went to the park. " * 8

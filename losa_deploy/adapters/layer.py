@@ -131,15 +131,16 @@ class LoraLinear(nn.Module):
         bound = 1.0 / math.sqrt(self.in_features)  # PEFT's kaiming_uniform(a=√5) on A
         return rows.uniform_(-bound, bound, generator=generator)
 
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the merged weight, cast once (see ``adapters.merge``)."""
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the merged weight, cast once to ``dtype`` (default: the base's)."""
+        dtype = dtype or self.weight.dtype
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.weight.dtype, device=self.weight.device)
+                           dtype=dtype, device=self.weight.device)
         merged = self.merged_weight()  # already exactly zero outside the mask: delta() is masked
         # Cast once, then + 0.0: it turns every -0.0 (also one born of underflow in the cast) into +0.0.
-        linear.weight.data = merged.to(self.weight.dtype) + 0.0
+        linear.weight.data = merged.to(dtype) + 0.0
         if self.bias is not None:
-            linear.bias.data = self.bias.detach().clone()
+            linear.bias.data = self.bias.detach().to(dtype)
         return linear
 
     def extra_repr(self) -> str:

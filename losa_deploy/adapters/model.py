@@ -83,16 +83,17 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         layer.lora_B = nn.Parameter(B.to(layer.weight.device, torch.float32, copy=True))
 
 
-def merge_adapters(model: nn.Module) -> dict:
-    """Fold every adapter into its base weight (fp32 math, one cast); returns merge statistics.
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """Fold every adapter into its base weight (fp32 math, one cast to ``dtype``, default the base's own);
+    returns merge statistics.
 
     For masked adapters the merged zero pattern must lie inside the mask, and the number of non-zeros
     must not grow (it can shrink only by exact cancellations, which are counted).
     """
     stats = {"modules": 0, "masked": 0, "nnz_before": 0, "nnz_after": 0, "cancelled": 0}
     for name, layer in list(adapters_of(model).items()):
-        linear = layer.to_linear()
-        if layer.masked:
+        linear = layer.to_linear(dtype)
+        if layer.masked:  # a value that underflows in the cast counts as a cancellation too
             nz = linear.weight != 0
             if bool((nz & ~layer.mask).any()):
                 raise LosaError(f"merge of {name} produced non-zeros outside the mask")

@@ -51,7 +51,7 @@ def read_source(path: str | os.PathLike, text_field: str | None = None,
     """Read a data file; the format is chosen by extension and by the keys of its records."""
     path = Path(path)
     if not path.is_file():
-        raise LosaError(f"data file {path} does not exist")
+        raise LosaError(f"data file {path} " + ("is not a regular file" if path.exists() else "does not exist"))
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

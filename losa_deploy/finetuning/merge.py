@@ -17,7 +17,14 @@ from .._version import __version__
 from ..adapters.model import merge_adapters
 from ..adapters.peft_format import load_peft_adapter
 from ..errors import LosaError
-from ..models import check_checkpoint, get_architecture, load_model, load_tokenizer, resolve_model
+from ..models import (
+    check_checkpoint,
+    get_architecture,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    stored_dtype,
+)
 from ..sparsity import SIDECAR, base_model_record, build_sidecar
 from ..sparsity.patterns import global_sparsity
 from ..utils.fs import atomic_dir, check_output_dir
@@ -41,7 +48,11 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, output
     if not info["masked"] and base_sparsity >= DENSE_BELOW and not allow_dense:
         raise LosaError(f"the adapter is unmasked (plain LoRA): merging it would make the {100 * base_sparsity:.1f}% "
                         "sparse base dense; serve it unmerged, or pass --allow-dense")
-    stats = merge_adapters(lm)
+    # Merged in fp32, written in the dtype the base is stored in (a bf16 base stays bf16).
+    stored = stored_dtype(path)
+    stats = merge_adapters(lm, dtype=stored)
+    lm.to(stored)
+    lm.config.dtype = stored
     if info["masked"] and stats["nnz_after"] != stats["nnz_before"] - stats["cancelled"]:
         raise RuntimeError("merge changed the number of non-zeros beyond exact cancellations")
     weights = {n: m.weight for n, m in get_architecture(lm).linears(lm).items()}

@@ -19,6 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .._version import __version__
 from ..adapters.model import adapters_of, inject_adapters, merge_adapters, unload_adapters
 from ..adapters.peft_format import save_peft_adapter
@@ -40,6 +42,7 @@ from ..models import (
     load_model,
     load_tokenizer,
     resolve_model,
+    stored_dtype,
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
@@ -190,6 +193,12 @@ def _kept_mask(lm, structure, target: float) -> dict | None:
     return {"kept_input_mask": True, "achieved_sparsity": current}
 
 
+def _set_config_dtype(directory: Path, dtype: torch.dtype) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path) -> str:
     """Where the adapter's (pruned) base lives: OUT for lora, OUT/base when saved, else the input model."""
     out = Path(output).resolve()
@@ -201,19 +210,29 @@ def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path
 def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, report: dict, settings: dict,
                   overwrite: bool, save_base: bool = False) -> dict:
     info = {}
+    # Trained in fp32; written in the dtype the input is stored in. The adapted bases are rounded to it
+    # first, so the adapter's base hashes, OUT/base and `merge OUT/base --adapter OUT/adapter` all see the
+    # values OUT was merged from (a SparseGPT base update is not exact in bf16).
+    stored = stored_dtype(base_path)
+    for layer in adapters_of(lm).values():
+        layer.weight.data = layer.weight.data.to(stored).to(layer.weight.dtype)
+    lm.config.dtype = stored
     with atomic_dir(output, overwrite=overwrite) as tmp:
         save_peft_adapter(lm, tmp / "adapter", _adapter_base(output, method, save_base, base_path))
         if method.masked and save_base:
             adapter_keys = ("lora_A", "lora_B", "mask_words")
-            state = {k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys}
+            state = {k: v.to(stored) if v.is_floating_point() else v for k, v in lm.state_dict().items()
+                     if k.rsplit(".", 1)[-1] not in adapter_keys}
             lm.save_pretrained(tmp / "base", state_dict=state)
+            _set_config_dtype(tmp / "base", stored)  # transformers wrote the fp32 model's dtype
             tokenizer.save_pretrained(tmp / "base")
         if method.masked:
-            info["merge"] = merge_adapters(lm)
+            info["merge"] = merge_adapters(lm, dtype=stored)
             if info["merge"]["nnz_after"] != info["merge"]["nnz_before"] - info["merge"]["cancelled"]:
                 raise RuntimeError("merge changed the number of non-zeros beyond exact cancellations")
         else:
             unload_adapters(lm)  # a dense update merged would make W dense: the adapter stays separate
+        lm.to(stored)
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         arch = get_architecture(lm)

@@ -62,6 +62,28 @@ def weight_files(path: Path) -> list[Path]:
     return st if st else sorted(path.glob("pytorch_model*.bin"))
 
 
+_ST_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The floating dtype most of the checkpoint's weights are stored in (from the safetensors headers; the
+    config's ``dtype`` for pickles), so a command that computes in fp32 writes back what it read."""
+    counts: dict[torch.dtype, int] = {}
+    for file in weight_files(Path(path)):
+        if file.suffix != ".safetensors":
+            break
+        with open(file, "rb") as raw:
+            header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
+        for key, entry in header.items():
+            if key != "__metadata__" and entry["dtype"] in _ST_FLOATS:
+                dtype = _ST_FLOATS[entry["dtype"]]
+                counts[dtype] = counts.get(dtype, 0) + math.prod(entry["shape"])
+    if counts:
+        return max(counts, key=counts.get)
+    config = read_config(path)
+    return parse_dtype(config.get("dtype") or config.get("torch_dtype") or "fp32") or torch.float32
+
+
 def read_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
