@@ -94,7 +94,8 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
         raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
     path = resolve_model(model)
     model_config = check_checkpoint(path, trust_remote_code)
-    check_output_dir(output, overwrite, inputs=(path, *([] if calib == SELF else [calib])))
+    # model too: for a .gguf file, path is its imported copy in the cache
+    check_output_dir(output, overwrite, inputs=(path, model, *([] if calib == SELF else [calib])))
     if plot is not None:
         check_output_file(plot, "--plot")
     ctx = context_length(model_config)

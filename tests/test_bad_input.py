@@ -111,6 +111,16 @@ def test_output_may_not_be_or_contain_an_input(cli, stories_dir, tmp_path):
     assert (model / "model.safetensors").read_bytes() == (stories_dir / "model.safetensors").read_bytes()
 
 
+def test_output_check_covers_input_files_and_skips_aliases(tmp_path):
+    from losa_deploy.errors import LosaError
+    from losa_deploy.utils.fs import check_output_dir
+
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")  # a .gguf model: its imported copy is elsewhere, in the cache
+    with pytest.raises(LosaError, match="contains the input"):
+        check_output_dir(tmp_path, overwrite=True, inputs=(tmp_path / "cache" / "x", tmp_path / "x.gguf"))
+    assert check_output_dir(tmp_path / "out", inputs=("smollm2-135m",)) == tmp_path / "out"
+
+
 def test_result_files_are_checked_before_any_work(cli, stories_dir, tmp_path, monkeypatch):
     (tmp_path / "adir").mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -277,6 +277,12 @@ def test_dispatch_choices_and_bad_input(rng):
         # an autograd-tracked call on the Triton backend falls back to the differentiable torch path
         y = sparse_linear(x.clone().requires_grad_(), layout, backend="auto")
         check_linear(y.detach(), x, w, None)
+        # a trainable bias alone (SparseLinear keeps nn.Linear's) still runs the kernel; its gradient flows
+        bias = torch.randn(8, generator=rng, requires_grad=True)
+        y = sparse_linear(x, layout, bias, backend="triton")
+        check_linear(y.detach(), x, w, bias.detach())
+        y.sum().backward()
+        torch.testing.assert_close(bias.grad, torch.full((8,), 3.0))
     with pytest.raises(LosaError, match="unknown sparse backend"):
         gpu_kernel(x, packed, None, "sse9")
     with pytest.raises(LosaError, match="x must be"):

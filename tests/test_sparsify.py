@@ -178,6 +178,12 @@ def test_sparse_linear_loads_like_nn_linear(rng):
     result = sparse.load_state_dict({"bias": linear.bias.detach()}, strict=False)
     assert torch.equal(sparse.packed.to_dense(), before) and torch.equal(sparse.bias, linear.bias)
     assert result.missing_keys == ["lb_shape", "lb_values", "lb_mask", "lb_row_ptr"]
+    two_four = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        two_four.weight.view(4, 2, 4)[..., :2] = 0
+    nm = SparseLinear.from_linear(two_four, format="nm")
+    assert nm.load_state_dict({"bias": nm.bias.detach()}, strict=False).missing_keys == \
+        ["nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n"]
 
 
 def test_public_api_exports():

@@ -93,6 +93,9 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
     stats = {"modules": 0, "masked": 0, "nnz_before": 0, "nnz_after": 0, "cancelled": 0}
     for name, layer in list(adapters_of(model).items()):
         linear = layer.to_linear(dtype)
+        if not bool(torch.isfinite(linear.weight).all()):
+            raise LosaError(f"merging {name} overflows {linear.weight.dtype} (the base's stored dtype); merge into "
+                            "a bf16 or fp32 copy of the base")
         if layer.masked:  # a value that underflows in the cast counts as a cancellation too
             nz = linear.weight != 0
             if bool((nz & ~layer.mask).any()):

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the system refused a read or write (disk full, permissions): not our bug
-        if os.environ.get("LOSA_DEBUG"):
+        if os.environ.get("LOSA_DEBUG", "") not in ("", "0"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -55,7 +55,7 @@ def pack_checkpoint(model: str | os.PathLike, out: str | os.PathLike, format: st
     torch_dtype = exporter.resolve_dtype(dtype)
     out = check_output_dir(out, overwrite)
     source = PackSource.open(resolve_model(model), torch_dtype, trust_remote_code, progress)
-    check_output_dir(out, overwrite, inputs=(source.path,))
+    check_output_dir(out, overwrite, inputs=(source.path, model))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         weight_files = exporter.write_weights(source, tmp)
         sidecar = source.output_sidecar()

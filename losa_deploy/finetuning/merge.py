@@ -40,7 +40,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, output
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").is_file():
         raise LosaError(f"{adapter} is not an adapter directory (no adapter_config.json)")
-    check_output_dir(output, overwrite, inputs=(path, adapter))
+    check_output_dir(output, overwrite, inputs=(path, base, adapter))
     lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code)
     weights = {n: m.weight for n, m in get_architecture(lm).linears(lm).items()}
     base_sparsity = global_sparsity(weights.values())

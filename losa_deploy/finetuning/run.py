@@ -81,8 +81,8 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     # between writing OUT and removing the checkpoint); --resume with nothing to resume is a fresh run.
     resuming = resume and (ckpt / STATE).is_file()
     if not resuming:
-        check_output_dir(output, overwrite, inputs=(path, *(p for p in (data, eval_data, calib, search_data)
-                                                            if p is not None and p != SELF)))
+        sources = (data, eval_data, calib, search_data)
+        check_output_dir(output, overwrite, inputs=(path, model, *(p for p in sources if p not in (None, SELF))))
     ctx = context_length(config)
     seqlen = seqlen or min(train.max_len, ctx)
     if max(seqlen, train.max_len) > ctx:
@@ -104,7 +104,7 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
                 "seqlen": seqlen, "budget_tokens": budget_tokens, "response_only": response_only,
                 "world_size": world, "search_data": search_data, "search_slice": search_slice}
     state = read_checkpoint(ckpt, settings) if resume else None
-    if not resume and (ckpt / "state.json").is_file():
+    if not resume and (ckpt / STATE).is_file():
         raise LosaError(f"{ckpt} holds an interrupted run: pass --resume to continue it, or remove it")
     windows = None
     if calib != SELF:

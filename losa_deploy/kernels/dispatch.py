@@ -125,6 +125,10 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
     chosen = backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto"
     if device.type == "cuda" or chosen in GPU_BACKENDS:
         gpu = packed if isinstance(packed, BitmaskGPULayout | NMGPULayout | DeltaGPULayout) else None
+        if bias is not None and bias.requires_grad and not x.requires_grad and torch.is_grad_enabled():
+            # The GPU kernels are inference-only. A trainable bias (nn.Linear's, kept by SparseLinear) alone
+            # must not send the call to the dense fallback: autograd takes its gradient from this add.
+            return _gpu_linear(x, weight, gpu, None, chosen) + bias.to(x.dtype)
         return _gpu_linear(x, weight, gpu, bias, chosen)
     bitmask = isinstance(weight, BitmaskWeight)
     isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", device.type, x.dtype, chosen)

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import LosaError
+from ..utils.fs import check_output_dir
 from .arch import architecture_for
 from .checkpoint import parse_dtype, save_model
 
@@ -48,6 +49,7 @@ def _check_gguf(file: Path) -> None:
 
 def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, dtype=None, overwrite: bool = False) -> Path:
     """Write the GGUF model as a safetensors checkpoint in ``out`` (atomically)."""
+    check_output_dir(out, overwrite, inputs=(gguf_path,))
     model, tokenizer = load_gguf(gguf_path, dtype)
     # The tensors are dequantized floats now: the checkpoint must not claim a GGUF quantization.
     if hasattr(model.config, "quantization_config"):

@@ -153,8 +153,9 @@ class SparseLinear(nn.Module):
                 error_msgs.append(f"{prefix.rstrip('.')}: packed weight is {packed.shape}, the module is "
                                   f"{(self.out_features, self.in_features)}")
                 return
-        elif strict:  # no packed weight: missing, as nn.Linear reports a missing weight
-            missing_keys.extend(prefix + key for key in _BITMASK_KEYS)
+        elif strict:  # no packed weight: missing (in the module's own format), as nn.Linear reports it
+            own_keys = _BITMASK_KEYS if isinstance(self.packed, BitmaskWeight) else _NM_KEYS
+            missing_keys.extend(prefix + key for key in own_keys)
         if self.bias is not None:
             if prefix + "bias" in state_dict:
                 with torch.no_grad():

@@ -140,13 +140,9 @@ def get_engine(name: str) -> Engine:
 
 
 def _is_packed(model: Path) -> bool:
-    from ..models.checkpoint import read_config
+    from ..models.checkpoint import is_packed, read_config
 
-    if not (model / "config.json").is_file():
-        return False
-    config = read_config(model)
-    return bool(config.get("losa_sparse")) or (config.get("quantization_config") or {}).get(
-        "quant_method") == "losa_sparse"
+    return (model / "config.json").is_file() and is_packed(read_config(model))
 
 
 def _global_sparsity(model: Path) -> float:

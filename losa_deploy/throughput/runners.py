@@ -43,6 +43,7 @@ class HFRunner:
         import torch
 
         from ..api import load, load_model, sparsify_
+        from ..models.checkpoint import is_packed
         from ..runtime.loader import packing_block
         from ..runtime.sparse_linear import SparseLinear
 
@@ -50,7 +51,7 @@ class HFRunner:
             torch.set_num_threads(self.threads)
         config = json.loads((self.path / "config.json").read_text()) if (self.path / "config.json").is_file() else {}
         base = adapter_base(self.path)
-        if config.get("losa_sparse") or (config.get("quantization_config") or {}).get("quant_method") == "losa_sparse":
+        if is_packed(config):
             if self.engine != "losa":
                 raise ValueError(f"{self.path} is a packed checkpoint: only the losa engine runs it")
             packing_block(config, self.path)

@@ -25,6 +25,8 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
     delete them)."""
     path = Path(path)
     for source in inputs:
+        if not Path(source).exists():  # a model alias, say: nothing on disk to lose
+            continue
         source = Path(source).resolve()
         if source == path.resolve() or path.resolve() in source.parents:
             raise LosaError(f"output {path} {'is' if source == path.resolve() else 'contains'} the input "
