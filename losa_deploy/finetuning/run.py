@@ -46,7 +46,7 @@ from ..models import (
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
-from ..utils.fs import atomic_dir, check_output_dir
+from ..utils.fs import atomic_dir, check_output_dir, json_text
 from . import distributed
 from .data import split_budget, training_examples
 from .methods import LosaSchedule, MethodConfig, prune_once
@@ -251,7 +251,7 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         info["achieved_sparsity"] = sidecar["global_sparsity"]
         info["pattern"] = sidecar["pattern"]
         full = {**report, **info, "settings": settings}
-        (tmp / "finetune.json").write_text(json.dumps(full, indent=2, default=str) + "\n")
+        (tmp / "finetune.json").write_text(json_text(full))
         from .plots import plot_finetune, plot_shears
 
         plot_finetune(full, tmp / "finetune.png")

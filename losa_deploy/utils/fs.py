@@ -113,8 +113,13 @@ def _umask() -> int:
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as handle:
-        json.dump(_finite(obj), handle, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
-        handle.write("\n")
+        handle.write(json_text(obj))
+
+
+def json_text(obj) -> str:
+    """``obj`` as indented strict JSON (NaN and infinities as null; numpy scalars, tensors and paths as
+    plain values), for files written inside an ``atomic_dir``."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
 
 
 def _finite(obj):
@@ -134,4 +139,4 @@ def _json_default(obj):
         return _finite(obj.item())
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    return str(obj)  # a dtype, say: a results file must not fail after the work it reports
