@@ -111,12 +111,13 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, train.seed, calib_slice, progress)
     lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code).to(dev)
     _check_not_unpruning(lm, target)
-    if windows is None:
+    kept = _kept_mask(lm, structure, target) if state is None and method.method != "losa" else None
+    # Only pruning reads calibration windows: LoSA's phases, or the one-shot prune of a fresh run.
+    if windows is None and (method.method == "losa" or (state is None and kept is None)):
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, train.seed, progress=progress)
     started = time.perf_counter()
     history, one_shot = [], None
     if state is None and method.method != "losa":
-        kept = _kept_mask(lm, structure, target)
         one_shot = prune_once(lm, method, windows, progress) if kept is None else kept
     inject_adapters(lm, method.adapter_config(), seed=train.seed)
     if state is not None:
