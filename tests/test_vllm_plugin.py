@@ -152,6 +152,31 @@ def test_tensor_parallel_loading_in_vllm_layers(tp, formats, rng, monkeypatch):
     torch.testing.assert_close(sum(outputs["down"]), h @ parts["down_proj"][1].T, rtol=1e-5, atol=1e-5)
 
 
+def test_bad_packed_weights_and_configs_name_the_problem(rng, monkeypatch):
+    """A corrupt packed tensor fails with the module's name (vLLM's own traceback does not give it), and a
+    quantization_config without its module table or with an unknown format is refused by from_config."""
+    _require_vllm()
+    from losa_deploy.engines.vllm_plugin.config import LosaSparseConfig
+
+    shapes = {"q_proj": (64, 64), "k_proj": (16, 64), "v_proj": (16, 64), "gate_proj": (172, 64),
+              "up_proj": (172, 64), "down_proj": (64, 172)}
+    parts = {name: ("bitmask", _pruned(*shape, "50%", rng)) for name, shape in shapes.items()}
+    layers = _vllm_layers(1, 0, parts, monkeypatch)
+    down = parts["down_proj"][1]
+    tensors = PACKERS["bitmask"](down).state_dict()
+    tensors["lb_row_ptr"] = tensors["lb_row_ptr"].flip(0)  # as a corrupt file would hold it
+    for name, tensor in tensors.items():
+        param = getattr(layers["down"], name)
+        param.weight_loader(param, tensor)
+    with pytest.raises(ValueError, match="losa_sparse: layers.0.down_proj is not a valid packed bitmask weight"):
+        layers["down"].quant_method.process_weights_after_loading(layers["down"])
+    block = {"format": "losa-bitmask", "format_version": 1}
+    with pytest.raises(ValueError, match="has no 'modules'"):
+        LosaSparseConfig.from_config(block)
+    with pytest.raises(ValueError, match=r"unknown packed format\(s\) \['foo'\]"):
+        LosaSparseConfig.from_config({**block, "modules": {"layers.0.down_proj": "foo"}})
+
+
 def test_gpu_layouts_built_once_and_applied(rng, monkeypatch):
     """On CUDA the method keeps each weight's GPU layout (the delta layout too, under LOSA_GPU_LAYOUT=delta)
     and ``apply`` runs it: checked here on the CPU, where sparse_linear takes the kernel weight out of it."""

@@ -28,6 +28,7 @@ FORMAT = "losa-bitmask"
 FORMAT_VERSION = 1
 # The tensor that marks a module's packed format in the checkpoint.
 _MARKERS = {"lb_values": "bitmask", "nm_values": "nm"}
+PACKED_FORMATS = tuple(_MARKERS.values())
 
 
 class LosaExporter(Exporter):

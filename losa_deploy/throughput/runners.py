@@ -152,8 +152,13 @@ class VLLMRunner:
         outputs = self.llm.generate(prompts, params(request["gen_len"]), use_tqdm=False)
         done = time.perf_counter()
         prefill = prefilled - start
-        return {"prefill_s": prefill, "decode_s": max(done - prefilled - prefill, 1e-9),
-                "tokens": list(outputs[0].outputs[0].token_ids)}
+        # vLLM gives no per-step times: decode is the long run minus the prefill-only run. With few tokens,
+        # noise can make that negative: an error, not a made-up number (it printed 1.5e9 tokens/s).
+        decode = done - prefilled - prefill
+        if decode <= 0:
+            raise ValueError(f"vllm: {request['gen_len'] - 1} decode steps took no measurable time "
+                             f"({decode * 1e3:.2f} ms after subtracting the prefill); raise --gen-len")
+        return {"prefill_s": prefill, "decode_s": decode, "tokens": list(outputs[0].outputs[0].token_ids)}
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()

@@ -108,7 +108,11 @@ class LosaSparseLinearMethod(LinearMethodBase):
         state = {name: tensor for (s, name), tensor in layer.losa_loaded.items() if s == shard}
         if not state:
             raise ValueError(f"losa_sparse: the checkpoint has no packed weight for {layer.prefix} part {shard}")
-        return _READERS[fmt](state)
+        try:
+            return _READERS[fmt](state)
+        except LosaError as exc:  # name the module: vLLM's traceback does not
+            part = "" if shard is None else f" part {shard}"
+            raise ValueError(f"losa_sparse: {layer.prefix}{part} is not a valid packed {fmt} weight: {exc}") from None
 
 
 def _loader(layer: torch.nn.Module, name: str):
