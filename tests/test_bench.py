@@ -142,3 +142,20 @@ def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path):
     assert "| table | one |" not in second and "| table | two |" in second
     assert second.index("| table | two |") < second.index(mark) < second.index("my notes on run one")
     assert second.count(section) == 1 and "kept A" in second and second.endswith("## After\n\nkept B\n")
+
+
+def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
+    # decode = (prefill + gen_len tokens) - (prefill + 1 token): timing noise can make it negative, which
+    # must not become a clamped 1 ns (billions of tokens/s in the table).
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from losa_deploy.throughput import runners
+
+    ticks = iter([0.0, 1.0, 1.9])  # prefill 1.0 s, then the whole run took 0.9 s
+    monkeypatch.setattr(runners.time, "perf_counter", lambda: next(ticks))
+    output = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2])])
+    runner = runners.VLLMRunner(None, "bf16", None, 1, 4, 16)
+    runner.llm = SimpleNamespace(generate=lambda *args, **kwargs: [output])
+    with pytest.raises(ValueError, match="no measurable time"):
+        runner.measure({"prompts": [[1, 2, 3]], "gen_len": 4})
