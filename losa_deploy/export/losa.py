@@ -18,6 +18,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..errors import LosaError
 from ..runtime.sparse_linear import pack_weight
 from .base import Exporter
 from .source import PackSource
@@ -59,3 +60,19 @@ def packing_config(out: Path) -> dict:
                 if leaf in _MARKERS:
                     modules[module] = _MARKERS[leaf]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": dict(sorted(modules.items()))}
+
+
+def check_packing_block(block: dict, where: str) -> dict[str, str]:
+    """The module -> packed format table of a ``losa_sparse`` block, checked: this format and version, a
+    table, known formats. ``where`` starts the message (the checkpoint, or the vLLM plugin's name)."""
+    if block.get("format") != FORMAT or block.get("format_version") != FORMAT_VERSION:
+        raise LosaError(f"{where}: packed format {block.get('format')} v{block.get('format_version')} is not "
+                        f"{FORMAT} v{FORMAT_VERSION}")
+    modules = block.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise LosaError(f"{where}: the losa_sparse block has no 'modules' (packed module -> format)")
+    unknown = sorted(set(modules.values()) - set(PACKED_FORMATS))
+    if unknown:
+        raise LosaError(f"{where}: unknown packed format(s) {unknown} in the losa_sparse modules (known: "
+                        f"{', '.join(PACKED_FORMATS)})")
+    return modules

@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
-# safetensors' dtype names.
-_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-}
+from ..models.checkpoint import SAFETENSORS_DTYPES
+
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ALIGN = 8  # header padded with spaces so the data starts 8-byte aligned (what safetensors writes)
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 

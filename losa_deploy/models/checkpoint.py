@@ -62,7 +62,24 @@ def weight_files(path: Path) -> list[Path]:
     return st if st else sorted(path.glob("pytorch_model*.bin"))
 
 
-_ST_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors' dtype names (the writer in export/writer.py uses the same table).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_WEIGHT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)  # what our commands write
+
+
+def _safetensors_header(file: Path) -> tuple[int, dict]:
+    """(header length, the tensors' entries) of a safetensors file, read from its first bytes only."""
+    with open(file, "rb") as raw:
+        header_len = int.from_bytes(raw.read(8), "little")
+        if header_len > file.stat().st_size - 8:
+            raise ValueError("header length exceeds the file size")
+        header = json.loads(raw.read(header_len))
+    return header_len, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
@@ -72,11 +89,9 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     for file in weight_files(Path(path)):
         if file.suffix != ".safetensors":
             break
-        with open(file, "rb") as raw:
-            header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
-        for key, entry in header.items():
-            if key != "__metadata__" and entry["dtype"] in _ST_FLOATS:
-                dtype = _ST_FLOATS[entry["dtype"]]
+        for entry in _safetensors_header(file)[1].values():
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype in _WEIGHT_DTYPES:
                 counts[dtype] = counts.get(dtype, 0) + math.prod(entry["shape"])
     if counts:
         return max(counts, key=counts.get)
@@ -124,11 +139,6 @@ def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False, p
     return config
 
 
-# Bytes per element of the safetensors dtypes we can size (others are only checked to lie in the file).
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
 def is_packed(config: dict) -> bool:
     """Whether config.json describes our packed format (``losa`` writes the block, ``vllm`` a quant method)."""
     return "losa_sparse" in config or (config.get("quantization_config") or {}).get("quant_method") == "losa_sparse"
@@ -141,17 +151,12 @@ def check_safetensors(file: str | os.PathLike) -> None:
     file = Path(file)
     try:
         size = file.stat().st_size
-        with open(file, "rb") as raw:
-            header_len = int.from_bytes(raw.read(8), "little")
-            if size < 8 or header_len > size - 8:
-                raise ValueError("header length exceeds the file size")
-            header = json.loads(raw.read(header_len))
-        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        header_len, entries = _safetensors_header(file)
         for key, entry in entries.items():
             begin, end = entry["data_offsets"]
             numel = math.prod(entry["shape"])
-            itemsize = _ST_ITEMSIZE.get(entry["dtype"])
-            if not 0 <= begin <= end or (itemsize is not None and end - begin != numel * itemsize):
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])  # others are only checked to lie in the file
+            if not 0 <= begin <= end or (dtype is not None and end - begin != numel * dtype.itemsize):
                 raise ValueError(f"tensor {key}: {entry['dtype']} {entry['shape']} does not fit bytes {begin}..{end}")
         data_end = max((v["data_offsets"][1] for v in entries.values()), default=0)
     except OSError as exc:

@@ -28,7 +28,7 @@ _PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's bloc
 
 def packing_block(config: dict, path: Path) -> dict:
     """The block of config.json that lists the packed modules (see :mod:`losa_deploy.export.losa`)."""
-    from ..export.losa import FORMAT, FORMAT_VERSION
+    from ..export.losa import check_packing_block
 
     block = config.get("losa_sparse")
     quant = config.get("quantization_config") or {}
@@ -37,11 +37,7 @@ def packing_block(config: dict, path: Path) -> dict:
     if block is None:
         raise LosaError(f"{path} is not a packed checkpoint (no losa_sparse block in config.json); pack it "
                         "with `losa-deploy pack --format losa`, or open a plain one with load_model")
-    if block.get("format") != FORMAT or block.get("format_version") != FORMAT_VERSION:
-        raise LosaError(f"{path}: packed format {block.get('format')} v{block.get('format_version')} is not "
-                        f"{FORMAT} v{FORMAT_VERSION}")
-    if any(fmt not in _READERS for fmt in block["modules"].values()):
-        raise LosaError(f"{path}: unknown packed module format in {sorted(set(block['modules'].values()))}")
+    check_packing_block(block, str(path))
     return block
 
 

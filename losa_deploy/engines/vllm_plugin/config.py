@@ -9,7 +9,7 @@ from vllm.model_executor.layers.linear import LinearBase, QKVParallelLinear, Unq
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ...export.losa import FORMAT, FORMAT_VERSION, PACKED_FORMATS
+from ...export.losa import check_packing_block
 from . import QUANT_METHOD
 
 
@@ -41,17 +41,7 @@ class LosaSparseConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LosaSparseConfig:
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"losa_sparse: expected format {FORMAT} v{FORMAT_VERSION}, got "
-                             f"{config.get('format')} v{config.get('format_version')}")
-        modules = config.get("modules")
-        if not isinstance(modules, dict) or not modules:
-            raise ValueError("losa_sparse: quantization_config has no 'modules' (packed module -> format)")
-        unknown = sorted({fmt for fmt in modules.values()} - set(PACKED_FORMATS))
-        if unknown:
-            raise ValueError(f"losa_sparse: unknown packed format(s) {unknown} in quantization_config.modules "
-                             f"(known: {', '.join(PACKED_FORMATS)})")
-        return cls(dict(modules))
+        return cls(dict(check_packing_block(config, QUANT_METHOD)))  # LosaError is a ValueError
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Follow vLLM's renames of checkpoint module paths (e.g. a prefix some models add)."""
