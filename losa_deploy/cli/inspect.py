@@ -15,6 +15,7 @@ def add_arguments(parser) -> None:
 def run(args) -> dict:
     from ..models import resolve_model
     from ..sparsity.report import inspect_checkpoint
+
     report = inspect_checkpoint(resolve_model(args.model), args.trust_remote_code)
     rows = [[r["name"], "x".join(map(str, r["shape"])), f"{100 * r['sparsity']:.2f}%", r["pattern"]]
             for r in report["layers"]]

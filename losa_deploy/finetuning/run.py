@@ -110,8 +110,10 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     if calib != SELF:
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, train.seed, calib_slice, progress)
     lm = load_model(path, dtype="fp32", trust_remote_code=trust_remote_code).to(dev)
-    _check_not_unpruning(lm, target)
-    kept = _kept_mask(lm, structure, target) if state is None and method.method != "losa" else None
+    weights = [m.weight for m in get_architecture(lm).linears(lm).values()]
+    current = global_sparsity(weights)
+    _check_not_unpruning(current, target)
+    kept = _kept_mask(weights, current, structure, target) if state is None and method.method != "losa" else None
     # Only pruning reads calibration windows: LoSA's phases, or the one-shot prune of a fresh run.
     if windows is None and (method.method == "losa" or (state is None and kept is None)):
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, train.seed, progress=progress)
@@ -172,20 +174,21 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     return report
 
 
-def _check_not_unpruning(lm, target: float) -> None:
+# How far a model's sparsity may sit from the target and still count as pruned to it: rounding per row.
+AT_TARGET = 0.005
+
+
+def _check_not_unpruning(current: float, target: float) -> None:
     """Pruning only removes weights: a target below the model's present sparsity cannot be reached."""
-    current = global_sparsity(m.weight for m in get_architecture(lm).linears(lm).values())
-    if current > target + 0.005:
+    if current > target + AT_TARGET:
         raise LosaError(f"the model is already {100 * current:.2f}% sparse: a target of {100 * target:.2f}% "
                         "would un-prune it (give a target at least as high)")
 
 
-def _kept_mask(lm, structure, target: float) -> dict | None:
+def _kept_mask(weights: list, current: float, structure, target: float) -> dict | None:
     """A model pruned to the target already (say by `prune`, with any allocation) keeps its own zeros: the
     one-shot prune would otherwise re-prune it uniformly and move its mask. None where it must be pruned."""
-    weights = [m.weight for m in get_architecture(lm).linears(lm).values()]
-    current = global_sparsity(weights)
-    if abs(current - target) > 0.005:  # the tolerance of _check_not_unpruning: rounding per row
+    if abs(current - target) > AT_TARGET:
         return None
     if structure.kind == "nm" and not all(is_nm(w, structure.n, structure.m) for w in weights):
         return None

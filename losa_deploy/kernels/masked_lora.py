@@ -272,10 +272,7 @@ def masked_lora_linear(x, weight, mask, lora_A, lora_B, scale, bias=None, dropou
     accumulation are fp32 (fp64 when computing in fp64); y comes out in the compute dtype.
     """
     compute = _compute_dtype(x)
-    d, k, words = _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute)
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (d,)):
-        raise LosaError(f"masked_lora_linear: bias must be a [{d}] tensor, got "
-                        f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    d, k, words = _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute, bias)
     chosen = resolve_backend(x.device, compute, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).to(compute).contiguous()
@@ -310,7 +307,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute):
+def _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute, bias):
     """Shapes, dtypes and devices, as LosaError; returns (d, k, mask words)."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -340,6 +337,9 @@ def _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute):
         raise LosaError(f"masked_lora_linear: scale must be a finite number, got {scale!r}")
     if not 0.0 <= dropout < 1.0:
         raise LosaError(f"masked_lora_linear: dropout must be in [0, 1), got {dropout}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (d,)):
+        raise LosaError(f"masked_lora_linear: bias must be a [{d}] tensor, got "
+                        f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
     return d, k, mask_words(mask, (d, k), x.device)
 
 

@@ -168,4 +168,5 @@ class SparseLinear(nn.Module):
             self._set_packed(packed.replace(**{k: v.to(device, dtype) if k == "values" else v.to(device)
                                                for k, v in packed.tensors().items()}))
 
+
 __all__ = ["FORMATS", "SparseLinear", "choose_format", "pack_weight"]
