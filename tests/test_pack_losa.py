@@ -120,3 +120,24 @@ def test_load_refuses_missing_packed_tensors(packed, tmp_path):
     save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LosaError, match="no packed tensors for model.layers.2.mlp.up_proj"):
         ld.load(broken)
+
+
+@pytest.mark.parametrize("which", ["packed values", "plain tensor"])
+def test_load_refuses_non_finite_weights(packed, tmp_path, which):
+    """A NaN written into a packed checkpoint after ``pack`` (which refuses them) would only show as NaN
+    logits; load names the tensor instead, packed values and plain tensors alike."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = packed
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "losa", broken)
+    state = load_file(broken / "model.safetensors")
+    values = sorted(k for k in state if k.endswith(("lb_values", "nm_values")))
+    key = values[len(values) // 2] if which == "packed values" else "model.norm.weight"
+    state[key] = state[key].clone()
+    state[key].view(-1)[state[key].numel() // 2] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LosaError, match=f"{key} holds NaN or Inf values"):
+        ld.load(broken)

@@ -170,6 +170,13 @@ def test_bad_packed_weights_and_configs_name_the_problem(rng, monkeypatch):
         param.weight_loader(param, tensor)
     with pytest.raises(ValueError, match="losa_sparse: layers.0.down_proj is not a valid packed bitmask weight"):
         layers["down"].quant_method.process_weights_after_loading(layers["down"])
+    tensors = PACKERS["bitmask"](down).state_dict()
+    tensors["lb_values"][3] = float("inf")  # values are checked at serve time too: pack is not the only writer
+    for name, tensor in tensors.items():
+        param = getattr(layers["down"], name)
+        param.weight_loader(param, tensor)
+    with pytest.raises(ValueError, match="layers.0.down_proj is not a valid packed bitmask weight: .*NaN or Inf"):
+        layers["down"].quant_method.process_weights_after_loading(layers["down"])
     block = {"format": "losa-bitmask", "format_version": 1}
     with pytest.raises(ValueError, match="has no 'modules'"):
         LosaSparseConfig.from_config(block)

@@ -16,13 +16,11 @@ import torch
 
 from ..errors import LosaError
 from ..kernels.dispatch import BACKENDS
-from ..kernels.formats.bitmask import BitmaskWeight
-from ..kernels.formats.nm import NMWeight
+from ..kernels.formats import read_packed
 from ..models.checkpoint import check_checkpoint, parse_dtype
 from ..models.tensors import iter_tensors
 from .sparse_linear import SparseLinear
 
-_READERS = {"bitmask": BitmaskWeight.from_state_dict, "nm": NMWeight.from_state_dict}
 _PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's block, the vllm format's
 
 
@@ -63,6 +61,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in iter_tensors(path):
         module, _, leaf = key.rpartition(".")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
         if module in modules and leaf != "bias":
             parts[module][key] = tensor
         elif model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
@@ -70,7 +70,10 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     for name, fmt in modules.items():
         if name not in parts:
             raise LosaError(f"{path} has no packed tensors for {name}")
-        packed = _READERS[fmt](parts.pop(name), prefix=name)
+        try:
+            packed = read_packed(fmt, parts.pop(name), prefix=name)
+        except LosaError as exc:
+            raise LosaError(f"{path}: {exc}") from None
         parent_name, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
         if packed.shape != (linear.out_features, linear.in_features):

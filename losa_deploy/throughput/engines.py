@@ -40,8 +40,11 @@ class Engine:
     dtypes: tuple[str, ...] = ("bf16", "fp32")
     batch1_only = False
 
+    def check(self, model: Path) -> None:
+        """Refuse, quickly and before any worker starts, a model this engine cannot run."""
+
     def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
-        """The folder the worker opens (default: the model itself)."""
+        """The folder the worker opens (default: the model itself); may pack the model (slow)."""
         return model
 
     def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
@@ -56,10 +59,9 @@ class Engine:
 class TorchEngine(Engine):
     name = "torch"
 
-    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+    def check(self, model: Path) -> None:
         if _is_packed(model):
             raise LosaError(f"engine torch runs plain HF checkpoints; {model} is packed (use --engine losa)")
-        return model
 
 
 class LosaEngine(Engine):
@@ -69,9 +71,12 @@ class LosaEngine(Engine):
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+    def check(self, model: Path) -> None:
         if adapter_base(model) is not None:
             raise LosaError(f"engine vllm: {model} is an unmerged LoRA adapter; bench its merged model instead")
+        _check_vllm_cpu_head_size(model)
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
         if _is_packed(model) or _global_sparsity(model) < SPARSE_FROM:
             return model
         return packed(model, "vllm", dtype, progress)
@@ -107,15 +112,17 @@ class OnnxEngine(Engine):
                             "LOSA_DEEPSPARSE_PYTHON")
         return str(python)
 
-    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+    def check(self, model: Path) -> None:
         self.python()
         if adapter_base(model) is not None:
             raise LosaError(f"engine {self.name}: {model} is an unmerged LoRA adapter; bench its merged model")
-        if (model / "model.onnx").is_file():
-            return model
-        if _is_packed(model):
+        if not (model / "model.onnx").is_file() and _is_packed(model):
             raise LosaError(f"engine {self.name} needs a plain HF checkpoint or a deepsparse-format folder, "
                             f"not the packed {model}")
+
+    def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
+        if (model / "model.onnx").is_file():
+            return model
         return packed(model, "deepsparse", "fp32", progress)
 
     def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
@@ -137,6 +144,28 @@ def get_engine(name: str) -> Engine:
         return ENGINES[name]
     except KeyError:
         raise LosaError(f"unknown engine '{name}' (choose from {', '.join(ENGINES)})") from None
+
+
+# The head sizes vllm-cpu 0.32's attention takes (CPUAttentionBackend.get_supported_head_sizes). Asking
+# vLLM costs an import of 10 s or more; not asking, a refusal about 20 s into the engine's start-up.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _check_vllm_cpu_head_size(model: Path) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..models.checkpoint import read_config
+
+    try:
+        version("vllm-cpu")
+    except PackageNotFoundError:
+        return  # a GPU vLLM build: its attention backends take other sizes, and it checks them itself
+    config = read_config(model)
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    head_size = config.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
+        raise LosaError(f"engine vllm: {model} has attention head size {head_size}; vLLM's CPU attention takes "
+                        f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}")
 
 
 def _is_packed(model: Path) -> bool:

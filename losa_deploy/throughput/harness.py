@@ -121,6 +121,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         run_dtype = cell_dtype or dtype
         if run_dtype not in engine.dtypes:
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
+        engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
         cells.append(Cell(spec, paths[spec], engine, run_dtype))
     prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment

@@ -28,6 +28,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ...errors import LosaError
 from ...kernels.dispatch import _kernel_isa, kernel_weight, sparse_linear
+from ...kernels.formats import read_packed
 from ...kernels.formats.bitmask import BitmaskWeight
 from ...kernels.formats.gpu import model_gpu_layout
 from ...kernels.formats.nm import NMWeight
@@ -43,7 +44,6 @@ _COMPONENTS = {
     "nm": {"nm_shape": torch.int64, "nm_pattern": torch.int64, "nm_values": None, "nm_mask": torch.uint8,
            "nm_n": torch.uint8},
 }
-_READERS = {"bitmask": BitmaskWeight.from_state_dict, "nm": NMWeight.from_state_dict}
 
 
 class LosaSparseLinearMethod(LinearMethodBase):
@@ -109,7 +109,7 @@ class LosaSparseLinearMethod(LinearMethodBase):
         if not state:
             raise ValueError(f"losa_sparse: the checkpoint has no packed weight for {layer.prefix} part {shard}")
         try:
-            return _READERS[fmt](state)
+            return read_packed(fmt, state)
         except LosaError as exc:  # name the module: vLLM's traceback does not
             part = "" if shard is None else f" part {shard}"
             raise ValueError(f"losa_sparse: {layer.prefix}{part} is not a valid packed {fmt} weight: {exc}") from None
