@@ -55,12 +55,16 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
 
     Every input is checked before the model is loaded, so bad input fails in a second.
     """
+    if data == SELF and (data_slice is not None or text_field is not None):
+        raise LosaError("--slice and --text-field select from a data file; they do not apply to --data self")
+    if max_windows is not None and max_windows < 1:
+        raise LosaError(f"max-windows must be positive, got {max_windows}")
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
     ctx = context_length(config)
-    seqlen = seqlen or min(2048, ctx)
-    if seqlen > ctx:
-        raise LosaError(f"seqlen {seqlen} is longer than the model's context ({ctx} tokens)")
+    seqlen = min(2048, ctx) if seqlen is None else seqlen
+    if not 2 <= seqlen <= ctx:
+        raise LosaError(f"seqlen {seqlen} must be between 2 and the model's context ({ctx} tokens)")
     tokenizer = load_tokenizer(path, trust_remote_code)
     windows = None
     if data != SELF:
@@ -68,9 +72,11 @@ def evaluate(model: str | os.PathLike, data: str, seqlen: int | None = None, max
         windows = eval_windows(tokenize_text(tokenizer, source.as_text()), seqlen, max_windows)
     lm = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
     if windows is None:
-        windows = self_generate(lm, tokenizer, nsamples, seqlen, seed=seed, progress=progress)
+        n = nsamples if max_windows is None else min(nsamples, max_windows)
+        windows = self_generate(lm, tokenizer, n, seqlen, seed=seed, progress=progress)
     result = perplexity(lm, windows, batch_size=batch_size, progress=progress)
-    return {**result, "model": str(path), "data": str(data), "slice": data_slice or "0:1", "dtype": dtype}
+    return {**result, "model": str(path), "data": str(data), "slice": None if data == SELF else (data_slice or "0:1"),
+            "dtype": dtype}
 
 
 def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float | None = None,

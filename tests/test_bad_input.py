@@ -62,7 +62,20 @@ def test_empty_data_file(cli, stories_dir, tmp_path):
 def test_seqlen_longer_than_context(cli, stories_dir, tinystories, tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     result = cli("eval", stories_dir, "--data", tinystories, "--seqlen", 1024, "--json", tmp_path / "out.json")
-    _assert_clean_failure(result, tmp_path, before, "longer than the model's context (512")
+    _assert_clean_failure(result, tmp_path, before, "and the model's context (512 tokens)")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--seqlen", "1"], "seqlen 1 must be between 2"),
+    (["--slice", "0:0.5"], "do not apply to --data self"),
+    (["--text-field", "body"], "do not apply to --data self"),
+], ids=["seqlen-1", "slice", "text-field"])
+def test_eval_self_refuses_what_it_cannot_apply(cli, stories_dir, tmp_path, args, match):
+    """--data self samples its own windows: a 1-token window divided by zero after sampling, and a slice
+    or text field was ignored while the JSON reported it."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("eval", stories_dir, "--data", "self", *args, "--json", tmp_path / "out.json")
+    _assert_clean_failure(result, tmp_path, before, match)
 
 
 def test_usage_errors_are_one_line(cli, tmp_path):

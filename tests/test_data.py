@@ -1,6 +1,7 @@
 """Data sources, slices, windows, instruction examples and self-generated calibration."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -98,10 +99,11 @@ def test_instruction_examples_mask_the_prompt(stories, assets):
     examples = read_source(assets / "data" / "alpaca-700.json").examples[:6]
     items = tokenize_examples(tok, examples, max_len=512, response_only=True)
     for ex, item in zip(examples, items):
+        # trained on exactly the tokens of the rendered text (then EOS), not prompt and response apart
+        assert item.input_ids.tolist() == tok(ex.prompt + ex.response)["input_ids"] + [tok.eos_token_id]
         n_prompt = len(tok(ex.prompt)["input_ids"])
         assert (item.labels[:n_prompt] == IGNORE_INDEX).all()
         assert torch.equal(item.labels[n_prompt:], item.input_ids[n_prompt:])
-        assert item.input_ids[-1].item() == tok.eos_token_id
     full = tokenize_examples(tok, examples, max_len=512, response_only=False)
     assert all(torch.equal(f.labels, f.input_ids) for f in full)
     batch = collate(items[:3], pad_id=0)
@@ -159,3 +161,30 @@ def test_top_p_sampler_draws_from_the_nucleus(rng, scale):
     again = _sample(logits.expand(draws, vocab), 1.0, top_p,
                     [torch.Generator().manual_seed(seed + i) for i in range(draws)]).flatten()
     assert torch.equal(tokens, again)  # seeded
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"instruction": None, "output": "x"}, "record 2 has a non-text 'instruction' (null)"),
+    ({"instruction": 5, "output": "x"}, "record 2 has a non-text 'instruction' (int)"),
+    ({"instruction": "a", "input": 7, "output": "x"}, "record 2 has a non-text 'input' (int)"),
+    ({"instruction": "a", "output": None}, "record 2 has a non-text 'output' (null)"),
+], ids=["null-instruction", "int-instruction", "int-input", "null-output"])
+def test_malformed_instruction_records_are_refused(tmp_path, record, message):
+    """A record whose field is not text names itself (it was a traceback, or a null output trained as the
+    text "None"); a null input is an absent one."""
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([{"instruction": "Say hi.", "input": None, "output": "Hi."}, record]))
+    with pytest.raises(LosaError, match=re.escape(message)):
+        read_source(path)
+    path.write_text(json.dumps([{"instruction": "Say hi.", "input": None, "output": "Hi."}]))
+    (example,) = read_source(path).examples
+    assert example.response == "Hi." and "### Input" not in example.prompt
+
+
+def test_null_text_fields_are_skipped_not_read_as_none(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "one story"}\n{"text": null}\n{"other": 1}\n{"text": "two"}\n')
+    assert read_source(path).as_text() == "one story\n\ntwo"
+    path.write_text('{"text": "one"}\n{"text": 3}\n')
+    with pytest.raises(LosaError, match="record 2 has a non-text 'text' \\(int\\)"):
+        read_source(path)

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+import losa_deploy as ld
 from losa_deploy.eval import perplexity
 from losa_deploy.models import load_model
 
@@ -49,3 +50,9 @@ def test_random_init_model_is_near_uniform(stories_dir, tinystories, tmp_path, c
     assert cli("eval", tmp_path / "random", "--data", tinystories, "--seqlen", 256, "--max-windows", 20,
                "--json", out, "--no-progress")[0] == 0
     assert json.loads(out.read_text())["ppl"] > 300
+
+
+def test_self_data_scores_at_most_max_windows(stories_dir):
+    result = ld.evaluate(stories_dir, "self", seqlen=16, nsamples=3, max_windows=2, progress=False)
+    assert result["windows"] == 2 and result["seqlen"] == 16 and result["slice"] is None
+    assert math.isfinite(result["ppl"]) and result["ppl"] > 1

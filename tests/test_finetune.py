@@ -68,6 +68,8 @@ def test_losa_follows_the_schedule_and_merges_exactly(losa_run):
     assert sidecar["checks"]["merged_zero_pattern_equals_mask"] is True
     assert (out / "finetune.png").stat().st_size > 0 and (out / "adapter" / "adapter_config.json").is_file()
     assert not Path(f"{out}.ckpt").exists()
+    written = json.loads((out / "finetune.json").read_text())
+    assert written["final_eval_ppl"] == report["final_eval_ppl"] == phases[-1]["eval_ppl"]
 
 
 def test_merge_command_rebuilds_the_output_bit_for_bit(losa_run, cli, tmp_path):
@@ -239,8 +241,18 @@ def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):
     (["--method", "qlora", "--sparsity", "0.5"], "unknown fine-tuning method"),
     (["--sparsity", "0.5", "--max-rank", "8"], "exceeds max_rank"),
     (["--sparsity", "0.5", "--budget-tokens", "99999999"], "exceeds"),
-])
+    (["--sparsity", "0.5", "--seqlen", "1"], "--seqlen (calibration windows) must be at least 2"),
+    (["--sparsity", "0.5", "--calib-slice", "0:0.5"], "--calib-slice selects part of the --calib file, and --calib is self"),
+    (["--sparsity", "0.5", "--eval-slice", "9:1"], "slice"),
+    (["--sparsity", "0.5", "--eval-slice", "0.8:1"], "--eval-slice selects part of the --eval-data file, and "
+                                                      "--eval-data is not given"),
+    (["--method", "shears", "--sparsity", "0.5", "--eval-data", "EVAL", "--search-slice", "0.8:0.9"],
+     "--search-slice selects part of the --search-data file"),
+    (["--method", "sparse-lora", "--sparsity", "0.5", "--search-data", "EVAL"], "--method sparse-lora has no search"),
+], ids=["method", "max-rank", "budget", "seqlen-1", "calib-slice-self", "bad-slice", "eval-slice-alone",
+        "search-slice-alone", "search-data-not-shears"])
 def test_bad_settings_are_refused(cli, stories_dir, tinystories, tmp_path, extra, match):
     before = sorted(p.name for p in tmp_path.iterdir())
+    extra = [tinystories if a == "EVAL" else a for a in extra]
     args = ["finetune", stories_dir, "-o", tmp_path / "o", "--data", tinystories, "--no-progress", *extra]
     _assert_refused(cli(*args), tmp_path, before, match)

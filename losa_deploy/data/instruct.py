@@ -20,22 +20,32 @@ class TokenizedExample:
 
 def tokenize_examples(tokenizer, examples: list[Example], max_len: int,
                       response_only: bool = True) -> list[TokenizedExample]:
-    """Tokenize prompt and response separately so the prompt/response boundary is exact."""
+    """Tokenize each example as the one text ``prompt + response`` (what generation and ``eval`` see),
+    then EOS. With ``response_only`` the labels skip the prompt: the tokens the full text shares with
+    the prompt alone. Tokenizing the two apart would start the response with a word-start token that the
+    joined text never has (SentencePiece's prefix space)."""
     out = []
     for ex in examples:
+        ids = tokenizer(ex.prompt + ex.response, add_special_tokens=True, verbose=False)["input_ids"]
         prompt = tokenizer(ex.prompt, add_special_tokens=True, verbose=False)["input_ids"]
-        response = tokenizer(ex.response, add_special_tokens=False, verbose=False)["input_ids"]
+        n_prompt = _common_prefix(ids, prompt)  # a token merged across the boundary counts as response
         if tokenizer.eos_token_id is not None:
-            response = response + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_len]
-        labels = ([IGNORE_INDEX] * len(prompt) if response_only else list(prompt)) + response
-        labels = labels[:max_len]
+            ids = ids + [tokenizer.eos_token_id]
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:] if response_only else list(ids)
+        ids, labels = ids[:max_len], labels[:max_len]
         if len(ids) < 2 or all(label == IGNORE_INDEX for label in labels[1:]):
             continue  # nothing to learn from: the response was cut off entirely
         out.append(TokenizedExample(torch.tensor(ids), torch.tensor(labels)))
     if not out:
         raise LosaError(f"no usable examples: every response is empty or cut off at max length {max_len}")
     return out
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def collate(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

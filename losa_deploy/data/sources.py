@@ -82,18 +82,33 @@ def _from_records(path: Path, records, text_field: str | None, template: PromptT
     if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
         raise LosaError(f"data file {path} must hold a list of JSON objects")
     if text_field is None and all("instruction" in r and "output" in r for r in records):
-        examples = [Example(template.render(r["instruction"], r.get("input", "")), str(r["output"]))
-                    for r in records if str(r["output"]).strip()]
+        examples = [Example(template.render(r["instruction"], r.get("input") or ""), r["output"])
+                    for r in _checked_instructions(path, records) if r["output"].strip()]
         if not examples:
             raise LosaError(f"data file {path} has no usable examples (every output is empty)")
         return TextSource(str(path), examples=examples)
     key = text_field or next((k for k in TEXT_FIELDS if k in records[0]), None)
     if key is None:
         raise LosaError(f"data file {path}: no text field found (tried {', '.join(TEXT_FIELDS)}; pass --text-field)")
-    texts = [str(r[key]) for r in records if str(r.get(key, "")).strip()]
+    for n, r in enumerate(records, 1):
+        if not isinstance(r.get(key), (str, type(None))):
+            raise LosaError(f"data file {path}: record {n} has a non-text '{key}' ({type(r[key]).__name__})")
+    texts = [r[key] for r in records if (r.get(key) or "").strip()]  # missing or null: no text
     if not texts:
         raise LosaError(f"data file {path} has no non-empty '{key}' field")
     return TextSource(str(path), text="\n\n".join(texts))
+
+
+def _checked_instructions(path: Path, records: list[dict]) -> list[dict]:
+    """Alpaca records whose fields are text: ``instruction`` and ``output`` strings, ``input`` a string,
+    null or absent (a null must not train as the text "None")."""
+    for n, r in enumerate(records, 1):
+        for name, optional in (("instruction", False), ("input", True), ("output", False)):
+            value = r.get(name)
+            if not isinstance(value, str) and not (optional and value is None):
+                kind = "null" if value is None else type(value).__name__
+                raise LosaError(f"data file {path}: record {n} has a non-text '{name}' ({kind})")
+    return records
 
 
 def parse_slice(spec: str | None) -> tuple[float, float]:

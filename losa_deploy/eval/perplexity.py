@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import LosaError
 from ..kernels.attention import fast_attention
 
 
@@ -21,6 +22,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     """Score ``windows [n, seqlen]``; returns ``ppl``, ``nll``, ``seqlen``, ``windows``, ``tokens``."""
     device = next(model.parameters()).device
     n, seqlen = windows.shape
+    if n == 0 or seqlen < 2:
+        raise LosaError(f"perplexity needs at least one window of 2 or more tokens, got {n} x {seqlen}")
     total_nll = 0.0
     bar = tqdm(total=n, desc="perplexity", unit="win", disable=not progress)
     with fast_attention(model):

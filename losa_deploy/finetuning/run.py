@@ -72,6 +72,10 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     progress = progress and rank == 0
     structure, target = method.checked()
     train.checked()
+    _check_data_options(method, {"--data-slice": ("--data", data, data_slice),
+                                 "--calib-slice": ("--calib", calib, calib_slice),
+                                 "--eval-slice": ("--eval-data", eval_data, eval_slice),
+                                 "--search-slice": ("--search-data", search_data, search_slice)})
     path = resolve_model(model)
     config = check_checkpoint(path, trust_remote_code)
     if method.method == "shears":
@@ -84,7 +88,9 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         sources = (data, eval_data, calib, search_data)
         check_output_dir(output, overwrite, inputs=(path, model, *(p for p in sources if p not in (None, SELF))))
     ctx = context_length(config)
-    seqlen = seqlen or min(train.max_len, ctx)
+    seqlen = min(train.max_len, ctx) if seqlen is None else seqlen
+    if seqlen < 2:
+        raise LosaError(f"--seqlen (calibration windows) must be at least 2, got {seqlen}")
     if max(seqlen, train.max_len) > ctx:
         raise LosaError(f"sequence length {max(seqlen, train.max_len)} is longer than the model's context ({ctx})")
     tokenizer = load_tokenizer(path, trust_remote_code)
@@ -164,14 +170,30 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
         report["shears"] = chosen
         if ev is not None:
             chosen["eval_ppl"] = perplexity(lm, ev, progress=False)["ppl"]
+    if ev is not None:  # before the write, so that OUT/finetune.json has it too
+        report["final_eval_ppl"] = history[-1]["eval_ppl"] if shears is None else chosen["eval_ppl"]
     if rank == 0:
         report.update(_write_output(lm, tokenizer, path, output, method, report, settings, overwrite or resuming,
                                     save_base))
-        if ev is not None:
-            report["final_eval_ppl"] = history[-1]["eval_ppl"] if shears is None else chosen["eval_ppl"]
         remove_checkpoint(ckpt)
     distributed.barrier()
     return report
+
+
+def _check_data_options(method: MethodConfig, slices: dict[str, tuple[str, str | None, str | None]]) -> None:
+    """Every slice parses and has a file to select from (one without was ignored silently), and the
+    search's data goes with the search: ``slices`` maps a slice flag to (its file's flag, file, slice)."""
+    for flag, (file_flag, source, spec) in slices.items():
+        if spec is None:
+            continue
+        parse_slice(spec)
+        if source is None or source == SELF:
+            given = "not given" if source is None else "self"
+            raise LosaError(f"{flag} selects part of the {file_flag} file, and {file_flag} is {given}")
+    _, search_data, search_slice = slices["--search-slice"]
+    if method.method != "shears" and (search_data is not None or search_slice is not None):
+        raise LosaError(f"--search-data and --search-slice choose Shears' sub-adapter; --method {method.method} "
+                        "has no search")
 
 
 # How far a model's sparsity may sit from the target and still count as pruned to it: rounding per row.
