@@ -8,7 +8,6 @@ default), or an already loaded model where noted.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -37,9 +36,10 @@ from .models import (
 )
 from .runtime import SparseLinear, sparsify_
 from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
+from .sparsity.allocation import MIN_RMI_WINDOWS
 from .sparsity.prune import PruneConfig, Structure, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
-from .utils.fs import check_output_dir, check_output_file
+from .utils.fs import check_output_dir, check_output_file, json_text
 
 
 def inspect(model: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -95,21 +95,25 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     """
     config = PruneConfig(method=method, sparsity=sparsity, structure=structure, allocation=allocation, lam=lam,
                          batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
-    config.checked()
+    parsed, _ = config.checked()
     if calib == SELF and data_slice is not None:
         raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
+    if allocation == "rmi" and min(nsamples, config.rmi_samples) < MIN_RMI_WINDOWS:
+        raise LosaError(f"RMI allocation compares blocks over calibration windows: it needs --nsamples >= "
+                        f"{MIN_RMI_WINDOWS}, got {nsamples}")
     path = resolve_model(model)
     model_config = check_checkpoint(path, trust_remote_code)
     # model too: for a .gguf file, path is its imported copy in the cache
-    check_output_dir(output, overwrite, inputs=(path, model, *([] if calib == SELF else [calib])))
+    inputs = (path, model, *([] if calib == SELF else [calib]), *([allocation] if config.is_file_allocation else []))
+    check_output_dir(output, overwrite, inputs=inputs)
     if plot is not None:
-        check_output_file(plot, "--plot")
+        check_output_file(plot, "--plot", inputs=inputs)
     ctx = context_length(model_config)
     seqlen = seqlen or min(2048, ctx)
     if not 2 <= seqlen <= ctx:
         raise LosaError(f"seqlen {seqlen} must be between 2 and the model's context ({ctx} tokens)")
     if config.is_file_allocation:
-        check_allocation_file(allocation, model_config)
+        check_allocation_file(allocation, model_config, parsed)
         if sparsity is not None and Structure.parse(structure).kind == "unstructured":
             raise LosaError(f"--sparsity {sparsity:g} does not apply with an allocation file: {allocation} sets "
                             "every layer's sparsity; leave --sparsity out")
@@ -118,6 +122,8 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     windows = None
     if config.needs_calibration and calib != SELF:
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, seed, data_slice, progress)
+    elif calib != SELF:  # not read (magnitude, fixed allocation), but a wrong path is still a mistake to report
+        slice_source(read_source(calib), *parse_slice(data_slice))
     lm = load_model(path, trust_remote_code=trust_remote_code)
     if config.needs_calibration and calib == SELF:
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, seed, progress=progress)
@@ -132,7 +138,7 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     if sidecar["checks"]["negative_zeros"]:
         raise RuntimeError("pruned weights hold -0.0: apply_mask should have scrubbed them")
     save_model(lm, output, tokenizer=tokenizer, overwrite=overwrite,
-               extra_files={SIDECAR: json.dumps(sidecar, indent=2) + "\n"})
+               extra_files={SIDECAR: json_text(sidecar)})
     if plot is not None:
         from .utils.plots import plot_layer_sparsity
 

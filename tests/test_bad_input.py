@@ -181,10 +181,24 @@ def test_finetune_options_fail_before_any_work(cli, stories_dir, tinystories, tm
     (["--method", "sparsegpt", "--sparsity", "0.5", "--percdamp", "-1"], "percdamp"),
     (["--method", "sparsegpt", "--sparsity", "0.5", "--percdamp", "nan"], "percdamp"),
     (["--method", "magnitude", "--sparsity", "0.7", "--allocation", "ALLOC"], "does not apply with an allocation"),
-])
+    (["--method", "wanda", "--sparsity", "0.5", "--allocation", "rmi", "--nsamples", "2"], "--nsamples >= 3"),
+    (["--method", "magnitude", "--structure", "mixed-2:4", "--allocation", "ALLOC30"], "not a whole N of M=4"),
+    (["--method", "magnitude", "--allocation", "HUGE"], "must be a number in [0, 1)"),
+    (["--method", "magnitude", "--allocation", "ALLOC04"], "'04' is neither a block index"),
+    (["--method", "magnitude", "--allocation", "ADIR"], "is a directory"),
+    (["--method", "magnitude", "--structure", "2:99999999999999999999"], "2 <= M <= 64"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--calib", "NOFILE"], "does not exist"),
+], ids=["percdamp-negative", "percdamp-nan", "sparsity-with-file", "rmi-2-windows", "file-off-grid",
+        "file-huge-int", "file-key-04", "file-is-dir", "huge-m", "unused-calib-missing"])
 def test_prune_options_fail_before_any_work(cli, stories_dir, tmp_path, args, match):
     (tmp_path / "alloc.json").write_text(json.dumps([0.5] * 5))
-    args = [str(tmp_path / "alloc.json") if a == "ALLOC" else a for a in args]
+    (tmp_path / "alloc30.json").write_text(json.dumps([0.3] * 5))
+    (tmp_path / "huge.json").write_text("[" + ", ".join(["1" + "0" * 400] * 5) + "]")
+    (tmp_path / "alloc04.json").write_text(json.dumps({"0": 0.5, "1": 0.5, "2": 0.5, "3": 0.5, "04": 0.5}))
+    (tmp_path / "adir").mkdir()
+    files = {"ALLOC": "alloc.json", "ALLOC30": "alloc30.json", "HUGE": "huge.json", "ALLOC04": "alloc04.json",
+             "ADIR": "adir", "NOFILE": "nothing.txt"}
+    args = [str(tmp_path / files[a]) if a in files else a for a in args]
     before = sorted(p.name for p in tmp_path.iterdir())
     _assert_clean_failure(cli("prune", stories_dir, "-o", tmp_path / "out", *args), tmp_path, before, match)
 
@@ -231,3 +245,39 @@ def test_nan_weights_and_packed_checkpoints_are_refused(cli, stories_dir, tinyst
     for command in (["inspect", tmp_path / "packed"], ["prune", tmp_path / "packed", *prune]):
         _assert_clean_failure(cli(*command), tmp_path, before, "is a packed checkpoint")
     assert torch.isnan(load_file(model / "model.safetensors")[key]).any()
+
+
+def test_reports_never_replace_an_input(cli, stories_dir, tinystories, tmp_path):
+    """--json / --plot that name an input file, or a file inside an input folder, would overwrite it after
+    the work (a PNG in place of the model's weights); a new file beside the model is fine."""
+    model = _copy(stories_dir, tmp_path / "model")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(tinystories.read_text()[:20000])
+    (tmp_path / "alloc.json").write_text(json.dumps([0.5] * 5))
+    weights = (model / "model.safetensors").read_bytes()
+    prune = ["prune", model, "-o", tmp_path / "out", "--method", "wanda", "--sparsity", "0.5", "--calib", calib,
+             "--nsamples", "2", "--seqlen", "32"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_clean_failure(cli(*prune, "--plot", model / "model.safetensors"), tmp_path, before,
+                          "would replace a file of the input")
+    _assert_clean_failure(cli(*prune, "--json", calib), tmp_path, before, "would replace the input")
+    _assert_clean_failure(cli("eval", model, "--data", calib, "--seqlen", "32", "--json", calib), tmp_path, before,
+                          "would replace the input")
+    _assert_clean_failure(cli("prune", model, "-o", tmp_path / "out", "--method", "magnitude", "--allocation",
+                              tmp_path / "alloc.json", "--json", tmp_path / "alloc.json"), tmp_path, before,
+                          "would replace the input")
+    assert (model / "model.safetensors").read_bytes() == weights
+    code, _, err = cli("eval", model, "--data", calib, "--seqlen", "32", "--max-windows", "1", "--no-progress",
+                       "--json", model / "eval.json")
+    assert code == 0, err
+    assert json.loads((model / "eval.json").read_text())["windows"] == 1
+
+
+def test_an_allocation_file_inside_out_is_an_input(cli, stories_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "alloc.json").write_text(json.dumps([0.5] * 5))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli("prune", stories_dir, "-o", tmp_path / "out", "--method", "magnitude", "--allocation",
+                 tmp_path / "out" / "alloc.json", "--overwrite")
+    _assert_clean_failure(result, tmp_path, before, "contains the input")
+    assert (tmp_path / "out" / "alloc.json").is_file()

@@ -96,6 +96,12 @@ def test_mixed_nm_uses_the_allocated_n(prune, allocation):
     assert report["achieved_sparsity"] == pytest.approx(0.75, abs=1 / (2 * 172))
 
 
+def test_mixed_nm_with_lambda_zero_is_uniform(prune):
+    """--lam 0 allows round(0 * M) = 0 grid steps: every block keeps N (it used to move by one step)."""
+    _, report = prune("--method", "magnitude", "--structure", "mixed-2:8", "--allocation", "rmi", "--lam", "0")
+    assert report["allocation"]["n_per_block"] == [2] * 5 and report["allocation"]["lam"] == 0
+
+
 def test_rmi_and_owl_allocations(prune):
     _, rmi = prune("--method", "wanda", "--sparsity", "0.7", "--allocation", "rmi", name="rmi")
     per_block = rmi["allocation"]["sparsity_per_block"]

@@ -91,3 +91,15 @@ def test_sparsegpt_nested_in_previous_mask(rng):
     for target in (Target.unstructured(0.5), Target.nm(2, 4)):
         out, keep = sparsegpt_solve(w, h, target, prev_mask=prev, blocksize=16)
         assert not (keep & ~prev).any() and not ((out != 0) & ~prev).any()
+
+
+def test_a_hessian_the_dampening_cannot_fix_is_a_clear_error(rng):
+    """Rank-1 H (one calibration token) with a negligible percdamp: Cholesky fails; say what to change."""
+    from losa_deploy.errors import LosaError
+    from losa_deploy.sparsity.pruners.sparsegpt import hessian_inverse_factor
+
+    x = torch.randn(1, 24, generator=rng, dtype=torch.float64)
+    with pytest.raises(LosaError, match="raise --percdamp or give more calibration tokens"):
+        hessian_inverse_factor(x.T @ x, 1e-20)
+    u, dead = hessian_inverse_factor(x.T @ x, 0.01)  # the default dampening makes it definite
+    assert torch.isfinite(u).all() and not dead.any()

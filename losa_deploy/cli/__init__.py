@@ -101,16 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_WRITTEN = ("output", "json", "plot")
+
+
 def _check_output_files(args) -> None:
-    """--json and --plot are written last: check them before any work, and that neither is OUT."""
+    """--json and --plot are written last: check them before any work, that neither is OUT, and that
+    neither is (or lies inside) anything the command reads: every other argument naming an existing path
+    counts as an input (the model, data, calibration and allocation files, adapters)."""
     from ..utils.fs import check_output_file
 
     output = getattr(args, "output", None)
+    inputs = tuple(value for name, values in vars(args).items() if name not in _WRITTEN
+                   for value in (values if isinstance(values, list) else [values])
+                   if isinstance(value, (str, Path)) and value and Path(value).exists())
     for flag in ("json", "plot"):
         path = getattr(args, flag, None)
         if path is None:
             continue
-        check_output_file(path, f"--{flag}")
+        check_output_file(path, f"--{flag}", inputs=inputs)
         if output is not None and Path(path).resolve() == Path(output).resolve():
             raise LosaError(f"--{flag} {path} is the output directory; choose another path")
 

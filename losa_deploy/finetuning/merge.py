@@ -8,7 +8,6 @@ The adapter is checked against the base's weights first (see :mod:`.adapters.pef
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..models import (
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar
 from ..sparsity.patterns import global_sparsity
-from ..utils.fs import atomic_dir, check_output_dir
+from ..utils.fs import atomic_dir, check_output_dir, json_text
 
 DENSE_BELOW = 0.01  # a base with fewer zeros than this is treated as dense: merging a plain LoRA is fine
 
@@ -63,7 +62,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter: str | os.PathLike, output
     with atomic_dir(output, overwrite=overwrite) as tmp:
         lm.save_pretrained(tmp)
         load_tokenizer(path, trust_remote_code).save_pretrained(tmp)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        (tmp / SIDECAR).write_text(json_text(sidecar))
     return {"output": str(output), "base": str(path), "adapter": str(adapter), "masked": info["masked"],
             "ranks": info["ranks"], "merge": stats, "base_sparsity": base_sparsity,
             "sparsity": sidecar["global_sparsity"], "seconds": time.perf_counter() - started}

@@ -45,6 +45,7 @@ from ..models import (
     stored_dtype,
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
+from ..sparsity.allocation import MIN_RMI_WINDOWS
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
 from ..utils.fs import atomic_dir, check_output_dir, json_text
 from . import distributed
@@ -72,6 +73,9 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     progress = progress and rank == 0
     structure, target = method.checked()
     train.checked()
+    if method.method == "losa" and method.allocation == "rmi" and min(nsamples, method.rmi_samples) < MIN_RMI_WINDOWS:
+        raise LosaError(f"LoSA's RMI allocation compares blocks over calibration windows: it needs --nsamples >= "
+                        f"{MIN_RMI_WINDOWS}, got {nsamples}")
     _check_data_options(method, {"--data-slice": ("--data", data, data_slice),
                                  "--calib-slice": ("--calib", calib, calib_slice),
                                  "--eval-slice": ("--eval-data", eval_data, eval_slice),
@@ -273,7 +277,7 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
                     "producer": f"losa-deploy {__version__}"})
         sidecar["checks"]["merged_zero_pattern_equals_mask"] = bool(method.masked)
         sidecar["checks"]["negative_zeros"] = negative_zeros(weights.values())
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        (tmp / SIDECAR).write_text(json_text(sidecar))
         info["achieved_sparsity"] = sidecar["global_sparsity"]
         info["pattern"] = sidecar["pattern"]
         full = {**report, **info, "settings": settings}

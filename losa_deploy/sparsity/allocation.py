@@ -58,11 +58,20 @@ def linear_cka(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     return flat @ flat.T
 
 
+# CKA compares blocks through the centred n x n Gram matrices of n windows: with one window they are
+# zero (CKA is 0/0), with two every CKA is exactly 1. Three is the least that carries any signal.
+MIN_RMI_WINDOWS = 3
+
+
 def rmi_redundancy(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     """``m_i = sum_{j != i} CKA_ij``, normalised to sum to 1: higher = more redundant."""
     cka = linear_cka(grams)
     m = cka.sum(1) - cka.diagonal()
-    return m / m.sum()
+    m = m / m.sum()
+    if not bool(torch.isfinite(m).all()):
+        raise LosaError("RMI redundancy is undefined: the blocks' features do not vary across the calibration "
+                        f"windows (give more, and at least {MIN_RMI_WINDOWS}, distinct windows)")
+    return m
 
 
 def solve_allocation_lp(redundancy: Sequence[float], target: float, lam: float,
@@ -136,7 +145,7 @@ def read_allocation_file(path: str | os.PathLike, num_blocks: int, linears: Sequ
     """
     path = Path(path)
     if not path.is_file():
-        raise LosaError(f"allocation file {path} does not exist")
+        raise LosaError(f"allocation file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -148,10 +157,12 @@ def read_allocation_file(path: str | os.PathLike, num_blocks: int, linears: Sequ
     if not isinstance(spec, dict):
         raise LosaError(f"allocation file {path} must hold a list or an object of sparsities")
     for key, value in spec.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # an int too large for a float (10**400) overflows isfinite: only the range check is needed there
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(value, int) or math.isfinite(value))
         if not ok or not 0.0 <= value < 1.0:
             raise LosaError(f"allocation file {path}: sparsity of '{key}' must be a number in [0, 1), got {value!r}")
-        if key not in linears and not (key.isdigit() and int(key) < num_blocks):
+        if key not in linears and not (key.isdigit() and str(int(key)) == key and int(key) < num_blocks):
             raise LosaError(f"allocation file {path}: '{key}' is neither a block index below {num_blocks} "
                             "nor a prunable linear of this model")
     out = {}

@@ -24,6 +24,10 @@ import torch
 from ..errors import LosaError
 from .patterns import nm_tail_keep
 
+# Wider N:M groups are unstructured sparsity in all but name (the packed N:M formats take M <= 16), and an
+# absurd M (2:99999999999999999999) would only fail inside a reshape.
+MAX_M = 64
+
 
 @dataclass(frozen=True)
 class Target:
@@ -42,8 +46,8 @@ class Target:
 
     @classmethod
     def nm(cls, n: int, m: int) -> Target:
-        if not (isinstance(n, int) and isinstance(m, int)) or m < 2 or not 1 <= n < m:
-            raise LosaError(f"N:M needs integers 1 <= N < M and M >= 2, got {n}:{m}")
+        if not (isinstance(n, int) and isinstance(m, int)) or not 2 <= m <= MAX_M or not 1 <= n < m:
+            raise LosaError(f"N:M needs integers 1 <= N < M and 2 <= M <= {MAX_M}, got {n}:{m}")
         return cls(1.0 - n / m, n, m)
 
     @property

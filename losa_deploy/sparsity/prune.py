@@ -165,7 +165,7 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
         signal = [-r for r in collector.ratios]  # more outliers: more important, less sparsity
         info.update(outlier_ratios=collector.ratios, outlier_threshold=config.owl_m)
     if structure.kind == "mixed_nm":
-        steps = 1 if config.lam is None else max(1, round(config.lam * structure.m))
+        steps = 1 if config.lam is None else round(config.lam * structure.m)  # lam 0: uniform N
         ns = (alloc.nm_allocation(signal, structure.n, structure.m, steps) if signal is not None
               else [structure.n] * num_blocks)
         info.update(lam=steps / structure.m, n_per_block=ns)
@@ -196,20 +196,23 @@ def rmi_signal(model, windows: torch.Tensor, samples: int, batch_size: int, prog
     return alloc.rmi_redundancy(collector.grams).tolist()
 
 
-def check_allocation_file(path: str, model_config: dict) -> None:
-    """Read an allocation file against a checkpoint's config (before the model is loaded)."""
+def check_allocation_file(path: str, model_config: dict, structure: Structure) -> None:
+    """Read an allocation file against a checkpoint's config and the structure (before the model is
+    loaded): every value must fit, e.g. be a whole N of M under mixed N:M."""
     arch = architecture_for(model_config["model_type"])
     blocks = int(model_config["num_hidden_layers"])
     names = [f"{arch.blocks_path}.{i}.{n}" for i in range(blocks) for n in arch.linear_names]
-    alloc.read_allocation_file(path, blocks, names, arch.blocks_path)
+    for sparsity in alloc.read_allocation_file(path, blocks, names, arch.blocks_path).values():
+        _file_target(sparsity, structure)
 
 
 def _file_target(sparsity: float, structure: Structure) -> Target:
     if structure.kind == "unstructured":
         return Target.unstructured(sparsity)
     n = structure.m * (1.0 - sparsity)
-    if abs(n - round(n)) > 1e-6 or round(n) < 1:
-        raise LosaError(f"sparsity {sparsity:g} in the allocation file is not a whole N of M={structure.m}")
+    if abs(n - round(n)) > 1e-6 or round(n) < 1 or round(n) >= structure.m:
+        raise LosaError(f"sparsity {sparsity:g} in the allocation file is not a whole N of M={structure.m} "
+                        f"with 1 <= N < {structure.m}")
     if structure.kind == "nm" and round(n) != structure.n:
         raise LosaError(f"the allocation file gives {round(n)}:{structure.m} where the structure is "
                         f"{structure.describe()}; use mixed-{structure.n}:{structure.m}")

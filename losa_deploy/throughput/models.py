@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import LosaError
 from ..models.zoo import cache_dir, resolve_model
+from ..utils.fs import json_text
 
 LLAMA2_7B_BLOCKS = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
                     "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 2,
@@ -168,4 +169,4 @@ def _merge_losa(adapter: Path, out: Path) -> None:
     sidecar = build_sidecar(((n, lin.weight) for n, lin in linears.items()), base_model={"name_or_path": str(base)},
                             method={"merge": "masked", "adapter": str(adapter), "rank": config["r"],
                                     "alpha": config["lora_alpha"]})
-    save_model(model, out, extra_files={SIDECAR: json.dumps(sidecar, indent=2) + "\n"})
+    save_model(model, out, extra_files={SIDECAR: json_text(sidecar)})

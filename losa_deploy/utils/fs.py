@@ -39,11 +39,19 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str) -> Path:
-    """Validate a file to be written at the end (``--json``, ``--plot``) before any work starts."""
+def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Validate a file to be written at the end (``--json``, ``--plot``) before any work starts. It may not
+    replace one of ``inputs`` (files and directories the command reads) or a file inside one of them; a
+    new file beside a model's (a report in its folder) is fine."""
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"{what} {path} is a directory")
+    target = path.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target.exists() and (source == target or source in target.parents):
+            raise LosaError(f"{what} {path} would replace {'the input' if source == target else 'a file of the input'} "
+                            f"{source}; choose another path")
     _check_parent(path, f"{what} {path}")
     return path
 

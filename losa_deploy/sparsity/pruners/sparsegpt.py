@@ -26,6 +26,7 @@ import contextlib
 
 import torch
 
+from ...errors import LosaError
 from ..masks import Target, apply_mask, topk_mask
 from ..patterns import nm_tail_keep
 from ..stats import InputStats
@@ -45,7 +46,11 @@ def hessian_inverse_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     h.diagonal().add_(percdamp * h.diagonal().mean())
     # H^-1 through cholesky_solve: torch's CPU cholesky_inverse is ~15x slower at these sizes.
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    return torch.linalg.cholesky(torch.cholesky_solve(eye, torch.linalg.cholesky(h)), upper=True), dead
+    try:
+        return torch.linalg.cholesky(torch.cholesky_solve(eye, torch.linalg.cholesky(h)), upper=True), dead
+    except torch.linalg.LinAlgError:
+        raise LosaError(f"SparseGPT: the dampened Hessian is not positive definite (percdamp {percdamp:g}); raise "
+                        "--percdamp or give more calibration tokens") from None
 
 
 @contextlib.contextmanager
