@@ -91,7 +91,8 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     (["--batch", "0"], "--batch"),
     (["--device", "tpu"], "--device"),
     (["--gen-len", "1"], "--gen-len"),
-], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len"])
+    (["--engine", "onnxruntime", "--batch", "8"], "onnxruntime run batch 1 only, and --batch asks for 8"),
+], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len", "batch1-engines"])
 def test_bad_input_is_one_error_line(cli, stories_dir, tmp_path, args, message):
     out = tmp_path / "r.json"
     code, stdout, err = cli("bench", stories_dir, *args, "--json", out)
@@ -174,3 +175,13 @@ def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(cli, stories_di
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: engine vllm: ") and "attention head size 8" in err
     assert not out.exists()
+
+
+def test_hf_engines_refuse_an_onnx_export_before_loading(cli, stories_dir, tmp_path):
+    from losa_deploy import pack
+
+    pack(stories_dir, tmp_path / "ds", format="deepsparse", progress=False)
+    for engine in ("torch", "losa"):
+        code, _, err = cli("bench", tmp_path / "ds", "--engine", engine, "--no-progress")
+        assert code == 2 and err.count("\n") == 1
+        assert f"engine {engine} runs HF checkpoints" in err and "is an ONNX export" in err

@@ -183,3 +183,61 @@ def test_fp16_overflow_is_refused(cli, sparse_stories, tmp_path):
     _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out", "--dtype", "fp16"], "outside the range of float16")
     code, _, _ = cli("pack", src, "-o", tmp_path / "out", "--dtype", "bf16", "--no-progress")
     assert code == 0  # bf16 has fp32's range
+
+
+@pytest.mark.parametrize("fmt", ["hf", "nm-vllm", "losa", "deepsparse"])
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "is missing 1 weight(s) of the model, e.g. model.layers.2.mlp.down_proj.weight"),
+    ("shape", "model.layers.1.mlp.up_proj.weight has shape (100, 64), the llama model's is (172, 64)"),
+])
+def test_an_incomplete_checkpoint_is_refused(cli, sparse_stories, tmp_path, fmt, damage, match):
+    """A weight missing or of the wrong shape: a loader would initialise it at random (or crash half-way);
+    the pack is refused with nothing written."""
+    src = tmp_path / "damaged"
+    shutil.copytree(sparse_stories, src)
+    state = load_file(src / "model.safetensors")
+    if damage == "missing":
+        del state["model.layers.2.mlp.down_proj.weight"]
+    else:
+        state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:100].clone()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out", "--format", fmt], match)
+
+
+def test_storage_hints_of_the_input_are_not_carried(sparse_stories, tmp_path):
+    """An input whose config says how its weights were stored (llm-compressor's sparsity_config, a
+    transformers-4 torch_dtype) would mislead the loaders of a plain output."""
+    src = tmp_path / "hinted"
+    shutil.copytree(sparse_stories, src)
+    config = json.loads((src / "config.json").read_text())
+    config.update(torch_dtype="float32", sparsity_config={"format": "dense"},
+                  quantization_config={"quant_method": "compressed-tensors", "sparsity_config": {"targets": ["Linear"]}})
+    (src / "config.json").write_text(json.dumps(config))
+    for fmt in ("hf", "nm-vllm"):
+        pack(src, tmp_path / fmt, format=fmt, dtype="bf16", progress=False)
+        written = json.loads((tmp_path / fmt / "config.json").read_text())
+        assert "quantization_config" not in written
+        assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+        assert ("sparsity_config" in written) == (fmt == "nm-vllm")  # nm-vllm writes its own hint
+
+
+def test_sigterm_mid_pack_leaves_nothing_behind(sparse_stories, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the output is being written: exit 143 with one error line, and no .OUT.tmp-* left
+    (the default action would have killed the process before the temporary directory was removed)."""
+    import os
+    import signal
+
+    from losa_deploy.cli import main
+    from losa_deploy.export import FORMATS
+
+    def terminated(source, out):
+        (out / "partial.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt the pack")
+
+    monkeypatch.setattr(FORMATS["hf"], "write_weights", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["pack", str(sparse_stories), "-o", str(tmp_path / "out"), "--no-progress"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: terminated"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the CLI's only while it runs

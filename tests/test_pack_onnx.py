@@ -88,4 +88,68 @@ def test_deepsparse_text_generation_pipeline_accepts_the_export(packed):
             pytest.fail("the DeepSparse venv is missing (make deepsparse-venv)")
         pytest.skip("the DeepSparse venv is missing (make deepsparse-venv)")
     folder, references = packed
+    export = (folder / "model.onnx").read_bytes()
     _assert_matches(deepsparse_pipeline_generate(folder, list(PACK_PROMPTS), PACK_NEW_TOKENS), references)
+    # the pipeline rewrites the graph it opens with static shapes: it must be given a copy, not the export
+    assert (folder / "model.onnx").read_bytes() == export
+
+
+def test_tokenizer_config_is_one_transformers_4_reads(tmp_path, stories_dir):
+    """transformers 5 writes a generic fast tokenizer as TokenizersBackend, which DeepSparse's transformers
+    4.39 does not know: the export names PreTrainedTokenizerFast, and the tokens are the same."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(stories_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="TokenizersBackend", backend="tokenizers", is_local=True)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    pack(model, tmp_path / "ds", format="deepsparse", progress=False)
+    written = json.loads((tmp_path / "ds" / "tokenizer_config.json").read_text())
+    assert written["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "backend" not in written and "is_local" not in written
+    text = "Once upon a time, a cat sat."
+    assert (AutoTokenizer.from_pretrained(tmp_path / "ds")(text)["input_ids"]
+            == AutoTokenizer.from_pretrained(stories_dir)(text)["input_ids"])
+
+
+def test_generation_requests_are_checked(packed):
+    from losa_deploy.errors import LosaError
+
+    folder, _ = packed
+    for prompts, new_tokens, match in [([[]], 4, "no empty one"), ([], 4, "at least one prompt"),
+                                       ([[1, 2]], 0, "new_tokens must be at least 1"),
+                                       ([[1] * 500], 20, "exceeds the model's 512 positions")]:
+        with pytest.raises(LosaError, match=match):
+            onnx_generate(folder, prompts, new_tokens)
+
+
+def test_legacy_tokenizer_keeps_what_old_metaspace_would_tokenize_differently():
+    """Old Metaspace always splits on spaces: with split false over a vocabulary holding a piece that spans
+    a space ("▁▁", as Llama-2's does) the conversion would change the tokens, so it is refused."""
+    from losa_deploy.export.legacy_tokenizer import legacy_tokenizer_json
+
+    metaspace = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    tokenizer = {"model": {"type": "BPE", "vocab": {"\u2581a": 0, "b": 1}, "merges": [["\u2581", "a"]]},
+                 "pre_tokenizer": metaspace, "decoder": metaspace}
+    legacy = legacy_tokenizer_json(tokenizer)
+    assert legacy["model"]["merges"] == ["\u2581 a"] and legacy["pre_tokenizer"]["add_prefix_space"] is True
+    tokenizer["model"]["vocab"]["\u2581\u2581"] = 2
+    assert legacy_tokenizer_json(tokenizer) is None
+    assert legacy_tokenizer_json({**tokenizer, "pre_tokenizer": {**metaspace, "split": True}}) is not None
+
+
+def test_export_warnings_reach_the_report(tmp_path, stories_dir):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(stories_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    result = pack(model, tmp_path / "ds", format="deepsparse", progress=False)
+    assert any("sliding-window attention" in w and "up to 64" in w for w in result["warnings"])
+    assert any("no sparsity" in w for w in result["warnings"])  # stories260K itself is dense

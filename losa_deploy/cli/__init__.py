@@ -77,8 +77,31 @@ def _pending(name: str, pending: str):
     return run
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised as an exception so that every ``atomic_dir`` removes its temporary directory (the
+    default action would kill the process and leave a half-written ``.OUT.tmp-*`` behind)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         _check_output_files(args)
         _quiet_libraries()
@@ -93,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     except OSError as exc:  # the system refused a read or write (disk full, permissions): not our bug
         if os.environ.get("LOSA_DEBUG", "") not in ("", "0"):
             raise

@@ -126,7 +126,7 @@ def open_decoder(engine: str, model_dir: str, sequence_length: int, prompt_chunk
     if engine == "onnxruntime":
         run = _onnxruntime_runner(onnx_path, threads)
     elif engine == "deepsparse":
-        run = _deepsparse_runner(onnx_path, sequence_length, prompt_chunk, work_dir or model_dir, threads)
+        run = _deepsparse_runner(onnx_path, sequence_length, prompt_chunk, work_dir, threads)
     else:
         raise ValueError(f"unknown engine {engine!r}")
     return Decoder(run, layers, kv_heads, head_dim, sequence_length, prompt_chunk)
@@ -142,14 +142,20 @@ def _onnxruntime_runner(onnx_path: str, threads: int | None):
     return lambda length, feeds: session.run(None, feeds)
 
 
-def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, work_dir: str,
+def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, work_dir: str | None,
                        threads: int | None):
-    """DeepSparse compiles static shapes: one engine per input length, shaped by its own helper."""
+    """DeepSparse compiles static shapes: one engine per input length, shaped by its own helper on a copy
+    in ``work_dir`` (None: a temporary directory that lives as long as the runner; never the export)."""
     import shutil
+    import tempfile
 
     from deepsparse import Engine
     from deepsparse.utils.onnx import overwrite_onnx_model_inputs_for_kv_cache_models
 
+    scratch = None
+    if work_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="losa-deepsparse-")
+        work_dir = scratch.name
     engines = {}
     for length in sorted({1, prompt_chunk}):
         path = os.path.join(work_dir, f"model-{sequence_length}x{length}.onnx")
@@ -158,7 +164,7 @@ def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, 
                                                         input_ids_length=length)
         engines[length] = Engine(model=path, batch_size=1, num_cores=threads)
 
-    def run(length, feeds):
+    def run(length, feeds, _scratch=scratch):  # holds the scratch directory while the runner lives
         engine = engines[length]
         return engine.run([feeds[name] for name in engine.input_names])
 
@@ -189,7 +195,13 @@ def main(argv: list[str]) -> int:
     new_tokens, sequence_length = int(request["new_tokens"]), int(request["sequence_length"])
     chunk = int(request["chunk_length"])
     if engine == "pipeline":
-        outputs = pipeline_generate(model_dir, [str(p) for p in prompts], new_tokens, sequence_length, chunk)
+        # TextGeneration rewrites model.onnx in place with static shapes, which breaks the export for any
+        # other length (and for ONNX Runtime): it gets a copy in the request's scratch directory.
+        import shutil
+
+        copy = os.path.join(os.path.dirname(os.path.abspath(result_path)), "model")
+        shutil.copytree(model_dir, copy)
+        outputs = pipeline_generate(copy, [str(p) for p in prompts], new_tokens, sequence_length, chunk)
     else:
         decoder = open_decoder(engine, model_dir, sequence_length, chunk,
                                work_dir=os.path.dirname(os.path.abspath(result_path)))

@@ -60,13 +60,13 @@ def pack_checkpoint(model: str | os.PathLike, out: str | os.PathLike, format: st
         weight_files = exporter.write_weights(source, tmp)
         sidecar = source.output_sidecar()
         write_sidecar(tmp, sidecar)
-        config = exporter.edit_config({**source.config, "dtype": source.output_dtype_name}, sidecar, tmp)
+        config = exporter.edit_config(_plain_config(source), sidecar, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in _SIDE_FILES:
             if (source.path / name).is_file() and not (tmp / name).exists():  # an exporter may adapt one
                 shutil.copyfile(source.path / name, tmp / name)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    warning = source.warn_if_dense(sidecar)
+    source.warn_if_dense(sidecar)
     weight_bytes = sum(files[p.name] for p in weight_files)
     return {
         "output": str(out),
@@ -77,8 +77,23 @@ def pack_checkpoint(model: str | os.PathLike, out: str | os.PathLike, format: st
         "pattern": sidecar["pattern"],
         "global_sparsity": sidecar["global_sparsity"],
         **source.stats,
-        "warnings": [warning] if warning else [],
+        "warnings": source.warnings,
     }
+
+
+# What the input's config.json may say about how its weights are stored, which the output's does not hold:
+# every exporter writes plain floats or says itself how it packs them.
+_STORAGE_KEYS = ("quantization_config", "sparsity_config", "compression_config", "losa_sparse")
+
+
+def _plain_config(source: PackSource) -> dict:
+    """The input's config without storage hints, in the output dtype (``torch_dtype`` too where present:
+    transformers 4 reads only that one, and a stale one loads bf16 weights as fp32)."""
+    config = {k: v for k, v in source.config.items() if k not in _STORAGE_KEYS}
+    config["dtype"] = source.output_dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = config["dtype"]
+    return config
 
 
 __all__ = ["FORMATS", "Exporter", "PackSource", "get_exporter", "pack_checkpoint"]

@@ -16,7 +16,6 @@ DeepSparse's own ``TextGeneration`` pipeline (it needs ``transformers < 4.40``) 
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from pathlib import Path
 
@@ -27,8 +26,6 @@ from .base import Exporter
 from .legacy_tokenizer import legacy_tokenizer_json
 from .onnx_decoder import INPUTS, SUPPORTED_MODEL_TYPES, CachedDecoderStep, cache_names
 from .source import PackSource
-
-logger = logging.getLogger("losa_deploy")
 
 ONNX_FILE = "model.onnx"
 OPSET = 14  # deepsparse 1.8.0 ships onnx 1.14 (opsets <= 19); 14 is what its LLM exports used
@@ -46,8 +43,8 @@ class DeepSparseExporter(Exporter):
             raise LosaError(f"format deepsparse supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type}")
         window = source.config.get("sliding_window")
         if window and source.config.get("use_sliding_window", True):
-            logger.warning("losa-deploy: the ONNX graph does not apply sliding-window attention; it is exact "
-                           "for sequence lengths up to %s", window)
+            source.warn(f"the ONNX graph does not apply sliding-window attention; it is exact for sequence "
+                        f"lengths up to {window}")
         step = CachedDecoderStep(_model_from_stream(source))
         past_in, present_out = cache_names(step.num_layers)
         path = out / ONNX_FILE
@@ -58,6 +55,7 @@ class DeepSparseExporter(Exporter):
                               dynamic_axes=step.dynamic_axes(), do_constant_folding=True)
         weights = sorted(p for p in out.iterdir() if p.is_file())
         _write_legacy_tokenizer(source, out)
+        _write_legacy_tokenizer_config(source, out)
         return weights
 
 
@@ -68,10 +66,28 @@ def _write_legacy_tokenizer(source: PackSource, out: Path) -> None:
         return
     legacy = legacy_tokenizer_json(json.loads(path.read_text()))
     if legacy is None:
-        logger.warning("losa-deploy: tokenizer.json kept in the current layout; DeepSparse's TextGeneration "
-                       "pipeline (tokenizers < 0.19) may not read it, our ONNX loop does not need it")
+        source.warn("tokenizer.json kept in the current layout; DeepSparse's TextGeneration pipeline "
+                    "(tokenizers < 0.19) may not read it, our ONNX loop does not need it")
         return
     (out / "tokenizer.json").write_text(json.dumps(legacy, ensure_ascii=False, indent=2))
+
+
+# transformers 5 writes a generic fast tokenizer as class TokenizersBackend, with keys of its own; the
+# DeepSparse venv's transformers 4.39 knows neither, and its TextGeneration pipeline fails on the class.
+_V5_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+_V5_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def _write_legacy_tokenizer_config(source: PackSource, out: Path) -> None:
+    path = source.path / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    cls = config.get("tokenizer_class")
+    config["tokenizer_class"] = _V5_TOKENIZER_CLASSES.get(cls, cls)
+    for key in _V5_TOKENIZER_KEYS:
+        config.pop(key, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2))
 
 
 def _model_from_stream(source: PackSource) -> torch.nn.Module:

@@ -6,9 +6,9 @@ current ones: BPE merges became ``["a", "b"]`` pairs (were ``"a b"`` strings), B
 ``tokenizers`` still read the old layout, so the converted file serves both.
 
 The conversion is refused (the caller keeps the modern file) when it would change tokenization: a merge
-part containing a space, or ``ignore_merges: true``. Metaspace's ``split: false`` has no old equivalent
-(old Metaspace always splits on spaces); it tokenizes the same for SentencePiece vocabularies, whose
-pieces never span a space.
+part containing a space, ``ignore_merges: true``, or a Metaspace with ``split: false`` (old Metaspace
+always splits on spaces) over a vocabulary with a piece that spans a space: Llama-2's and Mistral's hold
+``"▁▁"``, which the split would never produce.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ def legacy_tokenizer_json(tokenizer: dict) -> dict | None:
     model = dict(tokenizer.get("model") or {})
     if model.pop("ignore_merges", False):
         return None
+    if _unsplit_metaspace(tokenizer.get("pre_tokenizer")) and _spans_a_space(model.get("vocab")):
+        return None
     merges = model.get("merges") or []
     if merges and isinstance(merges[0], list):
         if any(" " in part for pair in merges for part in pair):
@@ -26,6 +28,20 @@ def legacy_tokenizer_json(tokenizer: dict) -> dict | None:
         model["merges"] = [" ".join(pair) for pair in merges]
     return {**tokenizer, "model": model, "pre_tokenizer": _legacy_metaspace(tokenizer.get("pre_tokenizer")),
             "decoder": _legacy_metaspace(tokenizer.get("decoder"))}
+
+
+def _unsplit_metaspace(component) -> bool:
+    if not isinstance(component, dict):
+        return False
+    if component.get("type") == "Sequence":
+        return any(_unsplit_metaspace(c) for c in component.get("pretokenizers", []))
+    return component.get("type") == "Metaspace" and component.get("split") is False
+
+
+def _spans_a_space(vocab, space: str = "\u2581") -> bool:
+    """Whether a piece holds the Metaspace mark past its first character (a piece that spans a space)."""
+    pieces = vocab.keys() if isinstance(vocab, dict) else (v[0] for v in vocab or [] if isinstance(v, list))
+    return any(space in piece[1:] for piece in pieces)
 
 
 def _legacy_metaspace(component):

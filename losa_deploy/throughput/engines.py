@@ -60,6 +60,7 @@ class TorchEngine(Engine):
     name = "torch"
 
     def check(self, model: Path) -> None:
+        _refuse_onnx_export(self.name, model)
         if _is_packed(model):
             raise LosaError(f"engine torch runs plain HF checkpoints; {model} is packed (use --engine losa)")
 
@@ -67,11 +68,15 @@ class TorchEngine(Engine):
 class LosaEngine(Engine):
     name = "losa"
 
+    def check(self, model: Path) -> None:
+        _refuse_onnx_export(self.name, model)
+
 
 class VLLMEngine(Engine):
     name = "vllm"
 
     def check(self, model: Path) -> None:
+        _refuse_onnx_export(self.name, model)
         if adapter_base(model) is not None:
             raise LosaError(f"engine vllm: {model} is an unmerged LoRA adapter; bench its merged model instead")
         _check_vllm_cpu_head_size(model)
@@ -166,6 +171,14 @@ def _check_vllm_cpu_head_size(model: Path) -> None:
     if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
         raise LosaError(f"engine vllm: {model} has attention head size {head_size}; vLLM's CPU attention takes "
                         f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}")
+
+
+def _refuse_onnx_export(engine: str, model: Path) -> None:
+    from ..models.checkpoint import weight_files
+
+    if (model / "model.onnx").is_file() and not weight_files(model):
+        raise LosaError(f"engine {engine} runs HF checkpoints; {model} is an ONNX export (bench it with "
+                        "--engine onnxruntime or deepsparse)")
 
 
 def _is_packed(model: Path) -> bool:

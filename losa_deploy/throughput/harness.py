@@ -123,6 +123,10 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
         engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
         cells.append(Cell(spec, paths[spec], engine, run_dtype))
+    if not any(_active(cells, b) for b in batch_list):
+        only = sorted({c.engine.name for c in cells})
+        raise LosaError(f"engine(s) {', '.join(only)} run batch 1 only, and --batch asks for "
+                        f"{','.join(map(str, batch_list))}: add 1, or an engine that batches")
     prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment
 
@@ -215,7 +219,8 @@ def _measure(cells: list[Cell], batches: list[int], prompts: dict, gen_len: int,
     total = sum(len(_active(cells, b)) for b, _ in plan)
     with tqdm(total=total, desc="bench", disable=not progress, leave=False) as bar:
         for batch, round_index in plan:
-            for cell in round_robin(_active(cells, batch), round_index):
+            active = _active(cells, batch)
+            for cell in round_robin(active, round_index) if active else []:  # none: the batch's rows say skipped
                 answer = cell.worker.request({"prompts": prompts[batch], "gen_len": gen_len}, timeout)
                 cell.tokens.setdefault(batch, answer["tokens"])
                 if round_index >= warmup:
