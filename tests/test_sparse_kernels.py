@@ -151,6 +151,9 @@ def test_empty_inputs(rng):
     assert sparse_linear(torch.zeros(0, 33), packed).shape == (0, 7)
     empty = BitmaskWeight.from_dense(torch.zeros(0, 33))
     assert sparse_linear(torch.ones(2, 33), empty).shape == (2, 0)
+    no_inputs = BitmaskWeight.from_dense(torch.zeros(5, 0))  # as nn.Linear(0, 5): the output is the bias
+    bias = torch.randn(5, generator=rng)
+    assert torch.equal(sparse_linear(torch.ones(3, 0), no_inputs, bias), bias.expand(3, 5))
 
 
 def test_backend_from_environment(rng, monkeypatch):
@@ -190,6 +193,12 @@ def test_ops_reject_bad_arrays(rng):
         ops().bitmask_linear(x, v[:-1], mask, ptr, 50, None, "auto", 0)
     with pytest.raises(RuntimeError, match="unknown CPU kernel"):
         ops().bitmask_linear(x, v, mask, ptr, 50, None, "sse9", 0)
+    past = mask.clone()
+    past[3, -1] |= 1 << 20  # column 64 + 20 = 84 of a 50-wide row: every kernel would read x out of bounds
+    with pytest.raises(RuntimeError, match="row 3 keeps a column past the 50 input features"):
+        ops().bitmask_linear(x, v, past, ptr, 50, None, "auto", 0)
+    with pytest.raises(RuntimeError, match="row 3 keeps a column past"):
+        ops().bitmask_to_dense(v, past, ptr, 50)
     layout = NMWeight.from_dense(random_nm(10, 50, 2, 4, rng), 2, 4).kernel_layout()
     with pytest.raises(RuntimeError, match="N = 4, which must be in 0..3"):
         ops().nm_linear(x, layout.values, layout.mask, layout.block_n + 2, 50, 4, 64, None, "auto", 0)

@@ -157,6 +157,40 @@ def test_sparse_linear_bad_input(rng):
         sparse.load_state_dict(state)
 
 
+def test_float64_conversion_keeps_values_in_float32(rng):
+    """model.double() (a float64 reference run) must convert the whole model: the packed values stay
+    float32 (no format holds float64; exact for fp32 weights), bias and outputs become float64."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24), torch.nn.ReLU(), torch.nn.Linear(24, 9))
+    with torch.no_grad():
+        model[0].weight.copy_(random_sparse(24, 40, 0.6, rng))
+        model[2].weight.copy_(random_nm(9, 24, 2, 4, rng))
+    reference = [m.weight.detach().double() for m in (model[0], model[2])]
+    ld.sparsify_(model, progress=False)
+    model.double()
+    assert model[0].bias.dtype == model[2].bias.dtype == torch.float64
+    assert model[0].packed.values.dtype == model[2].packed.values.dtype == torch.float32
+    x = torch.randn(5, 40, generator=rng, dtype=torch.float64)
+    expected = torch.relu(x @ reference[0].T + model[0].bias) @ reference[1].T + model[2].bias
+    y = model(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sparsify_is_all_or_nothing(rng):
+    """format="nm" with one unstructured linear: an error naming it, and no linear swapped."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(random_nm(16, 32, 2, 4, rng, underfill=0.0))
+        model[1].weight.copy_(random_sparse(8, 16, 0.5, rng))
+    with pytest.raises(LosaError, match="^1: the weight is not N:M sparse"):
+        ld.sparsify_(model, format="nm", progress=False)
+    assert all(type(m) is torch.nn.Linear for m in model)
+    with pytest.raises(LosaError, match="unknown sparse backend 'fast'"):
+        ld.sparsify_(model, backend="fast", progress=False)
+    with pytest.raises(LosaError, match="unknown sparse backend 'fast'"):
+        SparseLinear.from_linear(model[1], backend="fast")
+
+
 def test_sparse_linear_loads_like_nn_linear(rng):
     linear = torch.nn.Linear(40, 10)
     with torch.no_grad():

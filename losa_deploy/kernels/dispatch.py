@@ -132,7 +132,7 @@ def sparse_linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = N
         return _gpu_linear(x, weight, gpu, bias, chosen)
     bitmask = isinstance(weight, BitmaskWeight)
     isa = _kernel_isa("bitmask_linear" if bitmask else "nm_linear", device.type, x.dtype, chosen)
-    if not isa:
+    if not isa or cols == 0:  # no input features: the bias alone (the kernels cannot shape an empty row)
         return _torch_linear(x, weight, bias)
     panel = panel_tokens or 0
     if bitmask:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LosaError
-from ..kernels.dispatch import kernel_weight, sparse_linear
+from ..kernels.dispatch import BACKENDS, kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
 from ..kernels.formats.gpu import GPULayout, model_gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
@@ -60,6 +60,8 @@ class SparseLinear(nn.Module):
                  backend: str | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        if backend is not None and backend not in BACKENDS:
+            raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.backend = backend  # None: $LOSA_SPARSE_BACKEND or auto (see kernels.dispatch)
         self._set_packed(kernel_weight(weight))
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -115,6 +117,11 @@ class SparseLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         before = {name: t.data_ptr() for name, t in self.packed.tensors().items()}
         super()._apply(fn, recurse)
+        # No packed format holds float64 values: a float64 conversion (model.double(), for a float64
+        # reference) keeps them in float32, where they came from exactly; the bias and the outputs follow
+        # the model to float64 (float64 inputs run in float64 on the PyTorch path).
+        if self.values.dtype == torch.float64:
+            self.values = self.values.to(torch.float32)
         packed = self.packed.replace(**{name: getattr(self, name) for name in self.packed.tensors()})
         # Tensors fn left in place (e.g. .to() to the same dtype) are on huge pages already: do not copy them.
         self._set_packed(packed, {name for name, t in packed.tensors().items() if t.data_ptr() != before[name]})

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LosaError
+from ..kernels.dispatch import BACKENDS
 from ..sparsity.patterns import sparsity
 from .sparse_linear import FORMATS, SparseLinear
 
@@ -49,18 +50,25 @@ def sparsify_(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY, form
     if type(model) is nn.Linear:  # it has no parent to swap it in: say how, rather than corrupt it
         raise LosaError("sparsify_ swaps the linears inside a model; for a bare nn.Linear use "
                         "SparseLinear.from_linear(linear)")
+    if backend is not None and backend not in BACKENDS:
+        raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
     shared = _shared_weights(model)
     candidates = [(name, module) for name, module in model.named_modules()
                   if type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))]
-    swapped = []
+    # Pack every linear first and swap only when all have packed: a weight that does not fit the asked
+    # format (format="nm" on an unstructured one) must not leave the model half converted.
+    packed = {}
     for name, linear in tqdm(candidates, desc="sparsify", disable=not progress, leave=False):
         if id(linear.weight) in shared or sparsity(linear.weight) < min_sparsity:
             continue
+        try:
+            packed[name] = SparseLinear.from_linear(linear, format=format, dtype=dtype, backend=backend)
+        except LosaError as exc:
+            raise LosaError(f"{name}: {exc}") from None
+    for name, sparse in packed.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparseLinear.from_linear(linear, format=format, dtype=dtype, backend=backend))
-        swapped.append(name)
-    logger.info("sparsify_: %d of %d linears now sparse", len(swapped), len(candidates))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+    logger.info("sparsify_: %d of %d linears now sparse", len(packed), len(candidates))
     return model
 
 

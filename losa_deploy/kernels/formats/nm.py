@@ -108,6 +108,19 @@ def _required_n(keep: torch.Tensor, m: int) -> torch.Tensor:
     return need
 
 
+def _first_misfit(weight: torch.Tensor, row: int, n: int, m: int) -> str:
+    """Where a row first keeps more than N:M allows: the group, what it keeps, what it may keep."""
+    counts = _groups(weight[row:row + 1] != 0, m).sum(-1)[0]
+    tail = weight.shape[1] % m
+    allowed = torch.full_like(counts, n)
+    if tail:
+        allowed[-1] = nm_tail_keep(n, m, tail)
+    g = int((counts > allowed).nonzero()[0])
+    where = (f"its tail group (the last {tail} columns)" if tail and g == len(counts) - 1
+             else f"group {g} (columns {g * m}-{g * m + m - 1})")
+    return f"row {row}, {where} keeps {int(counts[g])} where {int(allowed[g])} may stay"
+
+
 def _encode_fields(keep_g: torch.Tensor, m: int) -> torch.Tensor:
     """``[rows, groups, M]`` bool -> uint8 ``[rows, B]``."""
     rows, ngroups, _ = keep_g.shape
@@ -206,9 +219,7 @@ class NMWeight:
                 raise LosaError(f"N:M needs N >= 1, got {n}:{m}")
             bad = (need > n).nonzero()
             if len(bad):
-                r = int(bad[0])
-                raise LosaError(f"the weight is not {n}:{m} sparse: row {r} has a group keeping {int(need[r])} "
-                                f"(its tail group allows {nm_tail_keep(n, m, weight.shape[1] % m)})")
+                raise LosaError(f"the weight is not {n}:{m} sparse: {_first_misfit(weight, int(bad[0]), n, m)}")
             block_n = torch.full((-(-rows // rows_per_block),), n, dtype=torch.int64)
         else:
             padded = torch.zeros(-(-rows // rows_per_block) * rows_per_block, dtype=torch.int64)
