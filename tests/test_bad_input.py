@@ -267,9 +267,12 @@ def test_reports_never_replace_an_input(cli, stories_dir, tinystories, tmp_path)
                               tmp_path / "alloc.json", "--json", tmp_path / "alloc.json"), tmp_path, before,
                           "would replace the input")
     assert (model / "model.safetensors").read_bytes() == weights
-    code, _, err = cli("eval", model, "--data", calib, "--seqlen", "32", "--max-windows", "1", "--no-progress",
-                       "--json", model / "eval.json")
-    assert code == 0, err
+    _assert_clean_failure(cli("eval", model, "--data", calib, "--seqlen", "32", "--json", model / "config.json"),
+                          tmp_path, before, "would replace a file of the input")
+    for _ in range(2):  # a report beside the model's files, written again on the second run
+        code, _, err = cli("eval", model, "--data", calib, "--seqlen", "32", "--max-windows", "1", "--no-progress",
+                           "--json", model / "eval.json")
+        assert code == 0, err
     assert json.loads((model / "eval.json").read_text())["windows"] == 1
 
 

@@ -41,19 +41,33 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
 
 def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Validate a file to be written at the end (``--json``, ``--plot``) before any work starts. It may not
-    replace one of ``inputs`` (files and directories the command reads) or a file inside one of them; a
-    new file beside a model's (a report in its folder) is fine."""
+    replace one of ``inputs`` (files and directories the command reads), nor a model's own file inside one
+    (weights, config, tokenizer, sidecar); a report beside them (``MODEL/eval.json``) is fine, again."""
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"{what} {path} is a directory")
     target = path.resolve()
     for source in inputs:
         source = Path(source).resolve()
-        if target.exists() and (source == target or source in target.parents):
-            raise LosaError(f"{what} {path} would replace {'the input' if source == target else 'a file of the input'} "
-                            f"{source}; choose another path")
+        if target.exists() and source == target:
+            raise LosaError(f"{what} {path} would replace the input {source}; choose another path")
+        if target.exists() and source in target.parents and _is_model_file(target):
+            raise LosaError(f"{what} {path} would replace a file of the input {source}; choose another path")
     _check_parent(path, f"{what} {path}")
     return path
+
+
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".data", ".model", ".pt", ".pth")
+
+
+def _is_model_file(path: Path) -> bool:
+    """Whether a file in a model folder is part of the model (what loaders read), not a report."""
+    from ..models.checkpoint import TOKENIZER_FILES
+    from ..sparsity.sidecar import SIDECAR
+
+    names = {*TOKENIZER_FILES, "config.json", "generation_config.json", SIDECAR, "adapter_config.json",
+             "losa_adapter.json"}
+    return path.suffix in _MODEL_SUFFIXES or path.name in names
 
 
 def _check_parent(path: Path, what: str) -> None:
