@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from .data import (
     SELF,
@@ -36,8 +37,8 @@ from .models import (
 )
 from .runtime import SparseLinear, sparsify_
 from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
-from .sparsity.allocation import MIN_RMI_WINDOWS
-from .sparsity.prune import PruneConfig, Structure, check_allocation_file, method_record, prune_model
+from .sparsity.allocation import check_rmi_windows
+from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
 from .utils.fs import check_output_dir, check_output_file, json_text
 
@@ -95,12 +96,11 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     """
     config = PruneConfig(method=method, sparsity=sparsity, structure=structure, allocation=allocation, lam=lam,
                          batch_size=batch_size, blocksize=blocksize, percdamp=percdamp)
-    parsed, _ = config.checked()
+    parsed_structure, _ = config.checked()
     if calib == SELF and data_slice is not None:
         raise LosaError("--slice selects part of a calibration file; it does not apply to --calib self")
-    if allocation == "rmi" and min(nsamples, config.rmi_samples) < MIN_RMI_WINDOWS:
-        raise LosaError(f"RMI allocation compares blocks over calibration windows: it needs --nsamples >= "
-                        f"{MIN_RMI_WINDOWS}, got {nsamples}")
+    if allocation == "rmi":
+        check_rmi_windows(nsamples, config.rmi_samples)
     path = resolve_model(model)
     model_config = check_checkpoint(path, trust_remote_code)
     # model too: for a .gguf file, path is its imported copy in the cache
@@ -113,8 +113,8 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     if not 2 <= seqlen <= ctx:
         raise LosaError(f"seqlen {seqlen} must be between 2 and the model's context ({ctx} tokens)")
     if config.is_file_allocation:
-        check_allocation_file(allocation, model_config, parsed)
-        if sparsity is not None and Structure.parse(structure).kind == "unstructured":
+        check_allocation_file(allocation, model_config, parsed_structure)
+        if sparsity is not None and parsed_structure.kind == "unstructured":
             raise LosaError(f"--sparsity {sparsity:g} does not apply with an allocation file: {allocation} sets "
                             "every layer's sparsity; leave --sparsity out")
     tokenizer = load_tokenizer(path, trust_remote_code)
@@ -123,7 +123,9 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     if config.needs_calibration and calib != SELF:
         windows = calibration_windows(None, tokenizer, calib, nsamples, seqlen, seed, data_slice, progress)
     elif calib != SELF:  # not read (magnitude, fixed allocation), but a wrong path is still a mistake to report
-        slice_source(read_source(calib), *parse_slice(data_slice))
+        parse_slice(data_slice)
+        if not Path(calib).is_file():
+            raise LosaError(f"calibration file {calib} does not exist")
     lm = load_model(path, trust_remote_code=trust_remote_code)
     if config.needs_calibration and calib == SELF:
         windows = calibration_windows(lm, tokenizer, SELF, nsamples, seqlen, seed, progress=progress)

@@ -188,3 +188,43 @@ def test_null_text_fields_are_skipped_not_read_as_none(tmp_path):
     path.write_text('{"text": "one"}\n{"text": 3}\n')
     with pytest.raises(LosaError, match="record 2 has a non-text 'text' \\(int\\)"):
         read_source(path)
+
+
+class _PairTokenizer:
+    """Characters, except that "ab" is one token: a merge across the prompt/response boundary."""
+
+    eos_token_id = 99
+
+    def __call__(self, text, add_special_tokens=True, verbose=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text[i:i + 2] == "ab":
+                ids.append(0)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+
+def test_a_token_across_the_prompt_boundary_is_learned_not_masked():
+    from losa_deploy.data.sources import Example
+
+    (item,) = tokenize_examples(_PairTokenizer(), [Example("xa", "by")], max_len=16)
+    assert item.input_ids.tolist() == [ord("x"), 0, ord("y"), 99]  # the joined text's tokens, EOS once
+    assert item.labels.tolist() == [IGNORE_INDEX, 0, ord("y"), 99]
+
+
+class _EosTokenizer(_PairTokenizer):
+    """One that ends every text with EOS itself (add_eos_token=True)."""
+
+    def __call__(self, text, add_special_tokens=True, verbose=False):
+        ids = super().__call__(text)["input_ids"]
+        return {"input_ids": ids + [99] if add_special_tokens else ids}
+
+
+def test_eos_is_not_doubled():
+    from losa_deploy.data.sources import Example
+
+    (item,) = tokenize_examples(_EosTokenizer(), [Example("q", "yz")], max_len=16)
+    assert item.input_ids.tolist() == [ord("q"), ord("y"), ord("z"), 99]

@@ -241,3 +241,13 @@ def test_sigterm_mid_pack_leaves_nothing_behind(sparse_stories, tmp_path, monkey
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: terminated"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the CLI's only while it runs
+
+
+def test_a_sidecar_module_the_checkpoint_lacks_is_refused(cli, sparse_stories, tmp_path):
+    src = tmp_path / "listed"
+    pack(sparse_stories, src, format="hf", progress=False)  # a checkpoint with its sidecar
+    sidecar = json.loads((src / "losa_sparsity.json").read_text())
+    sidecar["modules"]["model.layers.9.mlp.up_proj"] = next(iter(sidecar["modules"].values()))
+    (src / "losa_sparsity.json").write_text(json.dumps(sidecar))
+    _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out"], "sidecar lists model.layers.9.mlp.up_proj, which "
+                                                                  "the checkpoint does not store")

@@ -97,9 +97,13 @@ def test_mixed_nm_uses_the_allocated_n(prune, allocation):
 
 
 def test_mixed_nm_with_lambda_zero_is_uniform(prune):
-    """--lam 0 allows round(0 * M) = 0 grid steps: every block keeps N (it used to move by one step)."""
+    """--lam 0 allows no grid step: every block keeps N (it used to move by one step); a small positive lam
+    still allows one (round(0.05 * 8) = 0 would silently be uniform)."""
     _, report = prune("--method", "magnitude", "--structure", "mixed-2:8", "--allocation", "rmi", "--lam", "0")
     assert report["allocation"]["n_per_block"] == [2] * 5 and report["allocation"]["lam"] == 0
+    _, report = prune("--method", "magnitude", "--structure", "mixed-2:8", "--allocation", "rmi", "--lam", "0.05",
+                      name="small")
+    assert sorted(report["allocation"]["n_per_block"]) == [1, 1, 2, 3, 3]
 
 
 def test_rmi_and_owl_allocations(prune):

@@ -204,6 +204,10 @@ def test_ops_reject_bad_arrays(rng):
         ops().nm_linear(x, layout.values, layout.mask, layout.block_n + 2, 50, 4, 64, None, "auto", 0)
     with pytest.raises(RuntimeError, match="values given"):
         ops().nm_linear(x, layout.values[1:], layout.mask, layout.block_n, 50, 4, 64, None, "auto", 0)
+    past = layout.mask.clone()
+    past[3, -1] |= 1 << 20
+    with pytest.raises(RuntimeError, match="row 3 keeps a column past the 50 input features"):
+        ops().nm_linear(x, layout.values, past, layout.block_n, 50, 4, 64, None, "auto", 0)
 
 
 @pytest.mark.skipif(not has_extension(), reason="compiled extension not built")

@@ -28,16 +28,6 @@ losa::cpu::SparseRows bitmask_rows(const at::Tensor& values, const at::Tensor& m
   LOSA_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(), kOp, ": row_ptr must run from 0 to the ",
              values.numel(), " values, got ", ptr[0], "..", ptr[rows]);
   for (int64_t r = 0; r < rows; ++r) LOSA_CHECK(ptr[r] <= ptr[r + 1], kOp, ": row_ptr decreases at row ", r);
-  // A bit past the last column would make every kernel read x (and write a decompressed row) out of
-  // bounds. Only a ragged last word can hold one, so this reads one word per row, and only then.
-  const int64_t words = mask.size(1);
-  if (in_features % 32 != 0 && words > 0) {
-    const uint32_t beyond = ~((uint32_t{1} << (in_features % 32)) - 1);
-    const auto* bits = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
-    for (int64_t r = 0; r < rows; ++r)
-      LOSA_CHECK((bits[r * words + words - 1] & beyond) == 0, kOp, ": row ", r, " keeps a column past the ",
-                 in_features, " input features");
-  }
 
   losa::cpu::SparseRows w;
   w.rows = rows;

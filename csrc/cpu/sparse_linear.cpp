@@ -800,6 +800,16 @@ void check_mask(const at::Tensor& mask, int64_t cols, const char* op) {
   LOSA_CHECK(mask.dim() == 2 && mask.is_contiguous(), op, ": mask must be a contiguous 2-D [out, words]");
   LOSA_CHECK(cols >= 0 && mask.size(1) == (cols + 31) / 32, op, ": mask has ", mask.size(1),
              " words per row, ", cols, " input features need ", (cols + 31) / 32);
+  // A bit past the last column would make every kernel read x (and write a decompressed row) out of
+  // bounds. Only a ragged last word can hold one, so this reads one word per row, and only then.
+  const int64_t rows = mask.size(0), words = mask.size(1);
+  if (cols % 32 != 0 && words > 0) {
+    const uint32_t beyond = ~((uint32_t{1} << (cols % 32)) - 1);
+    const auto* bits = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+    for (int64_t r = 0; r < rows; ++r)
+      LOSA_CHECK((bits[r * words + words - 1] & beyond) == 0, op, ": row ", r, " keeps a column past the ", cols,
+                 " input features");
+  }
 }
 
 at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std::optional<at::Tensor>& bias,

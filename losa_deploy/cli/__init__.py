@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .._version import __version__
@@ -83,22 +85,22 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
     raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
-
     args = build_parser().parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Only where SIGTERM would kill us outright: an inherited SIG_IGN, or a caller's own handler, stays.
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if ours:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _main(args)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _main(args) -> int:
@@ -127,19 +129,16 @@ def _main(args) -> int:
     return 0
 
 
-_WRITTEN = ("output", "json", "plot")
+_WRITTEN = ("output", "out", "json", "plot")  # the arguments that name what a command writes
 
 
 def _check_output_files(args) -> None:
     """--json and --plot are written last: check them before any work, that neither is OUT, and that
-    neither is (or lies inside) anything the command reads: every other argument naming an existing path
-    counts as an input (the model, data, calibration and allocation files, adapters)."""
+    neither replaces anything the command reads (see ``check_output_file``)."""
     from ..utils.fs import check_output_file
 
     output = getattr(args, "output", None)
-    inputs = tuple(value for name, values in vars(args).items() if name not in _WRITTEN
-                   for value in (values if isinstance(values, list) else [values])
-                   if isinstance(value, (str, Path)) and value and Path(value).exists())
+    inputs = _input_paths(args)
     for flag in ("json", "plot"):
         path = getattr(args, flag, None)
         if path is None:
@@ -147,6 +146,20 @@ def _check_output_files(args) -> None:
         check_output_file(path, f"--{flag}", inputs=inputs)
         if output is not None and Path(path).resolve() == Path(output).resolve():
             raise LosaError(f"--{flag} {path} is the output directory; choose another path")
+
+
+def _input_paths(args) -> tuple[Path, ...]:
+    """Every argument value that names an existing path, apart from the outputs: what the command reads."""
+    values = [v for name, value in vars(args).items() if name not in _WRITTEN
+              for v in (value if isinstance(value, list) else [value]) if isinstance(v, (str, Path)) and v]
+    paths = []
+    for value in values:
+        try:
+            if Path(value).exists():
+                paths.append(Path(value))
+        except OSError:  # a value too long to be a path (ENAMETOOLONG) is not one
+            continue
+    return tuple(paths)
 
 
 def _quiet_libraries() -> None:

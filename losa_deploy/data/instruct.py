@@ -29,7 +29,7 @@ def tokenize_examples(tokenizer, examples: list[Example], max_len: int,
         ids = tokenizer(ex.prompt + ex.response, add_special_tokens=True, verbose=False)["input_ids"]
         prompt = tokenizer(ex.prompt, add_special_tokens=True, verbose=False)["input_ids"]
         n_prompt = _common_prefix(ids, prompt)  # a token merged across the boundary counts as response
-        if tokenizer.eos_token_id is not None:
+        if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]:  # once, if not added
             ids = ids + [tokenizer.eos_token_id]
         labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:] if response_only else list(ids)
         ids, labels = ids[:max_len], labels[:max_len]

@@ -188,6 +188,27 @@ def pipeline_generate(model_dir: str, texts: list[str], new_tokens: int, sequenc
     return results
 
 
+# What DeepSparse's pipeline (over)writes when it reshapes the graph: model.onnx, and model.data when the
+# graph is too large for one protobuf.
+_REWRITTEN = ("model.onnx", "model.data")
+
+
+def _writable_view(model_dir: str, view: str) -> str:
+    """A folder that reads as ``model_dir``: copies of the files DeepSparse's TextGeneration rewrites in
+    place with static shapes (which would break the export for other lengths and for ONNX Runtime), links
+    to the rest (the weights need not be copied)."""
+    import shutil
+
+    os.makedirs(view)
+    for name in os.listdir(model_dir):
+        source = os.path.join(os.path.abspath(model_dir), name)
+        if name in _REWRITTEN:
+            shutil.copyfile(source, os.path.join(view, name))
+        else:
+            os.symlink(source, os.path.join(view, name))
+    return view
+
+
 def main(argv: list[str]) -> int:
     engine, model_dir, request_path, result_path = argv
     request = np.load(request_path)
@@ -195,12 +216,7 @@ def main(argv: list[str]) -> int:
     new_tokens, sequence_length = int(request["new_tokens"]), int(request["sequence_length"])
     chunk = int(request["chunk_length"])
     if engine == "pipeline":
-        # TextGeneration rewrites model.onnx in place with static shapes, which breaks the export for any
-        # other length (and for ONNX Runtime): it gets a copy in the request's scratch directory.
-        import shutil
-
-        copy = os.path.join(os.path.dirname(os.path.abspath(result_path)), "model")
-        shutil.copytree(model_dir, copy)
+        copy = _writable_view(model_dir, os.path.join(os.path.dirname(os.path.abspath(result_path)), "model"))
         outputs = pipeline_generate(copy, [str(p) for p in prompts], new_tokens, sequence_length, chunk)
     else:
         decoder = open_decoder(engine, model_dir, sequence_length, chunk,

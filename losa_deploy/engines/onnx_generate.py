@@ -32,10 +32,9 @@ def onnx_generate(model_dir: str | os.PathLike, prompts: list[list[int]], new_to
         raise LosaError(f"{model_dir} has no model.onnx (pack it with --format deepsparse)")
     if chunk_length != 1 and chunk_length % 4:
         raise LosaError(f"chunk_length must be 1 or a multiple of 4, got {chunk_length}")
-    _check_request(model_dir, [len(p) for p in prompts], new_tokens)
+    context = _check_request(model_dir, [len(p) for p in prompts], new_tokens, sequence_length)
     longest = max(len(p) for p in prompts) + new_tokens
-    sequence_length = sequence_length or -(-longest // 16) * 16
-    _check_request(model_dir, [len(p) for p in prompts], new_tokens, sequence_length)
+    sequence_length = sequence_length or min(-(-longest // 16) * 16, context)
     arrays = [np.asarray(p, dtype=np.int64) for p in prompts]
     if engine == "onnxruntime":
         decoder = onnx_decode.open_decoder(engine, str(model_dir), sequence_length, chunk_length)
@@ -57,20 +56,21 @@ def deepsparse_pipeline_generate(model_dir: str | os.PathLike, texts: list[str],
                                timeout)
 
 
-def _check_request(model_dir, prompt_lengths: list[int], new_tokens: int, sequence_length: int | None = None) -> None:
-    """Refuse what would otherwise fail deep inside an engine: no prompt, an empty one, no new token, or a
-    context longer than the model's positions."""
-    import json
+def _check_request(model_dir, prompt_lengths: list[int], new_tokens: int, sequence_length: int | None) -> int:
+    """Refuse what would otherwise fail deep inside an engine: no prompt, an empty one, no new token, or
+    more positions than the model has. Returns the model's context length."""
+    from ..models.arch import context_length
+    from ..models.checkpoint import read_config
 
     if not prompt_lengths or min(prompt_lengths) < 1:
         raise LosaError("onnx generation needs at least one prompt, and no empty one")
     if new_tokens < 1:
         raise LosaError(f"new_tokens must be at least 1, got {new_tokens}")
-    if sequence_length is not None:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        limit = config.get("max_position_embeddings")
-        if limit is not None and sequence_length > limit:
-            raise LosaError(f"sequence length {sequence_length} exceeds the model's {limit} positions")
+    context = context_length(read_config(Path(model_dir)))
+    needed = sequence_length or max(prompt_lengths) + new_tokens
+    if needed > context:
+        raise LosaError(f"sequence length {needed} exceeds the model's {context} positions")
+    return context
 
 
 def _in_deepsparse_venv(mode: str, model_dir: Path, prompts: list[np.ndarray], new_tokens: int,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LosaError
+from ..models.skeleton import empty_model
 from .base import Exporter
 from .legacy_tokenizer import legacy_tokenizer_json
 from .onnx_decoder import INPUTS, SUPPORTED_MODEL_TYPES, CachedDecoderStep, cache_names
@@ -92,18 +93,12 @@ def _write_legacy_tokenizer_config(source: PackSource, out: Path) -> None:
 
 def _model_from_stream(source: PackSource) -> torch.nn.Module:
     """The HF model, built empty and filled tensor by tensor from the source's checked stream."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source.path, local_files_only=True)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; RoPE buffers computed for real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for key, tensor in source.tensors():
-        missing, unexpected = model.load_state_dict({key: tensor}, strict=False, assign=True)[:2]
-        if unexpected:
+    model = empty_model(config, dtype=torch.float32)
+    for key, tensor in source.tensors():  # complete: PackSource.open checked the stored weights
+        if model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
             raise LosaError(f"{source.path} holds a tensor the {config.model_type} model does not have: {key}")
     model.tie_weights()
-    empty = [name for name, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise LosaError(f"{source.path} is missing {len(empty)} weight(s), e.g. {empty[0]}")
     return model.eval()

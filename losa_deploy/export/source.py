@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from ..errors import LosaError
 from ..models.arch import Architecture, architecture_for
-from ..models.checkpoint import check_checkpoint, weight_files
+from ..models.checkpoint import check_checkpoint, stored_shapes
+from ..models.skeleton import check_stored_weights
 from ..models.tensors import iter_tensors
 from ..sparsity.sidecar import SidecarBuilder, read_sidecar, verify_module
 
@@ -45,10 +46,6 @@ class PackSource:
     sidecar: SidecarBuilder = field(default_factory=SidecarBuilder)
     stats: dict = field(default_factory=lambda: dict.fromkeys(
         ("negative_zeros_scrubbed", "underflowed_to_zero", "dense_bytes"), 0))
-    # What the model needs: weight name -> shape, and the names sharing a tied weight (any one of them
-    # stored will do). None: not checked (a source built by hand, say in a test).
-    expected: dict[str, tuple[int, ...]] | None = None
-    tied: list[set[str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the caller's report (--json) repeats
 
     @classmethod
@@ -56,9 +53,13 @@ class PackSource:
              progress: bool = True) -> PackSource:
         path = Path(path)
         config = check_checkpoint(path, trust_remote_code)
-        expected, tied = _expected_weights(path, trust_remote_code)
-        return cls(path, config, architecture_for(config["model_type"]), dtype, progress, read_sidecar(path),
-                   expected=expected, tied=tied)
+        check_stored_weights(path, trust_remote_code)  # from the headers, before anything is written
+        sidecar = read_sidecar(path)
+        stored = stored_shapes(path)
+        unstored = sorted(m for m in (sidecar or {}).get("modules", {}) if f"{m}.weight" not in stored)
+        if unstored:
+            raise LosaError(f"{path}: its sidecar lists {unstored[0]}, which the checkpoint does not store")
+        return cls(path, config, architecture_for(config["model_type"]), dtype, progress, sidecar)
 
     def __post_init__(self):
         self._weight_key = self.arch.weight_key_pattern()
@@ -78,39 +79,16 @@ class PackSource:
         """Every stored tensor, checked, converted and scrubbed, one at a time."""
         from safetensors import SafetensorError
 
-        total = sum(1 for _ in _stored_keys(self.path))
+        total = len(stored_shapes(self.path))
         stream = tqdm(iter_tensors(self.path), total=total, desc="packing", unit="tensor",
                       disable=not self.progress)
-        seen = set()
         try:
             for key, tensor in stream:
-                self._check_shape(key, tensor)
                 tensor = self._prepare(key, tensor)
                 self.stats["dense_bytes"] += tensor.numel() * tensor.element_size()
-                seen.add(key)
                 yield key, tensor
         except SafetensorError as exc:  # a header that disagrees with its data
             raise LosaError(f"{self.path} holds a corrupt tensor ({exc})") from None
-        self._check_complete(seen)
-
-    def _check_shape(self, key: str, tensor: torch.Tensor) -> None:
-        want = None if self.expected is None else self.expected.get(key)
-        if want is not None and tuple(tensor.shape) != want:
-            raise LosaError(f"{self.path}: {key} has shape {tuple(tensor.shape)}, the {self.config['model_type']} "
-                            f"model's is {want}")
-
-    def _check_complete(self, seen: set[str]) -> None:
-        """Every weight the model needs was stored (a tied pair once), and every module the input's sidecar
-        lists: written without them, a loader would initialise them at random."""
-        if self.expected is not None:
-            alternatives = {name: group for group in self.tied for name in group}
-            missing = sorted(k for k in self.expected if k not in seen and not alternatives.get(k, set()) & seen)
-            if missing:
-                raise LosaError(f"{self.path} is missing {len(missing)} weight(s) of the model, e.g. {missing[0]}")
-        listed = set((self.input_sidecar or {}).get("modules", {}))
-        absent = sorted(listed - set(self.sidecar.modules))
-        if absent:
-            raise LosaError(f"{self.path}: its sidecar lists {absent[0]}, which the checkpoint does not store")
 
     def _prepare(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
@@ -158,32 +136,3 @@ class PackSource:
         if sidecar["pattern"] == "dense":
             self.warn(f"{self.path} has no sparsity (every prunable linear is dense): packed anyway, "
                       "but sparse kernels will not make it faster")
-
-
-def _expected_weights(path: Path, trust_remote_code: bool) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
-    """The weights (parameters and persistent buffers) of an empty model built from the config, with their
-    shapes, and the groups of names tied to one weight."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model.tie_weights()
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    names_of: dict[int, set[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), set()).add(name)
-    return expected, [names for names in names_of.values() if len(names) > 1]
-
-
-def _stored_keys(path: Path) -> Iterator[str]:
-    """The stored tensor names, read from the headers only (for the progress bar's total)."""
-    for file in weight_files(path):
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(file, framework="pt") as handle:
-                yield from handle.keys()
-        else:
-            yield from torch.load(file, map_location="meta", weights_only=True, mmap=True)

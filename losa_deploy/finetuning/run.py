@@ -45,7 +45,7 @@ from ..models import (
     stored_dtype,
 )
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
-from ..sparsity.allocation import MIN_RMI_WINDOWS
+from ..sparsity.allocation import check_rmi_windows
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
 from ..utils.fs import atomic_dir, check_output_dir, json_text
 from . import distributed
@@ -73,9 +73,8 @@ def finetune(model: str | os.PathLike, output: str | os.PathLike, data: str, met
     progress = progress and rank == 0
     structure, target = method.checked()
     train.checked()
-    if method.method == "losa" and method.allocation == "rmi" and min(nsamples, method.rmi_samples) < MIN_RMI_WINDOWS:
-        raise LosaError(f"LoSA's RMI allocation compares blocks over calibration windows: it needs --nsamples >= "
-                        f"{MIN_RMI_WINDOWS}, got {nsamples}")
+    if method.method == "losa" and method.allocation == "rmi":
+        check_rmi_windows(nsamples, method.rmi_samples)
     _check_data_options(method, {"--data-slice": ("--data", data, data_slice),
                                  "--calib-slice": ("--calib", calib, calib_slice),
                                  "--eval-slice": ("--eval-data", eval_data, eval_slice),

@@ -88,10 +88,15 @@ def _kernel_isa(op_name: str, device_type: str, dtype: torch.dtype, backend: str
     return _choose_isa(op_name, device_type, dtype, backend or os.environ.get("LOSA_SPARSE_BACKEND") or "auto")
 
 
+def check_backend(backend: str | None) -> None:
+    """Refuse an unknown backend name (None: the default, always fine)."""
+    if backend is not None and backend not in BACKENDS:
+        raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
 @functools.lru_cache(maxsize=64)  # the answer depends only on the arguments: decode calls this per layer
 def _choose_isa(op_name: str, device_type: str, dtype: torch.dtype, chosen: str) -> str:
-    if chosen not in BACKENDS:
-        raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
+    check_backend(chosen)
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     has_kernel = (chosen != "torch" and ops() is not None and key is not None
                   and torch._C._dispatch_has_kernel_for_dispatch_key(f"losa::{op_name}", key))
@@ -215,8 +220,7 @@ def gpu_kernel(x: torch.Tensor, weight: BitmaskWeight | NMKernelLayout, bias: to
                chosen: str = "auto") -> str:
     """Which implementation :func:`sparse_linear` runs for x on a GPU (or forced GPU backend): ``cuda``,
     ``triton`` or ``torch``."""
-    if chosen not in BACKENDS:
-        raise LosaError(f"unknown sparse backend {chosen!r} (choose from {', '.join(BACKENDS)})")
+    check_backend(chosen)
     if chosen in CPU_BACKENDS:
         raise LosaError(f"sparse backend {chosen!r} is a CPU kernel; x is on {x.device}")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))

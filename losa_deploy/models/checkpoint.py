@@ -82,6 +82,19 @@ def _safetensors_header(file: Path) -> tuple[int, dict]:
     return header_len, {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's name and shape, from the safetensors headers (pickles: loaded on the meta
+    device), without reading any data."""
+    shapes = {}
+    for file in weight_files(Path(path)):
+        if file.suffix == ".safetensors":
+            shapes.update({k: tuple(e["shape"]) for k, e in _safetensors_header(file)[1].items()})
+        else:
+            state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(t.shape) for k, t in state.items()})
+    return shapes
+
+
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     """The floating dtype most of the checkpoint's weights are stored in (from the safetensors headers; the
     config's ``dtype`` for pickles), so a command that computes in fp32 writes back what it read."""

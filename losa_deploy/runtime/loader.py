@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from ..errors import LosaError
-from ..kernels.dispatch import BACKENDS
+from ..kernels.dispatch import check_backend
 from ..kernels.formats import read_packed
 from ..models.checkpoint import check_checkpoint, parse_dtype
+from ..models.skeleton import empty_model
 from ..models.tensors import iter_tensors
 from .sparse_linear import SparseLinear
 
@@ -43,29 +44,27 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
                 backend: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model of a packed checkpoint, in eval mode on ``device``; ``dtype`` converts (None: as stored);
     ``backend`` picks the sparse kernel (see ``losa_deploy.kernels.dispatch``)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
     device = _check_device(device)
-    if backend is not None and backend not in BACKENDS:
-        raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    check_backend(backend)
     torch_dtype = parse_dtype(dtype)
     config = check_checkpoint(path, trust_remote_code, packed=True)
     block = packing_block(config, path)
     modules = block["modules"]
     plain = {k: v for k, v in config.items() if k not in _PACKING_KEYS}
     hf_config = AutoConfig.for_model(**plain)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    model = empty_model(hf_config, trust_remote_code)
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in iter_tensors(path):
         module, _, leaf = key.rpartition(".")
+        if module in modules and leaf != "bias":
+            parts[module][key] = tensor  # read_packed checks its values
+            continue
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
-        if module in modules and leaf != "bias":
-            parts[module][key] = tensor
-        elif model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
+        if model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
             raise LosaError(f"{path} holds a tensor the {config['model_type']} model does not have: {key}")
     for name, fmt in modules.items():
         if name not in parts:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LosaError
-from ..kernels.dispatch import BACKENDS, kernel_weight, sparse_linear
+from ..kernels.dispatch import check_backend, kernel_weight, sparse_linear
 from ..kernels.formats.bitmask import BitmaskWeight
 from ..kernels.formats.gpu import GPULayout, model_gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
@@ -60,8 +60,7 @@ class SparseLinear(nn.Module):
                  backend: str | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        if backend is not None and backend not in BACKENDS:
-            raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        check_backend(backend)
         self.backend = backend  # None: $LOSA_SPARSE_BACKEND or auto (see kernels.dispatch)
         self._set_packed(kernel_weight(weight))
         if bias is not None and tuple(bias.shape) != (self.out_features,):

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LosaError
-from ..kernels.dispatch import BACKENDS
+from ..kernels.dispatch import check_backend
 from ..sparsity.patterns import sparsity
 from .sparse_linear import FORMATS, SparseLinear
 
@@ -50,8 +50,7 @@ def sparsify_(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY, form
     if type(model) is nn.Linear:  # it has no parent to swap it in: say how, rather than corrupt it
         raise LosaError("sparsify_ swaps the linears inside a model; for a bare nn.Linear use "
                         "SparseLinear.from_linear(linear)")
-    if backend is not None and backend not in BACKENDS:
-        raise LosaError(f"unknown sparse backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    check_backend(backend)
     shared = _shared_weights(model)
     candidates = [(name, module) for name, module in model.named_modules()
                   if type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))]

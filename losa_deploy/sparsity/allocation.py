@@ -63,6 +63,13 @@ def linear_cka(grams: Sequence[torch.Tensor]) -> torch.Tensor:
 MIN_RMI_WINDOWS = 3
 
 
+def check_rmi_windows(nsamples: int, rmi_samples: int) -> None:
+    """RMI compares blocks over the calibration windows it is given: refuse too few before any work."""
+    if min(nsamples, rmi_samples) < MIN_RMI_WINDOWS:
+        raise LosaError(f"RMI allocation compares blocks over calibration windows: it needs --nsamples >= "
+                        f"{MIN_RMI_WINDOWS}, got {nsamples}")
+
+
 def rmi_redundancy(grams: Sequence[torch.Tensor]) -> torch.Tensor:
     """``m_i = sum_{j != i} CKA_ij``, normalised to sum to 1: higher = more redundant."""
     cka = linear_cka(grams)
@@ -148,7 +155,7 @@ def read_allocation_file(path: str | os.PathLike, num_blocks: int, linears: Sequ
         raise LosaError(f"allocation file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         spec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer too long to parse
         raise LosaError(f"allocation file {path} is not valid JSON ({exc})") from None
     if isinstance(spec, list):
         if len(spec) != num_blocks:
@@ -161,7 +168,7 @@ def read_allocation_file(path: str | os.PathLike, num_blocks: int, linears: Sequ
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             isinstance(value, int) or math.isfinite(value))
         if not ok or not 0.0 <= value < 1.0:
-            raise LosaError(f"allocation file {path}: sparsity of '{key}' must be a number in [0, 1), got {value!r}")
+            raise LosaError(f"allocation file {path}: sparsity of '{key}' must be a number in [0, 1), got {repr(value)[:40]}")
         if key not in linears and not (key.isdigit() and str(int(key)) == key and int(key) < num_blocks):
             raise LosaError(f"allocation file {path}: '{key}' is neither a block index below {num_blocks} "
                             "nor a prunable linear of this model")

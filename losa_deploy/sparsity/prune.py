@@ -165,7 +165,8 @@ def _plan(model, config: PruneConfig, structure: Structure, target: float | None
         signal = [-r for r in collector.ratios]  # more outliers: more important, less sparsity
         info.update(outlier_ratios=collector.ratios, outlier_threshold=config.owl_m)
     if structure.kind == "mixed_nm":
-        steps = 1 if config.lam is None else round(config.lam * structure.m)  # lam 0: uniform N
+        # round(lam M) grid steps, at least one: lam 0 alone means uniform N
+        steps = 1 if config.lam is None else 0 if config.lam == 0 else max(1, round(config.lam * structure.m))
         ns = (alloc.nm_allocation(signal, structure.n, structure.m, steps) if signal is not None
               else [structure.n] * num_blocks)
         info.update(lam=steps / structure.m, n_per_block=ns)

@@ -103,6 +103,10 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
     _check_device(device, [name for _, (name, _) in plan])
+    engines_used = {get_engine(name) for _, (name, _) in plan}
+    if 1 not in batch_list and all(e.batch1_only for e in engines_used):
+        raise LosaError(f"engine(s) {', '.join(sorted(e.name for e in engines_used))} run batch 1 only, and --batch "
+                        f"asks for {','.join(map(str, batch_list))}: add 1, or an engine that batches")
     if not models:
         raise LosaError("bench: no MODEL given")
     for spec in models:
@@ -123,10 +127,6 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
         engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
         cells.append(Cell(spec, paths[spec], engine, run_dtype))
-    if not any(_active(cells, b) for b in batch_list):
-        only = sorted({c.engine.name for c in cells})
-        raise LosaError(f"engine(s) {', '.join(only)} run batch 1 only, and --batch asks for "
-                        f"{','.join(map(str, batch_list))}: add 1, or an engine that batches")
     prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment
 

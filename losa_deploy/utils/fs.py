@@ -46,18 +46,19 @@ def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[str | os
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"{what} {path} is a directory")
-    target = path.resolve()
+    # Both spellings: a weight symlinked into a model folder (the HF cache's layout) resolves elsewhere.
+    targets = {path.absolute(), path.resolve()} if path.exists() else set()
     for source in inputs:
-        source = Path(source).resolve()
-        if target.exists() and source == target:
+        sources = {Path(source).absolute(), Path(source).resolve()}
+        if targets & sources:
             raise LosaError(f"{what} {path} would replace the input {source}; choose another path")
-        if target.exists() and source in target.parents and _is_model_file(target):
+        if _is_model_file(path) and any(s in t.parents for s in sources for t in targets):
             raise LosaError(f"{what} {path} would replace a file of the input {source}; choose another path")
     _check_parent(path, f"{what} {path}")
     return path
 
 
-_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".data", ".model", ".pt", ".pth")
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".data", ".model", ".pt", ".pth", ".py")
 
 
 def _is_model_file(path: Path) -> bool:
@@ -66,8 +67,8 @@ def _is_model_file(path: Path) -> bool:
     from ..sparsity.sidecar import SIDECAR
 
     names = {*TOKENIZER_FILES, "config.json", "generation_config.json", SIDECAR, "adapter_config.json",
-             "losa_adapter.json"}
-    return path.suffix in _MODEL_SUFFIXES or path.name in names
+             "losa_adapter.json", "added_tokens.json"}
+    return path.suffix in _MODEL_SUFFIXES or path.name in names or path.name.endswith(".index.json")
 
 
 def _check_parent(path: Path, what: str) -> None:
