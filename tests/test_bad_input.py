@@ -284,3 +284,22 @@ def test_an_allocation_file_inside_out_is_an_input(cli, stories_dir, tmp_path):
                  tmp_path / "out" / "alloc.json", "--overwrite")
     _assert_clean_failure(result, tmp_path, before, "contains the input")
     assert (tmp_path / "out" / "alloc.json").is_file()
+
+
+def test_an_existing_file_is_replaced_only_if_it_is_a_report(cli, stories_dir, tmp_path):
+    """--json / --plot on an existing file that is not one of our reports (a data file named by mistake,
+    as a helper once did with the shared TinyStories text) is refused; a previous report is rewritten."""
+    data = tmp_path / "notes.txt"
+    data.write_text("precious text\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_clean_failure(cli("inspect", stories_dir, "--json", data), tmp_path, before,
+                          "exists and is not a losa-deploy report")
+    _assert_clean_failure(cli("inspect", stories_dir, "--plot", data), tmp_path, before,
+                          "exists and is not a losa-deploy report")
+    assert data.read_text() == "precious text\n"
+    report, plot = tmp_path / "r.json", tmp_path / "s.png"
+    for _ in range(2):  # the second run replaces the first one's report and plot
+        code, _, err = cli("inspect", stories_dir, "--json", report, "--plot", plot)
+        assert code == 0, err
+    assert json.loads(report.read_text())["command"] == "inspect"
+    assert plot.read_bytes().startswith(b"\x89PNG")

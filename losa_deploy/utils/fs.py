@@ -42,7 +42,8 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False,
 def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Validate a file to be written at the end (``--json``, ``--plot``) before any work starts. It may not
     replace one of ``inputs`` (files and directories the command reads), nor a model's own file inside one
-    (weights, config, tokenizer, sidecar); a report beside them (``MODEL/eval.json``) is fine, again."""
+    (weights, config, tokenizer, sidecar); an existing file is replaced only if it is a report of ours (a
+    re-run rewrites its report; a data file given by mistake is kept)."""
     path = Path(path)
     if path.is_dir():
         raise LosaError(f"{what} {path} is a directory")
@@ -54,8 +55,33 @@ def check_output_file(path: str | os.PathLike, what: str, inputs: tuple[str | os
             raise LosaError(f"{what} {path} would replace the input {source}; choose another path")
         if _is_model_file(path) and any(s in t.parents for s in sources for t in targets):
             raise LosaError(f"{what} {path} would replace a file of the input {source}; choose another path")
+    if path.exists() and not _is_report(path):
+        raise LosaError(f"{what} {path} exists and is not a losa-deploy report (JSON with a 'command', or an "
+                        "image); remove it or choose another path")
     _check_parent(path, f"{what} {path}")
     return path
+
+
+_MAX_REPORT_BYTES = 64 << 20  # a bench report is kilobytes; a larger file is data, not to be parsed here
+_IMAGE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg")
+
+
+def _is_report(path: Path) -> bool:
+    """Whether an existing file is one of our reports: the CLI's JSON (it always holds ``command``) or an
+    image (a plot)."""
+    try:
+        if path.stat().st_size > _MAX_REPORT_BYTES:
+            return False
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if head.startswith(_IMAGE_MAGIC):
+                return True
+            if not head.lstrip().startswith(b"{"):
+                return False
+            handle.seek(0)
+            return "command" in json.load(handle)
+    except (OSError, ValueError):
+        return False
 
 
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".gguf", ".onnx", ".data", ".model", ".pt", ".pth", ".py")
