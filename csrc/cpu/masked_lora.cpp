@@ -584,31 +584,36 @@ std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in
   auto da = at::zeros({r, k}, acc_opts);
   const int64_t cols = band(d, x.element_size(), k);
   const int64_t panels = count(k, cols);
-  // Panels are disjoint columns of dA; dB sums over every panel, so each worker keeps a partial dB,
-  // added up at the end.
-  auto db_parts = at::zeros({std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), panels)), d, r}, acc_opts);
+  // Panels are disjoint columns of dA; dB sums over every panel. The panels are split into fixed groups,
+  // each with its own partial dB summed in group order at the end: which worker claims a group depends on
+  // timing, the sum must not (a partial dB per worker made training differ from run to run).
+  const int64_t groups = std::clamp<int64_t>(4 * at::get_num_threads(), 1, std::max<int64_t>(panels, 1));
+  const int64_t per_group = std::max<int64_t>(1, count(panels, groups));
+  auto db_parts = at::zeros({groups, d, r}, acc_opts);
   const Isa isa = chosen_isa();
   const auto grad_t = grad.t();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "masked_lora_grad_ab", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    parallel_panels(panels, [&](int64_t worker, const auto& claim) {
+    parallel_panels(count(panels, per_group), [&](int64_t, const auto& claim) {
       auto g = at::empty({d, cols}, grad.options());
       std::vector<acc_t> row(4 * (cols + 16));
-      const Contraction<scalar_t, acc_t> c{reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
-                                           a.data_ptr<acc_t>(),
-                                           b.data_ptr<acc_t>(),
-                                           da.data_ptr<acc_t>(),
-                                           db_parts[worker].data_ptr<acc_t>(),
-                                           d,
-                                           k,
-                                           words.size(1),
-                                           r,
-                                           static_cast<acc_t>(scale)};
-      for (int64_t p; (p = claim()) >= 0;) {
-        const int64_t j0 = p * cols, n = std::min(cols, k - j0);
-        auto g_view = g.narrow(1, 0, n);
-        at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // the G panel: dYᵀ·X[:, j0:j0+n]
-        contract_panel(c, g.data_ptr<scalar_t>(), cols, j0, j0 + n, row.data(), isa);
+      for (int64_t group; (group = claim()) >= 0;) {
+        const Contraction<scalar_t, acc_t> c{reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>()),
+                                             a.data_ptr<acc_t>(),
+                                             b.data_ptr<acc_t>(),
+                                             da.data_ptr<acc_t>(),
+                                             db_parts[group].data_ptr<acc_t>(),
+                                             d,
+                                             k,
+                                             words.size(1),
+                                             r,
+                                             static_cast<acc_t>(scale)};
+        for (int64_t p = group * per_group; p < std::min(panels, (group + 1) * per_group); ++p) {
+          const int64_t j0 = p * cols, n = std::min(cols, k - j0);
+          auto g_view = g.narrow(1, 0, n);
+          at::mm_out(g_view, grad_t, x.narrow(1, j0, n));  // the G panel: dYᵀ·X[:, j0:j0+n]
+          contract_panel(c, g.data_ptr<scalar_t>(), cols, j0, j0 + n, row.data(), isa);
+        }
       }
     });
   });
