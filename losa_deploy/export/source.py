@@ -47,19 +47,20 @@ class PackSource:
     stats: dict = field(default_factory=lambda: dict.fromkeys(
         ("negative_zeros_scrubbed", "underflowed_to_zero", "dense_bytes"), 0))
     warnings: list[str] = field(default_factory=list)  # what the caller's report (--json) repeats
+    stored: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape, from the headers
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype: torch.dtype | None, trust_remote_code: bool = False,
              progress: bool = True) -> PackSource:
         path = Path(path)
         config = check_checkpoint(path, trust_remote_code)
-        check_stored_weights(path, trust_remote_code)  # from the headers, before anything is written
-        sidecar = read_sidecar(path)
         stored = stored_shapes(path)
+        check_stored_weights(path, stored, trust_remote_code)  # before anything is written
+        sidecar = read_sidecar(path)
         unstored = sorted(m for m in (sidecar or {}).get("modules", {}) if f"{m}.weight" not in stored)
         if unstored:
             raise LosaError(f"{path}: its sidecar lists {unstored[0]}, which the checkpoint does not store")
-        return cls(path, config, architecture_for(config["model_type"]), dtype, progress, sidecar)
+        return cls(path, config, architecture_for(config["model_type"]), dtype, progress, sidecar, stored=stored)
 
     def __post_init__(self):
         self._weight_key = self.arch.weight_key_pattern()
@@ -79,7 +80,7 @@ class PackSource:
         """Every stored tensor, checked, converted and scrubbed, one at a time."""
         from safetensors import SafetensorError
 
-        total = len(stored_shapes(self.path))
+        total = len(self.stored) or None  # None: a source built by hand, with no header read
         stream = tqdm(iter_tensors(self.path), total=total, desc="packing", unit="tensor",
                       disable=not self.progress)
         try:

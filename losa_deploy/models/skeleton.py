@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ..errors import LosaError
-from .checkpoint import stored_shapes
 
 
 def empty_model(config, trust_remote_code: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
@@ -40,9 +39,10 @@ def required_weights(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], list
     return shapes, [names for names in names_of.values() if len(names) > 1]
 
 
-def check_stored_weights(path: str | Path, trust_remote_code: bool = False) -> None:
-    """Refuse a checkpoint that lacks a weight its model needs, or stores one in another shape (read from
-    the file headers: nothing is loaded). A loader would initialise a missing weight at random."""
+def check_stored_weights(path: str | Path, stored: dict[str, tuple[int, ...]], trust_remote_code: bool = False) -> None:
+    """Refuse a checkpoint that lacks a weight its model needs, or stores one in another shape. ``stored``:
+    its tensors' shapes (``checkpoint.stored_shapes``, from the headers: nothing is loaded). A loader would
+    initialise a missing weight at random."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -51,7 +51,6 @@ def check_stored_weights(path: str | Path, trust_remote_code: bool = False) -> N
     except (ValueError, KeyError, OSError) as exc:
         raise LosaError(f"{path}: cannot read the model config ({exc})") from None
     needed, tied = required_weights(empty_model(config, trust_remote_code))
-    stored = stored_shapes(path)
     alternatives = {name: group for group in tied for name in group}
     missing = sorted(k for k in needed if k not in stored and not alternatives.get(k, set()) & stored.keys())
     if missing:
