@@ -20,9 +20,12 @@ def add_arguments(parser) -> None:
                              "(default torch,losa); the first engine on the first model is the baseline")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
-    parser.add_argument("--prompt-len", type=positive_int, default=128)
-    parser.add_argument("--gen-len", type=positive_int, default=128)
-    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--prompt-len", type=positive_int, default=128,
+                        help="prompt tokens per sequence, timed as prefill (default 128)")
+    parser.add_argument("--gen-len", type=positive_int, default=128,
+                        help="tokens generated per sequence, timed as decode; at least 2 (default 128)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed rounds per batch size; each round runs every cell once (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--threads", type=positive_int, help="threads per engine (default: all cores)")
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16; DeepSparse and "

@@ -18,8 +18,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=positive_int, default=3, help="LoSA phases (default 3)")
     parser.add_argument("--budget-tokens", type=positive_int,
                         help="LoSA training tokens (default: all of the training 80%% of the text)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoSA learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling, pruning and training (default 0)")
 
 
 def run(args) -> dict:

@@ -156,6 +156,7 @@ def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, 
     if work_dir is None:
         scratch = tempfile.TemporaryDirectory(prefix="losa-deepsparse-")
         work_dir = scratch.name
+    _link_external_data(os.path.dirname(os.path.abspath(onnx_path)), work_dir)
     engines = {}
     for length in sorted({1, prompt_chunk}):
         path = os.path.join(work_dir, f"model-{sequence_length}x{length}.onnx")
@@ -169,6 +170,15 @@ def _deepsparse_runner(onnx_path: str, sequence_length: int, prompt_chunk: int, 
         return engine.run([feeds[name] for name in engine.input_names])
 
     return run
+
+
+def _link_external_data(model_dir: str, work_dir: str) -> None:
+    """Link the export's other files into ``work_dir``: the shaped copies keep the graph's relative
+    external-data locations (an export over 2 GB keeps its initializers in files beside model.onnx)."""
+    for name in os.listdir(model_dir):
+        link = os.path.join(work_dir, name)
+        if name != "model.onnx" and not os.path.lexists(link):
+            os.symlink(os.path.join(model_dir, name), link)
 
 
 def pipeline_generate(model_dir: str, texts: list[str], new_tokens: int, sequence_length: int,
