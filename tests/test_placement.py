@@ -61,3 +61,17 @@ def test_place_for_decode_only_touches_named_tensors(rng):
     placed = place_for_decode(packed, changed={"mask"})
     assert placed.values is packed.values
     assert placed.mask is not packed.mask and torch.equal(placed.mask, packed.mask)
+
+
+def test_share_memory_shares_the_packed_weight_the_kernel_reads(rng):
+    """``Module.share_memory()`` (for a model served from forked workers) moves every buffer into shared
+    memory; placing them on huge pages afterwards would copy them out again, unshared."""
+    rows, cols = 1531, 2917  # ragged; values and mask each over one huge page
+    weight = random_sparse(rows, cols, 0.4, rng)
+    layer = SparseLinear(BitmaskWeight.from_dense(weight))
+    layer.share_memory()
+    for name, tensor in layer.packed.tensors().items():
+        assert tensor.is_shared(), name
+        assert tensor is getattr(layer, name)  # the kernel reads the shared buffer, not a copy
+    x = torch.randn(5, cols, generator=rng)
+    torch.testing.assert_close(layer(x), (x.double() @ weight.double().T).float(), rtol=1e-4, atol=1e-4)

@@ -25,8 +25,10 @@ def huge_pages_enabled() -> bool:
 
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of a CPU ``tensor`` on huge pages, or ``tensor`` itself (small, not on the CPU, disabled)."""
-    if tensor.device.type != "cpu" or tensor.nbytes < HUGE_PAGE_BYTES or not huge_pages_enabled():
+    """A copy of a CPU ``tensor`` on huge pages, or ``tensor`` itself (small, not on the CPU, disabled, or
+    in shared memory, where a copy would stop sharing it: ``Module.share_memory()``)."""
+    if (tensor.device.type != "cpu" or tensor.nbytes < HUGE_PAGE_BYTES or tensor.is_shared()
+            or not huge_pages_enabled()):
         return tensor
     return ops().huge_page_copy(tensor)
 
