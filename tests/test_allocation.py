@@ -84,6 +84,30 @@ def test_lp_infeasible_lower_bounds():
         alloc.solve_allocation_lp([0.1, 0.2], 0.5, 0.01, lower=[0.6, 0.6])
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fill_to_mean_raises_the_lowest_together(rng, weighted):
+    """Nested masks that start uneven: no entry drops, the weighted mean is the target, and the raised
+    entries share one level that every untouched entry is at or above (against a bisection)."""
+    for _ in range(50):
+        num = int(torch.randint(1, 9, (1,), generator=rng))
+        current = (torch.rand(num, generator=rng, dtype=torch.float64) * 0.8).tolist()
+        weights = (torch.rand(num, generator=rng, dtype=torch.float64) + 0.1).tolist() if weighted else [1.0] * num
+        target = float(torch.rand((), generator=rng)) * 0.9
+        out = alloc.fill_to_mean(current, target, weights if weighted else None)
+        mean = sum(w * c for w, c in zip(weights, current)) / sum(weights)
+        if mean >= target:
+            assert out == current
+            continue
+        assert all(o >= c for o, c in zip(out, current))
+        assert sum(w * o for w, o in zip(weights, out)) / sum(weights) == pytest.approx(target, abs=1e-12)
+        low, high = 0.0, 1.0  # the level by bisection on the weighted mean of max(level, current)
+        for _ in range(100):
+            mid = (low + high) / 2
+            low, high = (mid, high) if sum(w * max(mid, c) for w, c in zip(weights, current)) < target * sum(
+                weights) else (low, mid)
+        assert out == pytest.approx([max(low, c) for c in current], abs=1e-9)
+
+
 def test_owl_follows_its_formula(rng):
     ratios = (torch.rand(9, generator=rng, dtype=torch.float64) * 0.02).tolist()
     s = alloc.owl_allocation(ratios, 0.7, lam=0.08)

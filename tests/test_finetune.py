@@ -194,6 +194,28 @@ def test_losa_with_rmi_runs_on_a_pruned_model(cli, sparse_stories, tinystories, 
     assert 1 - kept >= 0.5 - 1e-3
 
 
+def test_losa_on_unevenly_pruned_rows_ends_at_the_target(cli, stories_dir, tinystories, tmp_path):
+    """A model pruned with one threshold per layer (as SparseGPT prunes: rows unevenly sparse) at 40%: LoSA
+    to 50% keeps every zero, and the rows already sparser than a phase's target no longer push the layers
+    past it (each phase used to cut every row to the target, ending near 56-60%)."""
+    from losa_deploy.models import get_architecture, load_model, load_tokenizer, save_model
+
+    model = load_model(stories_dir)
+    for linear in get_architecture(model).linears(model).values():
+        w = linear.weight.data
+        w[w.abs() <= w.abs().flatten().kthvalue(int(0.4 * w.numel())).values] = 0
+    pruned = save_model(model, tmp_path / "uneven", tokenizer=load_tokenizer(stories_dir))
+    rows_kept = [(t != 0).sum(1).float() for t in linears(weights(pruned)).values()]
+    assert max(float(r.std() / r.mean()) for r in rows_kept) > 0.1  # the rows really are uneven
+    result = cli(*finetune_args(pruned, tinystories, tmp_path / "o", "--method", "losa", "--sparsity", "0.5",
+                                "--steps", "3"))
+    assert result[0] == 0, result[2]
+    before, after = linears(weights(pruned)), linears(weights(tmp_path / "o"))
+    assert all(bool((after[k][before[k] == 0] == 0).all()) for k in before), "a pruned weight came back"
+    zeros = sum(int((t == 0).sum()) for t in after.values()) / sum(t.numel() for t in after.values())
+    assert abs(zeros - 0.5) <= 0.005  # a row's rounding (1/64 per block) averages out over the blocks
+
+
 def test_a_model_pruned_to_the_target_keeps_its_mask(cli, sparse_stories, tinystories, tmp_path):
     # prune -> finetune -> merge: the one-shot prune (Wanda here) would re-prune the magnitude-pruned model
     # and move its zeros; at the target already, the model keeps its own.

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from losa_deploy.errors import LosaError
 from losa_deploy.sparsity import is_nm, nm_tail_keep
-from losa_deploy.sparsity.masks import Target, apply_mask, select_mask
+from losa_deploy.sparsity.masks import Target, apply_mask, nested_row_keeps, select_mask
 from losa_deploy.sparsity.pruners import get_pruner
 from losa_deploy.sparsity.stats import InputStats
 
@@ -55,6 +55,37 @@ def test_nesting_never_regrows(rng):
     loose = torch.ones(19, 101, dtype=torch.bool)
     loose[:, :5] = False
     assert (select_mask(w.abs(), Target.unstructured(0.6), loose).sum(1) == 101 - 61).all()
+
+
+@given(rows=st.integers(1, 30), cols=st.integers(2, 150), sparsity=st.floats(0.05, 0.95),
+       seed=st.integers(0, 2**31))
+def test_nesting_in_uneven_rows_keeps_the_layer_count(rows, cols, sparsity, seed):
+    """Rows already sparser than the target keep all they have; the others are cut to one level (one more
+    for the first few) so the layer keeps exactly rows x the per-row count, never more per row than before."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    prev = torch.rand(rows, cols, generator=g) < torch.rand(rows, 1, generator=g)  # each row its own density
+    target = Target.unstructured(sparsity)
+    keep = cols - target.pruned_count(cols)
+    mask = select_mask(w.abs(), target, prev)
+    assert not (mask & ~prev).any()
+    prev_kept, kept = prev.sum(1), mask.sum(1)
+    assert int(kept.sum()) == min(rows * keep, int(prev_kept.sum()))
+    assert (kept <= prev_kept).all()
+    cut = kept < prev_kept
+    if cut.any():  # the rows that lost entries share one level (+1), and the untouched rows lie at or below it
+        level = int(kept[cut].min())
+        assert int(kept[cut].max()) <= level + 1 and (prev_kept[~cut] <= level + 1).all()
+    # Within each row the kept entries are the largest of those the previous mask kept.
+    score = w.abs().masked_fill(~prev, float("-inf"))
+    assert (score.masked_fill(~mask, float("inf")).min(1).values
+            >= score.masked_fill(mask, float("-inf")).max(1).values).all()
+
+
+def test_nested_row_keeps_by_hand():
+    assert nested_row_keeps(torch.tensor([10, 2, 10, 6]), 20).tolist() == [6, 2, 6, 6]
+    assert nested_row_keeps(torch.tensor([10, 2, 10, 6]), 21).tolist() == [7, 2, 6, 6]
+    assert nested_row_keeps(torch.tensor([10, 2, 10, 6]), 40).tolist() == [10, 2, 10, 6]
 
 
 def test_apply_mask_scrubs_negative_zero():

@@ -177,11 +177,11 @@ class LosaSchedule:
             return [Target.nm(nm_schedule(b, m, self.cfg.steps)[phase], m) for b in self.block_n], signal
         current = [_sparsity(b) for b in blocks]
         # A model pruned before LoSA can already be sparser than this phase's mean allows (every block at
-        # least s_t - lam and its present sparsity): the LP then has no solution, and, as without RMI, each
-        # block just keeps at least its own zeros.
+        # least s_t - lam and its present sparsity): the LP then has no solution, and, as without RMI, the
+        # blocks keep their zeros and the least sparse ones rise together until the mean is s_t.
         floor = sum(max(s_t - lam, c) for c in current) / len(current)
         if signal is None or floor > s_t:
-            return [Target.unstructured(max(s_t, c)) for c in current], signal
+            return [Target.unstructured(s) for s in alloc.fill_to_mean(current, s_t)], signal
         per_block = alloc.solve_allocation_lp(signal, s_t, lam, lower=current)
         return [Target.unstructured(s) for s in per_block], signal
 
@@ -206,8 +206,8 @@ class LosaSchedule:
             layers = step.linears()
             stats = step.input_stats(hessian=self.pruner.needs == "hessian", modules=layers) \
                 if self.pruner.needs else {}
-            for name, layer in layers.items():
-                prune_merged(layer, self.pruner, targets[step.index], stats.get(name))
+            for name, target in _layer_targets(layers, targets[step.index]).items():
+                prune_merged(layers[name], self.pruner, target, stats.get(name))
         return errors.errors
 
 
@@ -226,6 +226,19 @@ def prune_merged(layer: LoraLinear, pruner, target: Target, stats) -> None:
         delta = layer.scale * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
         base = apply_mask((pruned.weight.float() - delta).to(layer.weight.dtype), mask)
     layer.set_base(base, mask)
+
+
+def _layer_targets(layers: dict[str, LoraLinear], target: Target) -> dict[str, Target]:
+    """The block's target for each of its linears. Unstructured: linears already sparser than the block
+    (an input pruned per linear) keep their zeros, and the rest rise together so the block ends at the
+    target, not above it."""
+    if target.is_nm:
+        return dict.fromkeys(layers, target)
+    current = [1.0 - float(layer.mask.float().mean()) for layer in layers.values()]
+    sizes = [layer.mask.numel() for layer in layers.values()]
+    per_layer = alloc.fill_to_mean(current, target.sparsity, sizes)
+    # (a linear sparser than S_MAX keeps its mask whatever the target: nested masks never regrow)
+    return {name: Target.unstructured(min(s, alloc.S_MAX)) for name, s in zip(layers, per_layer)}
 
 
 def _blocks(model) -> list[list[LoraLinear]]:

@@ -39,6 +39,27 @@ def uniform(num_blocks: int, target: float) -> list[float]:
     return [float(target)] * num_blocks
 
 
+def fill_to_mean(current: Sequence[float], target: float, weights: Sequence[float] | None = None) -> list[float]:
+    """The allocation with (``weights``-weighted) mean ``target`` that lowers no entry and raises the
+    lowest ones together: water-filling. For nested masks that are already uneven (a model pruned before
+    LoSA), where every entry raised to the target would overshoot it. A mean already at or above the
+    target comes back unchanged."""
+    current = [float(c) for c in current]
+    weights = [1.0] * len(current) if weights is None else [float(w) for w in weights]
+    total = target * sum(weights)
+    if sum(w * c for w, c in zip(weights, current)) >= total:
+        return current
+    order = sorted(range(len(current)), key=current.__getitem__)
+    raised_weight, rest = 0.0, sum(w * c for w, c in zip(weights, current))
+    for k, i in enumerate(order):  # raise the k + 1 lowest entries to one level
+        raised_weight += weights[i]
+        rest -= weights[i] * current[i]
+        level = (total - rest) / raised_weight
+        if k + 1 == len(order) or level <= current[order[k + 1]]:
+            break
+    return [max(level, c) for c in current]
+
+
 def banded_lambda(target: float) -> float:
     """LoSA's stateless lambda for RMI: 0.01 / 0.02 / 0.03 for targets up to 0.5 / 0.6 / above."""
     return 0.01 if target <= 0.5 else 0.02 if target <= 0.6 else 0.03

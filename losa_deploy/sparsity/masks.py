@@ -13,6 +13,9 @@ live in one place:
   per layer, nothing special here.
 * **Nesting**: given a previous mask, entries outside it stay pruned (their score is ``-inf`` and the
   result is intersected with it), so masks only ever shrink — the invariant LoSA's progressive steps need.
+  The layer still ends at the target when its rows are unevenly sparse (a SparseGPT-pruned input): a row
+  already sparser than the target keeps what it has, and the other rows are cut to one common level that
+  makes the layer's count exact (``nested_row_keeps``), not each to the target, which overshot.
 """
 
 from __future__ import annotations
@@ -79,15 +82,52 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.cat([groups, tail], dim=1)
 
 
+def nested_row_keeps(prev_kept: torch.Tensor, keep_total: int) -> torch.Tensor:
+    """How many entries each row keeps when the rows together keep ``keep_total``, no row gains, and the
+    rows above a common level are cut to it (water-filling); rows at or below it keep all they have.
+
+    The level is the largest integer ``L`` with ``sum(min(kept, L)) <= keep_total``; what is left over
+    goes, one each, to the first rows that still hold more than ``L``. If the rows hold no more than
+    ``keep_total`` already, nothing is cut.
+    """
+    prev_kept = prev_kept.long()
+    if int(prev_kept.sum()) <= keep_total:
+        return prev_kept
+    low, high = 0, int(prev_kept.max())  # sum(min(kept, low)) <= keep_total < sum(min(kept, high))
+    while high - low > 1:
+        mid = (low + high) // 2
+        if int(prev_kept.clamp(max=mid).sum()) <= keep_total:
+            low = mid
+        else:
+            high = mid
+    keeps = prev_kept.clamp(max=low)
+    spare = keep_total - int(keeps.sum())
+    above = (prev_kept > low).nonzero().flatten()[:spare]
+    keeps[above] += 1
+    return keeps
+
+
+def _topk_rows(score: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+    """Keep the ``keeps[i]`` highest scores of row ``i``."""
+    rank = torch.empty_like(score, dtype=torch.long)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    rank.scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    return rank < keeps.to(score.device).unsqueeze(-1)
+
+
 def select_mask(score: torch.Tensor, target: Target, prev_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The keep-mask for ``target`` from ``score`` (higher = more important), nested in ``prev_mask``."""
     if prev_mask is not None:
         score = score.masked_fill(~prev_mask, float("-inf"))
+    rows, cols = score.shape
+    keep = cols - (0 if target.is_nm else target.pruned_count(cols))
     if target.is_nm:
         mask = nm_mask(score, target.n, target.m)
-    else:
-        mask = topk_mask(score, score.shape[1] - target.pruned_count(score.shape[1]))
-    # A row that already lost more than the target keeps losing: -inf entries never come back.
+    elif prev_mask is None or bool((prev_mask.sum(1) >= keep).all()):
+        mask = topk_mask(score, keep)
+    else:  # some rows are sparser than the target already: the others make up for them
+        mask = _topk_rows(score, nested_row_keeps(prev_mask.sum(1), rows * keep))
+    # N:M: a group that already lost more than the target keeps losing (-inf entries never come back).
     return mask if prev_mask is None else mask & prev_mask
 
 
