@@ -97,6 +97,11 @@ def test_baselines_on_the_same_budget(stories_dir, tinystories, tmp_path, cli):
         assert len(report["phases"]) == 1 and report["phases"][0]["tokens"] >= 6144
         pruned[method] = linears(weights(out))
         assert report["achieved_sparsity"] == pytest.approx(0.5, abs=2e-3)
+    # The masked adapter's pruned base was not saved (no --save-base): the adapter names no base, not the
+    # dense input, which PEFT would follow to the wrong weights; plain LoRA's base is OUT itself.
+    bases = {m: json.loads((tmp_path / m / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+             for m in pruned}
+    assert bases == {"sparse-lora": None, "lora": str((tmp_path / "lora").resolve())}
     # Same one-shot mask; sparse-LoRA merged into it, plain LoRA left the pruned base untouched.
     for name, w in pruned["lora"].items():
         assert torch.equal(w != 0, pruned["sparse-lora"][name] != 0), name
@@ -226,6 +231,12 @@ def test_a_model_pruned_to_the_target_keeps_its_mask(cli, sparse_stories, tinyst
     assert json.loads((tmp_path / "r.json").read_text())["one_shot"]["kept_input_mask"]
     before, after = linears(weights(sparse_stories)), linears(weights(out))
     assert all(torch.equal(after[k] == 0, before[k] == 0) for k in before)
+    # The adapter was trained on the input's own weights: it names the input as its base, and merges there.
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(sparse_stories)
+    code, _, err = cli("merge", sparse_stories, "--adapter", out / "adapter", "-o", tmp_path / "m")
+    assert code == 0, err
+    assert all(torch.equal(w, after[k]) for k, w in linears(weights(tmp_path / "m")).items())
 
 
 def test_a_bf16_model_comes_out_bf16(cli, sparse_stories, tinystories, tmp_path):

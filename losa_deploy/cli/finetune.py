@@ -103,4 +103,7 @@ def run(args) -> dict:
               + (f", validation ppl {chosen['val_ppl']:.3f}" if "val_ppl" in chosen else ""))
     print(f"\n{report['method']['method']}: final sparsity {100 * report['achieved_sparsity']:.2f}% "
           f"in {report['seconds']:.1f} s; wrote {args.output}")
+    if report.get("adapter_base", "") is None:
+        print(f"note: {args.output}/adapter names no base: its pruned base was not saved (pass --save-base to "
+              "keep it for unmerged use or `merge`)")
     return report

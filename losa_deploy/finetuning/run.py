@@ -44,6 +44,7 @@ from ..models import (
     resolve_model,
     stored_dtype,
 )
+from ..models.tensors import iter_tensors
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from ..sparsity.allocation import check_rmi_windows
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
@@ -228,12 +229,27 @@ def _set_config_dtype(directory: Path, dtype: torch.dtype) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _adapter_base(output, method: MethodConfig, save_base: bool, base_path: Path) -> str:
-    """Where the adapter's (pruned) base lives: OUT for lora, OUT/base when saved, else the input model."""
+def _adapter_base(lm, output, method: MethodConfig, save_base: bool, base_path: Path) -> str | None:
+    """Where the adapter's (pruned) base lives: OUT for lora, OUT/base when saved, the input model when the
+    training kept its weights exactly; else nowhere (None: naming the input would send PEFT, which
+    follows base_model_name_or_path, to weights the adapter was not trained on)."""
     out = Path(output).resolve()
     if not method.masked:
         return str(out)
-    return str(out / "base") if save_base else str(base_path)
+    if save_base:
+        return str(out / "base")
+    return str(base_path) if _base_is_input(lm, base_path) else None
+
+
+def _base_is_input(lm, base_path: Path) -> bool:
+    """Whether every adapted base weight equals the input's stored weight."""
+    weights = {f"{name}.weight": layer.weight for name, layer in adapters_of(lm).items()}
+    seen = 0
+    for key, stored in iter_tensors(base_path, keep=weights.__contains__):
+        if stored.shape != weights[key].shape or not torch.equal(stored.to(weights[key].dtype), weights[key]):
+            return False
+        seen += 1
+    return seen == len(weights)
 
 
 def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, report: dict, settings: dict,
@@ -247,7 +263,8 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         layer.weight.data = layer.weight.data.to(stored).to(layer.weight.dtype)
     lm.config.dtype = stored
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        save_peft_adapter(lm, tmp / "adapter", _adapter_base(output, method, save_base, base_path))
+        info["adapter_base"] = _adapter_base(lm, output, method, save_base, base_path)
+        save_peft_adapter(lm, tmp / "adapter", info["adapter_base"])
         if method.masked and save_base:
             adapter_keys = ("lora_A", "lora_B", "mask_words")
             state = {k: v.to(stored) if v.is_floating_point() else v for k, v in lm.state_dict().items()
