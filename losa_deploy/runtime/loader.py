@@ -55,7 +55,11 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     modules = block["modules"]
     plain = {k: v for k, v in config.items() if k not in _PACKING_KEYS}
     hf_config = AutoConfig.for_model(**plain)
-    model = empty_model(hf_config, trust_remote_code)
+    # Built in the asked dtype, as from_pretrained(dtype=) builds it: weights in that dtype, while buffers
+    # transformers computes in fp32 (the RoPE inverse frequencies) stay fp32. model.to(dtype) would round
+    # them too, and bf16 positions drift from the model's own after a few dozen tokens.
+    model = empty_model(hf_config, trust_remote_code, dtype=torch_dtype)
+    wanted = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items()} if torch_dtype is not None else {}
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in iter_tensors(path):
         module, _, leaf = key.rpartition(".")
@@ -64,8 +68,9 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
             continue
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
-        if model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
-            raise LosaError(f"{path} holds a tensor the {config['model_type']} model does not have: {key}")
+        if key in wanted and tensor.is_floating_point():
+            tensor = tensor.to(wanted[key])
+        _assign(model, path, key, tensor, config["model_type"])
     for name, fmt in modules.items():
         if name not in parts:
             raise LosaError(f"{path} has no packed tensors for {name}")
@@ -78,18 +83,41 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
         if packed.shape != (linear.out_features, linear.in_features):
             raise LosaError(f"{path}: {name} is packed as {packed.shape}, the model's linear is "
                             f"{(linear.out_features, linear.in_features)}")
-        setattr(model.get_submodule(parent_name), child, SparseLinear(packed, linear.bias, backend=backend))
+        sparse = SparseLinear(packed, linear.bias, backend=backend)
+        setattr(model.get_submodule(parent_name), child, sparse if torch_dtype is None else sparse.to(torch_dtype))
     model.tie_weights()
     empty = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if empty:
         raise LosaError(f"{path} is missing {len(empty)} weight(s), e.g. {empty[0]}")
     if torch_dtype is not None:
-        model.to(torch_dtype)
         model.config.dtype = torch_dtype
+    _read_generation_config(model, path)
     # save_pretrained writes the packed tensors (SparseLinear's state dict), so it must write the block
     # that says so too, or the saved directory would read as a plain model with its linears missing.
     model.config.losa_sparse = block
     return model.eval().to(device)
+
+
+def _read_generation_config(model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's generate() defaults (extra EOS ids, sampling settings), as from_pretrained reads them."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise LosaError(f"{path}: cannot read generation_config.json ({exc})") from None
+
+
+def _assign(model: torch.nn.Module, path: Path, key: str, tensor: torch.Tensor, model_type: str) -> None:
+    """Put one stored tensor into the empty model (refusing one it has no place or no room for)."""
+    try:
+        unexpected = model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys
+    except RuntimeError as exc:  # torch's "size mismatch for KEY: ..." report
+        raise LosaError(f"{path} is corrupt: {key} has shape {tuple(tensor.shape)}, which does not fit the "
+                        f"{model_type} model ({str(exc).splitlines()[-1].strip()})") from None
+    if unexpected:
+        raise LosaError(f"{path} holds a tensor the {model_type} model does not have: {key}")
 
 
 def _check_device(device: str | torch.device) -> torch.device:
