@@ -120,3 +120,53 @@ def test_missing_weights_are_an_error_not_random_init(stories_dir, tmp_path):
     save_file(state, partial / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LosaError, match="missing"):
         load_model(partial)
+
+
+def test_weight_files_are_the_ones_transformers_reads(stories_dir, tmp_path, cli):
+    """A stray file beside the weights (a `consolidated.safetensors`, a stale shard) is not the model's:
+    pack follows model.safetensors or the shard index, as transformers does, and copied nothing foreign."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from losa_deploy.models.checkpoint import stored_shapes, weight_files
+
+    model = tmp_path / "m"
+    shutil.copytree(stories_dir, model)
+    save_file({"layers.0.attention.wq.weight": torch.randn(64, 64)}, model / "consolidated.safetensors")
+    assert weight_files(model) == [model / "model.safetensors"]
+    code, _, err = cli("pack", model, "-o", tmp_path / "hf", "--format", "hf", "--no-progress")
+    assert code == 0, err
+    assert "layers.0.attention.wq.weight" not in {k for k, _ in iter_tensors(tmp_path / "hf")}
+    # Sharded: the index decides, and a shard it lists must exist.
+    state = load_file(model / "model.safetensors")
+    keys = sorted(state)
+    (model / "model.safetensors").unlink()
+    halves = {"model-00001-of-00002.safetensors": keys[:20], "model-00002-of-00002.safetensors": keys[20:]}
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, model / name)
+    index = {"metadata": {}, "weight_map": {k: n for n, part in halves.items() for k in part}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert [f.name for f in weight_files(model)] == sorted(halves)
+    assert stored_shapes(model) == {k: tuple(t.shape) for k, t in state.items()}
+    (model / "model-00002-of-00002.safetensors").rename(model / "gone.safetensors")
+    with pytest.raises(LosaError, match="model-00002-of-00002.safetensors"):
+        weight_files(model)
+
+
+def test_a_tensor_stored_twice_is_refused(stories_dir, tmp_path, cli):
+    """Two files holding one key (no index to say which is meant): one error line before anything is
+    written, not the writer's traceback half way."""
+    from safetensors.torch import save_file
+
+    state = load_file(stories_dir / "model.safetensors")
+    model = tmp_path / "m"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((stories_dir / name).read_bytes())
+    save_file(state, model / "weights-a.safetensors")
+    save_file({"model.embed_tokens.weight": state["model.embed_tokens.weight"]}, model / "weights-b.safetensors")
+    code, _, err = cli("pack", model, "-o", tmp_path / "hf", "--format", "hf", "--no-progress")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {model}: model.embed_tokens.weight is stored twice, in weights-a.safetensors and weights-b.safetensors"]
+    assert not (tmp_path / "hf").exists()

@@ -56,10 +56,35 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise LosaError(f"unknown dtype '{name}' (choose from bf16, fp16, fp32)") from None
 
 
+# What transformers reads, in its order of preference: a shard index, else the one file.
+_STANDARD_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
+                     ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+
+
 def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: safetensors if present, else pickled ``.bin`` files."""
+    """The checkpoint's weight files, as transformers picks them: the shards an index lists, else
+    ``model.safetensors``, else ``pytorch_model.bin``. Other files beside them (a ``consolidated.safetensors``
+    some repositories also ship, a stale shard) are not the model's. A folder with neither name: every
+    ``*.safetensors``, else every ``pytorch_model*.bin``."""
+    for index_name, single in _STANDARD_WEIGHTS:
+        if (path / index_name).is_file():
+            return _indexed_files(path / index_name)
+        if (path / single).is_file():
+            return [path / single]
     st = sorted(path.glob("*.safetensors"))
     return st if st else sorted(path.glob("pytorch_model*.bin"))
+
+
+def _indexed_files(index: Path) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LosaError(f"{index} is not a shard index with a weight_map ({exc})") from None
+    files = [index.parent / name for name in names]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise LosaError(f"{index} lists {missing[0] if missing else 'no'} shard file(s) that are not there")
+    return files
 
 
 # safetensors' dtype names (the writer in export/writer.py uses the same table).
@@ -85,13 +110,18 @@ def _safetensors_header(file: Path) -> tuple[int, dict]:
 def stored_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Every stored tensor's name and shape, from the safetensors headers (pickles: loaded on the meta
     device), without reading any data."""
-    shapes = {}
+    shapes, where = {}, {}
     for file in weight_files(Path(path)):
         if file.suffix == ".safetensors":
-            shapes.update({k: tuple(e["shape"]) for k, e in _safetensors_header(file)[1].items()})
+            found = {k: tuple(e["shape"]) for k, e in _safetensors_header(file)[1].items()}
         else:
-            state = torch.load(file, map_location="meta", weights_only=True, mmap=True)
-            shapes.update({k: tuple(t.shape) for k, t in state.items()})
+            found = {k: tuple(t.shape) for k, t in
+                     torch.load(file, map_location="meta", weights_only=True, mmap=True).items()}
+        for key in found:
+            if key in where:
+                raise LosaError(f"{path}: {key} is stored twice, in {where[key]} and {file.name}")
+            where[key] = file.name
+        shapes.update(found)
     return shapes
 
 
