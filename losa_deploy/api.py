@@ -232,15 +232,17 @@ def pack(model: str | os.PathLike, out: str | os.PathLike, format: str = "hf", d
 
 
 def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None, backend: str | None = None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, verify: bool = True):
     """A ``losa`` or ``vllm`` packed checkpoint as a ready Hugging Face model (eval mode, on ``device``)
     whose packed linears are :class:`SparseLinear` modules running our kernels: the serving API.
 
-    ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available).
+    ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available);
+    ``verify`` checks every packed zero pattern against the checkpoint's ``losa_sparsity.json``.
     """
     from .runtime.loader import load_packed
 
-    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code)
+    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code,
+                       verify=verify)
 
 
 def bench(models: list[str], engines: str | list[str] = "torch,losa", device: str = "cpu",

@@ -12,6 +12,7 @@ from conftest import PACK_NEW_TOKENS, greedy_reference
 
 import losa_deploy as ld
 from losa_deploy.errors import LosaError
+from losa_deploy.kernels.formats.bitmask import popcount
 from losa_deploy.models import get_architecture
 from losa_deploy.models.tensors import iter_tensors
 
@@ -148,6 +149,31 @@ def test_load_reads_the_generation_config(packed, tmp_path):
     (folder / "generation_config.json").write_text("{not json")
     with pytest.raises(LosaError, match="generation_config.json"):
         ld.load(folder)
+
+
+def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack_prompts):
+    """Two mask rows swapped keep every count the format checks (rows of equal popcount, N:M groups still
+    full): only the sidecar's mask_sha256 can tell, and load names the module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = packed
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "losa", broken)
+    state = load_file(broken / "model.safetensors")
+    module = "model.layers.1.mlp.down_proj"
+    key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
+    mask = state[key].view(torch.int32) if state[key].dtype == torch.uint32 else state[key]  # (no uint32 indexing)
+    rows = [r for r in range(1, mask.shape[0]) if not torch.equal(mask[r], mask[0])
+            and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
+    mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LosaError, match=f"zero pattern of {module} does not match"):
+        ld.load(broken)
+    ids = torch.tensor([pack_prompts[0]])
+    unchecked = ld.load(broken, verify=False)  # the format's own checks pass: wrong logits, silently
+    assert not torch.equal(unchecked(ids).logits, ld.load(out / "losa")(ids).logits)
 
 
 def test_load_refuses_a_plain_tensor_of_the_wrong_shape(packed, tmp_path):

@@ -20,6 +20,7 @@ from ..kernels.formats import read_packed
 from ..models.checkpoint import check_checkpoint, parse_dtype
 from ..models.skeleton import empty_model
 from ..models.tensors import iter_tensors
+from ..sparsity.sidecar import read_sidecar, verify_packed
 from .sparse_linear import SparseLinear
 
 _PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's block, the vllm format's
@@ -41,9 +42,11 @@ def packing_block(config: dict, path: Path) -> dict:
 
 
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                backend: str | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+                backend: str | None = None, trust_remote_code: bool = False, verify: bool = True) -> torch.nn.Module:
     """The model of a packed checkpoint, in eval mode on ``device``; ``dtype`` converts (None: as stored);
-    ``backend`` picks the sparse kernel (see ``losa_deploy.kernels.dispatch``)."""
+    ``backend`` picks the sparse kernel (see ``losa_deploy.kernels.dispatch``); ``verify``: check each
+    packed weight's zero pattern against the ``losa_sparsity.json`` that ``pack`` wrote beside it (a
+    corrupted mask can keep every count the format checks right, and would only show as wrong logits)."""
     from transformers import AutoConfig
 
     path = Path(path)
@@ -71,11 +74,14 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
         if key in wanted and tensor.is_floating_point():
             tensor = tensor.to(wanted[key])
         _assign(model, path, key, tensor, config["model_type"])
+    sidecar = (read_sidecar(path) or {}).get("modules", {}) if verify else {}
     for name, fmt in modules.items():
         if name not in parts:
             raise LosaError(f"{path} has no packed tensors for {name}")
         try:
             packed = read_packed(fmt, parts.pop(name), prefix=name)
+            if name in sidecar:
+                verify_packed(name, sidecar[name], packed)
         except LosaError as exc:
             raise LosaError(f"{path}: {exc}") from None
         parent_name, _, child = name.rpartition(".")
