@@ -87,6 +87,20 @@ def test_tiny_llama_state_dict_round_trip(tmp_path, rng):
     assert torch.allclose(_logits(other, ids), dense, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)], ids=["bitmask", "2:4"])
+def test_sparsified_model_saves_a_checkpoint_load_opens(stories_dir, rng, tmp_path, nm):
+    """sparsify_ names the packed modules in the config as load does, so save_pretrained writes a packed
+    checkpoint (without the block, the saved linears read as missing weights everywhere)."""
+    model = _load(stories_dir, torch.float32)
+    prune_linears_(model, sparsity=0.6) if nm is None else prune_linears_(model, nm=nm)
+    ld.sparsify_(model, progress=False)
+    model.save_pretrained(tmp_path / "saved")
+    again = ld.load(tmp_path / "saved")
+    assert set(_sparse_modules(again)) == set(_sparse_modules(model))
+    ids = torch.randint(3, 512, (2, 33), generator=rng)
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+
+
 def test_sparsify_skips_dense_filtered_and_tied(rng):
     from conftest import tiny_config
     from transformers import AutoModelForCausalLM

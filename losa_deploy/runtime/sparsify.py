@@ -67,8 +67,23 @@ def sparsify_(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY, form
     for name, sparse in packed.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+    _record_packing(model, packed)
     logger.info("sparsify_: %d of %d linears now sparse", len(packed), len(candidates))
     return model
+
+
+def _record_packing(model: nn.Module, packed: dict[str, SparseLinear]) -> None:
+    """Name the packed modules in a transformers model's config, as ``ld.load`` does: ``save_pretrained``
+    then writes a checkpoint that says its linears are packed (without the block, every loader would
+    find those weights missing and initialise them at random)."""
+    from ..export.losa import CONFIG_KEY, FORMAT, FORMAT_VERSION
+
+    config = getattr(model, "config", None)
+    if not packed or config is None or not hasattr(config, "to_dict"):
+        return
+    block = getattr(config, CONFIG_KEY, None) or {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": {}}
+    modules = {**block["modules"], **{name: "bitmask" if m.format == "bitmask" else "nm" for name, m in packed.items()}}
+    setattr(config, CONFIG_KEY, {**block, "modules": dict(sorted(modules.items()))})
 
 
 __all__ = ["DEFAULT_MIN_SPARSITY", "sparsify_"]
