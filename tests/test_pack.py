@@ -251,3 +251,14 @@ def test_a_sidecar_module_the_checkpoint_lacks_is_refused(cli, sparse_stories, t
     (src / "losa_sparsity.json").write_text(json.dumps(sidecar))
     _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out"], "sidecar lists model.layers.9.mlp.up_proj, which "
                                                                   "the checkpoint does not store")
+
+
+@pytest.mark.parametrize("modules", [[], {"model.layers.0.mlp.up_proj": "50%"}], ids=["list", "entry not a table"])
+def test_a_sidecar_without_a_module_table_is_refused(cli, sparse_stories, tmp_path, modules):
+    """A malformed 'modules' used to switch the sidecar check off: the weights went unverified."""
+    src = tmp_path / "listed"
+    pack(sparse_stories, src, format="hf", progress=False)
+    sidecar = json.loads((src / "losa_sparsity.json").read_text())
+    sidecar["modules"] = modules
+    (src / "losa_sparsity.json").write_text(json.dumps(sidecar))
+    _fails_cleanly(cli, tmp_path, [src, "-o", tmp_path / "out"], "'modules' must map each module name")

@@ -176,6 +176,22 @@ def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack
     assert not torch.equal(unchecked(ids).logits, ld.load(out / "losa")(ids).logits)
 
 
+def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = packed
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "losa", broken)
+    state = load_file(broken / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] = torch.randn(172, 64)
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LosaError, match=r"up_proj is packed \((bitmask|nm)\) but also stores "
+                                        "model.layers.0.mlp.up_proj.weight"):
+        ld.load(broken)
+
+
 def test_load_refuses_a_plain_tensor_of_the_wrong_shape(packed, tmp_path):
     import shutil
 

@@ -21,7 +21,7 @@ from ..models.checkpoint import check_checkpoint, parse_dtype
 from ..models.skeleton import empty_model
 from ..models.tensors import iter_tensors
 from ..sparsity.sidecar import read_sidecar, verify_packed
-from .sparse_linear import SparseLinear
+from .sparse_linear import PACKED_KEYS, SparseLinear
 
 _PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's block, the vllm format's
 
@@ -78,6 +78,10 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     for name, fmt in modules.items():
         if name not in parts:
             raise LosaError(f"{path} has no packed tensors for {name}")
+        leaves = {key.rpartition(".")[2]: key for key in parts[name]}
+        foreign = sorted(key for leaf, key in leaves.items() if leaf not in PACKED_KEYS.get(fmt, leaves))
+        if foreign:  # e.g. a dense <p>.weight beside the packed one: which is meant?
+            raise LosaError(f"{path}: {name} is packed ({fmt}) but also stores {foreign[0]}")
         try:
             packed = read_packed(fmt, parts.pop(name), prefix=name)
             if name in sidecar:

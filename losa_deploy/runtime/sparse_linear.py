@@ -33,6 +33,7 @@ from ..sparsity.patterns import detect_pattern
 FORMATS = ("auto", "bitmask", "nm")
 _BITMASK_KEYS = ("lb_shape", "lb_values", "lb_mask", "lb_row_ptr")
 _NM_KEYS = ("nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n")
+PACKED_KEYS = {"bitmask": _BITMASK_KEYS, "nm": _NM_KEYS}  # a packed module's tensors, by format
 
 
 def choose_format(weight: torch.Tensor) -> str:

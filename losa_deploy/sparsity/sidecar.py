@@ -103,8 +103,10 @@ def read_sidecar(directory: str | os.PathLike) -> dict | None:
         sidecar = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LosaError(f"{path} is not valid JSON ({exc.msg})") from None
-    if sidecar.get("format") != FORMAT or sidecar.get("format_version") != FORMAT_VERSION:
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT or sidecar.get("format_version") != FORMAT_VERSION:
         raise LosaError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} sidecar")
+    if not isinstance(sidecar.get("modules"), dict) or not all(isinstance(e, dict) for e in sidecar["modules"].values()):
+        raise LosaError(f"{path}: 'modules' must map each module name to its entry")
     return sidecar
 
 
