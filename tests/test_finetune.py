@@ -282,8 +282,13 @@ def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):
     (["--method", "shears", "--sparsity", "0.5", "--eval-data", "EVAL", "--search-slice", "0.8:0.9"],
      "--search-slice selects part of the --search-data file"),
     (["--method", "sparse-lora", "--sparsity", "0.5", "--search-data", "EVAL"], "--method sparse-lora has no search"),
+    (["--method", "sparse-lora", "--sparsity", "0.5", "--steps", "3", "--shrink", "svd"],
+     "--steps, --shrink: LoSA options (--method losa), not for method 'sparse-lora'"),
+    (["--method", "shears", "--sparsity", "0.5", "--allocation", "uniform"], "--allocation: LoSA options"),
+    (["--sparsity", "0.5", "--rank", "4"], "method 'losa' takes its ranks from --first-rank"),
 ], ids=["method", "max-rank", "budget", "seqlen-1", "calib-slice-self", "bad-slice", "eval-slice-alone",
-        "search-slice-alone", "search-data-not-shears"])
+        "search-slice-alone", "search-data-not-shears", "losa-options-baseline", "losa-options-shears",
+        "rank-losa"])
 def test_bad_settings_are_refused(cli, stories_dir, tinystories, tmp_path, extra, match):
     before = sorted(p.name for p in tmp_path.iterdir())
     extra = [tinystories if a == "EVAL" else a for a in extra]

@@ -37,6 +37,11 @@ METHODS = ("losa", "sparse-lora", "lora", "shears")
 REFERENCE_CACHE_BYTES = 1 << 30
 
 
+# MethodConfig fields only LoSA reads, with their flags.
+_LOSA_OPTIONS = {"steps": "--steps", "data_split": "--data-split", "allocation": "--allocation",
+                 "lambda_schedule": "--lambda-schedule", "first_rank": "--first-rank", "shrink": "--shrink"}
+
+
 @dataclass
 class MethodConfig:
     method: str = "losa"
@@ -81,6 +86,7 @@ class MethodConfig:
             raise LosaError(f"unknown shrink rule '{self.shrink}' (svd or index)")
         structure, target = PruneConfig(method=self.pruner, sparsity=self.sparsity, structure=self.structure,
                                         allocation="uniform").checked()
+        self._check_method_options()
         top = average_rank(self.steps, self.first_rank) if self.method == "losa" else self.rank
         if self.method == "shears":
             self.shears.checked(self.max_rank)
@@ -94,6 +100,15 @@ class MethodConfig:
         lambda_for(0.5, self.lambda_schedule)  # validates the name
         self.adapter_config()  # validates alpha, dropout and init now, not after pruning
         return structure, target
+
+    def _check_method_options(self) -> None:
+        """Refuse an option the method never reads (it would be silently ignored)."""
+        changed = [flag for name, flag in _LOSA_OPTIONS.items() if getattr(self, name) != getattr(MethodConfig, name)]
+        if self.method != "losa" and changed:
+            raise LosaError(f"{', '.join(changed)}: LoSA options (--method losa), not for method '{self.method}'")
+        if self.method in ("losa", "shears") and self.rank != MethodConfig.rank:
+            raise LosaError(f"--rank is the fixed rank of sparse-lora and lora; method '{self.method}' takes its "
+                            "ranks from " + ("--first-rank" if self.method == "losa" else "--rank-choices"))
 
     @property
     def phases(self) -> int:
