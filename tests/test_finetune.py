@@ -258,6 +258,9 @@ def test_a_bf16_model_comes_out_bf16(cli, sparse_stories, tinystories, tmp_path)
         assert all(torch.equal(linears(state)[k] == 0, before[k] == 0) for k in before), path
     merged, again = weights(out), weights(tmp_path / "m")
     assert all(torch.equal(merged[k], again[k]) for k in merged)
+    # The tied embedding is stored once in every output, OUT/base included (casting each entry on its own
+    # had untied it there: a second vocab x hidden copy).
+    assert all(set(weights(path)) == set(weights(model)) for path in (out, out / "base", tmp_path / "m"))
 
 
 def test_data_without_usable_examples_is_refused(cli, stories_dir, tmp_path):

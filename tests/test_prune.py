@@ -64,6 +64,26 @@ def test_exact_per_layer_sparsity_and_reload(prune, stories_dir, method, tmp_pat
         assert all(torch.equal(w[w != 0], dense[k + ".weight"][w != 0]) for k, w in weights.items())
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_pruned_input_keeps_its_zeros(cli, tinystories, stories_dir, tmp_path, method):
+    """Re-pruning a model pruned with one threshold per layer (rows unevenly sparse): every input zero
+    stays zero (SparseGPT's update revived some) and the layers end at the target, not past it."""
+    from losa_deploy.models import load_tokenizer, save_model
+
+    model = load_model(stories_dir)
+    for lin in get_architecture(model).linears(model).values():
+        w = lin.weight.data
+        w[w.abs() <= w.abs().flatten().kthvalue(int(0.3 * w.numel())).values] = 0
+    source = save_model(model, tmp_path / "in", tokenizer=load_tokenizer(stories_dir))
+    before = _weights(source)
+    code, _, err = cli("prune", source, "-o", tmp_path / "out", "--calib", tinystories, "--method", method,
+                       "--sparsity", "0.5", *FAST)
+    assert code == 0, err
+    for name, w in _weights(tmp_path / "out").items():
+        assert not bool((w[before[name] == 0] != 0).any()), f"{name}: a pruned weight came back"
+        assert abs(float((w == 0).float().mean()) - 0.5) <= 1.0 / w.shape[1], name
+
+
 @pytest.mark.parametrize("method,structure,n,m", [("wanda", "2:4", 2, 4), ("sparsegpt", "4:8", 4, 8),
                                                   ("magnitude", "2:8", 2, 8)])
 def test_nm_every_group_including_the_tail(prune, method, structure, n, m):

@@ -95,7 +95,7 @@ def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> dict:
         linear = layer.to_linear(dtype)
         if not bool(torch.isfinite(linear.weight).all()):
             raise LosaError(f"merging {name} overflows {linear.weight.dtype} (the base's stored dtype); merge into "
-                            "a bf16 or fp32 copy of the base")
+                            "an fp32 copy of the base (exact, so the adapter still recognises it)")
         if layer.masked:  # a value that underflows in the cast counts as a cancellation too
             nz = linear.weight != 0
             if bool((nz & ~layer.mask).any()):

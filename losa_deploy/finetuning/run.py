@@ -223,6 +223,20 @@ def _kept_mask(weights: list, current: float, structure, target: float) -> dict 
     return {"kept_input_mask": True, "achieved_sparsity": current}
 
 
+def _cast_shared(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with floating tensors cast to ``dtype``, tensors that shared memory (tied embeddings) still
+    sharing it, so save_pretrained writes them once."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+            continue
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        out[key] = cast.setdefault(ident, tensor.to(dtype))
+    return out
+
+
 def _set_config_dtype(directory: Path, dtype: torch.dtype) -> None:
     config = json.loads((directory / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
@@ -267,8 +281,8 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         save_peft_adapter(lm, tmp / "adapter", info["adapter_base"])
         if method.masked and save_base:
             adapter_keys = ("lora_A", "lora_B", "mask_words")
-            state = {k: v.to(stored) if v.is_floating_point() else v for k, v in lm.state_dict().items()
-                     if k.rsplit(".", 1)[-1] not in adapter_keys}
+            state = _cast_shared({k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys},
+                                 stored)
             lm.save_pretrained(tmp / "base", state_dict=state)
             _set_config_dtype(tmp / "base", stored)  # transformers wrote the fp32 model's dtype
             tokenizer.save_pretrained(tmp / "base")

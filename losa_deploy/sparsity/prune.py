@@ -227,14 +227,23 @@ def _prune_pass(model, pruner: Pruner, targets: dict[str, Target], windows, batc
     arch = get_architecture(model)
     if windows is None:  # magnitude: nothing to calibrate
         for name, lin in arch.linears(model).items():
-            _apply(lin, pruner.prune(lin.weight, targets[name]))
+            _apply(lin, pruner.prune(lin.weight, targets[name], prev_mask=_present_mask(lin)))
         return None
     errors = ReconstructionError()
     for step in BlockRunner(model, windows, batch_size, [errors], progress=progress, desc=f"{pruner.name} pruning"):
         stats = step.input_stats(hessian=pruner.needs == "hessian") if pruner.needs else {}
         for name, lin in step.linears().items():
-            _apply(lin, pruner.prune(lin.weight, targets[step.qualified(name)], stats.get(name)))
+            _apply(lin, pruner.prune(lin.weight, targets[step.qualified(name)], stats.get(name),
+                                     prev_mask=_present_mask(lin)))
     return errors.errors
+
+
+def _present_mask(linear) -> torch.Tensor | None:
+    """The weights a pruned input still has (None: all of them). Pruning nests in it, so an input's zeros
+    stay zeros: SparseGPT's update would otherwise revive those it did not choose to prune again, and
+    rows already sparser than the target would make the layer overshoot it."""
+    present = linear.weight != 0
+    return None if bool(present.all()) else present
 
 
 def _apply(linear, pruned) -> None:
