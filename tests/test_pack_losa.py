@@ -119,17 +119,13 @@ def test_load_refuses_a_plain_checkpoint(stories_dir):
 
 
 def test_load_refuses_missing_packed_tensors(packed, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     out, _ = packed
-    broken = tmp_path / "broken"
-    shutil.copytree(out / "losa", broken)
-    state = load_file(broken / "model.safetensors")
-    for key in [k for k in state if k.startswith("model.layers.2.mlp.up_proj.")]:
-        del state[key]
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+
+    def edit(state):
+        for key in [k for k in state if k.startswith("model.layers.2.mlp.up_proj.")]:
+            del state[key]
+
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
     with pytest.raises(LosaError, match="no packed tensors for model.layers.2.mlp.up_proj"):
         ld.load(broken)
 
@@ -154,21 +150,17 @@ def test_load_reads_the_generation_config(packed, tmp_path):
 def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack_prompts):
     """Two mask rows swapped keep every count the format checks (rows of equal popcount, N:M groups still
     full): only the sidecar's mask_sha256 can tell, and load names the module."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     out, _ = packed
-    broken = tmp_path / "broken"
-    shutil.copytree(out / "losa", broken)
-    state = load_file(broken / "model.safetensors")
     module = "model.layers.1.mlp.down_proj"
-    key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
-    mask = state[key].view(torch.int32) if state[key].dtype == torch.uint32 else state[key]  # (no uint32 indexing)
-    rows = [r for r in range(1, mask.shape[0]) if not torch.equal(mask[r], mask[0])
-            and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
-    mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+
+    def edit(state):
+        key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
+        mask = state[key].view(torch.int32) if state[key].dtype == torch.uint32 else state[key]  # (no uint32 indexing)
+        rows = [r for r in range(1, mask.shape[0]) if not torch.equal(mask[r], mask[0])
+                and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
+        mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
+
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
     with pytest.raises(LosaError, match=f"zero pattern of {module} does not match"):
         ld.load(broken)
     ids = torch.tensor([pack_prompts[0]])
@@ -177,32 +169,24 @@ def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack
 
 
 def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     out, _ = packed
-    broken = tmp_path / "broken"
-    shutil.copytree(out / "losa", broken)
-    state = load_file(broken / "model.safetensors")
-    state["model.layers.0.mlp.up_proj.weight"] = torch.randn(172, 64)
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+
+    def edit(state):
+        state["model.layers.0.mlp.up_proj.weight"] = torch.randn(172, 64)
+
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
     with pytest.raises(LosaError, match=r"up_proj is packed \((bitmask|nm)\) but also stores "
                                         "model.layers.0.mlp.up_proj.weight"):
         ld.load(broken)
 
 
 def test_load_refuses_a_plain_tensor_of_the_wrong_shape(packed, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     out, _ = packed
-    broken = tmp_path / "broken"
-    shutil.copytree(out / "losa", broken)
-    state = load_file(broken / "model.safetensors")
-    state["model.norm.weight"] = torch.ones(state["model.norm.weight"].numel() + 3)
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+
+    def edit(state):
+        state["model.norm.weight"] = torch.ones(state["model.norm.weight"].numel() + 3)
+
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
     with pytest.raises(LosaError, match=r"model.norm.weight has shape \(67,\), which does not fit"):
         ld.load(broken)
 
@@ -211,19 +195,28 @@ def test_load_refuses_a_plain_tensor_of_the_wrong_shape(packed, tmp_path):
 def test_load_refuses_non_finite_weights(packed, tmp_path, which):
     """A NaN written into a packed checkpoint after ``pack`` (which refuses them) would only show as NaN
     logits; load names the tensor instead, packed values and plain tensors alike."""
+    out, _ = packed
+    values = sorted(k for k, _ in iter_tensors(out / "losa") if k.endswith(("lb_values", "nm_values")))
+    key = values[len(values) // 2] if which == "packed values" else "model.norm.weight"
+
+    def edit(state):
+        state[key] = state[key].clone()
+        state[key].view(-1)[state[key].numel() // 2] = float("nan")
+
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
+    named = key.rsplit(".", 1)[0] if which == "packed values" else key  # a packed weight is named by module
+    with pytest.raises(LosaError, match=f"{named} holds NaN or Inf values"):
+        ld.load(broken)
+
+
+def _edited_copy(folder, dest, edit):
+    """A copy of the packed ``folder`` whose tensors ``edit(state)`` changed in place."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    out, _ = packed
-    broken = tmp_path / "broken"
-    shutil.copytree(out / "losa", broken)
-    state = load_file(broken / "model.safetensors")
-    values = sorted(k for k in state if k.endswith(("lb_values", "nm_values")))
-    key = values[len(values) // 2] if which == "packed values" else "model.norm.weight"
-    state[key] = state[key].clone()
-    state[key].view(-1)[state[key].numel() // 2] = float("nan")
-    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
-    named = key.rsplit(".", 1)[0] if which == "packed values" else key  # a packed weight is named by module
-    with pytest.raises(LosaError, match=f"{named} holds NaN or Inf values"):
-        ld.load(broken)
+    shutil.copytree(folder, dest)
+    state = load_file(dest / "model.safetensors")
+    edit(state)
+    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
