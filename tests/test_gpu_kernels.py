@@ -77,7 +77,7 @@ def test_triton_paths_and_split_k(fmt, path, tokens, split_k, rng):
     rows, cols = 45, 1000  # 1000 = 3 full 256-column tiles and a ragged one
     w, packed = make_weight(fmt, rows, cols, rng, torch.bfloat16, sparsity=0.5)
     x = torch.randn(tokens, cols, generator=rng).to(torch.bfloat16)
-    bias = torch.randn(rows, generator=rng).to(torch.bfloat16)
+    bias = torch.randn(2 * rows, generator=rng).to(torch.bfloat16)[::2]  # strided: a view of another tensor
     layout = gpu_layout(packed.replace(**{k: v.to(DEVICE) for k, v in packed.tensors().items()}))
     cfg = Config(path, 16, block_t=16 if tokens <= 16 else 32, split_k=split_k)
     check_linear(sparse_matmul(x.to(DEVICE), layout, bias.to(DEVICE), cfg), x, w, bias)

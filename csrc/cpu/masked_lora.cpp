@@ -44,6 +44,10 @@ namespace {
 // core that built it while the GEMM streams the activations past it.
 constexpr int64_t kPanelBytes = int64_t{4} << 20;
 constexpr int64_t kWordBits = 32;
+// Fixed groups of column panels in the dA/dB backward, each with its own partial dB ([d, r] fp32): the
+// most workers that kernel keeps busy, and the partial buffers it sums (32 x 11008 x 64 x 4 B = 90 MB at
+// most for LLaMA-7B shapes at rank 64).
+constexpr int64_t kDbGroups = 32;
 
 // Where a panel of W_eff comes from. A and B are always in the accumulation type (fp32, or fp64 for
 // gradcheck), so a bf16 model keeps full-precision adapters.
@@ -438,7 +442,8 @@ void check_operands(const char* op, const at::Tensor& act, const std::optional<a
 int64_t band(int64_t other, int64_t elem_size, int64_t total) {
   constexpr int64_t kMin = 64, kMax = 256;
   const int64_t fit = kPanelBytes / std::max<int64_t>(other * elem_size, 1) / kWordBits * kWordBits;
-  return std::min(std::clamp(fit, kMin, kMax), (total + kWordBits - 1) / kWordBits * kWordBits);
+  // (at least one word: an empty dimension has no panels, and the panel count divides by the width)
+  return std::max(kWordBits, std::min(std::clamp(fit, kMin, kMax), (total + kWordBits - 1) / kWordBits * kWordBits));
 }
 
 // The rank pairs of Source (bf16 words, two per rank pair), or two undefined tensors when the panel is
@@ -586,8 +591,10 @@ std::tuple<at::Tensor, at::Tensor> masked_lora_grad_ab(const at::Tensor& grad_in
   const int64_t panels = count(k, cols);
   // Panels are disjoint columns of dA; dB sums over every panel. The panels are split into fixed groups,
   // each with its own partial dB summed in group order at the end: which worker claims a group depends on
-  // timing, the sum must not (a partial dB per worker made training differ from run to run).
-  const int64_t groups = std::clamp<int64_t>(4 * at::get_num_threads(), 1, std::max<int64_t>(panels, 1));
+  // timing, the sum must not (a partial dB per worker made training differ from run to run). The groups
+  // depend on the shape only, not on the thread count, so 1, 2 or N threads (and data-parallel processes
+  // at one thread each) give the same bits; at most kDbGroups workers share the dB work.
+  const int64_t groups = std::clamp<int64_t>(panels, 1, kDbGroups);
   const int64_t per_group = std::max<int64_t>(1, count(panels, groups));
   auto db_parts = at::zeros({groups, d, r}, acc_opts);
   const Isa isa = chosen_isa();

@@ -87,7 +87,6 @@ def train_phase(model, params: list[torch.nn.Parameter], examples: list[Tokenize
     updates = [micro[i: i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear(len(updates), cfg.warmup_ratio))
-    torch.manual_seed(cfg.seed * 104729 + phase)  # adapter dropout draws
     model.train()
     losses, t0 = [], time.perf_counter()
     bar = tqdm(updates, desc=desc, unit="upd", disable=not (progress and distributed.is_main()))
@@ -101,6 +100,9 @@ def train_phase(model, params: list[torch.nn.Parameter], examples: list[Tokenize
                 before_micro_batch(len(losses), j)
             if j % world != rank:
                 continue
+            # Adapter dropout draws from a seed of this micro-batch's own, not from one stream per process:
+            # N processes then draw exactly what one process draws, and no two micro-batches share masks.
+            torch.manual_seed(_dropout_seed(cfg.seed, phase, len(losses), j))
             batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
             with autocast_context(cfg, device):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -119,6 +121,13 @@ def train_phase(model, params: list[torch.nn.Parameter], examples: list[Tokenize
     model.eval()
     tokens = sum(e.input_ids.numel() for e in examples)
     return {"losses": losses, "updates": len(updates), "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+def _dropout_seed(seed: int, phase: int, update: int, micro: int) -> int:
+    out = 0
+    for part in (seed, phase, update, micro):
+        out = (out * 1_000_003 + part) % (1 << 62)
+    return out
 
 
 def _warmup_then_linear(updates: int, warmup_ratio: float):

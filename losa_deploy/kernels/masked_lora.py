@@ -193,24 +193,29 @@ class MaskedLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, words, lora_A, lora_B, scale, keep, dropout, backend):
         kernels = _KERNELS[backend]()
         a, b = _adapter_operands(lora_A, lora_B, x.dtype)
+        w = _weight_operand(weight, x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             if keep is None:
                 x_adapter = x
-                y = kernels.mm(x, weight, words, a, b, scale)
+                y = kernels.mm(x, w, words, a, b, scale)
             else:
                 x_adapter = _drop(x, keep, dropout)
-                y = kernels.mm(x, weight, words, a, b, 0.0) + kernels.mm(x_adapter, None, words, a, b, scale)
+                y = kernels.mm(x, w, words, a, b, 0.0) + kernels.mm(x_adapter, None, words, a, b, scale)
+        # The caller's W is saved, not its cast: an fp32 W under bf16 autocast would otherwise keep a bf16
+        # d x k copy per layer alive until backward, which casts again.
         ctx.save_for_backward(x_adapter, weight, words, lora_A, lora_B, keep)
         ctx.scale, ctx.dropout, ctx.backend = scale, dropout, backend
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no derivative of their own
     def backward(ctx, grad_y):
         x_adapter, weight, words, lora_A, lora_B, keep = ctx.saved_tensors
         kernels = _KERNELS[ctx.backend]()
         scale = ctx.scale
         grad_y = grad_y.contiguous()
         a, b = _adapter_operands(lora_A, lora_B, grad_y.dtype)
+        weight = _weight_operand(weight, grad_y.dtype)
         dx = da = db = None
         with torch.autocast(grad_y.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
@@ -223,6 +228,10 @@ class MaskedLoRAFunction(torch.autograd.Function):
                 da, db = kernels.grad_ab(grad_y, x_adapter, words, a, b, scale)
                 da, db = da.to(lora_A.dtype), db.to(lora_B.dtype)
         return dx, None, None, da, db, None, None, None, None
+
+
+def _weight_operand(weight: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    return weight.to(compute).contiguous()
 
 
 def _drop(t: torch.Tensor, keep: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -275,10 +284,9 @@ def masked_lora_linear(x, weight, mask, lora_A, lora_B, scale, bias=None, dropou
     d, k, words = _check(x, weight, mask, lora_A, lora_B, scale, dropout, compute, bias)
     chosen = resolve_backend(x.device, compute, backend)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).to(compute).contiguous()
-    w = weight.to(compute).contiguous()
+    x2 = x.reshape(math.prod(lead), k).to(compute).contiguous()  # (-1 cannot be inferred when k is 0)
     keep = _dropout_keep(x2.shape, dropout, x.device, generator) if training and dropout > 0 else None
-    y = MaskedLoRAFunction.apply(x2, w, words, lora_A, lora_B, float(scale), keep, float(dropout), chosen)
+    y = MaskedLoRAFunction.apply(x2, weight, words, lora_A, lora_B, float(scale), keep, float(dropout), chosen)
     if bias is not None:
         y = y + bias.to(compute)
     return y.reshape(*lead, d)

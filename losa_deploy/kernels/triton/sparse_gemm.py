@@ -262,6 +262,7 @@ def sparse_matmul(x: torch.Tensor, layout: GPULayout, bias: torch.Tensor | None 
         y = x.new_zeros(tokens, rows)
         return y if bias is None else y + bias.to(x.dtype)
     x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels read it at bias_ptr + row
     if cfg.path == "panels":
         return _panels_matmul(x, layout, bias, cfg)
     k_steps = -(-cols // CHUNK_COLS)
