@@ -29,7 +29,7 @@ from ..errors import LosaError
 from ..utils.fs import check_output_file
 from .engines import ENGINES, Engine, Shape, get_engine
 from .models import check_model_spec, resolve_bench_model
-from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, summarize
+from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, stop_workers, summarize
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -134,10 +134,14 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     try:
         _start_workers(cells, threads, shape, device, load_timeout, progress)
         _measure(cells, batch_list, prompts, gen_len, warmup, repeats, request_timeout, progress)
+    except BaseException:
+        # Failed, interrupted or terminated: a polite close would wait for a busy worker's request.
+        stop_workers([c.worker for c in cells if c.worker is not None])
+        raise
     finally:
         for cell in cells:
             if cell.worker is not None:
-                cell.worker.close()
+                cell.worker.close()  # at once after stop_workers
                 remove_scratch(cell.worker.work)
     machine["load_average_end"] = os.getloadavg()
     results = {
@@ -206,10 +210,14 @@ def _start_workers(cells: list[Cell], threads: int, shape: Shape, device: str, t
     for cell in tqdm(cells, desc="load", disable=not progress, leave=False):
         folder = cell.engine.prepare(cell.path, cell.dtype, progress)
         work = scratch_dir(cell.label)
-        argv, env = cell.engine.command(folder, cell.dtype, threads, shape, work)
-        if device == "cuda":
-            argv += ["--device", "cuda"]
-        cell.worker = WorkerProcess(cell.label, argv, env, work)
+        try:
+            argv, env = cell.engine.command(folder, cell.dtype, threads, shape, work)
+            if device == "cuda":
+                argv += ["--device", "cuda"]
+            cell.worker = WorkerProcess(cell.label, argv, env, work)
+        except BaseException:
+            remove_scratch(work)  # no worker owns it yet
+            raise
         cell.info = {"folder": str(folder), **cell.worker.wait_ready(timeout)}
 
 
