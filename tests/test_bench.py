@@ -83,6 +83,17 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     assert row["tokens"] == greedy_reference(load_model(pruned50, dtype="fp32"), prompt, GEN)[0]
 
 
+def test_torch_and_losa_run_fp16_when_asked(pruned50, bench_cache):
+    """fp16 from --dtype and from engine:DTYPE (it ran bf16 in their place); the ONNX engine, given no dtype
+    of its own, falls back to fp32 and says so."""
+    results = bench([str(pruned50)], engines="torch,losa:fp16,onnxruntime", dtype="fp16", batches=[1], prompt_len=PROMPT,
+                    gen_len=GEN, repeats=1, warmup=0, threads=1, progress=False)
+    assert [(c["engine"], c["dtype"]) for c in results["cells"]] == [("torch", "fp16"), ("losa", "fp16"),
+                                                                     ("onnxruntime", "fp32")]
+    assert [r["dtype"] for r in results["rows"]] == ["fp16", "fp16", "fp32"]
+    assert all(c["weights_dtype"] == "fp16" for c in results["cells"][:2])  # what the worker really loaded
+
+
 @pytest.mark.parametrize("args,message", [
     (["--engine", "torch,tensorrt"], "unknown engine 'tensorrt'"),
     (["--engine", "torch,torch"], "distinct engines"),
@@ -92,7 +103,10 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     (["--device", "tpu"], "--device"),
     (["--gen-len", "1"], "--gen-len"),
     (["--engine", "onnxruntime", "--batch", "8"], "onnxruntime run batch 1 only, and --batch asks for 8"),
-], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len", "batch1-engines"])
+    (["--engine", "torch,onnxruntime:bf16"], "engine onnxruntime:bf16: onnxruntime runs fp32 only"),
+    (["--engine", "vllm:fp16"], "engine vllm:fp16: vllm runs bf16, fp32 only"),
+], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len", "batch1-engines",
+        "onnx-dtype", "vllm-dtype"])
 def test_bad_input_is_one_error_line(cli, stories_dir, tmp_path, args, message):
     out = tmp_path / "r.json"
     code, stdout, err = cli("bench", stories_dir, *args, "--json", out)

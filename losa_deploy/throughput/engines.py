@@ -58,6 +58,7 @@ class Engine:
 
 class TorchEngine(Engine):
     name = "torch"
+    dtypes = ("bf16", "fp16", "fp32")
 
     def check(self, model: Path) -> None:
         _refuse_onnx_export(self.name, model)
@@ -67,6 +68,7 @@ class TorchEngine(Engine):
 
 class LosaEngine(Engine):
     name = "losa"
+    dtypes = ("bf16", "fp16", "fp32")
 
     def check(self, model: Path) -> None:
         _refuse_onnx_export(self.name, model)

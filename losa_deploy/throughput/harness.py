@@ -56,9 +56,11 @@ def parse_engines(names: str | list[str]) -> list[tuple[str, str | None]]:
     parsed = []
     for item in (i.strip() for i in items):
         name, _, dtype = item.partition(":")
-        get_engine(name)
+        engine = get_engine(name)
         if dtype and dtype not in DTYPES:
             raise LosaError(f"engine {item}: unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+        if dtype and dtype not in engine.dtypes:  # asked for by name: running another would mislead
+            raise LosaError(f"engine {item}: {name} runs {', '.join(engine.dtypes)} only")
         parsed.append((name, dtype or None))
     if not parsed or len(set(parsed)) != len(parsed):
         raise LosaError(f"--engine: expected distinct engines from {', '.join(ENGINES)}, got '{names}'")
@@ -123,7 +125,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     for spec, (name, cell_dtype) in plan:
         engine = get_engine(name)
         run_dtype = cell_dtype or dtype
-        if run_dtype not in engine.dtypes:
+        if run_dtype not in engine.dtypes:  # only the run's --dtype: parse_engines refused an engine's own
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
         engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
         cells.append(Cell(spec, paths[spec], engine, run_dtype))

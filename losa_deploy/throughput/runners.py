@@ -75,8 +75,11 @@ class HFRunner:
                 f"nn.Linear" if sparse else f"torch nn.Linear ({dense} dense)")
         if base is not None:
             path += ", unmerged PEFT LoRA adapter"
-        return {"version": torch.__version__, "dtype": self.dtype, "kernel_path": path, "device": self.device,
-                "sparse_linears": len(sparse), "dense_linears": dense, "threads": torch.get_num_threads()}
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        loaded = model.get_input_embeddings().weight.dtype  # dense on every path: the dtype the model runs
+        return {"version": torch.__version__, "dtype": self.dtype, "weights_dtype": names.get(loaded, str(loaded)),
+                "kernel_path": path, "device": self.device, "sparse_linears": len(sparse), "dense_linears": dense,
+                "threads": torch.get_num_threads()}
 
     def measure(self, request: dict) -> dict:
         import torch
