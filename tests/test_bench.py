@@ -50,6 +50,7 @@ def test_bench_cli_structure_and_greedy_agreement(cli, pruned50, bench_cache):
     cells = {c["engine"]: c for c in results["cells"]}
     assert cells["torch"]["sparse_linears"] == 0 and cells["losa"]["sparse_linears"] > 0
     assert cells["onnxruntime"]["dtype"] == "fp32"
+    assert cells["onnxruntime"]["prompt_chunk"] == 12  # 13 tokens as 12 + 1, not token by token
     rows = [r for r in results["rows"] if "skipped" not in r]
     assert [(r["engine"], r["batch"]) for r in rows] == [("torch", 1), ("losa", 1), ("onnxruntime", 1),
                                                           ("torch", 3), ("losa", 3)]
@@ -81,6 +82,18 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     assert "bitmask" in row["kernel_path"] and row["decode_tok_s"]["median"] > 0
     prompt = make_prompts([1], PROMPT, results["settings"]["vocab_for_prompts"], seed=0)[1][0]
     assert row["tokens"] == greedy_reference(load_model(pruned50, dtype="fp32"), prompt, GEN)[0]
+
+
+@pytest.mark.parametrize("prompt_len,chunk", [(63, 60), (64, 64), (3, 1)])
+def test_onnx_engines_prefill_in_the_largest_chunk_of_four(tmp_path, monkeypatch, prompt_len, chunk):
+    """DeepSparse's multi-token engine takes multiples of 4: the rest of the prompt runs token by token."""
+    from losa_deploy.throughput.engines import ENGINES, Shape
+
+    for name in ("onnxruntime", "deepsparse"):
+        engine = ENGINES[name]
+        monkeypatch.setattr(engine, "python", lambda: "python")  # the command only: no DeepSparse venv needed
+        argv, _ = engine.command(tmp_path, "fp32", 1, Shape(1, prompt_len, 8), tmp_path)
+        assert argv[argv.index("--prompt-chunk") + 1] == str(chunk)
 
 
 def test_torch_and_losa_run_fp16_when_asked(pruned50, bench_cache):

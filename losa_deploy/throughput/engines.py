@@ -133,9 +133,9 @@ class OnnxEngine(Engine):
         return packed(model, "deepsparse", "fp32", progress)
 
     def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
-        # DeepSparse compiles one engine per input length: the prompt runs as one chunk when it can
-        # (its chunks must be multiples of 4), else token by token.
-        chunk = shape.prompt_len if shape.prompt_len % 4 == 0 else 1
+        # DeepSparse compiles one engine per input length, and its multi-token one takes multiples of 4:
+        # the prompt runs as the largest such chunk, its remainder token by token (63 as 60 + 3).
+        chunk = max(shape.prompt_len // 4 * 4, 1)
         argv = [self.python(), str(Path(__file__).with_name("onnx_worker.py")), self.name, str(folder),
                 "--sequence-length", str(shape.max_len), "--prompt-chunk", str(chunk), "--threads", str(threads),
                 "--work-dir", str(work)]
