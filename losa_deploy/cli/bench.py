@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16) for engines without "
                         ":DTYPE; one that cannot run it runs its own (DeepSparse and ONNX Runtime fp32, vLLM bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    parser.add_argument("--plot", metavar="PNG", help="write a bar chart of the results")
+    parser.add_argument("--plot", metavar="FILE", help="write a bar chart of the results (.png, .svg or .pdf)")
 
 
 def run(args) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import LosaError
-from ..utils.fs import check_output_file
+from ..utils.plots import check_plot_file
 from .engines import ENGINES, Engine, Shape, get_engine
 from .models import check_model_spec, resolve_bench_model
 from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, stop_workers, summarize
@@ -114,7 +114,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     for spec in models:
         check_model_spec(spec)
     if plot is not None:
-        check_output_file(plot, "--plot")
+        check_plot_file(plot)
 
     paths = {spec: resolve_bench_model(spec, progress) for spec in dict.fromkeys(models)}
     vocab = min(_vocab_size(p) for p in paths.values())
