@@ -128,6 +128,22 @@ def test_bad_input_is_one_error_line(cli, stories_dir, tmp_path, args, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("config,message", [
+    ('{"peft_type": "LORA"}', "names no base model"),
+    ('{"peft_type": "LORA", "base_model_name_or_path": null}', "names no base model"),
+    ('{"peft_type": "LORA", "base_model_name_or_path": 7}', "names no base model"),
+    ("{bad", "is not valid JSON"),
+    ("[]", "is not a JSON object"),
+], ids=["missing", "null", "number", "invalid", "list"])
+def test_an_adapter_without_a_usable_base_is_one_error_line(cli, tmp_path, config, message):
+    """finetune writes a null base for a masked adapter saved without its base: no traceback for that."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(config)
+    code, _, err = cli("bench", tmp_path / "adapter", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"{tmp_path / 'adapter'}" in err and message in err
+
+
 def test_bad_model_specs(cli, tmp_path):
     for spec, message in [("llama2-7b-2blocks@33", "unknown variant"), (str(tmp_path / "nothing"), "neither"),
                           ("gpt5@70", "unknown standard model")]:
