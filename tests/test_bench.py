@@ -188,6 +188,35 @@ def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path):
     assert second.count(section) == 1 and "kept A" in second and second.endswith("## After\n\nkept B\n")
 
 
+def test_throughput_tables_skips_other_json_and_has_help(tmp_path):
+    """Its documented usage, benchmarks/throughput/*.json, takes in the demo's report (no rows)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "throughput_tables.py"
+    shutil.copy(root / "benchmarks" / "throughput" / "llama-runtime.json", tmp_path / "run.json")
+    (tmp_path / "demo.json").write_text(json.dumps({"model": "m", "stages": {}}))
+    (tmp_path / "broken.json").write_text("{")
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                              env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+    done = run(tmp_path / "demo.json", tmp_path / "run.json", tmp_path / "broken.json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#### run\n\n| model | engine |") and "demo" not in done.stdout
+    notes = done.stderr.splitlines()
+    assert len(notes) == 2 and "demo.json: not a bench report (no rows), skipped" in notes[0]
+    assert "broken.json: not a bench report (not JSON" in notes[1]
+    done = run("--help")
+    assert done.returncode == 0 and "usage:" in done.stdout and not done.stderr
+    done = run(tmp_path / "missing.json")
+    assert done.returncode == 2 and "missing.json" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
     # decode = (prefill + gen_len tokens) - (prefill + 1 token): timing noise can make it negative, which
     # must not become a clamped 1 ns (billions of tokens/s in the table).
