@@ -217,6 +217,33 @@ def test_throughput_tables_skips_other_json_and_has_help(tmp_path):
     assert done.returncode == 2 and "missing.json" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_run_all_exits_0_after_its_runs_and_refuses_an_unknown_name(tmp_path):
+    """benchmarks/run_all.sh with a stand-in for Python that records each bench command."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.sh"
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "$@" >> "$BENCH_LOG"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PY": str(python), "OUT": str(tmp_path / "out"), "BENCH_LOG": str(tmp_path / "log")}
+
+    def run(*names):
+        (tmp_path / "log").write_text("")
+        done = subprocess.run(["bash", str(script), *names], capture_output=True, text=True, env=env, timeout=60)
+        commands = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+        return done, [args[args.index("--json") + 1] for args in commands]  # OUT/NAME.json
+
+    for names in (["llama-runtime"], ["smollm2", "llama-lora"], ["smollm2-onnx"]):
+        done, runs = run(*names)
+        assert done.returncode == 0, done.stderr
+        assert sorted(Path(r).stem for r in runs) == sorted(names)
+    done, runs = run("llama-runtime", "smollm3")
+    assert done.returncode == 2 and runs == []
+    assert done.stderr.startswith("error: unknown run 'smollm3' (choose from llama-runtime, ")
+
+
 def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
     # decode = (prefill + gen_len tokens) - (prefill + 1 token): timing noise can make it negative, which
     # must not become a clamped 1 ns (billions of tokens/s in the table).
