@@ -107,6 +107,17 @@ def test_torch_and_losa_run_fp16_when_asked(pruned50, bench_cache):
     assert all(c["weights_dtype"] == "fp16" for c in results["cells"][:2])  # what the worker really loaded
 
 
+def test_default_threads_are_the_cores_this_process_may_use(pruned50, bench_cache, monkeypatch):
+    """Under taskset (or a container's cpuset) the machine's core count is not what the workers get."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    results = bench([str(pruned50)], engines="torch:fp32", batches=[1], prompt_len=PROMPT, gen_len=GEN, repeats=1,
+                    warmup=0, progress=False)
+    assert results["settings"]["threads"] == 1 and results["cells"][0]["threads"] == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--engine", "torch,tensorrt"], "unknown engine 'tensorrt'"),
     (["--engine", "torch,torch"], "distinct engines"),

@@ -88,7 +88,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     ``engines``: a comma list of torch, losa, vllm, deepsparse, onnxruntime, each optionally ``:DTYPE``.
     ``pairs``: instead of every model on every engine, exactly these (model, engine) cells, in this order
     (e.g. a dense folder on torch beside its packed sparse folder on losa). ``threads``: per engine
-    (default: all cores). Everything is checked before anything is loaded.
+    (default: every core this process may run on). Everything is checked before anything is loaded.
     """
     started = time.time()
     if pairs is not None:
@@ -101,7 +101,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         raise LosaError(f"--dtype: choose from {', '.join(DTYPES)}, got '{dtype}'")
     if prompt_len < 1 or gen_len < 2 or repeats < 1 or warmup < 0:
         raise LosaError("--prompt-len must be >= 1, --gen-len >= 2, --repeats >= 1 and --warmup >= 0")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
     _check_device(device, [name for _, (name, _) in plan])
@@ -166,6 +166,13 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         plot_results(results, plot)
         results["plot"] = str(plot)
     return results
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's cpuset), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def make_prompts(batches: list[int], prompt_len: int, vocab: int, seed: int) -> dict[int, list[list[int]]]:
