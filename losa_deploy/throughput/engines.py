@@ -117,6 +117,9 @@ class OnnxEngine(Engine):
         if python is None:
             raise LosaError("engine deepsparse needs the DeepSparse venv: run `make deepsparse-venv` or set "
                             "LOSA_DEEPSPARSE_PYTHON")
+        if not os.access(python, os.X_OK):  # else the worker's start fails, after the other cells loaded
+            raise LosaError(f"engine deepsparse: {python} is not executable (LOSA_DEEPSPARSE_PYTHON or "
+                            ".venv-deepsparse)")
         return str(python)
 
     def check(self, model: Path) -> None:
