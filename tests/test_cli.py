@@ -53,6 +53,19 @@ def test_env_reports_an_unrunnable_deepsparse_python_and_the_rest(cli, stories_d
     assert code == 2 and err.count("\n") == 1 and f"{python} is not executable" in err
 
 
+def test_readme_source_paths_exist():
+    """Every file path the README names in backticks (with a folder: bare names are read in context) is in
+    the repository, at its root or under losa_deploy/; only DeepSparse's own files are elsewhere."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    deepsparse = {"utils/onnx.py", "transformers/utils/helpers.py", "engines/nl_decoder_engine.py"}
+    named = set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|sh))`", (root / "README.md").read_text()))
+    missing = [p for p in sorted(named - deepsparse)
+               if not (root / p).exists() and not (root / "losa_deploy" / p).exists()]
+    assert named and missing == []
+
+
 @pytest.mark.parametrize("entry", ["script", "module"])
 def test_installed_entry_points_run(entry):
     script = Path(sys.executable).with_name("losa-deploy")
