@@ -26,8 +26,15 @@ bench() {
         --json "$OUT/$name.json" --plot "$OUT/$name.png" | tee "$OUT/$name.txt"
 }
 
-
+RUNS=(llama-runtime llama-vllm llama-lora llama-deepsparse smollm2 smollm2-lora smollm2-onnx)
 runs=("$@")
+for name in "${runs[@]}"; do  # a misspelt name would silently run nothing
+    if [[ " ${RUNS[*]} " != *" $name "* ]]; then
+        printf -v known '%s, ' "${RUNS[@]}"
+        echo "error: unknown run '$name' (choose from ${known%, })" >&2
+        exit 2
+    fi
+done
 sel() { [ ${#runs[@]} -eq 0 ] || [[ " ${runs[*]} " == *" $1 "* ]]; }
 
 # 7B-shaped blocks: our runtime (bf16), dense against 50%, 70%, 2:4.
@@ -48,3 +55,4 @@ sel smollm2-lora && bench smollm2-lora $S@70-lora $S@70-losa --engine torch,losa
     --gen-len 128
 sel smollm2-onnx && bench smollm2-onnx $S@dense $S@70 --engine torch:fp32,losa:fp32,deepsparse,onnxruntime \
     --batch 1 --prompt-len 128 --gen-len 128
+exit 0  # the last `sel NAME && bench` is false when NAME was not asked for: not a failure

@@ -40,7 +40,8 @@ from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from .sparsity.allocation import check_rmi_windows
 from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
 from .sparsity.report import inspect_checkpoint
-from .utils.fs import check_output_dir, check_output_file, json_text
+from .utils.fs import check_output_dir, json_text
+from .utils.plots import check_plot_file
 
 
 def inspect(model: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -107,7 +108,7 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, sparsity: float |
     inputs = (path, model, *([] if calib == SELF else [calib]), *([allocation] if config.is_file_allocation else []))
     check_output_dir(output, overwrite, inputs=inputs)
     if plot is not None:
-        check_output_file(plot, "--plot", inputs=inputs)
+        check_plot_file(plot, inputs=inputs)
     ctx = context_length(model_config)
     seqlen = seqlen or min(2048, ctx)
     if not 2 <= seqlen <= ctx:

@@ -83,12 +83,19 @@ def engine_info() -> dict:
     py = deepsparse_python()
     ds = {"installed": False, "version": None, "python": str(py) if py else None}
     if py is not None:
-        done = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('deepsparse'))"],
-                              capture_output=True, text=True, timeout=60)
-        if done.returncode == 0:
-            ds.update(installed=True, version=done.stdout.strip())
+        ds.update(_deepsparse_version(py))
     engines["deepsparse"] = ds
     return engines
+
+
+def _deepsparse_version(python: Path) -> dict:
+    """installed/version, or the reason the interpreter cannot run: it is only one entry of the report."""
+    try:
+        done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('deepsparse'))"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:  # not executable, a bad interpreter line, a hang
+        return {"error": f"cannot run {python}: {exc}"}
+    return {"installed": True, "version": done.stdout.strip()} if done.returncode == 0 else {}
 
 
 def environment() -> dict:

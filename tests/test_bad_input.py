@@ -155,6 +155,30 @@ def test_result_files_are_checked_before_any_work(cli, stories_dir, tmp_path, mo
     _assert_clean_failure(cli(*prune, "--json", tmp_path / "adir" / "r.json"), tmp_path, before, "is not writable")
 
 
+def test_json_and_plot_may_not_name_one_file(cli, stories_dir, tmp_path):
+    """The plot would be written over the JSON (or the other way round): refused before any work."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    same = ["--json", tmp_path / "r.png", "--plot", tmp_path / "r.png"]
+    _assert_clean_failure(cli("inspect", stories_dir, *same), tmp_path, before, "--json and --plot both name")
+    _assert_clean_failure(cli("bench", stories_dir, *same), tmp_path, before, "--json and --plot both name")
+    _assert_clean_failure(cli("prune", stories_dir, "-o", tmp_path / "out", "--sparsity", "0.5", "--method",
+                              "magnitude", "--json", tmp_path / "r.json", "--plot", f"{tmp_path}/./r.json"),
+                          tmp_path, before, "--json and --plot both name")
+
+
+def test_a_plot_is_written_in_the_format_its_suffix_names(cli, stories_dir, tmp_path):
+    for suffix, magic in ((".svg", b"<svg"), (".pdf", b"%PDF"), (".PNG", b"\x89PNG")):
+        code, _, err = cli("inspect", stories_dir, "--plot", tmp_path / f"s{suffix}")
+        assert code == 0, err
+        assert magic in (tmp_path / f"s{suffix}").read_bytes()[:400]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for name in ("s.txt", "s"):
+        _assert_clean_failure(cli("inspect", stories_dir, "--plot", tmp_path / name), tmp_path, before,
+                              "name a .png, .svg or .pdf file")
+    _assert_clean_failure(cli("bench", stories_dir, "--plot", tmp_path / "b.jpg"), tmp_path, before,
+                          "name a .png, .svg or .pdf file")
+
+
 def test_resume_without_a_checkpoint_keeps_a_finished_output(cli, stories_dir, tinystories, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")

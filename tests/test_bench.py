@@ -50,6 +50,7 @@ def test_bench_cli_structure_and_greedy_agreement(cli, pruned50, bench_cache):
     cells = {c["engine"]: c for c in results["cells"]}
     assert cells["torch"]["sparse_linears"] == 0 and cells["losa"]["sparse_linears"] > 0
     assert cells["onnxruntime"]["dtype"] == "fp32"
+    assert cells["onnxruntime"]["prompt_chunk"] == 12  # 13 tokens as 12 + 1, not token by token
     rows = [r for r in results["rows"] if "skipped" not in r]
     assert [(r["engine"], r["batch"]) for r in rows] == [("torch", 1), ("losa", 1), ("onnxruntime", 1),
                                                           ("torch", 3), ("losa", 3)]
@@ -83,6 +84,40 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     assert row["tokens"] == greedy_reference(load_model(pruned50, dtype="fp32"), prompt, GEN)[0]
 
 
+@pytest.mark.parametrize("prompt_len,chunk", [(63, 60), (64, 64), (3, 1)])
+def test_onnx_engines_prefill_in_the_largest_chunk_of_four(tmp_path, monkeypatch, prompt_len, chunk):
+    """DeepSparse's multi-token engine takes multiples of 4: the rest of the prompt runs token by token."""
+    from losa_deploy.throughput.engines import ENGINES, Shape
+
+    for name in ("onnxruntime", "deepsparse"):
+        engine = ENGINES[name]
+        monkeypatch.setattr(engine, "python", lambda: "python")  # the command only: no DeepSparse venv needed
+        argv, _ = engine.command(tmp_path, "fp32", 1, Shape(1, prompt_len, 8), tmp_path)
+        assert argv[argv.index("--prompt-chunk") + 1] == str(chunk)
+
+
+def test_torch_and_losa_run_fp16_when_asked(pruned50, bench_cache):
+    """fp16 from --dtype and from engine:DTYPE (it ran bf16 in their place); the ONNX engine, given no dtype
+    of its own, falls back to fp32 and says so."""
+    results = bench([str(pruned50)], engines="torch,losa:fp16,onnxruntime", dtype="fp16", batches=[1], prompt_len=PROMPT,
+                    gen_len=GEN, repeats=1, warmup=0, threads=1, progress=False)
+    assert [(c["engine"], c["dtype"]) for c in results["cells"]] == [("torch", "fp16"), ("losa", "fp16"),
+                                                                     ("onnxruntime", "fp32")]
+    assert [r["dtype"] for r in results["rows"]] == ["fp16", "fp16", "fp32"]
+    assert all(c["weights_dtype"] == "fp16" for c in results["cells"][:2])  # what the worker really loaded
+
+
+def test_default_threads_are_the_cores_this_process_may_use(pruned50, bench_cache, monkeypatch):
+    """Under taskset (or a container's cpuset) the machine's core count is not what the workers get."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    results = bench([str(pruned50)], engines="torch:fp32", batches=[1], prompt_len=PROMPT, gen_len=GEN, repeats=1,
+                    warmup=0, progress=False)
+    assert results["settings"]["threads"] == 1 and results["cells"][0]["threads"] == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--engine", "torch,tensorrt"], "unknown engine 'tensorrt'"),
     (["--engine", "torch,torch"], "distinct engines"),
@@ -92,13 +127,32 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     (["--device", "tpu"], "--device"),
     (["--gen-len", "1"], "--gen-len"),
     (["--engine", "onnxruntime", "--batch", "8"], "onnxruntime run batch 1 only, and --batch asks for 8"),
-], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len", "batch1-engines"])
+    (["--engine", "torch,onnxruntime:bf16"], "engine onnxruntime:bf16: onnxruntime runs fp32 only"),
+    (["--engine", "vllm:fp16"], "engine vllm:fp16: vllm runs bf16, fp32 only"),
+], ids=["engine", "duplicate", "dtype", "batch-list", "batch-zero", "device", "gen-len", "batch1-engines",
+        "onnx-dtype", "vllm-dtype"])
 def test_bad_input_is_one_error_line(cli, stories_dir, tmp_path, args, message):
     out = tmp_path / "r.json"
     code, stdout, err = cli("bench", stories_dir, *args, "--json", out)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("config,message", [
+    ('{"peft_type": "LORA"}', "names no base model"),
+    ('{"peft_type": "LORA", "base_model_name_or_path": null}', "names no base model"),
+    ('{"peft_type": "LORA", "base_model_name_or_path": 7}', "names no base model"),
+    ("{bad", "is not valid JSON"),
+    ("[]", "is not a JSON object"),
+], ids=["missing", "null", "number", "invalid", "list"])
+def test_an_adapter_without_a_usable_base_is_one_error_line(cli, tmp_path, config, message):
+    """finetune writes a null base for a masked adapter saved without its base: no traceback for that."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(config)
+    code, _, err = cli("bench", tmp_path / "adapter", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"{tmp_path / 'adapter'}" in err and message in err
 
 
 def test_bad_model_specs(cli, tmp_path):
@@ -143,6 +197,62 @@ def test_kernels_cpu_rewrite_keeps_other_sections_and_notes(tmp_path):
     assert "| table | one |" not in second and "| table | two |" in second
     assert second.index("| table | two |") < second.index(mark) < second.index("my notes on run one")
     assert second.count(section) == 1 and "kept A" in second and second.endswith("## After\n\nkept B\n")
+
+
+def test_throughput_tables_skips_other_json_and_has_help(tmp_path):
+    """Its documented usage, benchmarks/throughput/*.json, takes in the demo's report (no rows)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "throughput_tables.py"
+    shutil.copy(root / "benchmarks" / "throughput" / "llama-runtime.json", tmp_path / "run.json")
+    (tmp_path / "demo.json").write_text(json.dumps({"model": "m", "stages": {}}))
+    (tmp_path / "broken.json").write_text("{")
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                              env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+
+    done = run(tmp_path / "demo.json", tmp_path / "run.json", tmp_path / "broken.json")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#### run\n\n| model | engine |") and "demo" not in done.stdout
+    notes = done.stderr.splitlines()
+    assert len(notes) == 2 and "demo.json: not a bench report (no rows), skipped" in notes[0]
+    assert "broken.json: not a bench report (not JSON" in notes[1]
+    done = run("--help")
+    assert done.returncode == 0 and "usage:" in done.stdout and not done.stderr
+    done = run(tmp_path / "missing.json")
+    assert done.returncode == 2 and "missing.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_run_all_exits_0_after_its_runs_and_refuses_an_unknown_name(tmp_path):
+    """benchmarks/run_all.sh with a stand-in for Python that records each bench command."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.sh"
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "$@" >> "$BENCH_LOG"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PY": str(python), "OUT": str(tmp_path / "out"), "BENCH_LOG": str(tmp_path / "log")}
+
+    def run(*names):
+        (tmp_path / "log").write_text("")
+        done = subprocess.run(["bash", str(script), *names], capture_output=True, text=True, env=env, timeout=60)
+        commands = [line.split() for line in (tmp_path / "log").read_text().splitlines()]
+        return done, [args[args.index("--json") + 1] for args in commands]  # OUT/NAME.json
+
+    for names in (["llama-runtime"], ["smollm2", "llama-lora"], ["smollm2-onnx"]):
+        done, runs = run(*names)
+        assert done.returncode == 0, done.stderr
+        assert sorted(Path(r).stem for r in runs) == sorted(names)
+    done, runs = run("llama-runtime", "smollm3")
+    assert done.returncode == 2 and runs == []
+    assert done.stderr.startswith("error: unknown run 'smollm3' (choose from llama-runtime, ")
 
 
 def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):

@@ -35,6 +35,37 @@ def test_env_reports_kernels_and_cpu(cli, tmp_path):
     assert "kernels:" in out and "features:" in out
 
 
+def test_env_reports_an_unrunnable_deepsparse_python_and_the_rest(cli, stories_dir, tmp_path, monkeypatch):
+    """LOSA_DEEPSPARSE_PYTHON naming a file that cannot run: deepsparse is unusable, with the reason; the
+    rest of the report stays (the whole command failed with Permission denied)."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\necho 1.8.0\n")
+    python.chmod(0o644)  # no execute bit: refused even to root
+    monkeypatch.setenv("LOSA_DEEPSPARSE_PYTHON", str(python))
+    code, out, err = cli("env", "--json", tmp_path / "env.json")
+    assert code == 0, err
+    deepsparse = json.loads((tmp_path / "env.json").read_text())["engines"]["deepsparse"]
+    assert deepsparse["installed"] is False and "Permission denied" in deepsparse["error"]
+    assert "kernels:" in out and "onnxruntime" in out
+    line = next(line for line in out.splitlines() if "deepsparse" in line)
+    assert "unusable" in line and str(python) in line and "Permission denied" in line
+    code, _, err = cli("bench", stories_dir, "--engine", "deepsparse")
+    assert code == 2 and err.count("\n") == 1 and f"{python} is not executable" in err
+
+
+def test_readme_source_paths_exist():
+    """Every file path the README names in backticks (with a folder: bare names are read in context) is in
+    the repository, at its root or under losa_deploy/; only DeepSparse's own files are elsewhere."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    deepsparse = {"utils/onnx.py", "transformers/utils/helpers.py", "engines/nl_decoder_engine.py"}
+    named = set(re.findall(r"`([\w./-]+/[\w.-]+\.(?:py|sh))`", (root / "README.md").read_text()))
+    missing = [p for p in sorted(named - deepsparse)
+               if not (root / p).exists() and not (root / "losa_deploy" / p).exists()]
+    assert named and missing == []
+
+
 @pytest.mark.parametrize("entry", ["script", "module"])
 def test_installed_entry_points_run(entry):
     script = Path(sys.executable).with_name("losa-deploy")

@@ -133,17 +133,24 @@ _WRITTEN = ("output", "out", "json", "plot")  # the arguments that name what a c
 
 
 def _check_output_files(args) -> None:
-    """--json and --plot are written last: check them before any work, that neither is OUT, and that
-    neither replaces anything the command reads (see ``check_output_file``)."""
+    """--json and --plot are written last: check them before any work, that neither is OUT nor the other,
+    that neither replaces anything the command reads (see ``check_output_file``), and the plot's suffix."""
     from ..utils.fs import check_output_file
+    from ..utils.plots import check_plot_file
 
     output = getattr(args, "output", None)
     inputs = _input_paths(args)
+    json_path, plot = getattr(args, "json", None), getattr(args, "plot", None)
+    if json_path and plot and Path(json_path).resolve() == Path(plot).resolve():
+        raise LosaError(f"--json and --plot both name {plot}; choose two files")
     for flag in ("json", "plot"):
         path = getattr(args, flag, None)
         if path is None:
             continue
-        check_output_file(path, f"--{flag}", inputs=inputs)
+        if flag == "plot":
+            check_plot_file(path, inputs=inputs)
+        else:
+            check_output_file(path, f"--{flag}", inputs=inputs)
         if output is not None and Path(path).resolve() == Path(output).resolve():
             raise LosaError(f"--{flag} {path} is the output directory; choose another path")
 

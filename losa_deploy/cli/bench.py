@@ -27,11 +27,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed rounds per batch size; each round runs every cell once (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--threads", type=positive_int, help="threads per engine (default: all cores)")
-    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16; DeepSparse and "
-                        "ONNX Runtime always run fp32)")
+    parser.add_argument("--threads", type=positive_int, help="threads per engine (default: every core this process may use)")
+    parser.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16) for engines without "
+                        ":DTYPE; one that cannot run it runs its own (DeepSparse and ONNX Runtime fp32, vLLM bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    parser.add_argument("--plot", metavar="PNG", help="write a bar chart of the results")
+    parser.add_argument("--plot", metavar="FILE", help="write a bar chart of the results (.png, .svg or .pdf)")
 
 
 def run(args) -> dict:

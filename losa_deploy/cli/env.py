@@ -23,5 +23,6 @@ def run(args) -> dict:
     print(f"features:  {' '.join(feats) or 'none of interest'}")
     print("cuda:      " + (f"{cuda['device']} {cuda['arch']}" if cuda["available"] else "not available"))
     for name, e in env["engines"].items():
-        print(f"engine:    {name:<12} {e['version'] if e['installed'] else 'not installed'}")
+        state = e["version"] if e["installed"] else f"unusable ({e['error']})" if e.get("error") else "not installed"
+        print(f"engine:    {name:<12} {state}")
     return env

@@ -8,7 +8,8 @@ HELP = "convert a GGUF file (dequantized by transformers' GGUF loader) into an H
 def add_arguments(parser) -> None:
     parser.add_argument("gguf", metavar="FILE", help="the .gguf file")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output checkpoint directory")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="dtype of the imported weights, dequantized from the GGUF's (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

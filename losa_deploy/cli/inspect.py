@@ -9,7 +9,7 @@ HELP = "per-layer shape, sparsity and pattern (dense / unstructured / N:M / mixe
 
 def add_arguments(parser) -> None:
     add_model_argument(parser)
-    parser.add_argument("--plot", metavar="PNG", help="draw per-layer sparsity to this PNG file")
+    parser.add_argument("--plot", metavar="FILE", help="draw per-layer sparsity to this .png, .svg or .pdf file")
 
 
 def run(args) -> dict:

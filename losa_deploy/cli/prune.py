@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--blocksize", type=positive_int, default=128, help="SparseGPT column block")
     parser.add_argument("--percdamp", type=_fraction, default=0.01, help="SparseGPT Hessian dampening")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", metavar="PNG", help="draw the per-layer sparsity to this PNG file")
+    parser.add_argument("--plot", metavar="FILE", help="draw the per-layer sparsity to this .png, .svg or .pdf file")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 

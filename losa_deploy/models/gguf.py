@@ -7,6 +7,7 @@ config (the weights are no longer quantized) and save a plain checkpoint every l
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from ..errors import LosaError
@@ -20,18 +21,24 @@ def load_gguf(gguf_path: str | os.PathLike, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file = Path(gguf_path)
+    if file.is_dir():
+        raise LosaError(f"GGUF file {file} is a directory; name the .gguf file in it")
     if not file.is_file():
         raise LosaError(f"GGUF file {file} does not exist")
     with open(file, "rb") as raw:
         if raw.read(4) != b"GGUF":
             raise LosaError(f"{file} is not a GGUF file (bad magic)")
     _check_gguf(file)
-    kwargs = {"gguf_file": file.name, "local_files_only": True}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=parse_dtype(dtype) or "float32", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise LosaError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
+    # transformers reads a folder's tokenizer.json (and other files) before the GGUF's own: open the file
+    # from a folder that holds nothing else, so what lies beside it (another model's files) cannot leak in.
+    with tempfile.TemporaryDirectory(prefix="losa-gguf-") as alone:
+        (Path(alone) / "model.gguf").symlink_to(file.resolve())
+        kwargs = {"gguf_file": "model.gguf", "local_files_only": True}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(alone, dtype=parse_dtype(dtype) or "float32", **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(alone, **kwargs)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise LosaError(f"cannot import {file}: {type(exc).__name__}: {exc}") from None
     architecture_for(model.config.model_type)
     return model, tokenizer
 

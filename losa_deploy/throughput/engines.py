@@ -58,6 +58,7 @@ class Engine:
 
 class TorchEngine(Engine):
     name = "torch"
+    dtypes = ("bf16", "fp16", "fp32")
 
     def check(self, model: Path) -> None:
         _refuse_onnx_export(self.name, model)
@@ -67,6 +68,7 @@ class TorchEngine(Engine):
 
 class LosaEngine(Engine):
     name = "losa"
+    dtypes = ("bf16", "fp16", "fp32")
 
     def check(self, model: Path) -> None:
         _refuse_onnx_export(self.name, model)
@@ -115,6 +117,9 @@ class OnnxEngine(Engine):
         if python is None:
             raise LosaError("engine deepsparse needs the DeepSparse venv: run `make deepsparse-venv` or set "
                             "LOSA_DEEPSPARSE_PYTHON")
+        if not os.access(python, os.X_OK):  # else the worker's start fails, after the other cells loaded
+            raise LosaError(f"engine deepsparse: {python} is not executable (LOSA_DEEPSPARSE_PYTHON or "
+                            ".venv-deepsparse)")
         return str(python)
 
     def check(self, model: Path) -> None:
@@ -131,9 +136,9 @@ class OnnxEngine(Engine):
         return packed(model, "deepsparse", "fp32", progress)
 
     def command(self, folder: Path, dtype: str, threads: int, shape: Shape, work: Path) -> tuple[list[str], dict]:
-        # DeepSparse compiles one engine per input length: the prompt runs as one chunk when it can
-        # (its chunks must be multiples of 4), else token by token.
-        chunk = shape.prompt_len if shape.prompt_len % 4 == 0 else 1
+        # DeepSparse compiles one engine per input length, and its multi-token one takes multiples of 4:
+        # the prompt runs as the largest such chunk, its remainder token by token (63 as 60 + 3).
+        chunk = max(shape.prompt_len // 4 * 4, 1)
         argv = [self.python(), str(Path(__file__).with_name("onnx_worker.py")), self.name, str(folder),
                 "--sequence-length", str(shape.max_len), "--prompt-chunk", str(chunk), "--threads", str(threads),
                 "--work-dir", str(work)]

@@ -26,10 +26,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import LosaError
-from ..utils.fs import check_output_file
+from ..utils.plots import check_plot_file
 from .engines import ENGINES, Engine, Shape, get_engine
 from .models import check_model_spec, resolve_bench_model
-from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, summarize
+from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, stop_workers, summarize
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -56,9 +56,11 @@ def parse_engines(names: str | list[str]) -> list[tuple[str, str | None]]:
     parsed = []
     for item in (i.strip() for i in items):
         name, _, dtype = item.partition(":")
-        get_engine(name)
+        engine = get_engine(name)
         if dtype and dtype not in DTYPES:
             raise LosaError(f"engine {item}: unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+        if dtype and dtype not in engine.dtypes:  # asked for by name: running another would mislead
+            raise LosaError(f"engine {item}: {name} runs {', '.join(engine.dtypes)} only")
         parsed.append((name, dtype or None))
     if not parsed or len(set(parsed)) != len(parsed):
         raise LosaError(f"--engine: expected distinct engines from {', '.join(ENGINES)}, got '{names}'")
@@ -86,7 +88,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     ``engines``: a comma list of torch, losa, vllm, deepsparse, onnxruntime, each optionally ``:DTYPE``.
     ``pairs``: instead of every model on every engine, exactly these (model, engine) cells, in this order
     (e.g. a dense folder on torch beside its packed sparse folder on losa). ``threads``: per engine
-    (default: all cores). Everything is checked before anything is loaded.
+    (default: every core this process may run on). Everything is checked before anything is loaded.
     """
     started = time.time()
     if pairs is not None:
@@ -99,7 +101,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         raise LosaError(f"--dtype: choose from {', '.join(DTYPES)}, got '{dtype}'")
     if prompt_len < 1 or gen_len < 2 or repeats < 1 or warmup < 0:
         raise LosaError("--prompt-len must be >= 1, --gen-len >= 2, --repeats >= 1 and --warmup >= 0")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cores()
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
     _check_device(device, [name for _, (name, _) in plan])
@@ -112,7 +114,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     for spec in models:
         check_model_spec(spec)
     if plot is not None:
-        check_output_file(plot, "--plot")
+        check_plot_file(plot)
 
     paths = {spec: resolve_bench_model(spec, progress) for spec in dict.fromkeys(models)}
     vocab = min(_vocab_size(p) for p in paths.values())
@@ -123,7 +125,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     for spec, (name, cell_dtype) in plan:
         engine = get_engine(name)
         run_dtype = cell_dtype or dtype
-        if run_dtype not in engine.dtypes:
+        if run_dtype not in engine.dtypes:  # only the run's --dtype: parse_engines refused an engine's own
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
         engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
         cells.append(Cell(spec, paths[spec], engine, run_dtype))
@@ -134,10 +136,14 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     try:
         _start_workers(cells, threads, shape, device, load_timeout, progress)
         _measure(cells, batch_list, prompts, gen_len, warmup, repeats, request_timeout, progress)
+    except BaseException:
+        # Failed, interrupted or terminated: a polite close would wait for a busy worker's request.
+        stop_workers([c.worker for c in cells if c.worker is not None])
+        raise
     finally:
         for cell in cells:
             if cell.worker is not None:
-                cell.worker.close()
+                cell.worker.close()  # at once after stop_workers
                 remove_scratch(cell.worker.work)
     machine["load_average_end"] = os.getloadavg()
     results = {
@@ -160,6 +166,13 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         plot_results(results, plot)
         results["plot"] = str(plot)
     return results
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's cpuset), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def make_prompts(batches: list[int], prompt_len: int, vocab: int, seed: int) -> dict[int, list[list[int]]]:
@@ -206,10 +219,14 @@ def _start_workers(cells: list[Cell], threads: int, shape: Shape, device: str, t
     for cell in tqdm(cells, desc="load", disable=not progress, leave=False):
         folder = cell.engine.prepare(cell.path, cell.dtype, progress)
         work = scratch_dir(cell.label)
-        argv, env = cell.engine.command(folder, cell.dtype, threads, shape, work)
-        if device == "cuda":
-            argv += ["--device", "cuda"]
-        cell.worker = WorkerProcess(cell.label, argv, env, work)
+        try:
+            argv, env = cell.engine.command(folder, cell.dtype, threads, shape, work)
+            if device == "cuda":
+                argv += ["--device", "cuda"]
+            cell.worker = WorkerProcess(cell.label, argv, env, work)
+        except BaseException:
+            remove_scratch(work)  # no worker owns it yet
+            raise
         cell.info = {"folder": str(folder), **cell.worker.wait_ready(timeout)}
 
 

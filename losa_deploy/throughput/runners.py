@@ -20,15 +20,29 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import LosaError
+
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def adapter_base(path: Path) -> Path | None:
-    """The base checkpoint of a PEFT adapter folder (None for anything else)."""
+    """The base checkpoint of a PEFT adapter folder (None for anything else). An adapter that names no
+    base (finetune writes null for a masked adapter saved without it) or an unreadable config is refused."""
     config = path / "adapter_config.json"
     if not config.is_file():
         return None
-    base = Path(json.loads(config.read_text())["base_model_name_or_path"])
+    try:
+        fields = json.loads(config.read_text())
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise LosaError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise LosaError(f"{config} is not a JSON object")
+    base = fields.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise LosaError(f"adapter {path} names no base model (base_model_name_or_path in adapter_config.json "
+                        f"is {json.dumps(base) if 'base_model_name_or_path' in fields else 'missing'}): bench "
+                        "the merged model, or an adapter saved with its base (finetune --save-base)")
+    base = Path(base)
     return base if base.is_absolute() else (path / base).resolve()
 
 
@@ -75,8 +89,11 @@ class HFRunner:
                 f"nn.Linear" if sparse else f"torch nn.Linear ({dense} dense)")
         if base is not None:
             path += ", unmerged PEFT LoRA adapter"
-        return {"version": torch.__version__, "dtype": self.dtype, "kernel_path": path, "device": self.device,
-                "sparse_linears": len(sparse), "dense_linears": dense, "threads": torch.get_num_threads()}
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+        loaded = model.get_input_embeddings().weight.dtype  # dense on every path: the dtype the model runs
+        return {"version": torch.__version__, "dtype": self.dtype, "weights_dtype": names.get(loaded, str(loaded)),
+                "kernel_path": path, "device": self.device, "sparse_linears": len(sparse), "dense_linears": dense,
+                "threads": torch.get_num_threads()}
 
     def measure(self, request: dict) -> dict:
         import torch

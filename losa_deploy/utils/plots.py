@@ -1,10 +1,30 @@
-"""PNG plots for results people would rather see than read. matplotlib runs headless (Agg)."""
+"""Plots for results people would rather see than read, as PNG, SVG or PDF by the file's suffix.
+matplotlib runs headless (Agg)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from .fs import atomic_file
+from ..errors import LosaError
+from .fs import atomic_file, check_output_file
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The format the suffix names; any other suffix is refused (x.txt got PNG bytes)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise LosaError(f"--plot {path}: name a .png, .svg or .pdf file (the suffix picks the format)")
+    return suffix
+
+
+def check_plot_file(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """``check_output_file`` for ``--plot``, and its suffix."""
+    path = check_output_file(path, "--plot", inputs=inputs)
+    plot_format(path)
+    return path
 
 
 def _pyplot():
@@ -17,9 +37,9 @@ def _pyplot():
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
-    """Write the figure atomically as PNG, then close it."""
+    """Write the figure atomically in the format of its suffix, then close it."""
     with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(handle, format=plot_format(path), dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
 
 
