@@ -7,6 +7,7 @@ produced positive timings for every repeat.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_bench_packed_losa_folder(pruned50, bench_cache):
     from losa_deploy import load_model, pack
 
     packed = pack(pruned50, bench_cache / "packed", format="losa", progress=False)["output"]
-    results = bench([packed], engines="losa:fp32", batches=[1], prompt_len=PROMPT, gen_len=GEN, repeats=1,
+    # A path object works as its string does (it failed: 'PosixPath' object has no attribute 'partition').
+    results = bench([Path(packed)], engines="losa:fp32", batches=[1], prompt_len=PROMPT, gen_len=GEN, repeats=1,
                     warmup=0, threads=1, progress=False)
     row = results["rows"][0]
     assert "bitmask" in row["kernel_path"] and row["decode_tok_s"]["median"] > 0

@@ -92,9 +92,10 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     """
     started = time.time()
     if pairs is not None:
-        models = [model for model, _ in pairs]
-        plan = [(model, parse_engines(engine)[0]) for model, engine in pairs]
+        models = [os.fspath(model) for model, _ in pairs]  # a path object names a folder like its string
+        plan = [(os.fspath(model), parse_engines(engine)[0]) for model, engine in pairs]
     else:
+        models = [os.fspath(model) for model in models]
         plan = [(model, engine) for model in models for engine in parse_engines(engines)]
     batch_list = parse_batches(batches)
     if dtype not in DTYPES:
