@@ -297,3 +297,13 @@ def test_hf_engines_refuse_an_onnx_export_before_loading(cli, stories_dir, tmp_p
         code, _, err = cli("bench", tmp_path / "ds", "--engine", engine, "--no-progress")
         assert code == 2 and err.count("\n") == 1
         assert f"engine {engine} runs HF checkpoints" in err and "is an ONNX export" in err
+
+
+def test_vllm_binds_to_the_cores_this_process_may_use(monkeypatch, tmp_path):
+    """Under taskset or a cpuset the allowed cores need not start at 0: vLLM is bound to the first
+    --threads of them (it was bound to 0..T-1, cores it may not run on)."""
+    from losa_deploy.throughput.engines import ENGINES, Shape
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {7, 2, 5})
+    _, env = ENGINES["vllm"].command(tmp_path, "bf16", 2, Shape(1, 8, 8), tmp_path)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "2,5"

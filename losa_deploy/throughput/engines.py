@@ -56,6 +56,13 @@ class Engine:
         return argv, {"OMP_NUM_THREADS": str(threads)}
 
 
+def _bind_cores(threads: int) -> str:
+    """vLLM's CPU thread binding: the first ``threads`` cores this process may run on (under taskset or a
+    cpuset those need not start at 0, and binding outside them fails)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in cores[:threads])
+
+
 class TorchEngine(Engine):
     name = "torch"
     dtypes = ("bf16", "fp16", "fp32")
@@ -96,7 +103,7 @@ class VLLMEngine(Engine):
         # 2-block model many times over), not a share of the machine: several workers stay resident at once.
         # The engine core runs in this process (no engine-core and worker processes talking through shared
         # memory): on 2 cores their message passing cost 4 ms per token dense and 6 ms sparse (RESULTS.md).
-        return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}" if threads > 1 else "0",
+        return argv, {**env, "VLLM_CPU_OMP_THREADS_BIND": _bind_cores(threads),
                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                       "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
 
