@@ -31,8 +31,8 @@ def format_table(results: dict) -> str:
     header = ["model", "engine", "dtype", "batch", "prefill tok/s", "decode tok/s", "TPOT ms", "decode x",
               "kernel path"]
     lines = [f"prompt {s['prompt_len']}, generate {s['gen_len']}, {s['threads']} threads, {s['repeats']} repeats "
-             f"after {s['warmup']} warm-up; medians (interquartile range); 'decode x' against the first row of "
-             "each batch", table(rows, header)]
+             f"after {s['warmup']} warm-up; medians (interquartile range); 'decode x' against the first measured "
+             "row of each batch (an engine skipped at a batch is no baseline there)", table(rows, header)]
     different = [a for a in results["agreement"] if not a["identical"]]
     for a in different:
         lines.append(f"note: {a['model']} batch {a['batch']}: {a['engine']} first differs from {a['reference']} "
