@@ -108,6 +108,12 @@ def test_fill_to_mean_raises_the_lowest_together(rng, weighted):
         assert out == pytest.approx([max(low, c) for c in current], abs=1e-9)
 
 
+def test_fill_to_mean_leaves_an_empty_entry_alone():
+    """An entry of weight 0 (an empty linear) changes no mean; it used to divide by zero."""
+    assert alloc.fill_to_mean([0.0, 0.2], 0.5, [0, 10]) == pytest.approx([0.0, 0.5])
+    assert alloc.fill_to_mean([0.9, 0.1, 0.3], 0.5, [0, 1, 1]) == pytest.approx([0.9, 0.5, 0.5])
+
+
 def test_owl_follows_its_formula(rng):
     ratios = (torch.rand(9, generator=rng, dtype=torch.float64) * 0.02).tolist()
     s = alloc.owl_allocation(ratios, 0.7, lam=0.08)

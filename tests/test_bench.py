@@ -14,6 +14,7 @@ import torch
 from conftest import greedy_reference, magnitude_prune_
 
 from losa_deploy import bench
+from losa_deploy.errors import LosaError
 from losa_deploy.throughput.harness import make_prompts
 from losa_deploy.throughput.report import markdown_table
 from losa_deploy.throughput.timing import round_robin, summarize
@@ -307,3 +308,6 @@ def test_vllm_binds_to_the_cores_this_process_may_use(monkeypatch, tmp_path):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {7, 2, 5})
     _, env = ENGINES["vllm"].command(tmp_path, "bf16", 2, Shape(1, 8, 8), tmp_path)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "2,5"
+    # It runs one thread per bound core: more threads than usable cores would run fewer than reported.
+    with pytest.raises(LosaError, match="--threads 4 exceeds the 3 cores"):
+        bench([str(tmp_path)], engines="vllm", threads=4, progress=False)

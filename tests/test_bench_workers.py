@@ -159,3 +159,22 @@ def test_a_dead_worker_is_reported_by_its_last_words_and_its_log_kept(stories_di
     log = Path(err.rsplit("(worker log: ", 1)[1].rstrip().rstrip(")"))
     assert log.parent == tmp_path / "tmp" and "MemoryError: out of pages" in log.read_text()
     assert _scratch(tmp_path) == [log.name]  # the log kept, the scratch directory removed
+
+
+def test_a_worker_past_its_timeout_is_stopped_and_its_log_kept(tmp_path):
+    """No answer in time: the worker is stopped, the error is one LosaError naming the log, and the log is
+    kept (the error path flushed the log after stopping had closed it: a ValueError traceback)."""
+    from losa_deploy.errors import LosaError
+    from losa_deploy.throughput.timing import WorkerProcess, remove_scratch
+
+    work = tmp_path / "work"
+    work.mkdir()
+    quiet = "import sys, time; print('loading the model', file=sys.stderr, flush=True); time.sleep(600)"
+    worker = WorkerProcess("stand-in", [sys.executable, "-c", quiet], {}, work)
+    started = time.monotonic()
+    with pytest.raises(LosaError, match=r"stand-in: no answer within 1 s \(worker log: .*\)") as failure:
+        worker.wait_ready(1)
+    assert time.monotonic() - started < 15 and worker.process.poll() is not None
+    remove_scratch(work)
+    log = Path(str(failure.value).rsplit("worker log: ", 1)[1].rstrip(")"))
+    assert log.is_file() and "loading the model" in log.read_text()

@@ -93,6 +93,21 @@ def test_sparsegpt_nested_in_previous_mask(rng):
         assert not (keep & ~prev).any() and not ((out != 0) & ~prev).any()
 
 
+def test_zeros_gathered_in_one_column_block_do_not_push_the_layer_past_its_target(rng):
+    """A pruned input whose zeros sit mostly in one column block (80% there, none elsewhere): that block
+    keeps them, and the other blocks make up the difference, so the layer ends at exactly its target (each
+    block pruning its own share had ended at 64.5% for 50%)."""
+    rows, cols = 23, 70  # ragged: the last column block is partial
+    w, x = _layer(rng, rows=rows, cols=cols)
+    prev = torch.ones(rows, cols, dtype=torch.bool)
+    prev[:, :16] = torch.rand(rows, 16, generator=rng) > 0.8
+    target = Target.unstructured(0.5)
+    out, keep = sparsegpt_solve(w, x.T @ x, target, prev_mask=prev, blocksize=16, dtype=torch.float64)
+    assert not (keep & ~prev).any() and not ((out != 0) & ~prev).any()
+    assert int((~keep).sum()) == target.pruned_count(rows * cols)
+    assert int((~keep[:, :16]).sum()) == int((~prev[:, :16]).sum())  # the crowded block prunes nothing more
+
+
 def test_a_hessian_the_dampening_cannot_fix_is_a_clear_error(rng):
     """Rank-1 H (one calibration token) with a negligible percdamp: Cholesky fails; say what to change."""
     from losa_deploy.errors import LosaError

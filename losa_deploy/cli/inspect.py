@@ -1,4 +1,4 @@
-"""``losa-deploy inspect MODEL [--plot PNG]``."""
+"""``losa-deploy inspect MODEL [--json FILE] [--plot PNG|SVG|PDF]``."""
 
 from __future__ import annotations
 

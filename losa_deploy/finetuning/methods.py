@@ -25,7 +25,6 @@ from ..models.arch import get_architecture
 from ..sparsity import allocation as alloc
 from ..sparsity.calibration import BlockRunner, ReconstructionError, checkpoint_reference
 from ..sparsity.masks import Target, apply_mask
-from ..sparsity.patterns import global_sparsity
 from ..sparsity.prune import PruneConfig, Structure, prune_model, rmi_signal
 from ..sparsity.pruners import get_pruner
 from .schedule import lambda_for, nm_schedule, sparsity_schedule
@@ -196,7 +195,7 @@ class LosaSchedule:
         # blocks keep their zeros and the least sparse ones rise together until the mean is s_t.
         floor = sum(max(s_t - lam, c) for c in current) / len(current)
         if signal is None or floor > s_t:
-            return [Target.unstructured(s) for s in alloc.fill_to_mean(current, s_t)], signal
+            return [Target.unstructured(min(s, alloc.S_MAX)) for s in alloc.fill_to_mean(current, s_t)], signal
         per_block = alloc.solve_allocation_lp(signal, s_t, lam, lower=current)
         return [Target.unstructured(s) for s in per_block], signal
 
@@ -249,10 +248,10 @@ def _layer_targets(layers: dict[str, LoraLinear], target: Target) -> dict[str, T
     target, not above it."""
     if target.is_nm:
         return dict.fromkeys(layers, target)
-    current = [1.0 - float(layer.mask.float().mean()) for layer in layers.values()]
+    current = [_sparsity([layer]) for layer in layers.values()]
     sizes = [layer.mask.numel() for layer in layers.values()]
     per_layer = alloc.fill_to_mean(current, target.sparsity, sizes)
-    # (a linear sparser than S_MAX keeps its mask whatever the target: nested masks never regrow)
+    # (a linear or block sparser than S_MAX keeps its mask whatever the target: nested masks never regrow)
     return {name: Target.unstructured(min(s, alloc.S_MAX)) for name, s in zip(layers, per_layer)}
 
 
@@ -266,4 +265,8 @@ def _blocks(model) -> list[list[LoraLinear]]:
 
 
 def _sparsity(layers: list[LoraLinear]) -> float:
-    return global_sparsity(layer.weight for layer in layers)
+    """The share of the layers' weights their masks prune (what the nested phases have taken; a kept
+    weight that happens to be 0 does not count, so blocks and linears are measured alike)."""
+    masks = [layer.mask for layer in layers]  # (unpacked once each)
+    total = sum(m.numel() for m in masks)
+    return sum(int((~m).sum()) for m in masks) / total if total else 0.0

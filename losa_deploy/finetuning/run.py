@@ -257,7 +257,7 @@ def _adapter_base(lm, output, method: MethodConfig, save_base: bool, base_path: 
 
 def _base_is_input(lm, base_path: Path) -> bool:
     """Whether every adapted base weight equals the input's stored weight."""
-    weights = {f"{name}.weight": layer.weight for name, layer in adapters_of(lm).items()}
+    weights = {f"{name}.weight": layer.weight.detach().cpu() for name, layer in adapters_of(lm).items()}
     seen = 0
     for key, stored in iter_tensors(base_path, keep=weights.__contains__):
         if stored.shape != weights[key].shape or not torch.equal(stored.to(weights[key].dtype), weights[key]):

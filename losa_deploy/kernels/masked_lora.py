@@ -215,10 +215,10 @@ class MaskedLoRAFunction(torch.autograd.Function):
         scale = ctx.scale
         grad_y = grad_y.contiguous()
         a, b = _adapter_operands(lora_A, lora_B, grad_y.dtype)
-        weight = _weight_operand(weight, grad_y.dtype)
         dx = da = db = None
         with torch.autocast(grad_y.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0]:  # (only dX reads W: layers fed by frozen inputs skip the cast)
+                weight = _weight_operand(weight, grad_y.dtype)
                 if keep is None:
                     dx = kernels.mm_t(grad_y, weight, words, a, b, scale)
                 else:

@@ -56,21 +56,21 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         raise LosaError(f"unknown dtype '{name}' (choose from bf16, fp16, fp32)") from None
 
 
-# What transformers reads, in its order of preference: a shard index, else the one file.
-_STANDARD_WEIGHTS = (("model.safetensors.index.json", "model.safetensors"),
-                     ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+# What transformers reads, in its order of preference: the one file, else a shard index.
+_STANDARD_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+                     ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files, as transformers picks them: the shards an index lists, else
-    ``model.safetensors``, else ``pytorch_model.bin``. Other files beside them (a ``consolidated.safetensors``
-    some repositories also ship, a stale shard) are not the model's. A folder with neither name: every
-    ``*.safetensors``, else every ``pytorch_model*.bin``."""
-    for index_name, single in _STANDARD_WEIGHTS:
-        if (path / index_name).is_file():
-            return _indexed_files(path / index_name)
+    """The checkpoint's weight files, as transformers picks them: ``model.safetensors``, else the shards
+    its index lists, else the same for ``pytorch_model.bin``. Other files beside them (a
+    ``consolidated.safetensors`` some repositories also ship, a stale shard) are not the model's. A folder
+    with none of these names: every ``*.safetensors``, else every ``pytorch_model*.bin``."""
+    for single, index in _STANDARD_WEIGHTS:
         if (path / single).is_file():
             return [path / single]
+        if (path / index).is_file():
+            return _indexed_files(path / index)
     st = sorted(path.glob("*.safetensors"))
     return st if st else sorted(path.glob("pytorch_model*.bin"))
 
@@ -78,12 +78,14 @@ def weight_files(path: Path) -> list[Path]:
 def _indexed_files(index: Path) -> list[Path]:
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [index.parent / name for name in names]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LosaError(f"{index} is not a shard index with a weight_map ({exc})") from None
-    files = [index.parent / name for name in names]
+        raise LosaError(f"{index} is not a shard index with a weight_map of file names ({exc})") from None
+    if not files:
+        raise LosaError(f"{index} lists no shard files")
     missing = [f.name for f in files if not f.is_file()]
-    if missing or not files:
-        raise LosaError(f"{index} lists {missing[0] if missing else 'no'} shard file(s) that are not there")
+    if missing:
+        raise LosaError(f"{index} lists {missing[0]}, which is not there")
     return files
 
 

@@ -7,6 +7,7 @@ config (the weights are no longer quantized) and save a plain checkpoint every l
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def load_gguf(gguf_path: str | os.PathLike, dtype=None):
     # transformers reads a folder's tokenizer.json (and other files) before the GGUF's own: open the file
     # from a folder that holds nothing else, so what lies beside it (another model's files) cannot leak in.
     with tempfile.TemporaryDirectory(prefix="losa-gguf-") as alone:
-        (Path(alone) / "model.gguf").symlink_to(file.resolve())
+        _place(file.resolve(), Path(alone) / "model.gguf")
         kwargs = {"gguf_file": "model.gguf", "local_files_only": True}
         try:
             model = AutoModelForCausalLM.from_pretrained(alone, dtype=parse_dtype(dtype) or "float32", **kwargs)
@@ -65,3 +66,14 @@ def import_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, dtype=None
     model.is_quantized = False
     model.config.name_or_path = Path(gguf_path).stem
     return save_model(model, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def _place(file: Path, where: Path) -> None:
+    """``file`` at ``where`` without copying it where the filesystem allows: a symlink, else a hard link,
+    else a copy (no symlinks on some filesystems, nor on Windows without the privilege)."""
+    for link in (where.symlink_to, lambda target: os.link(target, where)):
+        try:
+            return link(file)
+        except OSError:
+            pass
+    shutil.copyfile(file, where)

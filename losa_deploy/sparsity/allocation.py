@@ -49,7 +49,8 @@ def fill_to_mean(current: Sequence[float], target: float, weights: Sequence[floa
     total = target * sum(weights)
     if sum(w * c for w, c in zip(weights, current)) >= total:
         return current
-    order = sorted(range(len(current)), key=current.__getitem__)
+    # (an entry of weight 0, e.g. an empty linear, changes no mean: it keeps its value)
+    order = sorted((i for i in range(len(current)) if weights[i] > 0), key=current.__getitem__)
     raised_weight, rest = 0.0, sum(w * c for w, c in zip(weights, current))
     for k, i in enumerate(order):  # raise the k + 1 lowest entries to one level
         raised_weight += weights[i]
@@ -57,7 +58,7 @@ def fill_to_mean(current: Sequence[float], target: float, weights: Sequence[floa
         level = (total - rest) / raised_weight
         if k + 1 == len(order) or level <= current[order[k + 1]]:
             break
-    return [max(level, c) for c in current]
+    return [max(level, c) if w > 0 else c for c, w in zip(current, weights)]
 
 
 def banded_lambda(target: float) -> float:

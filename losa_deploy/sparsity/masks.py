@@ -120,13 +120,14 @@ def select_mask(score: torch.Tensor, target: Target, prev_mask: torch.Tensor | N
     if prev_mask is not None:
         score = score.masked_fill(~prev_mask, float("-inf"))
     rows, cols = score.shape
-    keep = cols - (0 if target.is_nm else target.pruned_count(cols))
     if target.is_nm:
         mask = nm_mask(score, target.n, target.m)
-    elif prev_mask is None or bool((prev_mask.sum(1) >= keep).all()):
-        mask = topk_mask(score, keep)
-    else:  # some rows are sparser than the target already: the others make up for them
-        mask = _topk_rows(score, nested_row_keeps(prev_mask.sum(1), rows * keep))
+    else:
+        keep = cols - target.pruned_count(cols)
+        if prev_mask is None or bool((prev_mask.sum(1) >= keep).all()):
+            mask = topk_mask(score, keep)
+        else:  # some rows are sparser than the target already: the others make up for them
+            mask = _topk_rows(score, nested_row_keeps(prev_mask.sum(1), rows * keep))
     # N:M: a group that already lost more than the target keeps losing (-inf entries never come back).
     return mask if prev_mask is None else mask & prev_mask
 

@@ -18,7 +18,7 @@ import torch
 
 from .._version import __version__
 from ..errors import LosaError
-from ..kernels.formats.bitmask import BitmaskWeight, mask_sha256
+from ..kernels.formats.bitmask import BitmaskWeight, mask_sha256, words_sha256
 from ..utils.fs import write_json
 from .patterns import LayerPattern, detect_pattern, model_pattern
 
@@ -112,25 +112,22 @@ def read_sidecar(directory: str | os.PathLike) -> dict | None:
 
 def verify_module(name: str, entry: dict, weight: torch.Tensor) -> None:
     """Raise if the sidecar entry for ``name`` does not describe ``weight``."""
-    if list(weight.shape) != entry.get("shape"):
-        raise LosaError(f"sidecar disagrees with the weights: {name} has shape {list(weight.shape)}, "
-                        f"sidecar says {entry.get('shape')}")
-    if mask_sha256(weight) != entry.get("mask_sha256"):
-        raise LosaError(f"sidecar disagrees with the weights: the zero pattern of {name} does not match "
-                        "its mask_sha256")
+    _check_entry(name, entry, weight.shape, lambda: mask_sha256(weight))
 
 
 def verify_packed(name: str, entry: dict, packed) -> None:
     """:func:`verify_module` for a packed weight (a ``kernels.formats`` layout). A bitmask with no stored
     zero is hashed as it is (its mask words are the hashed bitmask); other layouts are unpacked first."""
-    if list(packed.shape) != entry.get("shape"):
-        raise LosaError(f"sidecar disagrees with the weights: {name} has shape {list(packed.shape)}, "
+    exact_words = isinstance(packed, BitmaskWeight) and int(packed.values.count_nonzero()) == packed.values.numel()
+    _check_entry(name, entry, packed.shape,
+                 lambda: words_sha256(packed.mask) if exact_words else mask_sha256(packed.to_dense()))
+
+
+def _check_entry(name: str, entry: dict, shape, digest) -> None:
+    if list(shape) != entry.get("shape"):
+        raise LosaError(f"sidecar disagrees with the weights: {name} has shape {list(shape)}, "
                         f"sidecar says {entry.get('shape')}")
-    if isinstance(packed, BitmaskWeight) and int(packed.values.count_nonzero()) == packed.values.numel():
-        digest = hashlib.sha256(packed.mask.cpu().numpy().astype("<u4", copy=False).tobytes()).hexdigest()
-    else:
-        digest = mask_sha256(packed.to_dense())
-    if digest != entry.get("mask_sha256"):
+    if digest() != entry.get("mask_sha256"):
         raise LosaError(f"sidecar disagrees with the weights: the zero pattern of {name} does not match "
                         "its mask_sha256")
 

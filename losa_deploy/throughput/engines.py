@@ -56,11 +56,18 @@ class Engine:
         return argv, {"OMP_NUM_THREADS": str(threads)}
 
 
+def usable_core_ids() -> list[int]:
+    """The cores this process may run on (taskset, a container's cpuset), not all the machine's."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return sorted(os.sched_getaffinity(0)) or [0]
+    return list(range(os.cpu_count() or 1))
+
+
 def _bind_cores(threads: int) -> str:
     """vLLM's CPU thread binding: the first ``threads`` cores this process may run on (under taskset or a
-    cpuset those need not start at 0, and binding outside them fails)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return ",".join(str(c) for c in cores[:threads])
+    cpuset those need not start at 0, and binding outside them fails). vLLM runs one thread per bound core,
+    so the harness refuses more threads than cores for it."""
+    return ",".join(str(c) for c in usable_core_ids()[:threads])
 
 
 class TorchEngine(Engine):

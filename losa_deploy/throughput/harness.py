@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LosaError
 from ..utils.plots import check_plot_file
-from .engines import ENGINES, Engine, Shape, get_engine
+from .engines import ENGINES, Engine, Shape, get_engine, usable_core_ids
 from .models import check_model_spec, resolve_bench_model
 from .timing import WorkerProcess, remove_scratch, round_robin, scratch_dir, stop_workers, summarize
 
@@ -105,6 +105,9 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     threads = threads or usable_cores()
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
+    if device == "cpu" and threads > usable_cores() and any(name == "vllm" for _, (name, _) in plan):
+        raise LosaError(f"engine vllm binds one thread per core: --threads {threads} exceeds the "
+                        f"{usable_cores()} cores this process may use")
     _check_device(device, [name for _, (name, _) in plan])
     engines_used = {get_engine(name) for _, (name, _) in plan}
     if 1 not in batch_list and all(e.batch1_only for e in engines_used):
@@ -170,10 +173,8 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (taskset, a container's cpuset), not all the machine's."""
-    if hasattr(os, "sched_getaffinity"):  # Linux
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+    """How many cores this process may run on (taskset, a container's cpuset), not all the machine's."""
+    return len(usable_core_ids())
 
 
 def make_prompts(batches: list[int], prompt_len: int, vocab: int, seed: int) -> dict[int, list[list[int]]]:

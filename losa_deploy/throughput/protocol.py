@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 
 def serve(load: Callable[[], dict], measure: Callable[[dict], dict], close: Callable[[], None] | None = None) -> int:
-    """Load, report ready, answer requests until ``{"op": "close"}`` or end of input, then ``close()``."""
+    """Load, report ready, answer requests until ``{"op": "close"}``, then ``close()``. End of input means
+    the harness is gone: the worker then exits at once, without ``close()`` (see the module docstring)."""
     _exit_with_the_harness()
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -59,7 +60,7 @@ def _exit_with_the_harness() -> None:
     it (poll with no events asked reports only POLLHUP and POLLERR), so requests still reach the main
     loop; the parent's pid is not watched, since a wrapper script between them would be the parent."""
     if not hasattr(select, "poll"):
-        return  # not Linux: the worker ends at the next request, on end of input
+        return  # no poll() (Windows): the worker ends at its next read of stdin, on end of input
 
     def watch() -> None:
         poller = select.poll()

@@ -47,8 +47,9 @@ class WorkerProcess:
         with selectors.DefaultSelector() as selector:
             selector.register(self.process.stdout, selectors.EVENT_READ)
             if not selector.select(timeout):
+                error = self._failure(f"no answer within {timeout:.0f} s")  # (keeps the log, while it is open)
                 self.stop()  # busy past the timeout: a polite close would wait for it again
-                raise self._failure(f"no answer within {timeout:.0f} s")
+                raise error
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()

@@ -75,8 +75,12 @@ def unpack_mask(words: torch.Tensor, cols: int) -> torch.Tensor:
 
 def mask_sha256(weight: torch.Tensor) -> str:
     """SHA-256 of the packed little-endian bitmask of ``weight != 0`` (the sidecar's ``mask_sha256``)."""
-    words = pack_mask(weight.detach().cpu() != 0)
-    return hashlib.sha256(words.numpy().astype("<u4", copy=False).tobytes()).hexdigest()
+    return words_sha256(pack_mask(weight.detach().cpu() != 0))
+
+
+def words_sha256(words: torch.Tensor) -> str:
+    """SHA-256 of bitmask words as stored: little-endian 32-bit, row after row."""
+    return hashlib.sha256(words.cpu().numpy().astype("<u4", copy=False).tobytes()).hexdigest()
 
 
 def popcount(words: torch.Tensor) -> torch.Tensor:

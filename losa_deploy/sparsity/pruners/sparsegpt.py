@@ -27,6 +27,7 @@ import contextlib
 import torch
 
 from ...errors import LosaError
+from ..allocation import fill_to_mean
 from ..masks import Target, apply_mask, topk_mask
 from ..patterns import nm_tail_keep
 from ..stats import InputStats
@@ -82,22 +83,44 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
     wt[dead] = 0
     allowed = torch.ones_like(wt, dtype=torch.bool) if prev_mask is None else prev_mask.to(wt.device).T
     keep = torch.zeros_like(wt, dtype=torch.bool)
-    to_prune = target.pruned_count(rows * cols)  # unstructured: the layer's total, spread over the blocks
+    counts = None if target.is_nm else _block_prune_counts(allowed, target.pruned_count(rows * cols), blocksize)
     with _one_cpu_thread(wt.device):
-        _solve(wt, u, allowed, keep, target, to_prune, blocksize)
+        _solve(wt, u, allowed, keep, target, counts, blocksize)
     return apply_mask(wt.T, keep.T), keep.T.contiguous()
 
 
+def _block_prune_counts(allowed: torch.Tensor, to_prune: int, blocksize: int) -> list[int]:
+    """Unstructured: how many weights each column block of ``allowed [in, out]`` prunes. The layer's total
+    is spread over the blocks by size; a block that already holds more zeros than its share (a pruned
+    input) keeps them, and the other blocks rise to one common level to make up the difference, so the
+    layer still ends at its total (each block at its share overshot it)."""
+    cols = allowed.shape[0]
+    starts = range(0, cols, blocksize)
+    nominal = [to_prune * min(i + blocksize, cols) // cols - to_prune * i // cols for i in starts]
+    present = [int((~allowed[i:i + blocksize]).sum()) for i in starts]
+    if all(p <= n for p, n in zip(present, nominal)):
+        return nominal
+    sizes = [allowed[i:i + blocksize].numel() for i in starts]
+    levels = fill_to_mean([p / s for p, s in zip(present, sizes)], to_prune / sum(sizes), sizes)
+    counts, planned, done = [], 0.0, 0
+    for level, size, already in zip(levels, sizes, present):
+        planned += level * size
+        counts.append(max(already, min(size, round(planned) - done)))  # cumulative rounding: exact total
+        done += counts[-1]
+    return counts
+
+
 def _solve(wt: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor, target: Target,
-           to_prune: int, blocksize: int) -> None:
-    """Algorithm 1 on the input-major weight ``wt [in, out]``, in place; fills ``keep [in, out]``."""
+           counts: list[int] | None, blocksize: int) -> None:
+    """Algorithm 1 on the input-major weight ``wt [in, out]``, in place; fills ``keep [in, out]``.
+    ``counts``: unstructured, how many weights each column block prunes."""
     cols = wt.shape[0]
-    for i1 in range(0, cols, blocksize):
+    for block, i1 in enumerate(range(0, cols, blocksize)):
         i2 = min(i1 + blocksize, cols)
         w1, u1, ok1, keep1 = wt[i1:i2].clone(), u[i1:i2, i1:i2], allowed[i1:i2], keep[i1:i2]
         err = torch.zeros_like(w1)
         if not target.is_nm:
-            k = to_prune * i2 // cols - to_prune * i1 // cols
+            k = counts[block]
             score = _saliency(w1, u1.diagonal(), ok1).reshape(1, -1)
             keep1.copy_(topk_mask(score, score.numel() - k).reshape(ok1.shape) & ok1)
         for i in range(i2 - i1):
