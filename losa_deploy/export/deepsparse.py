@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LosaError
-from ..models.skeleton import empty_model
+from ..models.skeleton import assign_weight, empty_model
 from .base import Exporter
 from .legacy_tokenizer import legacy_tokenizer_json
 from .onnx_decoder import INPUTS, SUPPORTED_MODEL_TYPES, CachedDecoderStep, cache_names
@@ -98,7 +98,6 @@ def _model_from_stream(source: PackSource) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(source.path, local_files_only=True)
     model = empty_model(config, dtype=torch.float32)
     for key, tensor in source.tensors():  # complete: PackSource.open checked the stored weights
-        if model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys:
-            raise LosaError(f"{source.path} holds a tensor the {config.model_type} model does not have: {key}")
+        assign_weight(model, source.path, key, tensor)
     model.tie_weights()
     return model.eval()

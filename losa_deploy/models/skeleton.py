@@ -1,7 +1,7 @@
 """The model a config describes, built without its weights (parameters on the meta device, buffers real:
 RoPE tables are computed, not stored), and the weights it needs.
 
-``ld.load`` and the ONNX export fill such a skeleton tensor by tensor; ``pack`` compares what a checkpoint
+``ld.load`` and the ONNX export fill such a skeleton tensor by tensor (``assign_weight``); ``pack`` compares what a checkpoint
 stores with what the skeleton needs before it writes anything.
 """
 
@@ -26,6 +26,19 @@ def empty_model(config, trust_remote_code: bool = False, dtype: torch.dtype | No
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **extra)
     except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         raise LosaError(f"cannot build the {config.model_type} model from its config: {exc}") from None
+
+
+def assign_weight(model: nn.Module, path: str | Path, key: str, tensor: torch.Tensor) -> None:
+    """Put one stored tensor of the checkpoint at ``path`` into the empty ``model`` (refusing one it has no
+    place or no room for)."""
+    model_type = model.config.model_type
+    try:
+        unexpected = model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys
+    except RuntimeError as exc:  # torch's "size mismatch for KEY: ..." report
+        raise LosaError(f"{path} is corrupt: {key} has shape {tuple(tensor.shape)}, which does not fit the "
+                        f"{model_type} model ({str(exc).splitlines()[-1].strip()})") from None
+    if unexpected:
+        raise LosaError(f"{path} holds a tensor the {model_type} model does not have: {key}")
 
 
 def required_weights(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:

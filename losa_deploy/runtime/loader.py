@@ -18,7 +18,7 @@ from ..errors import LosaError
 from ..kernels.dispatch import check_backend
 from ..kernels.formats import read_packed
 from ..models.checkpoint import check_checkpoint, parse_dtype
-from ..models.skeleton import empty_model
+from ..models.skeleton import assign_weight, empty_model
 from ..models.tensors import iter_tensors
 from ..sparsity.sidecar import read_sidecar, verify_packed
 from .sparse_linear import PACKED_KEYS, SparseLinear
@@ -73,7 +73,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
             raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
         if key in wanted and tensor.is_floating_point():
             tensor = tensor.to(wanted[key])
-        _assign(model, path, key, tensor, config["model_type"])
+        assign_weight(model, path, key, tensor)
     sidecar = (read_sidecar(path) or {}).get("modules", {}) if verify else {}
     for name, fmt in modules.items():
         if name not in parts:
@@ -117,17 +117,6 @@ def _read_generation_config(model: torch.nn.Module, path: Path) -> None:
             model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise LosaError(f"{path}: cannot read generation_config.json ({exc})") from None
-
-
-def _assign(model: torch.nn.Module, path: Path, key: str, tensor: torch.Tensor, model_type: str) -> None:
-    """Put one stored tensor into the empty model (refusing one it has no place or no room for)."""
-    try:
-        unexpected = model.load_state_dict({key: tensor}, strict=False, assign=True).unexpected_keys
-    except RuntimeError as exc:  # torch's "size mismatch for KEY: ..." report
-        raise LosaError(f"{path} is corrupt: {key} has shape {tuple(tensor.shape)}, which does not fit the "
-                        f"{model_type} model ({str(exc).splitlines()[-1].strip()})") from None
-    if unexpected:
-        raise LosaError(f"{path} holds a tensor the {model_type} model does not have: {key}")
 
 
 def _check_device(device: str | torch.device) -> torch.device:

@@ -92,8 +92,9 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
     """
     started = time.time()
     if pairs is not None:
-        models = [os.fspath(model) for model, _ in pairs]  # a path object names a folder like its string
-        plan = [(os.fspath(model), parse_engines(engine)[0]) for model, engine in pairs]
+        pairs = [(os.fspath(model), engine) for model, engine in pairs]  # a path object names a folder like its string
+        models = [model for model, _ in pairs]
+        plan = [(model, parse_engines(engine)[0]) for model, engine in pairs]
     else:
         models = [os.fspath(model) for model in models]
         plan = [(model, engine) for model in models for engine in parse_engines(engines)]
@@ -102,12 +103,13 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         raise LosaError(f"--dtype: choose from {', '.join(DTYPES)}, got '{dtype}'")
     if prompt_len < 1 or gen_len < 2 or repeats < 1 or warmup < 0:
         raise LosaError("--prompt-len must be >= 1, --gen-len >= 2, --repeats >= 1 and --warmup >= 0")
-    threads = threads or usable_cores()
+    cores = usable_cores()
+    threads = threads or cores
     if threads < 1:
         raise LosaError(f"--threads must be positive, got {threads}")
-    if device == "cpu" and threads > usable_cores() and any(name == "vllm" for _, (name, _) in plan):
+    if device == "cpu" and threads > cores and any(name == "vllm" for _, (name, _) in plan):
         raise LosaError(f"engine vllm binds one thread per core: --threads {threads} exceeds the "
-                        f"{usable_cores()} cores this process may use")
+                        f"{cores} cores this process may use")
     _check_device(device, [name for _, (name, _) in plan])
     engines_used = {get_engine(name) for _, (name, _) in plan}
     if 1 not in batch_list and all(e.batch1_only for e in engines_used):
