@@ -183,3 +183,65 @@ def test_nm_kernel_layout_concat_rows(rng, rows_per_block):
     assert torch.equal(stacked.to_dense(), torch.cat(dense))
     with pytest.raises(LosaError, match="whole blocks"):
         NMKernelLayout.concat_rows([layouts[2], layouts[0]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 90), cols=st.integers(1, 140), m=st.integers(2, 16), data=st.data(),
+       seed=st.integers(0, 2**31), dtype=st.sampled_from(DTYPES))
+def test_nm_compiled_codec_equals_the_pytorch_reference(rows, cols, m, data, seed, dtype):
+    """The compiled codec (checking, packing, unpacking, kernel layout) writes exactly the arrays the
+    PyTorch reference writes, for any M, ragged widths, mixed N per row block and every value dtype."""
+    from losa_deploy.kernels import has_extension
+    from losa_deploy.kernels.formats import nm
+
+    if not has_extension():
+        pytest.skip("no compiled extension")
+    gen = torch.Generator().manual_seed(seed)
+    rows_per_block = data.draw(st.integers(1, 40))
+    block_n = torch.randint(1, m, (-(-rows // rows_per_block),), generator=gen)
+    row_n = block_n.repeat_interleave(rows_per_block)[:rows]
+    w = random_nm(rows, cols, row_n, m, gen, underfill=0.3, dtype=dtype)
+    packed = NMWeight.from_dense(w, m=m, rows_per_block=rows_per_block)  # compiled encode
+    n = packed.n
+    values, mask = nm._encode_torch(w, n, m, dtype)
+    assert torch.equal(packed.values, values) and torch.equal(packed.mask, mask)
+    assert torch.equal(packed.to_dense(), w) and torch.equal(packed._to_dense_torch(), w)
+    layout = packed.kernel_layout()
+    ref_values, ref_words = packed._kernel_arrays_torch()
+    assert torch.equal(layout.values, ref_values) and torch.equal(layout.mask, ref_words)
+    assert torch.equal(layout.to_dense(), w)
+    # A stored zero inside a kept position (another writer may store one) unpacks as a zero there.
+    if packed.values.count_nonzero():
+        zeroed = packed.values.clone()
+        zeroed.view(-1)[zeroed.view(-1).nonzero()[0]] = 0
+        other = NMWeight(packed.shape, n, m, zeroed, packed.mask, packed.block_n, rows_per_block)
+        assert torch.equal(other.to_dense(), other._to_dense_torch())
+        assert all(torch.equal(a, b) for a, b in zip((other.kernel_layout().values, other.kernel_layout().mask),
+                                                      other._kernel_arrays_torch()))
+
+
+@pytest.mark.parametrize("device_check", ["compiled", "pytorch"])
+def test_nm_checks_agree_on_corrupt_fields(rng, device_check, monkeypatch):
+    """Both checkers refuse a field with a bit past its group's columns (in the tail) or more kept
+    positions than N, and a kernel layout whose group is not filled to N."""
+    from losa_deploy.kernels import has_extension
+    from losa_deploy.kernels.formats import nm
+
+    if device_check == "compiled" and not has_extension():
+        pytest.skip("no compiled extension")
+    if device_check == "pytorch":
+        monkeypatch.setattr(nm, "_codec", lambda *tensors: None)
+    packed = NMWeight.from_dense(random_nm(12, 38, 2, 8, rng), 2, 8)  # a 6-wide tail group
+    outside = packed.mask.clone()
+    outside[5, -1] |= 0x80  # column 39 of the tail: past the 38 columns
+    with pytest.raises(LosaError, match="outside the columns"):
+        NMWeight(packed.shape, 2, 8, packed.values, outside)
+    crowded = packed.mask.clone()
+    crowded[7, 2] = 0x07
+    with pytest.raises(LosaError, match="row 7 group 2 keeps more"):
+        NMWeight(packed.shape, 2, 8, packed.values, crowded)
+    layout = packed.kernel_layout()
+    words = layout.mask.clone()
+    words[9, 1] ^= 1 << 3  # one more or one fewer position in a group of row 9
+    with pytest.raises(LosaError, match="exactly its N"):
+        NMKernelLayout(layout.shape, 8, layout.rows_per_block, layout.block_n, layout.values, words)

@@ -57,8 +57,9 @@ def test_packed_slices_equal_dense_slices(rng, rows, cols, fmt, pattern):
         assert torch.equal(part.to_dense(), dense[r[0]:r[1], c[0]:c[1]]), (row_cut, col_cut)
 
 
-def _vllm_layers(tp, rank, parts, monkeypatch):
-    """vLLM's own QKV, gate_up and down layers of rank ``rank`` of ``tp``, with our quantization config."""
+def _vllm_layers(tp, rank, parts, monkeypatch, hashes=None):
+    """vLLM's own QKV, gate_up and down layers of rank ``rank`` of ``tp``, with our quantization config
+    (``hashes``: module -> mask_sha256, as the packed config.json carries them)."""
     import vllm.model_executor.layers.linear as linear
     from vllm.config import VllmConfig, set_current_vllm_config
 
@@ -66,7 +67,7 @@ def _vllm_layers(tp, rank, parts, monkeypatch):
 
     monkeypatch.setattr(linear, "get_tensor_model_parallel_world_size", lambda: tp)
     monkeypatch.setattr(linear, "get_tensor_model_parallel_rank", lambda: rank)
-    config = LosaSparseConfig({f"layers.0.{name}": fmt for name, (fmt, _) in parts.items()})
+    config = LosaSparseConfig({f"layers.0.{name}": fmt for name, (fmt, _) in parts.items()}, hashes)
     config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                      "gate_up_proj": ["gate_proj", "up_proj"]}
     with set_current_vllm_config(VllmConfig()), torch.device("cpu"):
@@ -182,6 +183,48 @@ def test_bad_packed_weights_and_configs_name_the_problem(rng, monkeypatch):
         LosaSparseConfig.from_config(block)
     with pytest.raises(ValueError, match=r"unknown packed format\(s\) \['foo'\]"):
         LosaSparseConfig.from_config({**block, "modules": {"layers.0.down_proj": "foo"}})
+    with pytest.raises(ValueError, match="'mask_sha256' must map each packed module to its hash"):
+        LosaSparseConfig.from_config({**block, "modules": {"layers.0.down_proj": "nm"}, "mask_sha256": ["x"]})
+
+
+@pytest.mark.parametrize("fmt,pattern", [("bitmask", "50%"), ("nm", "2:4")])
+def test_loaded_zero_patterns_are_checked_against_their_hashes(fmt, pattern, rng, monkeypatch):
+    """A part whose zeros differ from the mask_sha256 in quantization_config is refused by name (a fused
+    layer's other parts load fine); LOSA_VERIFY=0 skips the check, and a config without hashes (an older
+    packing) loads unchecked."""
+    _require_vllm()
+    from losa_deploy.kernels.formats.bitmask import mask_sha256
+
+    shapes = {"q_proj": (64, 64), "k_proj": (16, 64), "v_proj": (16, 64), "gate_proj": (172, 64),
+              "up_proj": (172, 64), "down_proj": (64, 172)}
+    parts = {name: (fmt, _pruned(*shape, pattern, rng)) for name, shape in shapes.items()}
+    hashes = {f"layers.0.{name}": mask_sha256(weight) for name, (_, weight) in parts.items()}
+    stale = parts["k_proj"][1].clone()
+    stale[0, stale[0].nonzero()[0]] = 0.0  # one more zero than the hash says: a corrupt or edited file
+    stale[0, (stale[0] == 0).nonzero()[-1]] = 1.5  # and one zero less (N:M stays N:M)
+    x = torch.randn(3, 64, generator=rng)
+
+    def qkv_layer(with_hashes=True):
+        layer = _vllm_layers(1, 0, parts, monkeypatch, hashes if with_hashes else None)["qkv"]
+        for shard, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+            _load(layer, shard, PACKERS[fmt](stale if name == "k_proj" else parts[name][1]))
+        return layer
+
+    layer = qkv_layer()
+    with pytest.raises(ValueError, match="zero pattern of layers.0.k_proj does not match its mask_sha256"):
+        layer.quant_method.process_weights_after_loading(layer)
+    for env, with_hashes in (("0", True), ("1", False)):
+        monkeypatch.setenv("LOSA_VERIFY", env)
+        layer = qkv_layer(with_hashes)
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = x @ torch.cat([parts["q_proj"][1], stale, parts["v_proj"][1]]).T
+        torch.testing.assert_close(layer.quant_method.apply(layer, x), expected, rtol=1e-5, atol=1e-5)
+    layer = _vllm_layers(1, 0, parts, monkeypatch, hashes)["gate_up"]
+    for shard, name in ((0, "gate_proj"), (1, "up_proj")):
+        _load(layer, shard, PACKERS[fmt](parts[name][1]))
+    layer.quant_method.process_weights_after_loading(layer)  # matching hashes load
+    torch.testing.assert_close(layer.quant_method.apply(layer, x),
+                               x @ torch.cat([parts["gate_proj"][1], parts["up_proj"][1]]).T, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_layouts_built_once_and_applied(rng, monkeypatch):
@@ -308,6 +351,8 @@ def test_vllm_checkpoint_is_smaller(smollm2_mixed):
     root, result = smollm2_mixed
     config = json.loads((root / "vllm" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "losa_sparse" and len(config["modules"]) == 7 * 30
+    sidecar = json.loads((root / "vllm" / "losa_sparsity.json").read_text())["modules"]
+    assert config["mask_sha256"] == {name: sidecar[name]["mask_sha256"] for name in config["modules"]}
     assert {config["modules"][f"model.layers.3.{n}"] for n in ("self_attn.k_proj", "mlp.up_proj")} == {"nm", "bitmask"}
     hf_bytes = sum(f.stat().st_size for f in (root / "hf").glob("*.safetensors"))
     assert result["weight_bytes"] < 0.75 * hf_bytes

@@ -8,8 +8,9 @@ as a bitmask too (every bit set), so every target reads the same way; packing a 
 Biases, norms and embeddings are written unchanged.
 
 config.json gets a ``losa_sparse`` block naming the format of every packed module, read back from the
-written files; :func:`losa_deploy.load` reads it. The ``vllm`` format writes the same block as
-``quantization_config``.
+written files, and the ``mask_sha256`` of each from the sidecar; :func:`losa_deploy.load` reads it. The
+``vllm`` format writes the same block as ``quantization_config``, where the hashes let the plugin check
+each zero pattern it loads (vLLM hands a quantization method only this block, not the sidecar file).
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ class LosaExporter(Exporter):
         return writer.files
 
     def edit_config(self, config: dict, sidecar: dict, out: Path) -> dict:
-        return {**config, CONFIG_KEY: packing_config(out)}
+        return {**config, CONFIG_KEY: packing_config(out, sidecar)}
 
 
-def packing_config(out: Path) -> dict:
-    """The config.json block naming the packed format of each module, read from the written headers (no
-    ``producer`` key: vLLM reads ``quantization_config.producer`` as a ModelOpt-style dict)."""
+def packing_config(out: Path, sidecar: dict) -> dict:
+    """The config.json block naming the packed format of each module, read from the written headers, and
+    its zero pattern's hash from the sidecar (no ``producer`` key: vLLM reads
+    ``quantization_config.producer`` as a ModelOpt-style dict)."""
     modules = {}
     for file in sorted(out.glob("*.safetensors")):
         with safe_open(file, framework="pt") as handle:
@@ -59,7 +61,10 @@ def packing_config(out: Path) -> dict:
                 module, _, leaf = key.rpartition(".")
                 if leaf in _MARKERS:
                     modules[module] = _MARKERS[leaf]
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": dict(sorted(modules.items()))}
+    hashes = {name: sidecar["modules"][name]["mask_sha256"] for name in sorted(modules)
+              if name in sidecar["modules"]}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": dict(sorted(modules.items())),
+            "mask_sha256": hashes}
 
 
 def check_packing_block(block: dict, where: str) -> dict[str, str]:
@@ -76,3 +81,12 @@ def check_packing_block(block: dict, where: str) -> dict[str, str]:
         raise LosaError(f"{where}: unknown packed format(s) {unknown} in the losa_sparse modules (known: "
                         f"{', '.join(PACKED_FORMATS)})")
     return modules
+
+
+def packing_hashes(block: dict, where: str) -> dict[str, str]:
+    """The optional module -> ``mask_sha256`` table of a checked ``losa_sparse`` block (older packings
+    have none: their patterns are not checked)."""
+    hashes = block.get("mask_sha256", {})
+    if not isinstance(hashes, dict) or not all(isinstance(h, str) for h in hashes.values()):
+        raise LosaError(f"{where}: the losa_sparse 'mask_sha256' must map each packed module to its hash")
+    return hashes

@@ -116,11 +116,15 @@ def verify_module(name: str, entry: dict, weight: torch.Tensor) -> None:
 
 
 def verify_packed(name: str, entry: dict, packed) -> None:
-    """:func:`verify_module` for a packed weight (a ``kernels.formats`` layout). A bitmask with no stored
-    zero is hashed as it is (its mask words are the hashed bitmask); other layouts are unpacked first."""
+    """:func:`verify_module` for a packed weight (a ``kernels.formats`` layout)."""
+    _check_entry(name, entry, packed.shape, lambda: packed_mask_sha256(packed))
+
+
+def packed_mask_sha256(packed) -> str:
+    """The ``mask_sha256`` of a packed weight's zero pattern. A bitmask with no stored zero is hashed as it
+    is (its mask words are the hashed bitmask); other layouts are unpacked first."""
     exact_words = isinstance(packed, BitmaskWeight) and int(packed.values.count_nonzero()) == packed.values.numel()
-    _check_entry(name, entry, packed.shape,
-                 lambda: words_sha256(packed.mask) if exact_words else mask_sha256(packed.to_dense()))
+    return words_sha256(packed.mask) if exact_words else mask_sha256(packed.to_dense())
 
 
 def _check_entry(name: str, entry: dict, shape, digest) -> None:

@@ -9,18 +9,20 @@ from vllm.model_executor.layers.linear import LinearBase, QKVParallelLinear, Unq
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from ...export.losa import check_packing_block
+from ...export.losa import check_packing_block, packing_hashes
 from . import QUANT_METHOD
 
 
 @register_quantization_config(QUANT_METHOD)
 class LosaSparseConfig(QuantizationConfig):
     """``modules`` maps each packed checkpoint module (``model.layers.0.self_attn.q_proj``) to ``bitmask`` or
-    ``nm``; a vLLM layer fusing several of them (``qkv_proj``) gets one packed weight per part."""
+    ``nm``; a vLLM layer fusing several of them (``qkv_proj``) gets one packed weight per part. ``hashes``
+    maps modules to the ``mask_sha256`` of their zero patterns, checked as each part loads."""
 
-    def __init__(self, modules: dict[str, str]):
+    def __init__(self, modules: dict[str, str], hashes: dict[str, str] | None = None):
         super().__init__()
         self.modules = modules
+        self.hashes = hashes or {}
 
     def __repr__(self) -> str:
         return f"LosaSparseConfig({len(self.modules)} packed modules)"
@@ -41,12 +43,13 @@ class LosaSparseConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LosaSparseConfig:
-        return cls(dict(check_packing_block(config, QUANT_METHOD)))  # LosaError is a ValueError
+        # LosaError is a ValueError, which vLLM reports as a bad config
+        return cls(dict(check_packing_block(config, QUANT_METHOD)), dict(packing_hashes(config, QUANT_METHOD)))
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Follow vLLM's renames of checkpoint module paths (e.g. a prefix some models add)."""
-        self.modules = {mapped: fmt for name, fmt in self.modules.items()
-                        if (mapped := hf_to_vllm_mapper.map_name(name)) is not None}
+        self.modules = _renamed(self.modules, hf_to_vllm_mapper)
+        self.hashes = _renamed(self.hashes, hf_to_vllm_mapper)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):
@@ -60,7 +63,8 @@ class LosaSparseConfig(QuantizationConfig):
                              f"({', '.join(name for _, name in parts)})")
         from .linear_method import LosaSparseLinearMethod
 
-        return LosaSparseLinearMethod([(shard, self.modules[name]) for shard, name in parts])
+        return LosaSparseLinearMethod([(shard, self.modules[name]) for shard, name in parts],
+                                      [(name, self.hashes.get(name)) for _, name in parts])
 
     def layer_parts(self, layer: LinearBase, prefix: str) -> list[tuple[str | int | None, str]]:
         """(shard id, checkpoint module) of each logical weight a vLLM layer holds, in output order, from
@@ -72,3 +76,8 @@ class LosaSparseConfig(QuantizationConfig):
             return [(None, prefix)]
         shard_ids = ["q", "k", "v"] if isinstance(layer, QKVParallelLinear) else list(range(len(fused)))
         return [(shard, f"{parent}.{name}" if parent else name) for shard, name in zip(shard_ids, fused)]
+
+
+def _renamed(table: dict[str, str], hf_to_vllm_mapper) -> dict[str, str]:
+    return {mapped: value for name, value in table.items()
+            if (mapped := hf_to_vllm_mapper.map_name(name)) is not None}

@@ -5,7 +5,8 @@
   the checkpoint knows. Their ``weight_loader`` files each tensor under its shard id (q/k/v, 0/1, or None
   for an unfused layer), so fused layers load their parts as vLLM streams them.
 * ``process_weights_after_loading`` rebuilds each part (``BitmaskWeight`` / ``NMWeight``), checks it has the
-  full logical shape, takes this rank's tensor-parallel slice in the packed layout (:mod:`.sharding`),
+  full logical shape and the zero pattern the checkpoint's ``mask_sha256`` names (``LOSA_VERIFY=0`` skips
+  that), takes this rank's tensor-parallel slice in the packed layout (:mod:`.sharding`),
   converts it to the kernel layout in the model dtype and drops the placeholders. The parts of a fused
   layer whose layouts stack (all bitmask, or all N:M with whole row blocks) become one weight, and the
   CPU weights go on huge pages (``kernels/placement.py``).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, QKVParallelLinear, RowParallelLinear
@@ -33,6 +35,7 @@ from ...kernels.formats.bitmask import BitmaskWeight
 from ...kernels.formats.gpu import model_gpu_layout
 from ...kernels.formats.nm import NMWeight
 from ...kernels.placement import place_for_decode
+from ...sparsity.sidecar import packed_mask_sha256
 from .sharding import take
 
 logger = logging.getLogger("losa_deploy")
@@ -47,10 +50,13 @@ _COMPONENTS = {
 
 
 class LosaSparseLinearMethod(LinearMethodBase):
-    """One layer's packed parts: ``parts`` is ``[(shard id, "bitmask" | "nm"), ...]`` in output order."""
+    """One layer's packed parts: ``parts`` is ``[(shard id, "bitmask" | "nm"), ...]`` in output order, and
+    ``hashes`` the ``(checkpoint module, mask_sha256 or None)`` of each."""
 
-    def __init__(self, parts: list[tuple[str | int | None, str]]):
+    def __init__(self, parts: list[tuple[str | int | None, str]],
+                 hashes: list[tuple[str, str | None]] | None = None):
         self.parts = parts
+        self.hashes = hashes or [(None, None)] * len(parts)
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
@@ -72,8 +78,12 @@ class LosaSparseLinearMethod(LinearMethodBase):
         input_per_rank, output_per_rank, input_size = layer.losa_partition
         device = next(iter(p.device for p in layer.parameters()), torch.device("cpu"))
         weights = []
-        for (shard, fmt), rows in zip(self.parts, output_per_rank):
+        verify = os.environ.get("LOSA_VERIFY", "1") != "0"
+        for (shard, fmt), (module, digest), rows in zip(self.parts, self.hashes, output_per_rank):
             packed = self._read(layer, shard, fmt)
+            if verify and digest is not None and packed_mask_sha256(packed) != digest:
+                raise ValueError(f"losa_sparse: the zero pattern of {module} does not match its mask_sha256 "
+                                 "(a corrupt or edited checkpoint)")
             if packed.shape[1] != input_size:
                 raise ValueError(f"losa_sparse: {layer.prefix} part {shard} takes {packed.shape[1]} inputs, "
                                  f"the layer {input_size}")

@@ -32,6 +32,9 @@ so fixed slots suffice and no row offsets are needed.
 lowest first; the values at the marked positions follow row after row without padding, and the masks
 become losa-bitmask words. Every row of a block then has the same length, and when M divides 32 every
 full 32-column chunk holds exactly ``32*N/M`` values, so the kernel needs neither offsets nor popcounts.
+
+Checking, packing, unpacking and the kernel layout run in the compiled codec (``csrc/cpu/nm_codec.cpp``)
+for CPU tensors; the PyTorch functions here are its reference and the path on other devices.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 
 from ...errors import LosaError
 from ...sparsity.patterns import detect_pattern, nm_tail_keep
+from .. import ops
 from .bitmask import VALUE_DTYPES, check_words_fit, key, pack_mask, unpack_mask, value_dtype, words_per_row
 
 DEFAULT_ROWS_PER_BLOCK = 64
@@ -135,6 +139,11 @@ def _encode_fields(keep_g: torch.Tensor, m: int) -> torch.Tensor:
     return (fields[:, 0::2] | (fields[:, 1::2] << 4)).to(torch.uint8)
 
 
+def _codec(*tensors: torch.Tensor):
+    """``torch.ops.losa`` when the compiled codec can take these tensors (all on the CPU), else None."""
+    return ops() if all(t.device.type == "cpu" for t in tensors) else None
+
+
 def _decode_fields(mask: torch.Tensor, ngroups: int, m: int) -> torch.Tensor:
     """uint8 ``[rows, B]`` -> ``[rows, groups, field_bits]`` bool (bits past M kept, for checking)."""
     rows = mask.shape[0]
@@ -182,7 +191,20 @@ class NMWeight:
                 raise LosaError(f"{what}: block N must be uint8 [{blocks}], got {bn.dtype} {tuple(bn.shape)}")
             if blocks and int(bn.max()) != self.n:
                 raise LosaError(f"{what}: the largest block N is {int(bn.max())}, not {self.n}")
-        row_n = self.row_n()
+        self._check_fields(self.row_n())
+
+    def _check_fields(self, row_n: torch.Tensor) -> None:
+        """Every group's field marks only its own columns, and at most its N of them."""
+        rows, cols = self.shape
+        what = f"{self.n}:{self.m} weight"
+        losa = _codec(self.mask)
+        if losa is not None:
+            r, g, code = (int(v) for v in losa.nm_canonical_check(self.mask, row_n, self.m, cols))
+            if code == 1:
+                raise LosaError(f"{what}: mask bits are set outside the columns of their group")
+            if code == 2:
+                raise LosaError(f"{what}: row {r} group {g} keeps more weights than its N allows")
+            return
         ngroups = -(-cols // self.m)
         for r0 in range(0, rows, _CHUNK_ROWS):
             fields = _decode_fields(self.mask[r0:r0 + _CHUNK_ROWS], ngroups, self.m)
@@ -244,6 +266,12 @@ class NMWeight:
         return _decode_fields(self.mask[r0:r1], ngroups, self.m)[..., : self.m].contiguous()
 
     def to_dense(self) -> torch.Tensor:
+        losa = _codec(self.values, self.mask)
+        if losa is not None:
+            return losa.nm_canonical_to_dense(self.values, self.mask, self.n, self.m, self.shape[1])
+        return self._to_dense_torch()
+
+    def _to_dense_torch(self) -> torch.Tensor:
         rows, cols = self.shape
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         ngroups = -(-cols // self.m)
@@ -264,6 +292,18 @@ class NMWeight:
 
     def kernel_layout(self) -> NMKernelLayout:
         """The load-time layout the CPU kernel reads (filled masks, values back to back)."""
+        blocks = -(-self.shape[0] // self.rows_per_block)
+        block_n = (self.block_n.to(torch.int32) if self.block_n is not None
+                   else torch.full((blocks,), self.n, dtype=torch.int32)).to(self.mask.device)
+        losa = _codec(self.values, self.mask)
+        if losa is not None:
+            values, words = losa.nm_canonical_to_kernel(self.values, self.mask, self.row_n(), self.n, self.m,
+                                                         self.shape[1])
+        else:
+            values, words = self._kernel_arrays_torch()
+        return NMKernelLayout(self.shape, self.m, self.rows_per_block, block_n, values, words)
+
+    def _kernel_arrays_torch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows, cols = self.shape
         row_n = self.row_n()
         valid = _valid_columns(cols, self.m, self.mask.device)
@@ -277,12 +317,8 @@ class NMWeight:
             filled = (keep | fill).view(keep.shape[0], -1)[:, :cols]
             values.append(dense[r0:r0 + _CHUNK_ROWS][filled])
             words.append(pack_mask(filled.cpu()).to(self.mask.device))
-        blocks = -(-rows // self.rows_per_block)
-        block_n = (self.block_n.to(torch.int32) if self.block_n is not None
-                   else torch.full((blocks,), self.n, dtype=torch.int32))
-        return NMKernelLayout(self.shape, self.m, self.rows_per_block, block_n.to(self.mask.device),
-                              torch.cat(values) if values else self.values.new_zeros(0),
-                              torch.cat(words) if words else torch.zeros(0, words_per_row(cols), dtype=torch.int32))
+        return (torch.cat(values) if values else self.values.new_zeros(0),
+                torch.cat(words) if words else torch.zeros(0, words_per_row(cols), dtype=torch.int32))
 
     # -- on disk ---------------------------------------------------------------------------------------
 
@@ -318,6 +354,19 @@ def _pack(weight: torch.Tensor, block_n: torch.Tensor, m: int, rows_per_block: i
     """Canonical arrays of a weight that fits the per-block N in ``block_n`` (int64, CPU)."""
     rows, cols = weight.shape
     n = int(block_n.max()) if len(block_n) else 0
+    uniform = len(block_n) == 0 or bool((block_n == n).all())
+    losa = _codec(weight)
+    if losa is not None:
+        row_n = block_n.repeat_interleave(rows_per_block)[:rows].contiguous()
+        values, mask = losa.nm_canonical_encode(weight != 0, weight.to(dtype), row_n, n, m)
+    else:
+        values, mask = _encode_torch(weight, n, m, dtype)
+    return NMWeight((rows, cols), n, m, values, mask,
+                    None if uniform else block_n.to(torch.uint8).to(weight.device), rows_per_block)
+
+
+def _encode_torch(weight: torch.Tensor, n: int, m: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = weight.shape
     ngroups = -(-cols // m)
     slots = slots_per_row(cols, n, m)
     values = torch.zeros(rows, slots, dtype=dtype, device=weight.device)
@@ -331,9 +380,7 @@ def _pack(weight: torch.Tensor, block_n: torch.Tensor, m: int, rows_per_block: i
         values[r0:r0 + _CHUNK_ROWS].index_put_((row[keep], slot[keep]), w[keep].to(dtype))
         masks.append(_encode_fields(keep, m))
     mask = torch.cat(masks) if masks else torch.zeros(0, mask_bytes(cols, m), dtype=torch.uint8)
-    uniform = len(block_n) == 0 or bool((block_n == n).all())
-    return NMWeight((rows, cols), n, m, values, mask,
-                    None if uniform else block_n.to(torch.uint8).to(weight.device), rows_per_block)
+    return values, mask
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -363,6 +410,11 @@ class NMKernelLayout:
         if int(stride.sum()) != self.values.numel():
             raise LosaError(f"{what}: {self.values.numel()} values, the layout holds {int(stride.sum())}")
         check_words_fit(self.mask, cols, what)
+        losa = _codec(self.mask)
+        if losa is not None:
+            if losa.nm_kernel_check(self.mask, row_n, self.m, cols) >= 0:
+                raise LosaError(f"{what}: every group must mark exactly its N positions")
+            return
         for r0 in range(0, rows, _CHUNK_ROWS):
             keep = _groups(unpack_mask(self.mask[r0:r0 + _CHUNK_ROWS].cpu(), cols), self.m)
             target = _group_targets(row_n[r0:r0 + _CHUNK_ROWS].cpu(), cols, self.m)
