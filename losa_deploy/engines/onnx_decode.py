@@ -113,7 +113,7 @@ def _model_shape(model_dir: str) -> tuple[int, int, int]:
     with open(os.path.join(model_dir, "config.json")) as handle:
         config = json.load(handle)
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads  # models.arch.head_size's rule
     return config["num_hidden_layers"], config.get("num_key_value_heads", heads), head_dim
 
 

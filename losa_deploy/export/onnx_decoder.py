@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.arch import head_size
+
 INPUTS = ("input_ids", "attention_mask", "positions", "causal_mask")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -56,7 +58,7 @@ class CachedDecoderStep(nn.Module):
         self.model = model
         config = model.config
         self.num_layers = config.num_hidden_layers
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_size(config)
         self.kv_groups = config.num_attention_heads // config.num_key_value_heads
         # RoPE as a table lookup (a Gather, like the token embedding), computed once by the model's own
         # rotary module over every position: DeepSparse 1.8 crashes running Sin/Cos of a runtime input.

@@ -126,6 +126,15 @@ def get_architecture(model_or_config) -> Architecture:
     return architecture_for(getattr(config, "model_type", "<none>"))
 
 
+def head_size(config) -> int | None:
+    """Attention head size (``config`` is a config object or its dict): ``head_dim`` where the family sets
+    it (Qwen3, Mistral variants), else hidden size over heads; None when the config names neither.
+    ``engines/onnx_decode.py`` repeats this rule: it runs where losa_deploy cannot be imported."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    return get("head_dim") or (hidden // heads if heads and hidden else None)
+
+
 def context_length(config) -> int:
     """The longest sequence the model was built for (``config`` is a config object or its dict)."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)

