@@ -131,3 +131,24 @@ def test_inspect_reports_and_verifies(cli, pruned_stories, tmp_path):
     (out / "losa_sparsity.json").write_text(json.dumps(side))
     code, _, err = cli("inspect", out)
     assert code == 2 and "sidecar disagrees" in err and first in err
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_group_counts_from_packed_bits_equal_column_sums(rng, density):
+    """The popcount path (groups of 4, 8, 16 read as nibbles, bytes and byte pairs of the packed mask)
+    counts what a plain sum over each group's columns counts, on ragged widths; and _nm_fit decides the
+    same with or without the packed bytes."""
+    from losa_deploy.sparsity import patterns
+
+    for _ in range(6):
+        rows, cols = (int(v) for v in torch.randint(1, 80, (2,), generator=rng) * torch.tensor([1, 3]))
+        keep = torch.rand(rows, cols, generator=rng) < density
+        for m in (4, 8, 16):
+            full = cols // m
+            expected = keep[:, : full * m].reshape(rows, full, m).sum(-1)
+            assert torch.equal(patterns.nm_group_counts(keep, m), expected), (rows, cols, m)
+            if cols >= 2 * m:
+                nm_keep = keep.clone()
+                nm_keep[:, : full * m] &= torch.arange(m).repeat(full) < m // 2  # an N:M mask to fit too
+                for k in (keep, nm_keep):
+                    assert patterns._nm_fit(k, m) == patterns._nm_fit(k, m, patterns._mask_bytes(k))

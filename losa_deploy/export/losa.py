@@ -41,7 +41,8 @@ class LosaExporter(Exporter):
         with SafetensorsWriter(out) as writer:
             for key, tensor in source.tensors():
                 name = source.module_name(key)
-                tensors = {key: tensor} if name is None else pack_weight(tensor).state_dict(name)
+                tensors = ({key: tensor} if name is None
+                           else pack_weight(tensor, pattern=source.sidecar.patterns[name]).state_dict(name))
                 for packed_key, packed_tensor in tensors.items():
                     writer.add(packed_key, packed_tensor)
         return writer.files

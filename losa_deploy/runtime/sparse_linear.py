@@ -28,7 +28,7 @@ from ..kernels.formats.bitmask import BitmaskWeight
 from ..kernels.formats.gpu import GPULayout, model_gpu_layout
 from ..kernels.formats.nm import DEFAULT_ROWS_PER_BLOCK, NMKernelLayout, NMWeight
 from ..kernels.placement import place_for_decode
-from ..sparsity.patterns import detect_pattern
+from ..sparsity.patterns import LayerPattern, detect_pattern
 
 FORMATS = ("auto", "bitmask", "nm")
 _BITMASK_KEYS = ("lb_shape", "lb_values", "lb_mask", "lb_row_ptr")
@@ -36,21 +36,25 @@ _NM_KEYS = ("nm_shape", "nm_pattern", "nm_values", "nm_mask", "nm_n")
 PACKED_KEYS = {"bitmask": _BITMASK_KEYS, "nm": _NM_KEYS}  # a packed module's tensors, by format
 
 
-def choose_format(weight: torch.Tensor) -> str:
-    """``nm`` when the weight follows an N:M pattern whose groups tile 32-column chunks, else ``bitmask``."""
-    pattern = detect_pattern(weight)
+def choose_format(weight: torch.Tensor, pattern: LayerPattern | None = None) -> str:
+    """``nm`` when the weight follows an N:M pattern whose groups tile 32-column chunks, else ``bitmask``
+    (``pattern``: the weight's ``detect_pattern``, when the caller already has it)."""
+    pattern = pattern or detect_pattern(weight)
     return "nm" if pattern.kind in ("nm", "mixed_nm") and 32 % pattern.m == 0 else "bitmask"
 
 
 def pack_weight(weight: torch.Tensor, format: str = "auto", dtype: torch.dtype | None = None,
-                rows_per_block: int = DEFAULT_ROWS_PER_BLOCK) -> BitmaskWeight | NMWeight:
-    """Pack a dense sparse weight in the asked format (``auto``: see :func:`choose_format`)."""
+                rows_per_block: int = DEFAULT_ROWS_PER_BLOCK, pattern: LayerPattern | None = None
+                ) -> BitmaskWeight | NMWeight:
+    """Pack a dense sparse weight in the asked format (``auto``: see :func:`choose_format`; ``pattern``
+    spares detecting it again)."""
     if format not in FORMATS:
         raise LosaError(f"unknown sparse format {format!r} (choose from {', '.join(FORMATS)})")
     if format == "auto":
-        format = choose_format(weight)
+        format = choose_format(weight, pattern)
     if format == "nm":
-        return NMWeight.from_dense(weight, rows_per_block=rows_per_block, dtype=dtype)
+        m = pattern.m if pattern is not None and pattern.kind in ("nm", "mixed_nm") else None
+        return NMWeight.from_dense(weight, m=m, rows_per_block=rows_per_block, dtype=dtype)
     return BitmaskWeight.from_dense(weight, dtype=dtype)
 
 
