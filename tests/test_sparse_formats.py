@@ -245,3 +245,25 @@ def test_nm_checks_agree_on_corrupt_fields(rng, device_check, monkeypatch):
     words[9, 1] ^= 1 << 3  # one more or one fewer position in a group of row 9
     with pytest.raises(LosaError, match="exactly its N"):
         NMKernelLayout(layout.shape, 8, layout.rows_per_block, layout.block_n, layout.values, words)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.97, 1.0])
+def test_bitmask_compiled_encode_equals_the_pytorch_path(rng, sparsity, monkeypatch):
+    """BitmaskWeight.from_dense through the compiled encoder writes the arrays the PyTorch path writes,
+    on ragged shapes, into each value dtype (a value that rounds to zero in fp16 stays stored)."""
+    from losa_deploy.kernels import has_extension
+    from losa_deploy.kernels.formats import bitmask
+
+    if not has_extension():
+        pytest.skip("no compiled extension")
+    for source, stored in ((torch.float32, torch.float16), (torch.bfloat16, None), (torch.float32, None)):
+        rows, cols = (int(v) for v in torch.randint(1, 120, (2,), generator=rng))
+        w = random_sparse(rows, cols, sparsity, rng, source)
+        w[0, 0] = 1e-30  # nonzero, kept, but zero once stored as fp16
+        compiled = BitmaskWeight.from_dense(w, dtype=stored)
+        with monkeypatch.context() as patch:
+            patch.setattr(bitmask, "ops", lambda: None)
+            reference = BitmaskWeight.from_dense(w, dtype=stored)
+        for name in ("values", "mask", "row_ptr"):
+            assert torch.equal(getattr(compiled, name), getattr(reference, name)), name
+        assert compiled.values.dtype == (stored or source)
