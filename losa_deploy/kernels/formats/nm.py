@@ -45,7 +45,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ...errors import LosaError
-from ...sparsity.patterns import detect_pattern, nm_tail_keep
+from ...sparsity.patterns import detect_pattern, nm_group_counts, nm_tail_keep
 from .. import ops
 from .bitmask import VALUE_DTYPES, check_words_fit, key, pack_mask, unpack_mask, value_dtype, words_per_row
 
@@ -102,11 +102,10 @@ def _group_targets(row_n: torch.Tensor, cols: int, m: int) -> torch.Tensor:
 def _required_n(keep: torch.Tensor, m: int) -> torch.Tensor:
     """Per row, the smallest N under which every group (and the tail) keeps at most its share."""
     rows, cols = keep.shape
-    counts = _groups(keep, m).sum(-1)
     full, tail = cols // m, cols % m
-    need = counts[:, :full].amax(1) if full else counts.new_zeros(rows)
+    need = nm_group_counts(keep, m).amax(1) if full else torch.zeros(rows, dtype=torch.int64, device=keep.device)
     if tail:
-        c = counts[:, -1]
+        c = keep[:, full * m:].sum(1)
         # ceil(n*t/m) >= c  <=>  n >= floor((c-1)*m/t) + 1 for c >= 1
         need = torch.maximum(need, torch.where(c > 0, (c - 1) * m // tail + 1, 0))
     return need
