@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_config
+from safetensors.torch import load_file, save_file
 
 
 def _save_tiny(model_type: str, out, seed: int):
@@ -145,7 +144,7 @@ def test_wanda_masks_equal_a_full_model_reference(family, rng):
         linears = arch.block_linears(block)
         squares = {name: torch.zeros(lin.in_features, dtype=torch.float64) for name, lin in linears.items()}
 
-        def hook(name):
+        def hook(name, squares=squares):
             def record(_module, args):
                 squares[name].add_(args[0].reshape(-1, args[0].shape[-1]).double().square().sum(0))
             return record

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LosaError
 from ..kernels.attention import fast_attention
 from ..models.arch import Architecture, get_architecture
-from ..errors import LosaError
 from ..models.tensors import iter_model_tensors
 from .stats import InputStats
 
