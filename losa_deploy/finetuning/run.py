@@ -44,7 +44,7 @@ from ..models import (
     resolve_model,
     stored_dtype,
 )
-from ..models.tensors import iter_tensors
+from ..models.tensors import iter_model_tensors
 from ..sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from ..sparsity.allocation import check_rmi_windows
 from ..sparsity.patterns import detect_pattern, global_sparsity, is_nm
@@ -259,7 +259,7 @@ def _base_is_input(lm, base_path: Path) -> bool:
     """Whether every adapted base weight equals the input's stored weight."""
     weights = {f"{name}.weight": layer.weight.detach().cpu() for name, layer in adapters_of(lm).items()}
     seen = 0
-    for key, stored in iter_tensors(base_path, keep=weights.__contains__):
+    for key, stored in iter_model_tensors(base_path, get_architecture(lm), keep=weights.__contains__):
         if stored.shape != weights[key].shape or not torch.equal(stored.to(weights[key].dtype), weights[key]):
             return False
         seen += 1

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import LosaError
 from ..kernels.attention import fast_attention
 from ..models.arch import Architecture, get_architecture
-from ..models.tensors import iter_tensors
+from ..models.tensors import iter_model_tensors
 from .stats import InputStats
 
 BlockKwargs = dict[int, list[tuple[tuple, dict]]]  # batch size -> per block: (extra args, kwargs)
@@ -261,7 +262,11 @@ def checkpoint_reference(path: str | os.PathLike, arch: Architecture) -> Referen
 
     def weights(index: int) -> dict[str, torch.Tensor]:
         prefix = f"{arch.blocks_path}.{index}."
-        return {k[len(prefix):]: v for k, v in iter_tensors(path, lambda k: k.startswith(prefix))}
+        state = {k[len(prefix):]: v for k, v in iter_model_tensors(path, arch, lambda k: k.startswith(prefix))}
+        # An empty state would load nothing and make the reference the block as it is now (pruned): refuse.
+        if not state:
+            raise LosaError(f"{path} stores no weights of block {index} ({prefix}*) for the dense reference")
+        return state
 
     return weights
 

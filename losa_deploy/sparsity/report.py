@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import LosaError
 from ..models.arch import architecture_for
 from ..models.checkpoint import check_checkpoint
-from ..models.tensors import iter_tensors
+from ..models.tensors import iter_model_tensors
 from .patterns import detect_pattern, model_pattern
 from .sidecar import read_sidecar, verify_module
 
@@ -24,7 +24,7 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
     key_re = arch.weight_key_pattern()
     sidecar = read_sidecar(path)
     layers, patterns, checked = [], {}, 0
-    for key, weight in iter_tensors(path, lambda k: key_re.match(k) is not None):
+    for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None):
         name = key[: -len(".weight")]
         block = int(key_re.match(key).group(1))
         pattern = detect_pattern(weight)

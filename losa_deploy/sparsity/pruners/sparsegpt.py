@@ -4,7 +4,10 @@ that the layer's output on the calibration inputs moves as little as possible.
 The solver is the paper's Algorithm 1:
 
 * ``H = X^T X`` over the calibration tokens, dampened by ``percdamp * mean(diag H)`` so it is positive
-  definite. Inputs that are always zero ("dead" columns) get ``H_jj = 1`` and their weights are zeroed.
+  definite. Inputs that are always zero ("dead" columns) get ``H_jj = 1`` and score zero, so they are
+  pruned first. The reference zeroes all their weights; here those the mask still keeps (an N:M group
+  with more than M-N dead inputs, common after OPT's ReLU) keep their values, so the layer ends exactly
+  at its pattern instead of past it. Their inputs are zero, so the calibration output is the same.
 * ``U``, the upper Cholesky factor of ``H^-1``: row ``j`` of ``U`` holds the optimal (OBS) correction of
   the columns after ``j`` when column ``j`` is fixed, given the columns before it are fixed already.
 * Columns are visited left to right in blocks of ``blocksize``. Inside a block every column's error is
@@ -80,12 +83,16 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, target: Target,
     u = u.to(dtype)
     # Input-major [in, out] copies, so that "column j of W" is a contiguous row in the loops below.
     wt = weight.detach().to(dtype).T.contiguous()
-    wt[dead] = 0
+    dead_values = wt[dead]
+    wt[dead] = 0  # saliency 0: pruned first
     allowed = torch.ones_like(wt, dtype=torch.bool) if prev_mask is None else prev_mask.to(wt.device).T
     keep = torch.zeros_like(wt, dtype=torch.bool)
     counts = None if target.is_nm else _block_prune_counts(allowed, target.pruned_count(rows * cols), blocksize)
     with _one_cpu_thread(wt.device):
         _solve(wt, u, allowed, keep, target, counts, blocksize)
+    # A dead column gets no update (its row and column of H^-1 are zero off the diagonal): the entries the
+    # mask keeps take their values back, or zeros beyond the pattern would push the layer past its target.
+    wt[dead] = torch.where(keep[dead], dead_values, 0.0)
     return apply_mask(wt.T, keep.T), keep.T.contiguous()
 
 
