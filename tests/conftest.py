@@ -87,7 +87,7 @@ def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **common)
 
 
-@pytest.fixture(params=["llama", "mistral", "qwen2", "opt"])
+@pytest.fixture(params=["llama", "mistral", "qwen2", "qwen3", "opt"])
 def tiny_model_dir(request, tmp_path) -> Path:
     """A saved tiny random model of each supported family."""
     from transformers import AutoModelForCausalLM

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from losa_deploy.errors import LosaError
 from losa_deploy.models import get_architecture, load_model, load_tokenizer, save_model
+from losa_deploy.models.arch import head_size
 from losa_deploy.models.tensors import iter_tensors
 
 
@@ -70,8 +71,9 @@ def test_every_family_loads_and_exposes_its_linears(tiny_model_dir):
     assert len(linears) == cfg.num_hidden_layers * len(arch.linear_names)
     for name, module in linears.items():
         assert isinstance(module, torch.nn.Linear), name
+        # o_proj reads heads x head size, which Qwen3 sets apart from the hidden size (128 here, not 10)
         assert module.weight.shape[1] in (cfg.hidden_size, getattr(cfg, "intermediate_size", None),
-                                          getattr(cfg, "ffn_dim", None))
+                                          getattr(cfg, "ffn_dim", None), cfg.num_attention_heads * head_size(cfg))
     # Keys in the checkpoint match the adapter's pattern one to one.
     pattern = arch.weight_key_pattern()
     keys = [k for k, _ in iter_tensors(tiny_model_dir) if pattern.match(k)]
