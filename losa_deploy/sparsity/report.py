@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import LosaError
 from ..models.arch import architecture_for
-from ..models.checkpoint import check_checkpoint
+from ..models.checkpoint import check_checkpoint, stored_shapes
 from ..models.tensors import iter_tensors
 from .patterns import detect_pattern, model_pattern
 from .sidecar import read_sidecar, verify_module
@@ -24,7 +24,9 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
     key_re = arch.weight_key_pattern()
     sidecar = read_sidecar(path)
     layers, patterns, checked = [], {}, 0
-    for key, weight in iter_tensors(path, lambda k: key_re.match(k) is not None):
+    model_key = arch.model_keys(stored_shapes(path))  # facebook/opt-* store their keys without "model."
+    for key, weight in iter_tensors(path, lambda k: key_re.match(model_key(k)) is not None):
+        key = model_key(key)
         name = key[: -len(".weight")]
         block = int(key_re.match(key).group(1))
         pattern = detect_pattern(weight)
@@ -35,6 +37,9 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
         if sidecar is not None and name in sidecar["modules"]:
             verify_module(name, sidecar["modules"][name], weight)
             checked += 1
+    if not layers:  # a global sparsity of 0 / 0 weights means nothing
+        raise LosaError(f"{path} holds no prunable linear weights of the {arch.name} layout "
+                        f"(e.g. {arch.blocks_path}.0.{arch.linear_names[0]}.weight)")
     layers.sort(key=lambda r: (r["block"], arch.linear_names.index(r["name"].split(f".{r['block']}.", 1)[1])))
     nnz = sum(r["nnz"] for r in layers)
     numel = sum(p.numel for p in patterns.values())
