@@ -311,3 +311,21 @@ def test_vllm_binds_to_the_cores_this_process_may_use(monkeypatch, tmp_path):
     # It runs one thread per bound core: more threads than usable cores would run fewer than reported.
     with pytest.raises(LosaError, match="--threads 4 exceeds the 3 cores"):
         bench([str(tmp_path)], engines="vllm", threads=4, progress=False)
+
+
+def test_onnx_engines_refuse_a_family_the_export_lacks_before_loading(cli, tmp_path, monkeypatch, capsys):
+    """The ONNX export covers the llama layout only: an OPT model on onnxruntime was refused by the packer
+    after every earlier cell's worker had loaded, and the message named the pack format, not the engine."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from losa_deploy.throughput import harness
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("opt")).save_pretrained(tmp_path / "opt")
+    capsys.readouterr()
+    monkeypatch.setattr(harness, "_start_workers", lambda *a, **k: pytest.fail("a worker was started"))
+    code, _, err = cli("bench", tmp_path / "opt", "--engine", "torch,onnxruntime", "--prompt-len", 8, "--gen-len", 4,
+                       "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: engine onnxruntime: ") and "model_type opt" in err

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,19 +48,23 @@ class PackSource:
         ("negative_zeros_scrubbed", "underflowed_to_zero", "dense_bytes"), 0))
     warnings: list[str] = field(default_factory=list)  # what the caller's report (--json) repeats
     stored: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape, from the headers
+    model_key: Callable[[str], str] = str  # a stored key -> the model's name for it (Architecture.model_keys)
 
     @classmethod
     def open(cls, path: str | os.PathLike, dtype: torch.dtype | None, trust_remote_code: bool = False,
              progress: bool = True) -> PackSource:
         path = Path(path)
         config = check_checkpoint(path, trust_remote_code)
+        arch = architecture_for(config["model_type"])
         stored = stored_shapes(path)
+        model_key = arch.model_keys(stored)  # facebook/opt-* store their keys without "model."
+        stored = {model_key(k): shape for k, shape in stored.items()}
         check_stored_weights(path, stored, trust_remote_code)  # before anything is written
         sidecar = read_sidecar(path)
         unstored = sorted(m for m in (sidecar or {}).get("modules", {}) if f"{m}.weight" not in stored)
         if unstored:
             raise LosaError(f"{path}: its sidecar lists {unstored[0]}, which the checkpoint does not store")
-        return cls(path, config, architecture_for(config["model_type"]), dtype, progress, sidecar, stored=stored)
+        return cls(path, config, arch, dtype, progress, sidecar, stored=stored, model_key=model_key)
 
     def __post_init__(self):
         self._weight_key = self.arch.weight_key_pattern()
@@ -85,6 +89,7 @@ class PackSource:
                       disable=not self.progress)
         try:
             for key, tensor in stream:
+                key = self.model_key(key)
                 tensor = self._prepare(key, tensor)
                 self.stats["dense_bytes"] += tensor.numel() * tensor.element_size()
                 yield key, tensor

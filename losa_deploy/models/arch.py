@@ -7,6 +7,7 @@ module names, so adding a model family means adding one :class:`Architecture` en
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
@@ -49,6 +50,17 @@ class Architecture:
             raise LosaError(f"{module_name} is not inside {self.blocks_path}")
         index, _, rest = module_name[len(prefix):].partition(".")
         return int(index), rest
+
+    def model_keys(self, stored: Iterable[str]) -> Callable[[str], str]:
+        """The names a checkpoint's stored keys have in the ``*ForCausalLM`` model. A checkpoint saved from
+        the base model (the facebook/opt-* ones: ``decoder.layers.0...``, no ``model.``) is loaded by
+        transformers (and vLLM) under the base-model prefix; this renames its keys the same way (identity
+        for a checkpoint of the whole causal LM)."""
+        prefix = self.blocks_path.split(".", 1)[0] + "."
+        if any(key.startswith(prefix) for key in stored):
+            return lambda key: key
+        # the head is the causal LM's own module, never under the base prefix
+        return lambda key: key if key.startswith("lm_head.") else prefix + key
 
     def weight_key_pattern(self) -> re.Pattern:
         """Matches the checkpoint key of a prunable weight; group 1 is the block index."""

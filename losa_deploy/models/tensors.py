@@ -30,21 +30,11 @@ def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda k
                     yield key, tensor
 
 
-def stored_prefix(path: str | os.PathLike, arch: Architecture) -> str:
-    """What the checkpoint's keys lack of the ``*ForCausalLM`` names: ``""`` for most, ``"model."`` for one
-    saved from the bare base model (facebook/opt-* store ``decoder.layers.0...``; transformers loads them
-    under ``model.decoder...``). From the headers only."""
-    root, _, inner = arch.blocks_path.partition(".")
-    keys = stored_shapes(path)
-    if any(k.startswith(f"{arch.blocks_path}.") for k in keys) or not any(k.startswith(f"{inner}.") for k in keys):
-        return ""
-    return f"{root}."
-
-
 def iter_model_tensors(path: str | os.PathLike, arch: Architecture, keep: Callable[[str], bool] = lambda key: True
                        ) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`iter_tensors` under the model's own key names (``model.decoder.layers...`` whatever the file
-    calls them), so the architecture's module names find the stored weights."""
-    prefix = stored_prefix(path, arch)
-    for key, tensor in iter_tensors(path, lambda k: keep(prefix + k)):
-        yield prefix + key, tensor
+    calls them: :meth:`Architecture.model_keys`), so the architecture's module names find the stored
+    weights."""
+    model_key = arch.model_keys(stored_shapes(path))
+    for key, tensor in iter_tensors(path, lambda k: keep(model_key(k))):
+        yield model_key(key), tensor

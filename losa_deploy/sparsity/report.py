@@ -35,6 +35,9 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
         if sidecar is not None and name in sidecar["modules"]:
             verify_module(name, sidecar["modules"][name], weight)
             checked += 1
+    if not layers:  # a global sparsity of 0 / 0 weights means nothing
+        raise LosaError(f"{path} holds no prunable linear weights of the {arch.name} layout "
+                        f"(e.g. {arch.blocks_path}.0.{arch.linear_names[0]}.weight)")
     layers.sort(key=lambda r: (r["block"], arch.linear_names.index(r["name"].split(f".{r['block']}.", 1)[1])))
     nnz = sum(r["nnz"] for r in layers)
     numel = sum(p.numel for p in patterns.values())

@@ -140,9 +140,12 @@ class OnnxEngine(Engine):
         self.python()
         if adapter_base(model) is not None:
             raise LosaError(f"engine {self.name}: {model} is an unmerged LoRA adapter; bench its merged model")
-        if not (model / "model.onnx").is_file() and _is_packed(model):
+        if (model / "model.onnx").is_file():
+            return
+        if _is_packed(model):
             raise LosaError(f"engine {self.name} needs a plain HF checkpoint or a deepsparse-format folder, "
                             f"not the packed {model}")
+        _check_onnx_family(self.name, model)
 
     def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
         if (model / "model.onnx").is_file():
@@ -190,6 +193,18 @@ def _check_vllm_cpu_head_size(model: Path) -> None:
     if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
         raise LosaError(f"engine vllm: {model} has attention head size {head_size}; vLLM's CPU attention takes "
                         f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}")
+
+
+def _check_onnx_family(engine: str, model: Path) -> None:
+    """The ONNX export (``prepare`` packs it) covers the llama layout only: refuse another family here, not
+    after the earlier cells' workers have loaded."""
+    from ..export.onnx_decoder import SUPPORTED_MODEL_TYPES
+    from ..models.checkpoint import read_config
+
+    model_type = read_config(model).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LosaError(f"engine {engine}: {model} is model_type {model_type}; the ONNX export it runs supports "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def _refuse_onnx_export(engine: str, model: Path) -> None:
