@@ -329,3 +329,23 @@ def test_onnx_engines_refuse_a_family_the_export_lacks_before_loading(cli, tmp_p
                        "--no-progress")
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: engine onnxruntime: ") and "model_type opt" in err
+
+
+def test_onnx_engines_refuse_runs_past_a_sliding_window_before_loading(cli, tmp_path, monkeypatch, capsys):
+    """bench on onnxruntime with prompt + generated tokens past the model's sliding window would time a
+    graph answering wrongly (it does not apply the window): refused up front; the torch engine runs it."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from losa_deploy.throughput import harness
+
+    torch.manual_seed(0)
+    config = tiny_config("mistral")
+    config.sliding_window = 16
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
+    capsys.readouterr()
+    monkeypatch.setattr(harness, "_start_workers", lambda *a, **k: pytest.fail("a worker was started"))
+    code, _, err = cli("bench", tmp_path / "mistral", "--engine", "torch,onnxruntime", "--prompt-len", 12,
+                       "--gen-len", 6, "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: engine onnxruntime: ") and "18 tokens exceed the model's 16-token sliding window" in err

@@ -66,11 +66,24 @@ def _check_request(model_dir, prompt_lengths: list[int], new_tokens: int, sequen
         raise LosaError("onnx generation needs at least one prompt, and no empty one")
     if new_tokens < 1:
         raise LosaError(f"new_tokens must be at least 1, got {new_tokens}")
-    context = context_length(read_config(Path(model_dir)))
+    config = read_config(Path(model_dir))
+    context = context_length(config)
     needed = sequence_length or max(prompt_lengths) + new_tokens
     if needed > context:
         raise LosaError(f"sequence length {needed} exceeds the model's {context} positions")
+    check_onnx_window(config, max(prompt_lengths) + new_tokens, str(model_dir))
     return context
+
+
+def check_onnx_window(config: dict, tokens: int, what: str) -> None:
+    """Refuse a sequence longer than a sliding window the ONNX graph does not apply (its logits would be
+    those of full attention: wrong, silently)."""
+    from ..models.arch import attention_window
+
+    window = attention_window(config)
+    if window and tokens > window:
+        raise LosaError(f"{what}: {tokens} tokens exceed the model's {window}-token sliding window, which the "
+                        "ONNX graph does not apply (its results would be wrong past it)")
 
 
 def _in_deepsparse_venv(mode: str, model_dir: Path, prompts: list[np.ndarray], new_tokens: int,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LosaError
+from ..models.arch import attention_window
 from ..models.skeleton import assign_weight, empty_model
 from .base import Exporter
 from .legacy_tokenizer import legacy_tokenizer_json
@@ -42,10 +43,10 @@ class DeepSparseExporter(Exporter):
         model_type = source.config["model_type"]
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise LosaError(f"format deepsparse supports {', '.join(SUPPORTED_MODEL_TYPES)}, not {model_type}")
-        window = source.config.get("sliding_window")
-        if window and source.config.get("use_sliding_window", True):
+        window = attention_window(source.config)
+        if window:
             source.warn(f"the ONNX graph does not apply sliding-window attention; it is exact for sequence "
-                        f"lengths up to {window}")
+                        f"lengths up to {window} (ONNX generation and bench refuse longer ones)")
         step = CachedDecoderStep(_model_from_stream(source))
         past_in, present_out = cache_names(step.num_layers)
         path = out / ONNX_FILE

@@ -147,6 +147,15 @@ def head_size(config) -> int | None:
     return get("head_dim") or (hidden // heads if heads and hidden else None)
 
 
+def attention_window(config) -> int | None:
+    """The sliding-window length when the model applies one (Mistral; Qwen2 with ``use_sliding_window``),
+    else None. Our ONNX export does not apply it: it is exact only up to this many positions."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    window = get("sliding_window")
+    use = get("use_sliding_window")
+    return window if window and use is not False else None
+
+
 def context_length(config) -> int:
     """The longest sequence the model was built for (``config`` is a config object or its dict)."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)

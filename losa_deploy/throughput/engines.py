@@ -43,6 +43,9 @@ class Engine:
     def check(self, model: Path) -> None:
         """Refuse, quickly and before any worker starts, a model this engine cannot run."""
 
+    def check_shape(self, model: Path, shape: Shape) -> None:
+        """Refuse, as quickly, a run shape this engine cannot run correctly on this model."""
+
     def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
         """The folder the worker opens (default: the model itself); may pack the model (slow)."""
         return model
@@ -146,6 +149,12 @@ class OnnxEngine(Engine):
             raise LosaError(f"engine {self.name} needs a plain HF checkpoint or a deepsparse-format folder, "
                             f"not the packed {model}")
         _check_onnx_family(self.name, model)
+
+    def check_shape(self, model: Path, shape: Shape) -> None:
+        from ..engines.onnx_generate import check_onnx_window
+        from ..models.checkpoint import read_config
+
+        check_onnx_window(read_config(model), shape.prompt_len + shape.gen_len, f"engine {self.name}: {model}")
 
     def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
         if (model / "model.onnx").is_file():

@@ -134,6 +134,7 @@ def run_bench(models: list[str], engines: str | list[str] = "torch,losa", device
         if run_dtype not in engine.dtypes:  # only the run's --dtype: parse_engines refused an engine's own
             run_dtype = engine.dtypes[0]  # DeepSparse and ONNX Runtime run the fp32 export
         engine.check(paths[spec])  # before any worker starts: a refusal costs nothing then
+        engine.check_shape(paths[spec], shape)
         cells.append(Cell(spec, paths[spec], engine, run_dtype))
     prompts = make_prompts(batch_list, prompt_len, vocab, seed)
     from ..envinfo import environment
