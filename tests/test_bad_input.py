@@ -24,8 +24,10 @@ def broken(tmp_path, stories_dir):
         if kind == "missing":
             return path
         shutil.copytree(stories_dir, path)
-        if kind == "no-weights":
+        if kind in ("no-weights", "onnx-export"):
             (path / "model.safetensors").unlink()
+        if kind == "onnx-export":  # what pack --format deepsparse writes: config.json and model.onnx
+            (path / "model.onnx").write_bytes(b"\x08\x07")
         elif kind == "truncated":
             data = (path / "model.safetensors").read_bytes()
             (path / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
@@ -39,7 +41,8 @@ def broken(tmp_path, stories_dir):
 
 
 @pytest.mark.parametrize("kind,match", [("missing", "does not exist"), ("no-weights", "no weights"),
-                                        ("truncated", "truncated"), ("unsupported", "unsupported architecture")])
+                                        ("truncated", "truncated"), ("unsupported", "unsupported architecture"),
+                                        ("onnx-export", "the deepsparse format): run it with bench")])
 @pytest.mark.parametrize("command", ["eval", "inspect"])
 def test_broken_models(cli, broken, tmp_path, tinystories, kind, match, command):
     model = broken(kind)

@@ -175,6 +175,9 @@ def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False, p
     architecture_for(model_type)
     files = weight_files(path)
     if not files:
+        if (path / "model.onnx").is_file():  # pack --format deepsparse wrote it
+            raise LosaError(f"{path} is an ONNX export (model.onnx, the deepsparse format): run it with bench "
+                            "--engine onnxruntime|deepsparse; the other commands read its HF source")
         raise LosaError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
     for file in files:
         if file.suffix == ".safetensors":
