@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/value_bits.h"
 
 namespace {
 
@@ -101,11 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_encode(const at::Tensor& 
       }
     });
   };
-  if (source.element_size() == 2) {
-    run(reinterpret_cast<const uint16_t*>(source.data_ptr()), reinterpret_cast<uint16_t*>(values.data_ptr()));
-  } else {
-    run(reinterpret_cast<const uint32_t*>(source.data_ptr()), reinterpret_cast<uint32_t*>(values.data_ptr()));
-  }
+  losa::cpu::with_value_bits(source, values, run);
   return {values, words, row_ptr};
 }
 

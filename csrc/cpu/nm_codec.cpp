@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "check.h"
+#include "cpu/value_bits.h"
 
 namespace {
 
@@ -135,11 +136,7 @@ at::Tensor nm_canonical_to_dense(const at::Tensor& values_in, const at::Tensor& 
       }
     });
   };
-  if (values.element_size() == 2) {
-    run(reinterpret_cast<const uint16_t*>(values.data_ptr()), reinterpret_cast<uint16_t*>(dense.data_ptr()));
-  } else {
-    run(reinterpret_cast<const uint32_t*>(values.data_ptr()), reinterpret_cast<uint32_t*>(dense.data_ptr()));
-  }
+  losa::cpu::with_value_bits(values, dense, run);
   return dense;
 }
 
@@ -186,11 +183,7 @@ std::tuple<at::Tensor, at::Tensor> nm_canonical_encode(const at::Tensor& keep_in
       }
     });
   };
-  if (source.element_size() == 2) {
-    run(reinterpret_cast<const uint16_t*>(source.data_ptr()), reinterpret_cast<uint16_t*>(values.data_ptr()));
-  } else {
-    run(reinterpret_cast<const uint32_t*>(source.data_ptr()), reinterpret_cast<uint32_t*>(values.data_ptr()));
-  }
+  losa::cpu::with_value_bits(source, values, run);
   for (int64_t r = 0; r < rows; ++r)
     LOSA_CHECK(!over[r], "nm_canonical_encode: row ", r, " keeps more weights than its N allows");
   return {values, mask};
@@ -249,11 +242,7 @@ std::tuple<at::Tensor, at::Tensor> nm_canonical_to_kernel(const at::Tensor& valu
       }
     });
   };
-  if (values.element_size() == 2) {
-    run(reinterpret_cast<const uint16_t*>(values.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()));
-  } else {
-    run(reinterpret_cast<const uint32_t*>(values.data_ptr()), reinterpret_cast<uint32_t*>(out.data_ptr()));
-  }
+  losa::cpu::with_value_bits(values, out, run);
   for (int64_t r = 0; r < rows; ++r)
     LOSA_CHECK(!over[r], "nm_canonical_to_kernel: row ", r, " keeps more weights than its N allows");
   return {out, words};
