@@ -267,3 +267,29 @@ def test_bitmask_compiled_encode_equals_the_pytorch_path(rng, sparsity, monkeypa
         for name in ("values", "mask", "row_ptr"):
             assert torch.equal(getattr(compiled, name), getattr(reference, name)), name
         assert compiled.values.dtype == (stored or source)
+
+
+def test_nm_codec_ops_refuse_arrays_that_would_overrun_their_rows(rng):
+    """Called directly (the format classes check first), the compiled ops refuse a row whose N exceeds the
+    slot stride and a field keeping more than its N, before writing past the row (an ASan build found both
+    writing into the next row's values)."""
+    from losa_deploy.kernels import has_extension, ops
+
+    if not has_extension():
+        pytest.skip("no compiled extension")
+    keep = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="row 0 has N = 3 outside"):
+        ops().nm_canonical_encode(keep, torch.randn(2, 8, generator=rng), torch.tensor([3, 1]), 1, 4)
+    with pytest.raises(RuntimeError, match="row 0 keeps more weights than its N allows"):
+        ops().nm_canonical_to_kernel(torch.randn(1, 8, generator=rng), torch.full((1, 4), 0xFF, dtype=torch.uint8),
+                                     torch.tensor([1]), 1, 4, 32)
+
+
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_nm_weights_with_no_rows_pack(m):
+    """A weight with 0 rows packs (the byte-popcount group counts reshaped an empty tensor with -1)."""
+    from losa_deploy.sparsity.patterns import nm_group_counts
+
+    assert nm_group_counts(torch.zeros(0, 40, dtype=torch.bool), m).shape == (0, 40 // m)
+    packed = NMWeight.from_dense(torch.zeros(0, 40), None, m)
+    assert packed.values.shape[0] == 0 and packed.to_dense().shape == (0, 40)

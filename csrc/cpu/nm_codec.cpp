@@ -161,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor> nm_canonical_encode(const at::Tensor& keep_in
   auto mask = at::zeros({rows, mask_bytes(cols, m)}, keep.options().dtype(at::kByte));
   const bool* kp = keep.data_ptr<bool>();
   const int64_t* n_of = row_n.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)  // a row's slots are n per group: a larger N would write the next row's
+    LOSA_CHECK(n_of[r] >= 0 && n_of[r] <= n, "nm_canonical_encode: row ", r, " has N = ", n_of[r],
+               " outside [0, ", n, "]");
   uint8_t* msk = mask.data_ptr<uint8_t>();
   const int64_t stride = values.size(1), bytes = mask.size(1);
   std::vector<int64_t> over(rows, 0);
@@ -225,9 +228,9 @@ std::tuple<at::Tensor, at::Tensor> nm_canonical_to_kernel(const at::Tensor& valu
           const uint32_t valid = (1u << gr.width(g)) - 1u;
           const uint32_t kept = read_field(row, g, gr.bits) & valid;
           int64_t need = gr.target(g, n_of[r]) - __builtin_popcount(kept);
-          if (need < 0) {
+          if (need < 0) {  // more than its N: writing it would run into the next row's values
             over[r] = 1;
-            need = 0;
+            continue;
           }
           uint32_t filled = kept;
           for (uint32_t free = valid & ~kept; need > 0 && free; free &= free - 1, --need) filled |= free & (~free + 1u);

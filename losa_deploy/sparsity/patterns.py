@@ -66,7 +66,7 @@ def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
     if m in NM_GROUP_SIZES and keep.device.type == "cpu":
         return _popcount_groups(_mask_bytes(keep), m)[:, :full].to(torch.int64)
     # Summed as bytes (a count is at most 16), then widened: 5-7x faster than an int64 sum of bools.
-    groups = keep[:, : full * m].reshape(rows, full, m).view(torch.uint8)
+    groups = keep[:, : full * m].to(torch.bool).reshape(rows, full, m).view(torch.uint8)
     return groups.sum(-1, dtype=torch.uint8).to(torch.int64)
 
 
@@ -81,14 +81,14 @@ def _mask_bytes(keep: torch.Tensor) -> torch.Tensor:
 def _popcount_groups(mask_bytes: torch.Tensor, m: int) -> torch.Tensor:
     """uint8 popcounts of every group of ``m`` in 4, 8, 16 columns (past the last column: zeros): an
     eighth of the data a per-column sum reads."""
-    rows = mask_bytes.shape[0]
+    rows, nbytes = mask_bytes.shape
     # SWAR in bytes: bit pairs, then nibbles (the counts of groups of 4), then whole bytes.
     pairs = mask_bytes - ((mask_bytes >> 1) & 0x55)
     nibbles = (pairs & 0x33) + ((pairs >> 2) & 0x33)
     if m == 4:
-        return torch.stack([nibbles & 0xF, nibbles >> 4], -1).view(rows, -1)
+        return torch.stack([nibbles & 0xF, nibbles >> 4], -1).view(rows, 2 * nbytes)  # sizes: rows may be 0
     counts = (nibbles + (nibbles >> 4)) & 0xF
-    return counts if m == 8 else counts.view(rows, -1, 2).sum(-1, dtype=torch.uint8)
+    return counts if m == 8 else counts.view(rows, nbytes // 2, 2).sum(-1, dtype=torch.uint8)
 
 
 def is_nm(weight: torch.Tensor, n: int, m: int) -> bool:
