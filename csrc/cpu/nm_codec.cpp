@@ -270,9 +270,11 @@ int64_t nm_kernel_check(const at::Tensor& words_in, const at::Tensor& row_n_in, 
       const uint32_t* row = wd + r * nwords;
       for (int64_t g = 0; g < gr.count && !bad[r]; ++g) {
         int64_t count = 0;
-        for (int64_t j = 0; j < gr.width(g); ++j) {
-          const int64_t c = g * m + j;
-          count += (row[c / 32] >> (c % 32)) & 1u;
+        const int64_t c0 = g * m;
+        if (32 % m == 0) {  // the group sits inside one word: one popcount
+          count = __builtin_popcount((row[c0 / 32] >> (c0 % 32)) & ((1ull << gr.width(g)) - 1));
+        } else {
+          for (int64_t c = c0; c < c0 + gr.width(g); ++c) count += (row[c / 32] >> (c % 32)) & 1u;
         }
         bad[r] = count != gr.target(g, n_of[r]);
       }
