@@ -168,6 +168,37 @@ def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack
     assert not torch.equal(unchecked(ids).logits, ld.load(out / "losa")(ids).logits)
 
 
+def test_inspect_reads_a_packed_checkpoint_as_its_unpacked_twin(packed, tmp_path, cli):
+    """inspect on the losa (and vllm) output reports what it reports on the hf output of the same model,
+    layer by layer, with the sidecar checked against the packed zero patterns; a swapped mask row is an
+    error naming the module."""
+    out, _ = packed
+    ld.pack(out / "hf", tmp_path / "vllm", format="vllm", progress=False)
+    plain = ld.inspect(out / "hf")
+    assert plain["packed"] is False and plain["sidecar"]["verified_modules"] == len(plain["layers"])
+    for folder in (out / "losa", tmp_path / "vllm"):
+        report = ld.inspect(folder)
+        assert report["packed"] is True
+        for key in ("linear_params", "global_sparsity", "pattern", "model_type"):
+            assert report[key] == plain[key], key
+        assert [{k: v for k, v in r.items() if k != "dtype"} for r in report["layers"]] == \
+            [{k: v for k, v in r.items() if k != "dtype"} for r in plain["layers"]]
+        assert report["sidecar"]["verified_modules"] == len(report["layers"])
+    code, stdout, _ = cli("inspect", out / "losa")
+    assert code == 0 and f"global sparsity {100 * plain['global_sparsity']:.2f}%" in stdout
+    module = "model.layers.0.self_attn.o_proj"
+
+    def swap_rows(state):
+        key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
+        mask = state[key].view(torch.int32) if state[key].dtype == torch.uint32 else state[key]
+        rows = [r for r in range(1, mask.shape[0]) if not torch.equal(mask[r], mask[0])
+                and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
+        mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
+
+    with pytest.raises(LosaError, match=f"zero pattern of {module} does not match"):
+        ld.inspect(_edited_copy(out / "losa", tmp_path / "broken", swap_rows))
+
+
 def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path):
     out, _ = packed
 

@@ -166,7 +166,8 @@ def check_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False, p
     config = read_config(path)
     if not packed and is_packed(config):
         raise LosaError(f"{path} is a packed checkpoint (losa_sparse): serve it with losa_deploy.load or vLLM; "
-                        "the other commands read an unpacked one (e.g. `pack --format hf` of its source)")
+                        "inspect reads it too, the other commands an unpacked one (e.g. `pack --format hf` of "
+                        "its source)")
     if "auto_map" in config and not trust_remote_code:
         raise LosaError(f"{path} ships its own modelling code (auto_map); pass --trust-remote-code to run it")
     model_type = config.get("model_type")

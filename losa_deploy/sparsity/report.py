@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from ..errors import LosaError
 from ..models.arch import architecture_for
-from ..models.checkpoint import check_checkpoint
-from ..models.tensors import iter_model_tensors
+from ..models.checkpoint import check_checkpoint, is_packed, stored_shapes
+from ..models.tensors import iter_model_tensors, iter_tensors
 from .patterns import detect_pattern, model_pattern
-from .sidecar import read_sidecar, verify_module
+from .sidecar import read_sidecar, verify_module, verify_packed
 
 
 def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -19,21 +22,24 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
     Raises :class:`LosaError` when the checkpoint carries a sidecar that disagrees with its weights.
     """
     path = Path(path)
-    config = check_checkpoint(path, trust_remote_code)
+    config = check_checkpoint(path, trust_remote_code, packed=True)
     arch = architecture_for(config["model_type"])
     key_re = arch.weight_key_pattern()
     sidecar = read_sidecar(path)
     layers, patterns, checked = [], {}, 0
-    for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None):
-        name = key[: -len(".weight")]
-        block = int(key_re.match(key).group(1))
+    weights = _packed_weights(path, config) if is_packed(config) else _dense_weights(path, arch)
+    for name, weight, packed in weights:
+        block = int(key_re.match(f"{name}.weight").group(1))
         pattern = detect_pattern(weight)
         patterns[name] = pattern
         layers.append({"name": name, "block": block, "shape": list(weight.shape), "dtype": str(weight.dtype),
                        "sparsity": pattern.sparsity, "nnz": pattern.nnz, "pattern": pattern.describe(),
                        "kind": pattern.kind, "n": pattern.n, "m": pattern.m})
         if sidecar is not None and name in sidecar["modules"]:
-            verify_module(name, sidecar["modules"][name], weight)
+            if packed is None:
+                verify_module(name, sidecar["modules"][name], weight)
+            else:
+                verify_packed(name, sidecar["modules"][name], packed)
             checked += 1
     if not layers:  # a global sparsity of 0 / 0 weights means nothing
         raise LosaError(f"{path} holds no prunable linear weights of the {arch.name} layout "
@@ -54,4 +60,41 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
         "global_sparsity": 1.0 - nnz / max(numel, 1),
         "pattern": model_pattern(patterns),
         "sidecar": None if sidecar is None else {"verified_modules": checked, "pattern": sidecar.get("pattern")},
+        "packed": is_packed(config),
     }
+
+
+def _dense_weights(path: Path, arch) -> Iterator[tuple[str, torch.Tensor, None]]:
+    """(module, weight, None) for every prunable linear of an unpacked checkpoint."""
+    key_re = arch.weight_key_pattern()
+    for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None):
+        yield key[: -len(".weight")], weight, None
+
+
+def _packed_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """(module, dense weight, packed weight) for every packed module of a ``losa`` / ``vllm`` checkpoint,
+    read as the serving paths read it. A module is unpacked as soon as its last tensor has streamed by,
+    so only one module's tensors are held at a time."""
+    from ..kernels.formats import read_packed
+    from ..runtime.loader import packing_block
+    from ..runtime.sparse_linear import PACKED_KEYS
+
+    modules = packing_block(config, path)["modules"]
+    expected: dict[str, set[str]] = {}
+    for key in stored_shapes(path):
+        module, _, leaf = key.rpartition(".")
+        if module in modules and leaf in PACKED_KEYS[modules[module]]:
+            expected.setdefault(module, set()).add(key)
+    missing = sorted(set(modules) - set(expected))
+    if missing:
+        raise LosaError(f"{path} has no packed tensors for {missing[0]}")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in iter_tensors(path, lambda k: k.rpartition(".")[0] in expected):
+        module = key.rpartition(".")[0]
+        parts.setdefault(module, {})[key] = tensor
+        if set(parts[module]) == expected[module]:
+            try:
+                packed = read_packed(modules[module], parts.pop(module), prefix=module)
+            except LosaError as exc:
+                raise LosaError(f"{path}: {exc}") from None
+            yield module, packed.to_dense(), packed
