@@ -147,11 +147,9 @@ def test_load_reads_the_generation_config(packed, tmp_path):
         ld.load(folder)
 
 
-def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack_prompts):
-    """Two mask rows swapped keep every count the format checks (rows of equal popcount, N:M groups still
-    full): only the sidecar's mask_sha256 can tell, and load names the module."""
-    out, _ = packed
-    module = "model.layers.1.mlp.down_proj"
+def _swap_mask_rows(module: str):
+    """An edit of a packed state that swaps two mask rows of ``module``: rows of equal popcount (N:M groups
+    stay full), so every count the format checks stays right and only the sidecar's mask_sha256 can tell."""
 
     def edit(state):
         key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
@@ -160,7 +158,15 @@ def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack
                 and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
         mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
 
-    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
+    return edit
+
+
+def test_load_checks_the_zero_pattern_against_the_sidecar(packed, tmp_path, pack_prompts):
+    """Two mask rows swapped keep every count the format checks (rows of equal popcount, N:M groups still
+    full): only the sidecar's mask_sha256 can tell, and load names the module."""
+    out, _ = packed
+    module = "model.layers.1.mlp.down_proj"
+    broken = _edited_copy(out / "losa", tmp_path / "broken", _swap_mask_rows(module))
     with pytest.raises(LosaError, match=f"zero pattern of {module} does not match"):
         ld.load(broken)
     ids = torch.tensor([pack_prompts[0]])
@@ -187,16 +193,8 @@ def test_inspect_reads_a_packed_checkpoint_as_its_unpacked_twin(packed, tmp_path
     code, stdout, _ = cli("inspect", out / "losa")
     assert code == 0 and f"global sparsity {100 * plain['global_sparsity']:.2f}%" in stdout
     module = "model.layers.0.self_attn.o_proj"
-
-    def swap_rows(state):
-        key = next(f"{module}.{leaf}" for leaf in ("lb_mask", "nm_mask") if f"{module}.{leaf}" in state)
-        mask = state[key].view(torch.int32) if state[key].dtype == torch.uint32 else state[key]
-        rows = [r for r in range(1, mask.shape[0]) if not torch.equal(mask[r], mask[0])
-                and (key.endswith("nm_mask") or bool(popcount(mask[r]).sum() == popcount(mask[0]).sum()))]
-        mask[[0, rows[0]]] = mask[[rows[0], 0]].clone()
-
     with pytest.raises(LosaError, match=f"zero pattern of {module} does not match"):
-        ld.inspect(_edited_copy(out / "losa", tmp_path / "broken", swap_rows))
+        ld.inspect(_edited_copy(out / "losa", tmp_path / "broken", _swap_mask_rows(module)))
 
 
 def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path):
