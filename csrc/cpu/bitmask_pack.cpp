@@ -59,9 +59,9 @@ at::Tensor unpack_mask(const at::Tensor& words, int64_t cols) {
   return out;
 }
 
-// A whole BitmaskWeight in two passes over the rows (PyTorch's boolean indexing and row sums took over a
-// second on a 7B layer): the words and each row's count, then the kept values of ``source`` (the weight
-// already in its packed dtype, moved as raw bits) at the positions ``keep`` marks.
+// A whole BitmaskWeight in two passes over the rows (PyTorch's boolean indexing and row sums took 0.76 s
+// on a 7B-sized layer, this 0.06-0.08 s): the words and each row's count, then the kept values of
+// ``source`` (the weight already in its packed dtype, moved as raw bits) at the positions ``keep`` marks.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bitmask_encode(const at::Tensor& keep_in, const at::Tensor& source_in) {
   LOSA_CHECK(keep_in.dim() == 2 && keep_in.scalar_type() == at::kBool && keep_in.device().is_cpu(),
              "bitmask_encode: keep must be a 2-D bool CPU tensor");

@@ -1,6 +1,6 @@
 // The N:M canonical format's codec: checking, packing, unpacking and the kernel layout, one pass over the
-// rows instead of PyTorch's [rows, groups, M] temporaries (about 50x faster on 7B-sized layers, where
-// loading a 2:4 model spent seconds per linear in these conversions).
+// rows instead of PyTorch's [rows, groups, M] temporaries: 4-11x faster per step on 7B-sized layers, and
+// ld.load of a 2:4 model about 14x (benchmarks/format_codecs.py, RESULTS.md).
 //
 // The layouts are described once, in losa_deploy/kernels/formats/nm.py (module docstring); the PyTorch
 // functions there stay as the reference these ops are tested against, and as the path on other devices.
