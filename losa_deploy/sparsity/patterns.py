@@ -60,14 +60,19 @@ def global_sparsity(weights) -> float:
 
 
 def nm_group_counts(keep: torch.Tensor, m: int) -> torch.Tensor:
-    """Kept entries per full group of ``m`` columns: ``[out, in // m]``."""
+    """Kept entries per full group of ``m`` columns: ``[out, in // m]`` (int64)."""
+    return _group_counts(keep, m).to(torch.int64)
+
+
+def _group_counts(keep: torch.Tensor, m: int, mask_bytes: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`nm_group_counts` as uint8 (``mask_bytes``: the mask's :func:`_mask_bytes`, when already made)."""
     rows, cols = keep.shape
     full = cols // m
     if m in NM_GROUP_SIZES and keep.device.type == "cpu":
-        return _popcount_groups(_mask_bytes(keep), m)[:, :full].to(torch.int64)
-    # Summed as bytes (a count is at most 16), then widened: 5-7x faster than an int64 sum of bools.
+        return _popcount_groups(_mask_bytes(keep) if mask_bytes is None else mask_bytes, m)[:, :full]
+    # Summed as bytes (a count is at most 16): 5-7x faster than an int64 sum of bools.
     groups = keep[:, : full * m].to(torch.bool).reshape(rows, full, m).view(torch.uint8)
-    return groups.sum(-1, dtype=torch.uint8).to(torch.int64)
+    return groups.sum(-1, dtype=torch.uint8)
 
 
 def _mask_bytes(keep: torch.Tensor) -> torch.Tensor:
@@ -127,10 +132,7 @@ def _nm_fit(keep: torch.Tensor, m: int, mask_bytes: torch.Tensor | None = None) 
     rows, cols = keep.shape
     if cols < 2 * m:  # one full group per row fits any mask: a row's N would be whatever it keeps
         return None
-    if mask_bytes is None:
-        counts = nm_group_counts(keep, m)
-    else:
-        counts = _popcount_groups(mask_bytes, m)[:, : cols // m]
+    counts = _group_counts(keep, m, mask_bytes)
     row_n = counts.amax(dim=1).to(torch.int64)  # the N each row follows
     n = int(row_n.max())
     if n >= m or n == 0:
