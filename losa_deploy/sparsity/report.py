@@ -13,7 +13,7 @@ from ..models.arch import architecture_for
 from ..models.checkpoint import check_checkpoint, is_packed, stored_shapes
 from ..models.tensors import iter_model_tensors, iter_tensors
 from .patterns import detect_pattern, model_pattern
-from .sidecar import read_sidecar, verify_module, verify_packed
+from .sidecar import read_sidecar, verify_module
 
 
 def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False) -> dict:
@@ -28,7 +28,7 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
     sidecar = read_sidecar(path)
     layers, patterns, checked = [], {}, 0
     weights = _packed_weights(path, config) if is_packed(config) else _dense_weights(path, arch)
-    for name, weight, packed in weights:
+    for name, weight in weights:
         block = int(key_re.match(f"{name}.weight").group(1))
         pattern = detect_pattern(weight)
         patterns[name] = pattern
@@ -36,10 +36,7 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
                        "sparsity": pattern.sparsity, "nnz": pattern.nnz, "pattern": pattern.describe(),
                        "kind": pattern.kind, "n": pattern.n, "m": pattern.m})
         if sidecar is not None and name in sidecar["modules"]:
-            if packed is None:
-                verify_module(name, sidecar["modules"][name], weight)
-            else:
-                verify_packed(name, sidecar["modules"][name], packed)
+            verify_module(name, sidecar["modules"][name], weight)  # a packed one's unpacked zeros are its own
             checked += 1
     if not layers:  # a global sparsity of 0 / 0 weights means nothing
         raise LosaError(f"{path} holds no prunable linear weights of the {arch.name} layout "
@@ -64,15 +61,15 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
     }
 
 
-def _dense_weights(path: Path, arch) -> Iterator[tuple[str, torch.Tensor, None]]:
-    """(module, weight, None) for every prunable linear of an unpacked checkpoint."""
+def _dense_weights(path: Path, arch) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module, weight) for every prunable linear of an unpacked checkpoint."""
     key_re = arch.weight_key_pattern()
     for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None):
-        yield key[: -len(".weight")], weight, None
+        yield key[: -len(".weight")], weight
 
 
-def _packed_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor, object]]:
-    """(module, dense weight, packed weight) for every packed module of a ``losa`` / ``vllm`` checkpoint,
+def _packed_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module, dense weight) for every packed module of a ``losa`` / ``vllm`` checkpoint,
     read as the serving paths read it. A module is unpacked as soon as its last tensor has streamed by,
     so only one module's tensors are held at a time."""
     from ..kernels.formats import read_packed
@@ -97,4 +94,4 @@ def _packed_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tenso
                 packed = read_packed(modules[module], parts.pop(module), prefix=module)
             except LosaError as exc:
                 raise LosaError(f"{path}: {exc}") from None
-            yield module, packed.to_dense(), packed
+            yield module, packed.to_dense()
