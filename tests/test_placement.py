@@ -4,10 +4,11 @@ outputs unchanged) across construction and dtype conversion."""
 
 import pytest
 import torch
-from sparse_weights import random_sparse
+from sparse_weights import random_nm, random_sparse
 
 from losa_deploy.kernels import has_extension
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
+from losa_deploy.kernels.formats.nm import NMKernelLayout, NMWeight
 from losa_deploy.kernels.placement import HUGE_PAGE_BYTES, on_huge_pages, place_for_decode
 from losa_deploy.runtime import SparseLinear
 
@@ -75,3 +76,22 @@ def test_share_memory_shares_the_packed_weight_the_kernel_reads(rng):
         assert tensor is getattr(layer, name)  # the kernel reads the shared buffer, not a copy
     x = torch.randn(5, cols, generator=rng)
     torch.testing.assert_close(layer(x), (x.double() @ weight.double().T).float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bitmask", "2:4"])
+def test_building_and_converting_a_layer_checks_its_bits_once(rng, kind, monkeypatch):
+    # Placing on huge pages and .to(dtype) hold copies of checked arrays: the full pass over the mask runs
+    # when the layout is built, not again for each move (it was three times per module in ld.load).
+    cls = BitmaskWeight if kind == "bitmask" else NMKernelLayout
+    calls = []
+    check = cls._check_bits
+    monkeypatch.setattr(cls, "_check_bits", lambda self: (calls.append(self.shape), check(self))[1])
+    rows, cols = 1031, 2053  # ragged; values > 2 MiB: placed on huge pages
+    weight = random_sparse(rows, cols, 0.5, rng) if kind == "bitmask" else random_nm(rows, cols, 2, 4, rng)
+    packed = BitmaskWeight.from_dense(weight) if kind == "bitmask" else NMWeight.from_dense(weight, 2, 4)
+    layer = SparseLinear(packed)
+    layer.to(torch.bfloat16)
+    assert calls == [(rows, cols)]
+    x = torch.randn(5, cols, generator=rng).to(torch.bfloat16)
+    ref = x.double() @ weight.to(torch.bfloat16).double().T
+    torch.testing.assert_close(layer(x).double(), ref, rtol=2e-2, atol=2e-2)

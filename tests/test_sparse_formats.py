@@ -1,6 +1,8 @@
 """Packed formats: bitmask and N:M pack / unpack bit-exactly, their on-disk arrays round-trip, the kernel
 layout of N:M matches, and malformed arrays or weights that do not fit are clear errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -293,3 +295,40 @@ def test_nm_weights_with_no_rows_pack(m):
     assert nm_group_counts(torch.zeros(0, 40, dtype=torch.bool), m).shape == (0, 40 // m)
     packed = NMWeight.from_dense(torch.zeros(0, 40), None, m)
     assert packed.values.shape[0] == 0 and packed.to_dense().shape == (0, 40)
+
+
+def _count_bit_checks(monkeypatch, cls) -> list[int]:
+    calls = [0]
+    check = cls._check_bits
+
+    def counted(self):
+        calls[0] += 1
+        return check(self)
+
+    monkeypatch.setattr(cls, "_check_bits", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["bitmask", "nm"])
+def test_replace_checks_the_arrays_not_the_bits_again(rng, kind, monkeypatch):
+    # replace() holds copies of arrays checked when the weight was built: it re-checks shapes and dtypes
+    # only (the bit pass is what a load repeated for every move), and anything malformed is still refused.
+    if kind == "bitmask":
+        cls, weight = BitmaskWeight, random_sparse(37, 101, 0.6, rng)
+        packed = BitmaskWeight.from_dense(weight)
+    else:
+        cls, weight = NMKernelLayout, random_nm(37, 101, 2, 4, rng)
+        packed = NMWeight.from_dense(weight, 2, 4).kernel_layout()
+    calls = _count_bit_checks(monkeypatch, cls)
+    moved = packed.replace(values=packed.values.to(torch.bfloat16), mask=packed.mask.clone())
+    assert calls[0] == 0
+    assert moved.values.dtype == torch.bfloat16 and packed.values.dtype == torch.float32
+    assert torch.equal(moved.to_dense(), weight.to(torch.bfloat16))
+    with pytest.raises(LosaError, match="must keep its shape"):
+        packed.replace(values=packed.values[:-1])
+    with pytest.raises(LosaError, match="mask must be int32"):
+        packed.replace(mask=packed.mask.to(torch.int64))
+    with pytest.raises(LosaError, match="values must be 1-D"):
+        packed.replace(values=packed.values.double())
+    cls(**{f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)})  # the constructor checks bits
+    assert calls[0] == 1

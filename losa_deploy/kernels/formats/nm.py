@@ -47,7 +47,16 @@ import torch
 from ...errors import LosaError
 from ...sparsity.patterns import detect_pattern, nm_group_counts, nm_tail_keep
 from .. import ops
-from .bitmask import VALUE_DTYPES, check_words_fit, key, pack_mask, unpack_mask, value_dtype, words_per_row
+from .bitmask import (
+    VALUE_DTYPES,
+    check_words_fit,
+    key,
+    pack_mask,
+    replace_arrays,
+    unpack_mask,
+    value_dtype,
+    words_per_row,
+)
 
 DEFAULT_ROWS_PER_BLOCK = 64
 _CHUNK_ROWS = 256  # rows converted at a time, to bound the temporaries of big layers
@@ -394,6 +403,11 @@ class NMKernelLayout:
     mask: torch.Tensor  # int32 losa-bitmask words [out, ceil(in / 32)] of the filled masks
 
     def __post_init__(self):
+        self._check_arrays()
+        self._check_bits()
+
+    def _check_arrays(self) -> None:
+        """Shapes, dtypes and the value count: cheap, and checked again by ``replace``."""
         rows, cols = self.shape
         what = f"N:{self.m} kernel layout"
         blocks = -(-rows // self.rows_per_block) if self.rows_per_block > 0 else 0
@@ -408,6 +422,12 @@ class NMKernelLayout:
         stride = (cols // self.m) * row_n + (row_n * (cols % self.m) + self.m - 1) // self.m
         if int(stride.sum()) != self.values.numel():
             raise LosaError(f"{what}: {self.values.numel()} values, the layout holds {int(stride.sum())}")
+
+    def _check_bits(self) -> None:
+        """Every group marks exactly its N positions: a pass over the whole mask."""
+        rows, cols = self.shape
+        what = f"N:{self.m} kernel layout"
+        row_n = self.row_n()
         check_words_fit(self.mask, cols, what)
         losa = _codec(self.mask)
         if losa is not None:
@@ -454,8 +474,10 @@ class NMKernelLayout:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "mask": self.mask, "block_n": self.block_n}
 
-    def replace(self, **tensors: torch.Tensor) -> NMKernelLayout:
-        return dataclasses.replace(self, **tensors)
+    def replace(self, **copies: torch.Tensor) -> NMKernelLayout:
+        """This layout holding ``copies`` of its arrays (on another device, on huge pages, values in another
+        dtype): see :func:`~.bitmask.replace_arrays`."""
+        return replace_arrays(self, copies)
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return self.canonical().state_dict(prefix)
