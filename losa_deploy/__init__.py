@@ -9,7 +9,7 @@ from ._version import __version__
 from .errors import LosaError
 
 _API = {"SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
-        "masked_lora_linear", "merge", "pack", "prune", "sparsify_"}
+        "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention"}
 
 
 def __getattr__(name):

@@ -25,6 +25,7 @@ from .data import (
 )
 from .errors import LosaError
 from .eval.perplexity import perplexity
+from .kernels.attention import use_fast_attention
 from .kernels.masked_lora import masked_lora_linear
 from .models import (
     check_checkpoint,
@@ -239,11 +240,14 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
 
     ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available);
     ``verify`` checks every packed zero pattern against the checkpoint's ``losa_sparsity.json``.
+    On the CPU the model decodes on our attention kernel too (:func:`use_fast_attention`).
     """
     from .runtime.loader import load_packed
 
-    return load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code,
-                       verify=verify)
+    model = load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code,
+                        verify=verify)
+    use_fast_attention(model)
+    return model
 
 
 def bench(models: list[str], engines: str | list[str] = "torch,losa", device: str = "cpu",
@@ -266,4 +270,4 @@ def bench(models: list[str], engines: str | list[str] = "torch,losa", device: st
 
 
 __all__ = ["SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
-           "masked_lora_linear", "merge", "pack", "prune", "sparsify_"]
+           "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention"]

@@ -35,8 +35,12 @@
 
 #include "check.h"
 #include "cpu_features.h"
+#include "exp_approx.h"
 
 namespace {
+
+using losa::cpu::exp_nonpositive;
+using losa::cpu::exp_nonpositive16;
 
 constexpr int64_t kLanes = 16;  // positions per vector step (one AVX-512 register of fp32)
 constexpr int kRows = 4;  // query rows per group: each key/value load feeds four rows
@@ -44,24 +48,6 @@ constexpr int kRows = 4;  // query rows per group: each key/value load feeds fou
 // Lanes [0, remaining) of a 16-lane step.
 inline uint32_t tail(int64_t remaining) {
   return remaining >= kLanes ? 0xFFFFu : (1u << std::max<int64_t>(remaining, 0)) - 1u;
-}
-
-// exp(x) for x ≤ 0 in fp32, as plain arithmetic the compiler vectorises: x = n·ln2 + r with |r| ≤ ln2/2,
-// a degree-6 Taylor polynomial for e^r (relative error < 2e-7) and 2^n from the exponent bits. Below
-// -87 (e^x < 1.7e-38) the result is clamped at e^-87, far under fp32 resolution next to the row maximum's
-// contribution of exactly 1.
-[[gnu::always_inline]] inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
 struct Head {
@@ -159,22 +145,6 @@ void attend_default(const Head& h, int64_t seq, int64_t dim, float scale, Scratc
 
 #define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-LOSA_AVX512 inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // p · 2^n
-}
-
 LOSA_AVX512 void attend_avx512(const Head& h, int64_t seq, int64_t dim, float scale, Scratch& s) {
   const int64_t sp = prepare_head(h, seq, dim, s);
   const float* kt = s.kt.data();
@@ -237,20 +207,9 @@ LOSA_AVX512 void attend_avx512(const Head& h, int64_t seq, int64_t dim, float sc
 
 using AttendFn = void (*)(const Head&, int64_t, int64_t, float, Scratch&);
 
-// The best variant this CPU runs, capped by LOSA_CPU_ISA (default | avx2 | avx512 | avx512_bf16) as the
-// other CPU kernels are, so tests cover every variant on one machine.
+// The best variant this CPU runs (LOSA_CPU_ISA caps it, as for the other CPU kernels).
 std::pair<AttendFn, const char*> chosen_variant() {
-  int best = 0;
-  if (losa::cpu::has_feature("avx512f") && losa::cpu::has_feature("avx512bw") &&
-      losa::cpu::has_feature("avx512vl"))
-    best = 2;
-  if (const char* cap = std::getenv("LOSA_CPU_ISA"); cap != nullptr && *cap != '\0') {
-    const std::string c(cap);
-    const int limit = c == "default" ? 0 : c == "avx2" ? 1 : (c == "avx512" || c == "avx512_bf16") ? 2 : -1;
-    LOSA_CHECK(limit >= 0, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
-    best = std::min(best, limit);
-  }
-  if (best == 2) return {attend_avx512, "avx512"};
+  if (losa::cpu::avx512_allowed()) return {attend_avx512, "avx512"};
   return {attend_default, "default"};
 }
 

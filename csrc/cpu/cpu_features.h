@@ -2,8 +2,11 @@
 // __attribute__((target(...)))) and pick one at run time, so one binary serves every x86-64 CPU.
 #pragma once
 
+#include <cstdlib>
 #include <map>
 #include <string>
+
+#include "check.h"
 
 namespace losa::cpu {
 
@@ -32,6 +35,19 @@ inline bool has_feature(const std::string& name) {
   static const auto features = detect_features();
   auto it = features.find(name);
   return it != features.end() && it->second;
+}
+
+// Whether an AVX-512 (F, BW, VL) variant may run: the CPU has it and LOSA_CPU_ISA (default | avx2 |
+// avx512 | avx512_bf16), which caps every CPU kernel so tests can cover each variant on one machine,
+// allows it.
+inline bool avx512_allowed() {
+  const bool has = has_feature("avx512f") && has_feature("avx512bw") && has_feature("avx512vl");
+  const char* cap = std::getenv("LOSA_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return has;
+  const std::string c(cap);
+  LOSA_CHECK(c == "default" || c == "avx2" || c == "avx512" || c == "avx512_bf16",
+             "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
+  return has && (c == "avx512" || c == "avx512_bf16");
 }
 
 }  // namespace losa::cpu

@@ -56,7 +56,7 @@ class HFRunner:
     def load(self) -> dict:
         import torch
 
-        from ..api import load, load_model, sparsify_
+        from ..api import load, load_model, sparsify_, use_fast_attention
         from ..models.checkpoint import is_packed
         from ..runtime.loader import packing_block
         from ..runtime.sparse_linear import SparseLinear
@@ -79,6 +79,8 @@ class HFRunner:
             if self.engine == "losa":
                 sparsify_(model, progress=False)
         self.model = model.eval().to(self.device)
+        if self.engine == "losa":  # our runtime decodes on our attention kernel (CPU), as ld.load sets up
+            use_fast_attention(self.model)
         modules = list(model.modules())
         sparse = [m for m in modules if isinstance(m, SparseLinear)]
         formats = {}
@@ -89,11 +91,14 @@ class HFRunner:
                 f"nn.Linear" if sparse else f"torch nn.Linear ({dense} dense)")
         if base is not None:
             path += ", unmerged PEFT LoRA adapter"
+        attention = getattr(model.config, "_attn_implementation", None)
+        if attention == "losa_cpu":
+            path += ", losa_cpu attention"
         names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
         loaded = model.get_input_embeddings().weight.dtype  # dense on every path: the dtype the model runs
         return {"version": torch.__version__, "dtype": self.dtype, "weights_dtype": names.get(loaded, str(loaded)),
                 "kernel_path": path, "device": self.device, "sparse_linears": len(sparse), "dense_linears": dense,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "attention": attention}
 
     def measure(self, request: dict) -> dict:
         import torch
