@@ -258,21 +258,149 @@ def test_run_all_exits_0_after_its_runs_and_refuses_an_unknown_name(tmp_path):
     assert done.stderr.startswith("error: unknown run 'smollm3' (choose from llama-runtime, ")
 
 
-def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
-    # decode = (prefill + gen_len tokens) - (prefill + 1 token): timing noise can make it negative, which
-    # must not become a clamped 1 ns (billions of tokens/s in the table).
+def _vllm_output(first: float | None, last: float | None, tokens=(1, 2)):
+    """A RequestOutput as VLLMRunner reads it; first/last None: no metrics (vLLM's stats off)."""
+    from types import SimpleNamespace
+
+    metrics = None if first is None else SimpleNamespace(first_token_ts=first, last_token_ts=last)
+    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(tokens))], metrics=metrics)
+
+
+def test_vllm_batch_times_from_a_ragged_batch():
+    """Prefill until every request has its first token, decode from then to the batch's last token (as the
+    torch engine times a batch): not the first request's, a mean, or the first first token."""
+    from losa_deploy.throughput.runners import batch_times
+
+    outputs = [_vllm_output(11.2, 12.0), _vllm_output(11.5, 12.6), _vllm_output(11.3, 12.4)]
+    prefill, decode = batch_times(outputs, start=11.0, done=12.7)
+    assert prefill == pytest.approx(0.5) and decode == pytest.approx(1.1)
+    # Unusable timestamps: none, unset (0.0), or not between the call's start and end (another clock).
+    assert batch_times(outputs + [_vllm_output(None, None)], 11.0, 12.7) is None
+    assert batch_times(outputs + [_vllm_output(0.0, 0.0)], 11.0, 12.7) is None
+    assert batch_times(outputs, start=11.4, done=12.7) is None
+    assert batch_times(outputs, start=11.0, done=12.5) is None
+    assert batch_times([_vllm_output(11.5, 11.5)], 11.0, 12.0) is None  # no decode step measured
+    assert batch_times([], 11.0, 12.0) is None
+
+
+def _fake_vllm(monkeypatch, ticks: list[float], outputs: list):
+    """A VLLMRunner whose LLM answers ``outputs`` and records each call's max_tokens; time.monotonic
+    returns ``ticks`` in turn."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
     from losa_deploy.throughput import runners
 
-    ticks = iter([0.0, 1.0, 1.9])  # prefill 1.0 s, then the whole run took 0.9 s
-    monkeypatch.setattr(runners.time, "perf_counter", lambda: next(ticks))
-    output = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[1, 2])])
-    runner = runners.VLLMRunner(None, "bf16", None, 1, 4, 16)
-    runner.llm = SimpleNamespace(generate=lambda *args, **kwargs: [output])
+    ticks = iter(ticks)
+    monkeypatch.setattr(runners.time, "monotonic", lambda: next(ticks))
+    calls = []
+
+    def generate(prompts, params, use_tqdm):
+        calls.append(params.max_tokens)
+        return outputs
+
+    runner = runners.VLLMRunner(None, "bf16", None, 2, 4, 16)
+    runner.llm = SimpleNamespace(generate=generate)
+    return runner, calls
+
+
+def test_vllm_runner_times_one_generation_by_its_metrics(monkeypatch):
+    runner, calls = _fake_vllm(monkeypatch, [100.0, 103.0], [_vllm_output(100.4, 102.0, (7, 8, 9, 5)),
+                                                              _vllm_output(100.5, 102.5)])
+    answer = runner.measure({"prompts": [[1, 2, 3], [4, 5]], "gen_len": 4})
+    assert calls == [4]  # no second, prefill-only generation
+    assert answer["prefill_s"] == pytest.approx(0.5) and answer["decode_s"] == pytest.approx(2.0)
+    assert answer["tokens"] == [7, 8, 9, 5] and answer["timing"] == "vllm request metrics"
+
+
+def test_vllm_runner_falls_back_to_subtraction_without_metrics(monkeypatch):
+    runner, calls = _fake_vllm(monkeypatch, [0.0, 3.0, 10.0, 11.0], [_vllm_output(None, None)])
+    answer = runner.measure({"prompts": [[1, 2, 3]], "gen_len": 4})
+    assert calls == [4, 1]
+    assert answer["prefill_s"] == pytest.approx(1.0) and answer["decode_s"] == pytest.approx(2.0)
+    assert answer["timing"] == "subtraction"
+
+
+def test_vllm_runner_refuses_an_unmeasurable_decode(monkeypatch):
+    # Fallback: decode = (prefill + gen_len tokens) - (prefill + 1 token): timing noise can make it
+    # negative, which must not become a clamped 1 ns (billions of tokens/s in the table).
+    runner, _ = _fake_vllm(monkeypatch, [0.0, 0.9, 1.0, 2.0], [_vllm_output(None, None)])  # 0.9 s, then 1.0 s
     with pytest.raises(ValueError, match="no measurable time"):
         runner.measure({"prompts": [[1, 2, 3]], "gen_len": 4})
+
+
+def test_subtraction_timing_is_noted_under_the_table():
+    from losa_deploy.throughput.report import format_table
+
+    summary = summarize([1.0, 2.0])
+    row = {"model": "m", "engine": "vllm", "dtype": "bf16", "batch": 1, "prefill_tok_s": summary,
+           "decode_tok_s": summary, "tpot_ms": summary, "decode_speedup": 1.0, "kernel_path": "stock vLLM (dense)"}
+    results = {"settings": {"prompt_len": 4, "gen_len": 2, "threads": 2, "repeats": 2, "warmup": 1},
+               "agreement": [], "rows": [{**row, "timing": "vllm request metrics"}]}
+    assert "note:" not in format_table(results)
+    results["rows"] = [{**row, "timing": "subtraction"}]
+    assert "note: m / vllm batch 1: timed as a gen_len generation minus a 1-token one" in format_table(results)
+
+
+@pytest.fixture(scope="module")
+def vllm_tiny(tmp_path_factory):
+    """A random llama small enough for a quick vLLM start, with heads 32 wide (vLLM's CPU attention
+    refuses stories260K's 8)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=172,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=64)
+    out = tmp_path_factory.mktemp("vllm-tiny") / "llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_vllm_worker_times_prefill_and_decode_of_one_generation(vllm_tiny):
+    """The real worker on vLLM: every answer timed by vLLM's request metrics, both times positive even
+    for a single decode step, and within the request's own wall time (one generation, not two)."""
+    import time
+
+    from losa_deploy.throughput.engines import ENGINES, Shape
+    from losa_deploy.throughput.timing import WorkerProcess, remove_scratch, scratch_dir
+
+    work = scratch_dir("vllm-test")
+    argv, env = ENGINES["vllm"].command(vllm_tiny, "fp32", 2, Shape(3, 13, 9), work)
+    worker = WorkerProcess("vllm", argv, env, work)
+    try:
+        worker.wait_ready(600)
+        ragged = [list(range(1, 14)), list(range(20, 27)), list(range(40, 50))]
+        for prompts, gen_len in [(ragged, 2), (ragged, 9), (ragged[:1], 2)]:
+            start = time.perf_counter()
+            answer = worker.request({"prompts": prompts, "gen_len": gen_len}, 600)
+            wall = time.perf_counter() - start
+            assert answer["timing"] == "vllm request metrics"
+            assert answer["prefill_s"] > 0 and answer["decode_s"] > 0
+            assert answer["prefill_s"] + answer["decode_s"] <= wall
+            assert len(answer["tokens"]) == gen_len
+    finally:
+        worker.close()
+        remove_scratch(work)
+
+
+@pytest.mark.engine
+@pytest.mark.slow
+def test_bench_vllm_rows_say_how_they_were_timed(cli, vllm_tiny, bench_cache):
+    out = bench_cache / "r.json"
+    code, stdout, err = cli("bench", vllm_tiny, "--engine", "vllm:fp32", "--batch", "1,3", "--prompt-len", 13,
+                            "--gen-len", 2, "--repeats", 3, "--threads", 2, "--json", out, "--no-progress")
+    assert code == 0, err
+    assert "note:" not in stdout and "Avg prompt throughput" not in stdout + err  # vLLM's stat logger
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["timing"] == "vllm request metrics"
+        assert r["decode_tok_s"]["n"] == 3 and 0 < r["decode_tok_s"]["min"] < float("inf")
+        assert 0 < r["prefill_tok_s"]["min"] and len(r["tokens"]) == 2
 
 
 def test_vllm_engine_refuses_a_head_size_its_cpu_attention_lacks(cli, stories_dir, tmp_path):

@@ -265,6 +265,9 @@ def _rows(cells: list[Cell], batches: list[int], prompt_len: int, gen_len: int) 
                    "prefill_tok_s": summarize([batch * prompt_len / s["prefill_s"] for s in samples]),
                    "decode_tok_s": summarize([batch * (gen_len - 1) / s["decode_s"] for s in samples]),
                    "tpot_ms": summarize([1000 * s["decode_s"] / (gen_len - 1) for s in samples])}
+            timing = sorted({s["timing"] for s in samples if "timing" in s})  # a worker that says how it timed
+            if timing:
+                row["timing"] = ", ".join(timing)
             base = base or row
             row["baseline"] = f"{base['model']} / {base['engine']} {base['dtype']}"
             for key in ("decode_tok_s", "prefill_tok_s"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .runners import TIMED_BY_SUBTRACTION
+
 
 def _cell(summary: dict, digits: int = 1) -> str:
     return f"{summary['median']:.{digits}f} ({summary['q1']:.{digits}f}-{summary['q3']:.{digits}f})"
@@ -33,6 +35,10 @@ def format_table(results: dict) -> str:
     lines = [f"prompt {s['prompt_len']}, generate {s['gen_len']}, {s['threads']} threads, {s['repeats']} repeats "
              f"after {s['warmup']} warm-up; medians (interquartile range); 'decode x' against the first measured "
              "row of each batch (an engine skipped at a batch is no baseline there)", table(rows, header)]
+    for r in results["rows"]:
+        if TIMED_BY_SUBTRACTION in r.get("timing", ""):  # vLLM gave no per-request timestamps
+            lines.append(f"note: {display_name(r['model'])} / {r['engine']} batch {r['batch']}: timed as a "
+                         "gen_len generation minus a 1-token one (two runs' noise)")
     different = [a for a in results["agreement"] if not a["identical"]]
     for a in different:
         lines.append(f"note: {a['model']} batch {a['batch']}: {a['engine']} first differs from {a['reference']} "

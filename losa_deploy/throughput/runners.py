@@ -24,6 +24,10 @@ from ..errors import LosaError
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
+# How a vllm answer was timed (its "timing"): from vLLM's per-request timestamps, or the fallback.
+TIMED_BY_METRICS = "vllm request metrics"
+TIMED_BY_SUBTRACTION = "subtraction"
+
 
 def adapter_base(path: Path) -> Path | None:
     """The base checkpoint of a PEFT adapter folder (None for anything else). An adapter that names no
@@ -128,8 +132,12 @@ class VLLMRunner:
     """The ``vllm`` engine: vLLM's offline LLM, eager mode, no prefix caching (the repeats reuse prompts),
     engine core and model in this worker process (``VLLMEngine.command`` sets the environment).
 
-    vLLM has no prefill-only call: prefill is timed as a generation of one token, decode as a generation
-    of ``gen_len`` tokens minus that.
+    One ``gen_len``-token generation, timed by vLLM's own per-request timestamps (``RequestOutput.metrics``,
+    kept because the LLM is made with ``disable_log_stats=False``): prefill from the call to the batch's
+    last first token, decode from there to the batch's last token (:func:`batch_times`). If a vLLM returns
+    no usable timestamps, a fallback: prefill is a generation of one token, decode the ``gen_len``
+    generation minus that (two runs' noise; refused when it comes out non-positive). Each answer's
+    ``timing`` says which was used.
     """
 
     def __init__(self, path: Path, dtype: str, threads: int | None, max_batch: int, prompt_len: int,
@@ -151,7 +159,11 @@ class VLLMRunner:
                        enforce_eager=True, enable_prefix_caching=False, skip_tokenizer_init=True,
                        gpu_memory_utilization=0.1, max_num_seqs=self.max_batch,
                        max_num_batched_tokens=max(self.max_batch * self.prompt_len, self.max_len), seed=0,
-                       distributed_executor_backend="uni")  # the model runs in the engine core's process
+                       distributed_executor_backend="uni",  # the model runs in the engine core's process
+                       disable_log_stats=False)  # keeps the per-request timestamps that measure() reads
+        # The timestamps need only the stats; vLLM's default stat loggers would add Prometheus work each step
+        # and an "Avg prompt throughput" line every 10 s to the worker log (which a failure quotes from).
+        self.llm.llm_engine.logger_manager = None
         workers = self.llm.apply_model(describe)
         layers = sum(w["losa_layers"] for w in workers)
         path = (f"vLLM + losa_sparse plugin ({layers} layers, {sum(w['packed_parts'] for w in workers)} packed "
@@ -168,19 +180,49 @@ class VLLMRunner:
         def params(tokens):
             return SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
 
-        start = time.perf_counter()
-        self.llm.generate(prompts, params(1), use_tqdm=False)
-        prefilled = time.perf_counter()
+        # time.monotonic: the clock of vLLM's engine-core timestamps (the engine core runs in this process).
+        start = time.monotonic()
         outputs = self.llm.generate(prompts, params(request["gen_len"]), use_tqdm=False)
-        done = time.perf_counter()
-        prefill = prefilled - start
-        # vLLM gives no per-step times: decode is the long run minus the prefill-only run. With few tokens,
-        # noise can make that negative: an error, not a made-up number (it printed 1.5e9 tokens/s).
-        decode = done - prefilled - prefill
+        done = time.monotonic()
+        tokens = list(outputs[0].outputs[0].token_ids)
+        times = batch_times(outputs, start, done)
+        if times is not None:
+            return {"prefill_s": times[0], "decode_s": times[1], "tokens": tokens, "timing": TIMED_BY_METRICS}
+        # No timestamps: decode is the long run minus a prefill-only run. With few tokens, noise can make
+        # that negative: an error, not a made-up number (it printed 1.5e9 tokens/s).
+        again = time.monotonic()
+        self.llm.generate(prompts, params(1), use_tqdm=False)
+        prefill = time.monotonic() - again
+        decode = done - start - prefill
         if decode <= 0:
             raise ValueError(f"vllm: {request['gen_len'] - 1} decode steps took no measurable time "
                              f"({decode * 1e3:.2f} ms after subtracting the prefill); raise --gen-len")
-        return {"prefill_s": prefill, "decode_s": decode, "tokens": list(outputs[0].outputs[0].token_ids)}
+        return {"prefill_s": prefill, "decode_s": decode, "tokens": tokens, "timing": TIMED_BY_SUBTRACTION}
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def batch_times(outputs: list, start: float, done: float) -> tuple[float, float] | None:
+    """(prefill_s, decode_s) of one batched generation from vLLM's per-request timestamps, as the other
+    engines time a batch: prefill from ``start`` (``time.monotonic()`` before the call) until every request
+    has its first token, decode from then until the last request's last token. None when a request lacks
+    its timestamps (``metrics`` None, or 0: stats off) or they do not fit between ``start`` and ``done``
+    (another clock): the caller falls back.
+
+    The timestamps are taken by vLLM's engine core (time.monotonic) when a step's outputs are ready, so
+    both times come from this one run. The bench's token budget prefills the whole batch in one step; a
+    batch prefilled over several steps counts the decode steps of its early requests into prefill.
+    """
+    firsts, lasts = [], []
+    for output in outputs:
+        metrics = getattr(output, "metrics", None)
+        first, last = getattr(metrics, "first_token_ts", 0.0), getattr(metrics, "last_token_ts", 0.0)
+        if not first or not last:
+            return None
+        firsts.append(first)
+        lasts.append(last)
+    if not outputs or min(firsts) <= start or max(lasts) > done:
+        return None  # not the clock of this process
+    prefill, decode = max(firsts) - start, max(lasts) - max(firsts)
+    return (prefill, decode) if decode > 0 else None
