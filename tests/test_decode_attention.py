@@ -127,6 +127,27 @@ def test_peaked_scores_hidden_rows_and_extreme_masks(rng):
 
 
 @needs_ext
+@pytest.mark.parametrize("isa", ["default", "avx512"])
+def test_static_cache_tail_and_left_padding(rng, monkeypatch, isa):
+    """A static cache: keys past each sequence's length are masked (the value pass skips them) and may
+    hold anything, NaN included; left padding hides a sequence's first keys."""
+    monkeypatch.setenv("LOSA_CPU_ISA", isa)
+    q, k, v, _ = make_inputs(rng, 3, 6, 2, 2, 64, 40, torch.bfloat16, "none")
+    lengths, padding = torch.tensor([20, 64, 33]), torch.tensor([3, 0, 9])
+    keys = torch.arange(64)
+    visible = (keys >= padding[:, None]) & (keys < lengths[:, None])  # [B, Tk]
+    causal = keys[None, :] <= (lengths[:, None, None] - 2 + torch.arange(2)[None, :, None])  # [B, Tq, Tk]
+    mask = (visible[:, None, :] & causal)[:, None]  # [B, 1, Tq, Tk]
+    k, v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    got = ops().decode_attention(q, k, v, mask, 0.2)
+    clean_k, clean_v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    assert not got.isnan().any()
+    assert_exact_to_rounding(got, q, clean_k, clean_v, mask, 0.2)
+
+
+@needs_ext
 def test_bad_input_is_a_clear_error(rng):
     q, k, v, _ = make_inputs(rng, 2, 4, 2, 1, 9, 8, torch.float32, "none")
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):

@@ -74,6 +74,7 @@ struct Scratch {
   std::vector<const bool*> mask_bool;  // [rows]: each row's mask (null when not that kind)
   std::vector<const float*> mask_add;
   std::vector<int64_t> last;  // [rows]: without a mask, the last key each row sees
+  std::vector<int64_t> begin, end;  // [rows]: the keys [begin, end) hold every non-zero probability
 };
 
 template <typename T>
@@ -86,6 +87,8 @@ void prepare(const Item<T>& it, const Shape& s, Scratch& w) {
   w.mask_bool.assign(rows, nullptr);
   w.mask_add.assign(rows, nullptr);
   w.last.resize(rows);
+  w.begin.assign(rows, 0);
+  w.end.assign(rows, 0);
   for (int64_t hh = 0; hh < s.group; ++hh)
     for (int64_t i = 0; i < s.tq; ++i) {
       const int64_t r = hh * s.tq + i, m = hh * it.m_head + i * it.m_row;
@@ -122,6 +125,12 @@ void softmax_rows(const Shape& s, Scratch& w) {
       sum += p[j];
     }
     w.inv[r] = 1.0f / sum;
+    // The value pass walks only these keys: a static cache's unused tail and left padding are masked.
+    int64_t begin = 0, end = s.tk;
+    while (begin < end && p[begin] == 0.0f) ++begin;  // the row's maximum has probability 1
+    while (end > begin && p[end - 1] == 0.0f) --end;
+    w.begin[r] = begin;
+    w.end[r] = end;
   }
 }
 
@@ -223,8 +232,14 @@ LOSA_AVX512 void values_tile(const Item<T>& it, const Shape& s, Scratch& w, int6
   for (int c = 0; c < CC; ++c) m[c] = lanes(s.dim - (c0 + c) * kLanes);
   for (int r = 0; r < RR; ++r)
     for (int c = 0; c < CC; ++c) acc[r][c] = _mm512_setzero_ps();
+  const int64_t rows = std::min<int64_t>(RR, s.rows() - r0);
+  int64_t begin = s.tk, end = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    begin = std::min(begin, w.begin[r0 + r]);
+    end = std::max(end, w.end[r0 + r]);
+  }
   const float* p = w.p.data() + r0 * s.tk;
-  for (int64_t j = 0; j < s.tk; ++j) {
+  for (int64_t j = begin; j < end; ++j) {
     const T* vj = it.v + j * it.v_row + c0 * kLanes;
     __m512 v[CC];
     for (int c = 0; c < CC; ++c) v[c] = load16(vj + c * kLanes, m[c]);
@@ -233,7 +248,6 @@ LOSA_AVX512 void values_tile(const Item<T>& it, const Shape& s, Scratch& w, int6
       for (int c = 0; c < CC; ++c) acc[r][c] = _mm512_fmadd_ps(pj, v[c], acc[r][c]);
     }
   }
-  const int64_t rows = std::min<int64_t>(RR, s.rows() - r0);
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(w.inv[r0 + r]);
     float* out = w.out.data() + (r0 + r) * s.dim + c0 * kLanes;
