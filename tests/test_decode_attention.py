@@ -188,6 +188,9 @@ def test_covers_decode_only_what_the_kernel_computes():
     square = torch.zeros(2, 2, 30, 16)
     assert not covers_decode(square, k, v, **ok)  # a prefill: the causal kernel's or SDPA's
     assert not covers_decode(q.double(), k.double(), v.double(), **ok)
+    narrow = torch.zeros(2, 4, 1, 8), torch.zeros(2, 2, 30, 8)
+    assert not covers_decode(narrow[0], narrow[1], narrow[1], **ok)  # fp32 at 8 wide: SDPA is faster
+    assert covers_decode(narrow[0].bfloat16(), narrow[1].bfloat16(), narrow[1].bfloat16(), **ok)
     assert not covers_decode(q, k.bfloat16(), v.bfloat16(), **ok)
     assert not covers_decode(q, k, v, **{**ok, "dropout": 0.1})
     assert not covers_decode(q, k, v, **{**ok, "kwargs": {"softcap": 30.0}})
@@ -236,6 +239,7 @@ def test_decoding_on_the_kernel_equals_sdpa(rng, monkeypatch, model_type, padded
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
     config = tiny_config(model_type)
+    config.head_dim = 18  # ragged, and wide enough that fp32 decodes on the kernel
     if model_type == "mistral":
         config.sliding_window = 9  # shorter than the sequence: the mask carries the window
     sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
@@ -278,7 +282,8 @@ def test_use_fast_attention_leaves_other_models_and_saved_configs_alone(tmp_path
 
 @needs_fast
 def test_load_serves_on_the_decode_kernel(sparse_stories, tmp_path, pack_prompts):
-    """ld.load's model decodes on the kernel, with transformers' greedy tokens and logits."""
+    """ld.load sets up the losa_cpu attention (stories260K: 8-wide fp32 heads, so its decode steps stay on
+    SDPA by the rule above and its prefill runs the causal kernel), with transformers' greedy tokens."""
     from conftest import PACK_NEW_TOKENS, greedy_reference
 
     import losa_deploy as ld

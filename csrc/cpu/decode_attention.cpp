@@ -197,10 +197,11 @@ LOSA_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
 template <typename T>
 LOSA_AVX512 void scores_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
   const int64_t chunks = (s.dim + kLanes - 1) / kLanes;
+  const bool masked = w.mask_bool[0] != nullptr || w.mask_add[0] != nullptr;
   for (int64_t j = 0; j < s.tk; ++j) {
     const T* kj = it.k + j * it.k_row;
     for (int64_t r = 0; r < s.rows(); ++r) {
-      const float add = mask_at(w, r, j);
+      const float add = masked ? mask_at(w, r, j) : (j <= w.last[r] ? 0.0f : kNegInf);
       float* p = w.p.data() + r * s.tk + j;
       if (add == kNegInf) {
         *p = kNegInf;
@@ -220,6 +221,41 @@ LOSA_AVX512 void scores_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
       }
       *p = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + add;
     }
+  }
+}
+
+// softmax_rows with the exponentials 16 at a time.
+LOSA_AVX512 void softmax_rows_avx512(const Shape& s, Scratch& w) {
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  for (int64_t r = 0; r < s.rows(); ++r) {
+    float* p = w.p.data() + r * s.tk;
+    __m512 top16 = neg_inf;
+    for (int64_t j = 0; j < s.tk; j += kLanes)
+      top16 = _mm512_max_ps(top16, _mm512_mask_loadu_ps(neg_inf, lanes(s.tk - j), p + j));
+    const float top = _mm512_reduce_max_ps(top16);
+    if (top == kNegInf) {  // sees no key
+      std::fill(p, p + s.tk, 0.0f);
+      w.inv[r] = 0.0f;
+      w.begin[r] = w.end[r] = 0;
+      continue;
+    }
+    const __m512 top_v = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s.tk; j += kLanes) {
+      const __mmask16 m = lanes(s.tk - j);
+      const __m512 x = _mm512_maskz_loadu_ps(m, p + j);
+      // -inf (hidden keys) gives exactly 0, as in softmax_rows.
+      const __mmask16 seen = _mm512_mask_cmp_ps_mask(m, x, neg_inf, _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(seen, losa::cpu::exp_nonpositive16(_mm512_sub_ps(x, top_v)));
+      _mm512_mask_storeu_ps(p + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    w.inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    int64_t begin = 0, end = s.tk;
+    while (begin < end && p[begin] == 0.0f) ++begin;
+    while (end > begin && p[end - 1] == 0.0f) --end;
+    w.begin[r] = begin;
+    w.end[r] = end;
   }
 }
 
@@ -276,7 +312,7 @@ template <typename T>
 LOSA_AVX512 void attend_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
   prepare(it, s, w);
   scores_avx512(it, s, w);
-  softmax_rows(s, w);
+  softmax_rows_avx512(s, w);
   for (int64_t r0 = 0; r0 < s.rows(); r0 += kRowTile) {
     const int64_t rows = s.rows() - r0;
     if (rows == 1) values_rows<T, 1, 8>(it, s, w, r0);
