@@ -123,6 +123,11 @@ def _bench_summary(results: dict) -> list[dict]:
             for r in results["rows"] if "skipped" not in r]
 
 
+def _ppl_line(label: str, ppl: float, note: str = "") -> str:
+    # One label width for every row, so the perplexities line up whatever the phase count or sparsity.
+    return f"                 {label:<30}{ppl:8.3f}" + (f"   {note}" if note else "")
+
+
 def format_report(report: dict) -> str:
     s, t = report["stages"], report["seconds"]
     losa, pack = s["losa"], s["pack"]
@@ -133,12 +138,11 @@ def format_report(report: dict) -> str:
         f"  self-text    {s['self_text']['windows']} windows x {s['self_text']['seqlen']} tokens sampled by the "
         f"model ({t['self_text']:.0f}s): \"{s['self_text']['sample'][:80]}...\"",
         "  perplexity   on the held-out 20% of that text:",
-        f"                 dense                         {s['ppl_dense']:8.3f}",
-        f"                 Wanda one-shot {100 * s['prune']['achieved_sparsity']:.1f}%          {s['ppl_wanda']:8.3f}"
-        f"   ({t['prune']:.0f}s)",
-        f"                 LoSA {losa['phases']} phases, merged {100 * pack['losa']['global_sparsity']:.1f}%  "
-        f"{s['ppl_losa']:8.3f}   ({t['losa']:.0f}s: {losa['train_tokens']:,} training tokens, ranks "
-        f"{' -> '.join(f'{r:g}' for r in losa['average_rank_per_phase'])})",
+        _ppl_line("dense", s["ppl_dense"]),
+        _ppl_line(f"Wanda one-shot {100 * s['prune']['achieved_sparsity']:.1f}%", s["ppl_wanda"], f"({t['prune']:.0f}s)"),
+        _ppl_line(f"LoSA {losa['phases']} phases, merged {100 * pack['losa']['global_sparsity']:.1f}%", s["ppl_losa"],
+                  f"({t['losa']:.0f}s: {losa['train_tokens']:,} training tokens, ranks "
+                  f"{' -> '.join(f'{r:g}' for r in losa['average_rank_per_phase'])})"),
         f"  packed       losa {pack['losa']['weight_bytes'] / 2**20:.1f} MiB (bf16; dense bf16 "
         f"{pack['losa']['dense_bytes'] / 2**20:.1f} MiB), deepsparse {pack['deepsparse']['weight_bytes'] / 2**20:.1f} MiB "
         f"(fp32 ONNX)",

@@ -84,3 +84,21 @@ def test_public_api_names_are_not_shadowed_by_submodules():
 
     submodules = {m.name for m in pkgutil.iter_modules(losa_deploy.__path__)}
     assert not submodules & losa_deploy._API
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_a_data_file_error_suggests_only_flags_the_command_has(cli, stories_dir, tmp_path, command):
+    """A JSONL file without a known text field: the error told prune and finetune users to pass
+    --text-field, which only eval has (argparse then refused it)."""
+    import re
+
+    from losa_deploy.cli import build_parser
+
+    data = tmp_path / "body.jsonl"
+    data.write_text('{"body": "Once upon a time there was a cat."}\n' * 20)
+    flag = {"prune": "--calib", "finetune": "--data"}[command]
+    code, _, err = cli(command, stories_dir, "-o", tmp_path / "out", "--sparsity", "0.5", flag, data)
+    assert code == 2 and "no text field" in err
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    suggested = set(re.findall(r"(?<!eval's )(--[a-z-]+)", err))
+    assert suggested <= set(sub._option_string_actions), suggested

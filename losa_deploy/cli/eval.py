@@ -15,10 +15,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-field", help="the JSON field holding text (default: text, content, ...)")
     parser.add_argument("--seqlen", type=positive_int, help="window length (default: min(2048, context))")
     parser.add_argument("--max-windows", type=positive_int, help="score at most this many windows")
-    parser.add_argument("--nsamples", type=positive_int, default=16, help="windows to sample with --data self")
-    parser.add_argument("--batch-size", type=positive_int, default=4)
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nsamples", type=positive_int, default=16,
+                        help="windows to sample with --data self (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "auto"],
+                        help="dtype to evaluate in (default fp32; auto: as stored)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --data self sampling (default 0)")
 
 
 def run(args) -> dict:

@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", default="losa", help="losa | sparse-lora | lora | shears (default: losa)")
     parser.add_argument("--sparsity", type=_fraction, metavar="S", help="target sparsity (implied by N:M)")
     parser.add_argument("--pruner", default="wanda", help="wanda | sparsegpt | magnitude (default: wanda)")
-    parser.add_argument("--structure", default="unstructured", help="unstructured | N:M | mixed-N:M")
+    parser.add_argument("--structure", default="unstructured", help="unstructured (default) | N:M | mixed-N:M")
     parser.add_argument("--data", required=True, metavar="FILE",
                         help="training data: a text file, or JSON/JSONL instruction examples")
     parser.add_argument("--data-slice", metavar="A:B", help="use only this fraction range of --data")
@@ -23,16 +23,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget-tokens", type=positive_int, metavar="N",
                         help="train on the first N tokens of the (shuffled per phase) data; default: all")
     parser.add_argument("--steps", type=positive_int, default=5, metavar="T", help="LoSA phases (default 5)")
-    parser.add_argument("--data-split", default="even", help="LoSA budget per phase: even | final-heavy")
-    parser.add_argument("--allocation", default="rmi", help="LoSA per-block sparsity: rmi | uniform")
-    parser.add_argument("--lambda-schedule", default="banded", help="RMI range: banded | reference | constant")
+    parser.add_argument("--data-split", default="even", help="LoSA budget per phase: even (default) | final-heavy")
+    parser.add_argument("--allocation", default="rmi", help="LoSA per-block sparsity: rmi (default) | uniform")
+    parser.add_argument("--lambda-schedule", default="banded", help="RMI range: banded (default) | reference | constant")
     parser.add_argument("--rank", type=positive_int, default=8, help="the baselines' fixed rank (default 8)")
     parser.add_argument("--first-rank", type=positive_int, default=6,
                         help="LoSA's average rank at phase 1, +1 per phase (default 6: mean 8 over 5 phases)")
     parser.add_argument("--max-rank", type=positive_int, default=16, help="adapter capacity (default 16)")
-    parser.add_argument("--alpha", type=_fraction, default=16.0, help="LoRA alpha (scale alpha/8)")
+    parser.add_argument("--alpha", type=_fraction, default=16.0, help="LoRA alpha (scale alpha/8; default 16)")
     parser.add_argument("--dropout", type=_fraction, default=0.0, help="adapter dropout (default 0)")
-    parser.add_argument("--shrink", default="index", help="rank shrink: index (drop last) | svd")
+    parser.add_argument("--shrink", default="index", help="rank shrink: index (drop last; default) | svd")
     parser.add_argument("--calib", default="self", metavar="FILE|self", help="calibration text (default: self)")
     parser.add_argument("--calib-slice", metavar="A:B", help="fraction range of the calibration file")
     parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
@@ -42,11 +42,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4, help="examples per micro-batch (4)")
     parser.add_argument("--grad-accum", type=positive_int, default=2, help="micro-batches per update (2)")
     parser.add_argument("--max-len", type=positive_int, default=256, help="tokens per example (256)")
-    parser.add_argument("--autocast", default="auto", help="bf16 | none | auto (bf16 where native)")
+    parser.add_argument("--autocast", default="auto", help="bf16 | none | auto (default: bf16 where native)")
     parser.add_argument("--eval-data", metavar="FILE", help="text to measure perplexity on after each phase")
     parser.add_argument("--eval-slice", metavar="A:B", help="fraction range of --eval-data")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the calibration windows, adapter init and example order (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda (under torchrun: one GPU per process)")
     parser.add_argument("--save-base", action="store_true",
                         help="also write the pruned base before the merge to OUT/base (for unmerged use)")
     shears = parser.add_argument_group("shears (elastic-rank adapter search)")
@@ -58,7 +59,7 @@ def add_arguments(parser) -> None:
                              "module | 'q_proj,k_proj,v_proj;gate_proj,up_proj;down_proj' (default block)")
     shears.add_argument("--sample-per", default="step", help="draw the ranks per step | micro-batch (default step)")
     shears.add_argument("--search", default="heuristic",
-                        help="sub-adapter choice: heuristic (median rank) | hill-climb | max | min")
+                        help="sub-adapter choice: heuristic (median rank; default) | hill-climb | max | min")
     shears.add_argument("--search-evals", type=positive_int, default=16, metavar="N",
                         help="hill-climb: validation evaluations beyond the start (default 16)")
     shears.add_argument("--search-data", metavar="FILE", help="validation text for the search (default: --eval-data)")

@@ -23,9 +23,9 @@ def add_arguments(parser) -> None:
                         help="target sparsity in [0, 1) (implied by N:M structures)")
     parser.add_argument("--method", default="wanda", help="magnitude | wanda | sparsegpt (default: wanda)")
     parser.add_argument("--structure", default="unstructured",
-                        help="unstructured | N:M (e.g. 2:4, 4:8) | mixed-N:M (N per block, mean N)")
+                        help="unstructured (default) | N:M (e.g. 2:4, 4:8) | mixed-N:M (N per block, mean N)")
     parser.add_argument("--allocation", default="uniform", metavar="uniform|rmi|owl|FILE.json",
-                        help="per-block sparsity: uniform, RMI (LoSA's CKA), OWL, or per-layer JSON")
+                        help="per-block sparsity: uniform (default), RMI (LoSA's CKA), OWL, or per-layer JSON")
     parser.add_argument("--lam", type=_fraction, metavar="LAMBDA",
                         help="allocation range +-LAMBDA (default: RMI 0.01/0.02/0.03 by target, OWL 0.08, "
                              "mixed N:M one step 1/M)")
@@ -34,10 +34,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--slice", metavar="A:B", help="use only this fraction range of the calibration file")
     parser.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     parser.add_argument("--seqlen", type=positive_int, help="window length (default: min(2048, context))")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per block forward")
-    parser.add_argument("--blocksize", type=positive_int, default=128, help="SparseGPT column block")
-    parser.add_argument("--percdamp", type=_fraction, default=0.01, help="SparseGPT Hessian dampening")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="windows per block forward (default 8)")
+    parser.add_argument("--blocksize", type=positive_int, default=128,
+                        help="SparseGPT column block (default 128)")
+    parser.add_argument("--percdamp", type=_fraction, default=0.01,
+                        help="SparseGPT Hessian dampening, a share of mean(diag H) (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     parser.add_argument("--plot", metavar="FILE", help="draw the per-layer sparsity to this .png, .svg or .pdf file")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

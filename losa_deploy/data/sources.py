@@ -89,7 +89,9 @@ def _from_records(path: Path, records, text_field: str | None, template: PromptT
         return TextSource(str(path), examples=examples)
     key = text_field or next((k for k in TEXT_FIELDS if k in records[0]), None)
     if key is None:
-        raise LosaError(f"data file {path}: no text field found (tried {', '.join(TEXT_FIELDS)}; pass --text-field)")
+        # Only `eval` has --text-field: prune and finetune users can only rename the field.
+        raise LosaError(f"data file {path}: no text field found (tried {', '.join(TEXT_FIELDS)}; rename the "
+                        "field to one of these, or name it with eval's --text-field)")
     for n, r in enumerate(records, 1):
         if not isinstance(r.get(key), (str, type(None))):
             raise LosaError(f"data file {path}: record {n} has a non-text '{key}' ({type(r[key]).__name__})")
