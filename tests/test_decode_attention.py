@@ -281,7 +281,7 @@ def test_use_fast_attention_leaves_other_models_and_saved_configs_alone(tmp_path
 
 
 @needs_fast
-def test_load_serves_on_the_decode_kernel(sparse_stories, tmp_path, pack_prompts):
+def test_load_sets_up_the_losa_attention(sparse_stories, tmp_path, pack_prompts):
     """ld.load sets up the losa_cpu attention (stories260K: 8-wide fp32 heads, so its decode steps stay on
     SDPA by the rule above and its prefill runs the causal kernel), with transformers' greedy tokens."""
     from conftest import PACK_NEW_TOKENS, greedy_reference
