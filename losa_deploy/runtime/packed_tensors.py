@@ -3,7 +3,8 @@
 A packed module is stored as several tensors (``<p>.lb_*`` or ``<p>.nm_*``) that may lie far apart in a
 file, or in different shards. :func:`iter_packed` learns from the headers which tensors make up each
 module, and hands the module over, read, as soon as its last tensor has streamed by: a reader holds one
-module's tensors at a time, not the whole model's.
+module's tensors at a time, not the whole model's (tensors are read into memory of their own, not viewed
+through the mapped file, whose pages would stay resident).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def iter_packed(path: str | os.PathLike, modules: Mapping[str, str], plain: bool
     expected = _module_keys(path, modules)
     module_of = {key: module for module, keys in expected.items() for key in keys}
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in iter_tensors(path, lambda k: plain or k in module_of):
+    # Read, not viewed through the mapped file: a view would keep every packed tensor's pages resident for
+    # as long as the model keeps any plain tensor of the file, i.e. for good.
+    for key, tensor in iter_tensors(path, lambda k: plain or k in module_of, mmap=False):
         module = module_of.get(key)
         if module is None:
             yield key, tensor
