@@ -172,3 +172,24 @@ def test_a_tensor_stored_twice_is_refused(stories_dir, tmp_path, cli):
     assert code == 2 and err.strip().splitlines() == [
         f"error: {model}: model.embed_tokens.weight is stored twice, in weights-a.safetensors and weights-b.safetensors"]
     assert not (tmp_path / "hf").exists()
+
+
+def test_reading_tensors_gives_what_the_mapped_file_holds(tmp_path):
+    """iter_tensors(mmap=False) reads each tensor into memory of its own: the same keys, order, dtypes and
+    bytes as safe_open's views, empty and 0-dim tensors included; a truncated file is an error."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {"b.bf16": torch.randn(3, 5, generator=generator).bfloat16(), "a.f32": torch.randn(7, generator=generator),
+             "c.bool": torch.rand(4, 4, generator=generator) > 0.5, "d.u32": torch.arange(6, dtype=torch.int32).view(torch.uint32),
+             "e.i64": torch.tensor(9), "f.empty": torch.empty(0, 3)}
+    save_file(state, tmp_path / "model.safetensors")
+    mapped, read = list(iter_tensors(tmp_path)), list(iter_tensors(tmp_path, mmap=False))
+    assert [k for k, _ in read] == [k for k, _ in mapped] == sorted(state)
+    for (_, tensor), (key, expected) in zip(read, mapped):
+        assert tensor.dtype == expected.dtype and tensor.shape == expected.shape, key
+        assert torch.equal(tensor.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)), key
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-4])
+    with pytest.raises(LosaError, match="is truncated"):
+        list(iter_tensors(tmp_path, mmap=False))

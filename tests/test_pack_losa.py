@@ -126,8 +126,9 @@ def test_load_refuses_missing_packed_tensors(packed, tmp_path):
             del state[key]
 
     broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
-    with pytest.raises(LosaError, match="no packed tensors for model.layers.2.mlp.up_proj"):
-        ld.load(broken)
+    for read in (ld.load, ld.inspect):
+        with pytest.raises(LosaError, match="no packed tensors for model.layers.2.mlp.up_proj"):
+            read(broken)
 
 
 def test_load_reads_the_generation_config(packed, tmp_path):
@@ -197,16 +198,21 @@ def test_inspect_reads_a_packed_checkpoint_as_its_unpacked_twin(packed, tmp_path
         ld.inspect(_edited_copy(out / "losa", tmp_path / "broken", _swap_mask_rows(module)))
 
 
-def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path):
+@pytest.mark.parametrize("where", ["same file", "later shard"])
+def test_load_refuses_a_dense_weight_beside_a_packed_one(packed, tmp_path, where):
+    """load and inspect alike, wherever the stray weight is stored (found from the headers, before any
+    tensor is read)."""
     out, _ = packed
 
     def edit(state):
         state["model.layers.0.mlp.up_proj.weight"] = torch.randn(172, 64)
 
-    broken = _edited_copy(out / "losa", tmp_path / "broken", edit)
-    with pytest.raises(LosaError, match=r"up_proj is packed \((bitmask|nm)\) but also stores "
-                                        "model.layers.0.mlp.up_proj.weight"):
-        ld.load(broken)
+    later = (lambda key: key.endswith(".weight")) if where == "later shard" else None
+    broken = _edited_copy(out / "losa", tmp_path / "broken", edit, later)
+    for read in (ld.load, ld.inspect):
+        with pytest.raises(LosaError, match=r"up_proj is packed \((bitmask|nm)\) but also stores "
+                                            "model.layers.0.mlp.up_proj.weight"):
+            read(broken)
 
 
 def test_load_refuses_a_plain_tensor_of_the_wrong_shape(packed, tmp_path):
@@ -238,8 +244,109 @@ def test_load_refuses_non_finite_weights(packed, tmp_path, which):
         ld.load(broken)
 
 
-def _edited_copy(folder, dest, edit):
-    """A copy of the packed ``folder`` whose tensors ``edit(state)`` changed in place."""
+@pytest.fixture(scope="module")
+def sharded(packed, sparse_stories, tmp_path_factory):
+    """The losa packing again, in shards small enough that some packed modules straddle two of them."""
+    from unittest import mock
+
+    out = tmp_path_factory.mktemp("sharded") / "losa"
+    with mock.patch("losa_deploy.export.writer.DEFAULT_SHARD_BYTES", 100_000):
+        ld.pack(sparse_stories, out, format="losa", progress=False)
+    files = {}
+    for key, file in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].items():
+        files.setdefault(key.rpartition(".")[0], set()).add(file)
+    assert any(len(f) > 1 for f in files.values()), "no module straddles two shards"
+    return out
+
+
+def test_sharded_packing_loads_and_inspects_as_one_file(packed, sharded):
+    out, _ = packed
+    model, reference = ld.load(sharded), ld.load(out / "losa")
+    for name, module in reference.named_modules():
+        if isinstance(module, ld.SparseLinear):
+            assert torch.equal(model.get_submodule(name).packed.to_dense(), module.packed.to_dense()), name
+    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in model.state_dict().items())
+    assert ld.inspect(sharded)["layers"] == ld.inspect(out / "losa")["layers"]
+
+
+@pytest.mark.parametrize("layout", ["one file", "shards"])
+def test_load_builds_each_sparse_linear_as_soon_as_its_module_has_streamed_in(packed, sharded, layout,
+                                                                              monkeypatch):
+    """The loader never holds more than one packed module's file tensors: each SparseLinear is built once
+    its module's last tensor has gone by (it used to collect every module's tensors first)."""
+    import losa_deploy.runtime.loader as loader
+    import losa_deploy.runtime.packed_tensors as packed_tensors
+
+    out, _ = packed
+    folder = out / "losa" if layout == "one file" else sharded
+    modules = json.loads((folder / "config.json").read_text())["losa_sparse"]["modules"]
+    streamed, built, most_held = set(), [], [0]
+    iter_tensors = packed_tensors.iter_tensors
+
+    def counting(*args, **kwargs):
+        for key, tensor in iter_tensors(*args, **kwargs):
+            if key.rpartition(".")[0] in modules:
+                streamed.add(key.rpartition(".")[0])
+            most_held[0] = max(most_held[0], len(streamed) - len(built))
+            yield key, tensor
+
+    class CountingSparseLinear(ld.SparseLinear):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(packed_tensors, "iter_tensors", counting)
+    monkeypatch.setattr(loader, "SparseLinear", CountingSparseLinear)
+    ld.load(folder)
+    assert len(built) == len(modules) and most_held[0] == 1
+
+
+@pytest.mark.parametrize("where", ["same file", "later shard"])
+def test_a_packed_module_gets_its_bias_whether_it_streams_before_or_after(packed, tmp_path, pack_prompts, where):
+    """A packed module's bias is a plain tensor: in one file it streams before the module's packed tensors
+    (keys are sorted), from a later shard after them. The SparseLinear gets it either way (it copies the bias
+    it is built with), and inspect reads the module (it used to skip a module with a bias)."""
+    out, _ = packed
+    generator, biases = torch.Generator().manual_seed(0), {}
+
+    def add_biases(state):
+        for key in sorted(state):
+            module, _, leaf = key.rpartition(".")
+            if ".self_attn." in module and leaf in ("weight", "lb_shape", "nm_shape"):
+                rows = state[key].shape[0] if leaf == "weight" else int(state[key][0])
+                state[f"{module}.bias"] = biases.setdefault(module, torch.randn(rows, generator=generator))
+
+    later = (lambda key: key.endswith(".bias")) if where == "later shard" else None
+    folder = _edited_copy(out / "losa", tmp_path / "losa", add_biases, later)
+    dense = _edited_copy(out / "hf", tmp_path / "hf", add_biases)
+    for each in (folder, dense):
+        _set_config(each, attention_bias=True)
+    model, reference = ld.load(folder), ld.load_model(dense)
+    assert len(biases) == 20
+    for module, bias in biases.items():
+        assert isinstance(model.get_submodule(module), ld.SparseLinear)
+        assert torch.equal(model.get_submodule(module).bias, bias), module
+    with torch.no_grad():
+        ids = torch.tensor([pack_prompts[0]])
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
+    assert ld.load(folder, dtype="bf16").get_submodule(module).bias.dtype == torch.bfloat16
+    assert len(ld.inspect(folder)["layers"]) == 35
+
+
+def test_load_names_the_missing_bias_of_a_packed_module(packed, tmp_path):
+    import shutil
+
+    out, _ = packed
+    folder = tmp_path / "nobias"
+    shutil.copytree(out / "losa", folder)
+    _set_config(folder, attention_bias=True)
+    with pytest.raises(LosaError, match=r"is missing 20 weight\(s\), e.g. model.layers.0.self_attn.\w_proj.bias"):
+        ld.load(folder)
+
+
+def _edited_copy(folder, dest, edit, later=None):
+    """A copy of the packed ``folder`` whose tensors ``edit(state)`` changed in place; ``later``: store it
+    as two shards, the keys ``later(key)`` picks in the second."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -247,5 +354,18 @@ def _edited_copy(folder, dest, edit):
     shutil.copytree(folder, dest)
     state = load_file(dest / "model.safetensors")
     edit(state)
-    save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+    if later is None:
+        save_file(state, dest / "model.safetensors", metadata={"format": "pt"})
+        return dest
+    (dest / "model.safetensors").unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {key: names[bool(later(key))] for key in state}
+    for name in names:
+        save_file({k: t for k, t in state.items() if weight_map[k] == name}, dest / name, metadata={"format": "pt"})
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dest
+
+
+def _set_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))

@@ -8,15 +8,22 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LosaError
 from .arch import Architecture
-from .checkpoint import stored_shapes, weight_files
+from .checkpoint import SAFETENSORS_DTYPES, _safetensors_header, stored_shapes, weight_files
 
 
-def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True
+def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True, mmap: bool = True
                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` for every stored tensor whose key passes ``keep``."""
+    """Yield ``(key, tensor)`` for every stored tensor whose key passes ``keep``.
+
+    A safetensors tensor is a view of the mapped file, which stays mapped, every page read through it
+    resident, while any tensor of the file lives (a model holding one plain tensor keeps them all).
+    ``mmap=False`` reads each one into memory of its own instead, so a tensor let go is memory given back."""
     for file in weight_files(Path(path)):
-        if file.suffix == ".safetensors":
+        if file.suffix == ".safetensors" and not mmap:
+            yield from _read_safetensors(file, keep)
+        elif file.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(file, framework="pt") as handle:
@@ -28,6 +35,24 @@ def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda k
             for key, tensor in state.items():
                 if keep(key):
                     yield key, tensor
+
+
+def _read_safetensors(file: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one safetensors file, in safe_open's (sorted) key order, each read into a new tensor."""
+    header_len, entries = _safetensors_header(file)
+    with open(file, "rb") as raw:
+        for key in sorted(entries):
+            if not keep(key):
+                continue
+            entry = entries[key]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise LosaError(f"{file}: {key} is stored as {entry['dtype']}, which losa-deploy does not read")
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+            raw.seek(8 + header_len + begin)
+            if raw.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise LosaError(f"{file} is truncated: {key} ends past the end of the file")
+            yield key, tensor
 
 
 def iter_model_tensors(path: str | os.PathLike, arch: Architecture, keep: Callable[[str], bool] = lambda key: True

@@ -2,26 +2,25 @@
 packed linears are :class:`~.sparse_linear.SparseLinear` modules.
 
 The model is built empty (parameters on the meta device) and filled tensor by tensor: plain tensors are
-assigned as they stream in; each packed module's tensors are collected and become a ``SparseLinear``.
-No dense copy of a packed weight is ever made, so memory is that of the packed model.
+assigned as they stream in; each packed module becomes a ``SparseLinear`` as soon as its last tensor has
+streamed in (``packed_tensors.iter_packed``). No dense copy of a packed weight is ever made, and only one
+module's file tensors are held beside the model, so memory is that of the packed model.
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from ..errors import LosaError
 from ..kernels.dispatch import check_backend
-from ..kernels.formats import read_packed
 from ..models.checkpoint import check_checkpoint, parse_dtype
 from ..models.skeleton import assign_weight, empty_model
-from ..models.tensors import iter_tensors
 from ..sparsity.sidecar import read_sidecar, verify_packed
-from .sparse_linear import PACKED_KEYS, SparseLinear
+from .packed_tensors import iter_packed
+from .sparse_linear import SparseLinear
 
 _PACKING_KEYS = ("losa_sparse", "quantization_config")  # the losa format's block, the vllm format's
 
@@ -63,38 +62,26 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     # them too, and bf16 positions drift from the model's own after a few dozen tokens.
     model = empty_model(hf_config, trust_remote_code, dtype=torch_dtype)
     wanted = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items()} if torch_dtype is not None else {}
-    parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in iter_tensors(path):
-        module, _, leaf = key.rpartition(".")
-        if module in modules and leaf != "bias":
-            parts[module][key] = tensor  # read_packed checks its values
-            continue
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
-        if key in wanted and tensor.is_floating_point():
-            tensor = tensor.to(wanted[key])
-        assign_weight(model, path, key, tensor)
     sidecar = (read_sidecar(path) or {}).get("modules", {}) if verify else {}
-    for name, fmt in modules.items():
-        if name not in parts:
-            raise LosaError(f"{path} has no packed tensors for {name}")
-        leaves = {key.rpartition(".")[2]: key for key in parts[name]}
-        foreign = sorted(key for leaf, key in leaves.items() if leaf not in PACKED_KEYS.get(fmt, leaves))
-        if foreign:  # e.g. a dense <p>.weight beside the packed one: which is meant?
-            raise LosaError(f"{path}: {name} is packed ({fmt}) but also stores {foreign[0]}")
-        try:
-            packed = read_packed(fmt, parts.pop(name), prefix=name)
-            if name in sidecar:
-                verify_packed(name, sidecar[name], packed)
-        except LosaError as exc:
-            raise LosaError(f"{path}: {exc}") from None
-        parent_name, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        if packed.shape != (linear.out_features, linear.in_features):
-            raise LosaError(f"{path}: {name} is packed as {packed.shape}, the model's linear is "
-                            f"{(linear.out_features, linear.in_features)}")
-        sparse = SparseLinear(packed, linear.bias, backend=backend)
-        setattr(model.get_submodule(parent_name), child, sparse if torch_dtype is None else sparse.to(torch_dtype))
+    waiting = {}  # name -> packed weight of the modules whose bias streams in after them (a later shard)
+    for key, item in iter_packed(path, modules):
+        if isinstance(item, torch.Tensor):
+            _assign_plain(model, path, key, item, wanted)
+            name, _, leaf = key.rpartition(".")
+            if leaf == "bias" and name in waiting:
+                _install(model, name, waiting.pop(name), backend, torch_dtype)
+        else:
+            _check_packed(model, path, key, item, sidecar.get(key))
+            linear = model.get_submodule(key)
+            if linear.bias is not None and linear.bias.is_meta:
+                # Its bias has not streamed in yet: SparseLinear copies the bias it is given, and a bias
+                # loaded into it afterwards would be copied into that empty (meta) copy, i.e. dropped.
+                waiting[key] = item
+            else:
+                _install(model, key, item, backend, torch_dtype)
+        del item  # else this module's canonical arrays stay alive while the next one streams in
+    for name, packed in waiting.items():  # a bias never stored: the check for empty weights names it
+        _install(model, name, packed, backend, torch_dtype)
     model.tie_weights()
     empty = [name for name, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
     if empty:
@@ -106,6 +93,37 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     # that says so too, or the saved directory would read as a plain model with its linears missing.
     model.config.losa_sparse = block
     return model.eval().to(device)
+
+
+def _assign_plain(model: torch.nn.Module, path: Path, key: str, tensor: torch.Tensor,
+                  wanted: dict[str, torch.dtype]) -> None:
+    """Put a plain tensor into the empty model, in the dtype the model was built in (``wanted``)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise LosaError(f"{path} is corrupt: {key} holds NaN or Inf values")
+    if key in wanted and tensor.is_floating_point():
+        tensor = tensor.to(wanted[key])
+    assign_weight(model, path, key, tensor)
+
+
+def _check_packed(model: torch.nn.Module, path: Path, name: str, packed, entry: dict | None) -> None:
+    """Refuse a packed weight whose zero pattern disagrees with the sidecar ``entry`` (None: unchecked), or
+    whose shape is not the model's linear's."""
+    if entry is not None:
+        try:
+            verify_packed(name, entry, packed)
+        except LosaError as exc:
+            raise LosaError(f"{path}: {exc}") from None
+    linear = model.get_submodule(name)
+    if packed.shape != (linear.out_features, linear.in_features):
+        raise LosaError(f"{path}: {name} is packed as {packed.shape}, the model's linear is "
+                        f"{(linear.out_features, linear.in_features)}")
+
+
+def _install(model: torch.nn.Module, name: str, packed, backend: str | None, dtype: torch.dtype | None) -> None:
+    """Replace the model's empty linear ``name`` by a SparseLinear of ``packed`` and the linear's bias."""
+    parent_name, _, child = name.rpartition(".")
+    sparse = SparseLinear(packed, model.get_submodule(name).bias, backend=backend)
+    setattr(model.get_submodule(parent_name), child, sparse if dtype is None else sparse.to(dtype))
 
 
 def _read_generation_config(model: torch.nn.Module, path: Path) -> None:

@@ -10,8 +10,8 @@ import torch
 
 from ..errors import LosaError
 from ..models.arch import architecture_for
-from ..models.checkpoint import check_checkpoint, is_packed, stored_shapes
-from ..models.tensors import iter_model_tensors, iter_tensors
+from ..models.checkpoint import check_checkpoint, is_packed
+from ..models.tensors import iter_model_tensors
 from .patterns import detect_pattern, model_pattern
 from .sidecar import read_sidecar, verify_module
 
@@ -70,28 +70,10 @@ def _dense_weights(path: Path, arch) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _packed_weights(path: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(module, dense weight) for every packed module of a ``losa`` / ``vllm`` checkpoint,
-    read as the serving paths read it. A module is unpacked as soon as its last tensor has streamed by,
-    so only one module's tensors are held at a time."""
-    from ..kernels.formats import read_packed
+    read as the serving paths read it (``iter_packed``, as ``load`` reads it). A module is unpacked as soon
+    as its last tensor has streamed by, so only one module's tensors are held at a time."""
     from ..runtime.loader import packing_block
-    from ..runtime.sparse_linear import PACKED_KEYS
+    from ..runtime.packed_tensors import iter_packed
 
-    modules = packing_block(config, path)["modules"]
-    expected: dict[str, set[str]] = {}
-    for key in stored_shapes(path):
-        module, _, leaf = key.rpartition(".")
-        if module in modules and leaf in PACKED_KEYS[modules[module]]:
-            expected.setdefault(module, set()).add(key)
-    missing = sorted(set(modules) - set(expected))
-    if missing:
-        raise LosaError(f"{path} has no packed tensors for {missing[0]}")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in iter_tensors(path, lambda k: k.rpartition(".")[0] in expected):
-        module = key.rpartition(".")[0]
-        parts.setdefault(module, {})[key] = tensor
-        if set(parts[module]) == expected[module]:
-            try:
-                packed = read_packed(modules[module], parts.pop(module), prefix=module)
-            except LosaError as exc:
-                raise LosaError(f"{path}: {exc}") from None
-            yield module, packed.to_dense()
+    for name, packed in iter_packed(path, packing_block(config, path)["modules"], plain=False):
+        yield name, packed.to_dense()
