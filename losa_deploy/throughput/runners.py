@@ -98,6 +98,8 @@ class HFRunner:
         attention = getattr(model.config, "_attn_implementation", None)
         if attention == "losa_cpu":
             path += ", losa_cpu attention"
+        if self.engine == "losa":
+            path += ", in-place KV cache"
         names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
         loaded = model.get_input_embeddings().weight.dtype  # dense on every path: the dtype the model runs
         return {"version": torch.__version__, "dtype": self.dtype, "weights_dtype": names.get(loaded, str(loaded)),
@@ -112,7 +114,7 @@ class HFRunner:
         with torch.inference_mode():
             sync()
             start = time.perf_counter()
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, past_key_values=self._new_cache(), use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1)
             sync()
             prefilled = time.perf_counter()
@@ -126,6 +128,14 @@ class HFRunner:
             done = time.perf_counter()
         return {"prefill_s": prefilled - start, "decode_s": done - prefilled,
                 "tokens": torch.stack(tokens, 1)[0].tolist()}
+
+    def _new_cache(self):
+        """Our runtime decodes into the in-place cache; ``torch`` keeps transformers' default (None)."""
+        if self.engine != "losa":
+            return None
+        from ..runtime.cache import GrowingCache
+
+        return GrowingCache(self.model.config)
 
 
 class VLLMRunner:
