@@ -38,6 +38,7 @@
 #include "check.h"
 #include "cpu/cpu_features.h"
 #include "cpu/exp_approx.h"
+#include "cpu/vec512.h"
 
 namespace {
 
@@ -109,6 +110,17 @@ inline float mask_at(const Scratch& w, int64_t r, int64_t j) {
   return j <= w.last[r] ? 0.0f : kNegInf;
 }
 
+// The keys [begin, end) that hold row r's non-zero probabilities: the value pass walks only these (a
+// static cache's unused tail and left padding are masked).
+inline void record_span(const Shape& s, Scratch& w, int64_t r) {
+  const float* p = w.p.data() + r * s.tk;
+  int64_t begin = 0, end = s.tk;
+  while (begin < end && p[begin] == 0.0f) ++begin;  // the row's maximum has probability 1
+  while (end > begin && p[end - 1] == 0.0f) --end;
+  w.begin[r] = begin;
+  w.end[r] = end;
+}
+
 // Softmax of every row of w.p in place, exact in fp32; -inf entries become exact zeros.
 void softmax_rows(const Shape& s, Scratch& w) {
   for (int64_t r = 0; r < s.rows(); ++r) {
@@ -126,12 +138,7 @@ void softmax_rows(const Shape& s, Scratch& w) {
       sum += p[j];
     }
     w.inv[r] = 1.0f / sum;
-    // The value pass walks only these keys: a static cache's unused tail and left padding are masked.
-    int64_t begin = 0, end = s.tk;
-    while (begin < end && p[begin] == 0.0f) ++begin;  // the row's maximum has probability 1
-    while (end > begin && p[end - 1] == 0.0f) --end;
-    w.begin[r] = begin;
-    w.end[r] = end;
+    record_span(s, w, r);
   }
 }
 
@@ -180,29 +187,17 @@ void attend_default(const Item<T>& it, const Shape& s, Scratch& w) {
 
 #define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-LOSA_AVX512 inline __mmask16 lanes(int64_t remaining) {
-  return remaining >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(remaining, 0)) - 1u);
-}
-
-LOSA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-LOSA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-
-LOSA_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
+using losa::cpu::load16;
+using losa::cpu::tail_mask;
 
 // Scores of every row against key j: q_r · k_j over the head in two accumulators, plus the mask.
 template <typename T>
 LOSA_AVX512 void scores_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
   const int64_t chunks = (s.dim + kLanes - 1) / kLanes;
-  const bool masked = w.mask_bool[0] != nullptr || w.mask_add[0] != nullptr;
   for (int64_t j = 0; j < s.tk; ++j) {
     const T* kj = it.k + j * it.k_row;
     for (int64_t r = 0; r < s.rows(); ++r) {
-      const float add = masked ? mask_at(w, r, j) : (j <= w.last[r] ? 0.0f : kNegInf);
+      const float add = mask_at(w, r, j);
       float* p = w.p.data() + r * s.tk + j;
       if (add == kNegInf) {
         *p = kNegInf;
@@ -212,12 +207,12 @@ LOSA_AVX512 void scores_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int64_t c = 0;
       for (; c + 1 < chunks; c += 2) {
-        const __mmask16 m1 = lanes(s.dim - (c + 1) * kLanes);
+        const __mmask16 m1 = tail_mask(s.dim - (c + 1) * kLanes);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + c * kLanes), load16(kj + c * kLanes, 0xFFFF), a0);
         a1 = _mm512_fmadd_ps(load16(qr + (c + 1) * kLanes, m1), load16(kj + (c + 1) * kLanes, m1), a1);
       }
       if (c < chunks) {
-        const __mmask16 m0 = lanes(s.dim - c * kLanes);
+        const __mmask16 m0 = tail_mask(s.dim - c * kLanes);
         a0 = _mm512_fmadd_ps(load16(qr + c * kLanes, m0), load16(kj + c * kLanes, m0), a0);
       }
       *p = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + add;
@@ -255,7 +250,7 @@ LOSA_AVX512 void scores_grouped_avx512(const Item<T>& it, const Shape& s, Scratc
     for (int64_t jj = 0; jj < n; ++jj)
       for (int64_t c = 0; c < chunks; ++c)
         _mm512_storeu_ps(w.keys.data() + jj * stride + c * kLanes,
-                         load16(it.k + (j0 + jj) * it.k_row + c * kLanes, lanes(s.dim - c * kLanes)));
+                         load16(it.k + (j0 + jj) * it.k_row + c * kLanes, tail_mask(s.dim - c * kLanes)));
     for (int64_t r = 0; r < s.rows(); ++r) {
       float* p = w.p.data() + r * s.tk + j0;
       if (!masked && j0 > w.last[r]) {  // the whole block is past this row's position
@@ -266,7 +261,7 @@ LOSA_AVX512 void scores_grouped_avx512(const Item<T>& it, const Shape& s, Scratc
       for (int jj = 0; jj < kLanes; ++jj) acc[jj] = _mm512_setzero_ps();
       const float* qr = w.q.data() + r * s.dim;
       for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 qc = load16(qr + c * kLanes, lanes(s.dim - c * kLanes));
+        const __m512 qc = load16(qr + c * kLanes, tail_mask(s.dim - c * kLanes));
         for (int jj = 0; jj < kLanes; ++jj)
           acc[jj] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(w.keys.data() + jj * stride + c * kLanes), acc[jj]);
       }
@@ -274,7 +269,7 @@ LOSA_AVX512 void scores_grouped_avx512(const Item<T>& it, const Shape& s, Scratc
       _mm512_store_ps(scores, sum16(acc));
       for (int64_t jj = 0; jj < n; ++jj) {
         // A hidden key is -inf whatever its score: a static cache's unused positions may hold NaN.
-        const float add = masked ? mask_at(w, r, j0 + jj) : (j0 + jj <= w.last[r] ? 0.0f : kNegInf);
+        const float add = mask_at(w, r, j0 + jj);
         p[jj] = add == kNegInf ? kNegInf : scores[jj] + add;
       }
     }
@@ -288,7 +283,7 @@ LOSA_AVX512 void softmax_rows_avx512(const Shape& s, Scratch& w) {
     float* p = w.p.data() + r * s.tk;
     __m512 top16 = neg_inf;
     for (int64_t j = 0; j < s.tk; j += kLanes)
-      top16 = _mm512_max_ps(top16, _mm512_mask_loadu_ps(neg_inf, lanes(s.tk - j), p + j));
+      top16 = _mm512_max_ps(top16, _mm512_mask_loadu_ps(neg_inf, tail_mask(s.tk - j), p + j));
     const float top = _mm512_reduce_max_ps(top16);
     if (top == kNegInf) {  // sees no key
       std::fill(p, p + s.tk, 0.0f);
@@ -299,7 +294,7 @@ LOSA_AVX512 void softmax_rows_avx512(const Shape& s, Scratch& w) {
     const __m512 top_v = _mm512_set1_ps(top);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < s.tk; j += kLanes) {
-      const __mmask16 m = lanes(s.tk - j);
+      const __mmask16 m = tail_mask(s.tk - j);
       const __m512 x = _mm512_maskz_loadu_ps(m, p + j);
       // -inf (hidden keys) gives exactly 0, as in softmax_rows.
       const __mmask16 seen = _mm512_mask_cmp_ps_mask(m, x, neg_inf, _CMP_NEQ_OQ);
@@ -308,11 +303,7 @@ LOSA_AVX512 void softmax_rows_avx512(const Shape& s, Scratch& w) {
       sum = _mm512_add_ps(sum, e);
     }
     w.inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
-    int64_t begin = 0, end = s.tk;
-    while (begin < end && p[begin] == 0.0f) ++begin;
-    while (end > begin && p[end - 1] == 0.0f) --end;
-    w.begin[r] = begin;
-    w.end[r] = end;
+    record_span(s, w, r);
   }
 }
 
@@ -322,7 +313,7 @@ template <typename T, int RR, int CC>
 LOSA_AVX512 void values_tile(const Item<T>& it, const Shape& s, Scratch& w, int64_t r0, int64_t c0) {
   __mmask16 m[CC];
   __m512 acc[RR][CC];
-  for (int c = 0; c < CC; ++c) m[c] = lanes(s.dim - (c0 + c) * kLanes);
+  for (int c = 0; c < CC; ++c) m[c] = tail_mask(s.dim - (c0 + c) * kLanes);
   for (int r = 0; r < RR; ++r)
     for (int c = 0; c < CC; ++c) acc[r][c] = _mm512_setzero_ps();
   const int64_t rows = std::min<int64_t>(RR, s.rows() - r0);

@@ -37,6 +37,7 @@
 
 #include "check.h"
 #include "cpu_features.h"
+#include "vec512.h"
 
 namespace {
 
@@ -172,12 +173,8 @@ __attribute__((target("avx2,fma"))) void contract_panel_avx2(const Contraction<T
 #define LOSA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define LOSA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-LOSA_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-
-LOSA_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+using losa::cpu::load16;
+using losa::cpu::tail_mask;
 
 LOSA_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 
@@ -188,10 +185,6 @@ LOSA_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   u = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
   u = _mm512_mask_mov_epi32(u, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(u));
-}
-
-LOSA_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(remaining, 0)) - 1u);
 }
 
 LOSA_AVX512 inline __mmask16 keep_bits(const uint32_t* row_words, int64_t col) {
