@@ -78,36 +78,38 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return ops().decode_attention(query, key, value, mask, float(scale))
 
 
+def _plain_cpu_call(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                    kwargs: dict) -> bool:
+    """What both kernels need of a call: CPU, no gradient, no dropout, nothing beyond softmax attention."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (not needs_grad and dropout == 0.0 and query.device.type == "cpu"
+            and not kwargs.get("output_attentions", False)
+            and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS))
+
+
 def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
            is_causal: bool, kwargs: dict) -> bool:
     """Whether the kernel computes what SDPA would for this call (to fp32 rounding), and faster."""
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    return (not needs_grad and attention_mask is None and is_causal and dropout == 0.0
-            and query.device.type == "cpu"
+    return (_plain_cpu_call(query, key, value, dropout, kwargs) and attention_mask is None and is_causal
             and query.dtype == key.dtype == value.dtype == torch.float32
             and query.shape[2] == key.shape[2] > 1
             and (query.shape[-1] <= SMALL_HEAD or query.shape[2] <= LONG_SEQUENCE)
             and query.shape[-1] == key.shape[-1] == value.shape[-1]
-            and query.shape[1] % key.shape[1] == 0
-            and not kwargs.get("output_attentions", False)
-            and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS))
+            and query.shape[1] % key.shape[1] == 0)
 
 
 def covers_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
                   kwargs: dict) -> bool:
     """Whether the decode kernel computes what SDPA would for this call (to fp32 rounding of the scores)."""
-    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     (batch, heads, rows, dim), tk = query.shape, key.shape[2]
-    return (not needs_grad and dropout == 0.0 and query.device.type == "cpu"
+    return (_plain_cpu_call(query, key, value, dropout, kwargs)
             and query.dtype == key.dtype == value.dtype and query.dtype in _DECODE_DTYPES
             and 1 <= rows <= DECODE_ROWS and rows < tk
             and (query.dtype != torch.float32 or dim >= DECODE_FP32_MIN_HEAD)
             and key.shape == value.shape and key.shape[0] == batch and key.shape[-1] == dim
             and heads % key.shape[1] == 0
             # No mask: SDPA attends every key, which is the causal rule only for one row.
-            and (rows == 1 if attention_mask is None else _broadcasts(attention_mask, (batch, heads, rows, tk)))
-            and not kwargs.get("output_attentions", False)
-            and all(kwargs.get(k) is None for k in _UNSUPPORTED_KWARGS))
+            and (rows == 1 if attention_mask is None else _broadcasts(attention_mask, (batch, heads, rows, tk))))
 
 
 def _broadcasts(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> bool:
