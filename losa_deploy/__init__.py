@@ -9,7 +9,8 @@ from ._version import __version__
 from .errors import LosaError
 
 _API = {"SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
-        "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention"}
+        "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention",
+        "use_growing_cache"}
 
 
 def __getattr__(name):

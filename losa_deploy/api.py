@@ -37,6 +37,7 @@ from .models import (
     save_model,
 )
 from .runtime import SparseLinear, sparsify_
+from .runtime.cache import use_growing_cache
 from .sparsity import SIDECAR, base_model_record, build_sidecar, negative_zeros
 from .sparsity.allocation import check_rmi_windows
 from .sparsity.prune import PruneConfig, check_allocation_file, method_record, prune_model
@@ -240,13 +241,15 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
 
     ``dtype`` converts (None: as stored); ``backend`` picks the sparse kernel (None: the best available);
     ``verify`` checks every packed zero pattern against the checkpoint's ``losa_sparsity.json``.
-    On the CPU the model decodes on our attention kernel too (:func:`use_fast_attention`).
+    On the CPU the model decodes on our attention kernel too (:func:`use_fast_attention`), and its
+    ``generate`` appends to an in-place KV cache (:func:`use_growing_cache`).
     """
     from .runtime.loader import load_packed
 
     model = load_packed(path, device=device, dtype=dtype, backend=backend, trust_remote_code=trust_remote_code,
                         verify=verify)
     use_fast_attention(model)
+    use_growing_cache(model)
     return model
 
 
@@ -270,4 +273,5 @@ def bench(models: list[str], engines: str | list[str] = "torch,losa", device: st
 
 
 __all__ = ["SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
-           "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention"]
+           "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention",
+           "use_growing_cache"]

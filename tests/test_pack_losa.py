@@ -40,6 +40,21 @@ def test_load_serves_sparse_linears_with_transformers_tokens(packed, pack_prompt
         assert (logits - ref_logits).abs().max() <= 1e-3
 
 
+def test_loaded_model_generates_on_the_in_place_cache(packed, pack_prompts):
+    # generate() with nothing passed: the in-place KV cache, and the tokens of transformers on the hf output.
+    from losa_deploy.runtime.cache import GrowingCache
+
+    out, _ = packed
+    model, reference = ld.load(out / "losa"), ld.load_model(out / "hf")
+    ids = torch.tensor([pack_prompts[1]])
+    kw = dict(max_new_tokens=PACK_NEW_TOKENS, min_new_tokens=PACK_NEW_TOKENS, do_sample=False,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        got, want = model.generate(ids, **kw), reference.generate(ids, **kw)
+    assert type(got.past_key_values) is GrowingCache and type(want.past_key_values) is not GrowingCache
+    assert torch.equal(got.sequences, want.sequences)
+
+
 def test_packed_weights_round_trip_exactly(packed):
     out, _ = packed
     model, reference = ld.load(out / "losa"), ld.load_model(out / "hf")
@@ -85,6 +100,9 @@ def test_loaded_model_saves_a_packed_checkpoint(packed, pack_prompts, tmp_path):
     assert ld.load(out / "losa", dtype="bf16").config.dtype == torch.bfloat16
     model = ld.load(out / "losa")
     model.save_pretrained(tmp_path / "saved")
+    # ld.load's generate-time cache changes the model's class, not what save_pretrained writes.
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["architectures"] == json.loads((out / "losa" / "config.json").read_text())["architectures"]
     again = ld.load(tmp_path / "saved")
     assert {m.format for m in get_architecture(again).linears(again).values()} == \
         {m.format for m in get_architecture(model).linears(model).values()}

@@ -82,3 +82,42 @@ def test_crop_then_continue_and_swapped_tensors(rng):
     got_k, got_v = layer.update(k3, v3)
     assert torch.equal(got_k, torch.cat([torch.cat([k[:, :, :5], k2], -2).repeat_interleave(2, 0), k3], -2))
     assert got_v.shape == (2, 2, 8, 4)
+
+
+def _generate(model, ids, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=14, do_sample=False, pad_token_id=0, output_scores=True,
+                              return_dict_in_generate=True, **kw)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_use_growing_cache_makes_it_generates_default(rng, monkeypatch, model_type):
+    monkeypatch.setattr(cache_module, "SPARE", 3)
+    model = _model(model_type, rng)
+    ids = torch.randint(1, 96, (2, 7), generator=rng)
+    want = _generate(model, ids)
+    assert type(want.past_key_values) is DynamicCache
+    cls = type(model)
+    assert cache_module.use_growing_cache(model) and cache_module.use_growing_cache(model)  # idempotent
+    # Still the model's class by name and by isinstance: save_pretrained's "architectures" is unchanged.
+    assert isinstance(model, cls) and type(model).__name__ == cls.__name__ and type(model).__mro__[2] is cls
+    got = _generate(model, ids)
+    assert type(got.past_key_values) is GrowingCache
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        assert torch.equal(a, b)
+
+
+def test_use_growing_cache_leaves_explicit_choices_alone(rng, monkeypatch):
+    model = _model("llama", rng)
+    ids = torch.randint(1, 96, (1, 5), generator=rng)
+    cache_module.use_growing_cache(model)
+    mine = DynamicCache(config=model.config)
+    assert _generate(model, ids, past_key_values=mine).past_key_values is mine
+    static = _generate(model, ids, cache_implementation="static").past_key_values
+    assert type(static).__name__ == "StaticCache"
+    assert _generate(model, ids, use_cache=False).past_key_values is None
+    other = _model("qwen3", rng)
+    monkeypatch.setenv("LOSA_GROWING_CACHE", "0")
+    assert not cache_module.use_growing_cache(other)
+    assert type(_generate(other, ids).past_key_values) is DynamicCache

@@ -11,9 +11,15 @@ layers keep transformers' own, already bounded, layer.
 
     from losa_deploy.runtime.cache import GrowingCache
     model.generate(ids, past_key_values=GrowingCache(model.config), max_new_tokens=256)
+
+or, once for a model, :func:`use_growing_cache` (``losa_deploy.load`` does it): every ``generate`` call that
+would have built a ``DynamicCache`` then builds a :class:`GrowingCache`.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -71,4 +77,42 @@ class GrowingCache(DynamicCache):
             self.layer_class_to_replicate = GrowingLayer
 
 
-__all__ = ["SPARE", "GrowingCache", "GrowingLayer"]
+class GrowingCacheGeneration:
+    """Mixin for a transformers model class: ``generate`` builds a :class:`GrowingCache` where it would
+    build its default ``DynamicCache``. A cache passed in, ``use_cache=False``, and every
+    ``cache_implementation`` (static, offloaded, quantized) are left as transformers handles them."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        # Only transformers' own default: exactly a DynamicCache it just built (not one the caller passed,
+        # which it marks), for a decoder-only model, outside assisted decoding (which records the cache).
+        if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                and generation_config.cache_implementation in (None, "dynamic")
+                and not generation_config.is_assistant and not self.config.is_encoder_decoder):
+            model_kwargs["past_key_values"] = GrowingCache(self.config.get_text_config(decoder=True))
+
+
+@functools.cache
+def _with_growing_cache(cls: type) -> type:
+    # Same name and module as the model's class, so save_pretrained writes the same "architectures"
+    # entry and nothing of this reaches a saved checkpoint.
+    return type(cls.__name__, (GrowingCacheGeneration, cls), {"__module__": cls.__module__,
+                                                               "__qualname__": cls.__qualname__})
+
+
+def use_growing_cache(model) -> bool:
+    """Make ``model.generate`` use :class:`GrowingCache` by default (see :class:`GrowingCacheGeneration`);
+    True if it does. ``LOSA_GROWING_CACHE=0`` leaves transformers' default; models without
+    ``generate`` are left alone."""
+    if os.environ.get("LOSA_GROWING_CACHE", "1") in ("0", ""):
+        return False
+    if isinstance(model, GrowingCacheGeneration):
+        return True
+    if not hasattr(model, "_prepare_cache_for_generation"):
+        return False
+    model.__class__ = _with_growing_cache(type(model))
+    return True
+
+
+__all__ = ["SPARE", "GrowingCache", "GrowingCacheGeneration", "GrowingLayer", "use_growing_cache"]
