@@ -17,6 +17,9 @@
 //   3. an exact softmax per row in fp32; a row that sees no key gives zeros, as SDPA's CPU kernels do;
 //   4. values: up to four rows and 64-128 columns of the head at a time in registers, so a value row is
 //      read once for up to four query rows.
+// With grouped heads (several rows per key) the work per byte of cache is several times plain multi-head
+// attention's, so the walks prefetch the rows they will read a few keys ahead in software: without that,
+// perf put most of the time on the loads of the cache.
 // q, k and v share one dtype (fp32, bf16 or fp16); the output is [B, Tq, H, D] in that dtype (the layout
 // transformers' attention functions return), rounded once from the fp32 result.
 
@@ -45,6 +48,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kLanes = 16;  // fp32 lanes of an AVX-512 register
 constexpr int kRowTile = 4;     // value pass: query rows per register tile
+constexpr int64_t kPrefetchRows = 8;  // value pass: how many cache rows ahead to prefetch
 
 // One (batch, kv head): its query rows (row r = hh * tq + i for head hh of the group), its cache, its mask.
 template <typename T>
@@ -238,23 +242,45 @@ LOSA_AVX512 inline __m512 sum16(const __m512 (&a)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
 }
 
+// Row r's mask over keys [j0, j0 + n) as 16 additive lanes (0 or -inf for a bool mask and for the causal
+// rule; lanes from n on are -inf): mask_at for a block of keys.
+LOSA_AVX512 inline __m512 block_mask(const Scratch& w, int64_t r, int64_t j0, int64_t n) {
+  const __mmask16 valid = tail_mask(n);
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps();
+  if (w.mask_bool[r] != nullptr) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(valid, w.mask_bool[r] + j0);
+    return _mm512_mask_mov_ps(neg_inf, _mm_test_epi8_mask(bytes, bytes), zero);
+  }
+  if (w.mask_add[r] != nullptr) return _mm512_mask_loadu_ps(neg_inf, valid, w.mask_add[r] + j0);
+  return _mm512_mask_mov_ps(neg_inf, tail_mask(std::min(n, w.last[r] - j0 + 1)), zero);
+}
+
 // scores_avx512 for several rows per key (grouped heads, several new positions): each block of 16 keys
-// is converted to fp32 once for all rows, and each row's 16 dot products are summed together (sum16).
+// is converted to fp32 once for all rows, each row's 16 dot products are summed together (sum16), and
+// the mask is applied to the 16 at once.
 template <typename T>
 LOSA_AVX512 void scores_grouped_avx512(const Item<T>& it, const Shape& s, Scratch& w) {
   const int64_t chunks = (s.dim + kLanes - 1) / kLanes, stride = chunks * kLanes;
   const bool masked = w.mask_bool[0] != nullptr || w.mask_add[0] != nullptr;
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  // Locals, so the stores into the key block do not make the compiler reload them from `it` and `w`.
+  const T* const k = it.k;
+  const int64_t k_row = it.k_row;
   w.keys.assign(kLanes * stride, 0.0f);  // keys past the cache (the last block) stay zero
+  float* const keys = w.keys.data();
   for (int64_t j0 = 0; j0 < s.tk; j0 += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, s.tk - j0);
-    for (int64_t jj = 0; jj < n; ++jj)
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const T* kj = k + (j0 + jj) * k_row;
+      for (int64_t b = 0; b < int64_t(s.dim * sizeof(T)); b += 64)  // the next block's key, as for values
+        _mm_prefetch(reinterpret_cast<const char*>(kj + kLanes * k_row) + b, _MM_HINT_T0);
       for (int64_t c = 0; c < chunks; ++c)
-        _mm512_storeu_ps(w.keys.data() + jj * stride + c * kLanes,
-                         load16(it.k + (j0 + jj) * it.k_row + c * kLanes, tail_mask(s.dim - c * kLanes)));
+        _mm512_storeu_ps(keys + jj * stride + c * kLanes, load16(kj + c * kLanes, tail_mask(s.dim - c * kLanes)));
+    }
     for (int64_t r = 0; r < s.rows(); ++r) {
       float* p = w.p.data() + r * s.tk + j0;
       if (!masked && j0 > w.last[r]) {  // the whole block is past this row's position
-        for (int64_t jj = 0; jj < n; ++jj) p[jj] = kNegInf;
+        _mm512_mask_storeu_ps(p, tail_mask(n), neg_inf);
         continue;
       }
       __m512 acc[kLanes];
@@ -263,15 +289,12 @@ LOSA_AVX512 void scores_grouped_avx512(const Item<T>& it, const Shape& s, Scratc
       for (int64_t c = 0; c < chunks; ++c) {
         const __m512 qc = load16(qr + c * kLanes, tail_mask(s.dim - c * kLanes));
         for (int jj = 0; jj < kLanes; ++jj)
-          acc[jj] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(w.keys.data() + jj * stride + c * kLanes), acc[jj]);
+          acc[jj] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys + jj * stride + c * kLanes), acc[jj]);
       }
-      alignas(64) float scores[kLanes];
-      _mm512_store_ps(scores, sum16(acc));
-      for (int64_t jj = 0; jj < n; ++jj) {
-        // A hidden key is -inf whatever its score: a static cache's unused positions may hold NaN.
-        const float add = mask_at(w, r, j0 + jj);
-        p[jj] = add == kNegInf ? kNegInf : scores[jj] + add;
-      }
+      // A hidden key is -inf whatever its score: a static cache's unused positions may hold NaN.
+      const __m512 add = block_mask(w, r, j0, n);
+      const __mmask16 hidden = _mm512_cmp_ps_mask(add, neg_inf, _CMP_EQ_OQ);
+      _mm512_mask_storeu_ps(p, tail_mask(n), _mm512_mask_mov_ps(_mm512_add_ps(sum16(acc), add), hidden, neg_inf));
     }
   }
 }
@@ -308,34 +331,43 @@ LOSA_AVX512 void softmax_rows_avx512(const Shape& s, Scratch& w) {
 }
 
 // Rows [r0, r0 + RR) times columns [c0 * 16, (c0 + CC) * 16) of the head: Σ_j p[r][j] · v_j, the
-// accumulators in registers for the whole walk over the cache.
+// accumulators in registers for the whole walk over the cache. Every index of acc is a compile-time
+// constant and the walk reads only locals: otherwise GCC keeps acc on the stack and stores all of it back
+// once per key (seen in perf: 16 stores per key at four rows).
 template <typename T, int RR, int CC>
 LOSA_AVX512 void values_tile(const Item<T>& it, const Shape& s, Scratch& w, int64_t r0, int64_t c0) {
   __mmask16 m[CC];
-  __m512 acc[RR][CC];
+  __m512 acc[RR * CC];
   for (int c = 0; c < CC; ++c) m[c] = tail_mask(s.dim - (c0 + c) * kLanes);
-  for (int r = 0; r < RR; ++r)
-    for (int c = 0; c < CC; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int a = 0; a < RR * CC; ++a) acc[a] = _mm512_setzero_ps();
   const int64_t rows = std::min<int64_t>(RR, s.rows() - r0);
   int64_t begin = s.tk, end = 0;
   for (int64_t r = 0; r < rows; ++r) {
     begin = std::min(begin, w.begin[r0 + r]);
     end = std::max(end, w.end[r0 + r]);
   }
-  const float* p = w.p.data() + r0 * s.tk;
+  // Rows past `rows` are padding rows of p, all zero: they run and are not stored.
+  const float* const p = w.p.data() + r0 * s.tk;
+  const int64_t tk = s.tk, v_row = it.v_row;
+  const T* const v0 = it.v + c0 * kLanes;
   for (int64_t j = begin; j < end; ++j) {
-    const T* vj = it.v + j * it.v_row + c0 * kLanes;
+    const T* vj = v0 + j * v_row;
+    // The tile reads part of each value row, a stride the hardware prefetcher follows late (perf: the
+    // value loads held most of the walk's stalls).
+    for (int64_t b = 0; b < int64_t(CC * kLanes * sizeof(T)); b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(vj + kPrefetchRows * v_row) + b, _MM_HINT_T0);
     __m512 v[CC];
     for (int c = 0; c < CC; ++c) v[c] = load16(vj + c * kLanes, m[c]);
     for (int r = 0; r < RR; ++r) {
-      const __m512 pj = _mm512_set1_ps(p[r * s.tk + j]);
-      for (int c = 0; c < CC; ++c) acc[r][c] = _mm512_fmadd_ps(pj, v[c], acc[r][c]);
+      const __m512 pj = _mm512_set1_ps(p[r * tk + j]);
+      for (int c = 0; c < CC; ++c) acc[r * CC + c] = _mm512_fmadd_ps(pj, v[c], acc[r * CC + c]);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int r = 0; r < RR; ++r) {
+    if (r >= rows) continue;
     const __m512 inv = _mm512_set1_ps(w.inv[r0 + r]);
     float* out = w.out.data() + (r0 + r) * s.dim + c0 * kLanes;
-    for (int c = 0; c < CC; ++c) _mm512_mask_storeu_ps(out + c * kLanes, m[c], _mm512_mul_ps(acc[r][c], inv));
+    for (int c = 0; c < CC; ++c) _mm512_mask_storeu_ps(out + c * kLanes, m[c], _mm512_mul_ps(acc[r * CC + c], inv));
   }
 }
 
