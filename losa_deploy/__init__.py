@@ -8,7 +8,7 @@ stays cheap (transformers is imported on first use).
 from ._version import __version__
 from .errors import LosaError
 
-_API = {"SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
+_API = {"SparseLinear", "bench", "evaluate", "finetune", "generate", "inspect", "load", "load_model", "load_tokenizer",
         "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention",
         "use_growing_cache"}
 

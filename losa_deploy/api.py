@@ -33,6 +33,7 @@ from .models import (
     get_architecture,
     load_model,
     load_tokenizer,
+    parse_dtype,
     resolve_model,
     save_model,
 )
@@ -253,6 +254,35 @@ def load(path: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
     return model
 
 
+def generate(model: str | os.PathLike, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, chat: bool = False, ignore_eos: bool = False,
+             dtype: str | None = None, device: str = "cpu", trust_remote_code: bool = False, stream=None,
+             echo_prompt: bool = False, progress: bool = True) -> dict:
+    """Continue ``prompt`` with ``model`` on our runtime: a packed checkpoint through :func:`load`, any
+    other through ``load_model`` and :func:`sparsify_` (see :mod:`losa_deploy.runtime.serving`).
+
+    Greedy at ``temperature`` 0, else sampled (``top_p``, ``seed``); ``chat`` wraps the prompt in the
+    tokenizer's chat template; ``ignore_eos`` always decodes ``max_new_tokens``; ``stream`` (a text file
+    such as ``sys.stdout``) receives the text as it is decoded (after the prompt's, with ``echo_prompt``). Returns the text, token counts, prefill
+    seconds, decode tokens/s and the kernel path.
+    """
+    from .runtime.generate import check_sampling, generate_text, prompt_ids
+    from .runtime.loader import check_device
+    from .runtime.serving import kernel_path, open_model
+
+    check_sampling(max_new_tokens, temperature, top_p)
+    dtype = None if dtype == "auto" else dtype
+    parse_dtype(dtype)
+    check_device(device)
+    path = resolve_model(model)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    ids = prompt_ids(tokenizer, prompt, chat)  # an empty prompt or a missing chat template: before loading
+    lm = open_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code, progress=progress)
+    result = generate_text(lm, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, seed=seed, ignore_eos=ignore_eos, out=stream, echo_prompt=echo_prompt)
+    return {"model": str(path), **result, "kernel_path": kernel_path(lm), "dtype": str(lm.dtype).removeprefix("torch.")}
+
+
 def bench(models: list[str], engines: str | list[str] = "torch,losa", device: str = "cpu",
           batches: str | list[int] = (1,), prompt_len: int = 128, gen_len: int = 128, repeats: int = 5,
           warmup: int = 1, threads: int | None = None, dtype: str = "bf16", seed: int = 0,
@@ -272,6 +302,6 @@ def bench(models: list[str], engines: str | list[str] = "torch,losa", device: st
 
 
 
-__all__ = ["SparseLinear", "bench", "evaluate", "finetune", "inspect", "load", "load_model", "load_tokenizer",
+__all__ = ["SparseLinear", "bench", "evaluate", "finetune", "generate", "inspect", "load", "load_model", "load_tokenizer",
            "masked_lora_linear", "merge", "pack", "prune", "sparsify_", "use_fast_attention",
            "use_growing_cache"]

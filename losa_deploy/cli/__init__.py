@@ -31,6 +31,7 @@ COMMANDS = (
     ("merge", "merge", "LoSA fine-tuning (issue #4)"),
     ("pack", "pack", "packing for serving (issue #8)"),
     ("bench", "bench", "the throughput harness (issue #9)"),
+    ("generate", "generate", None),
     ("demo", "demo", None),
 )
 

@@ -49,7 +49,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     from transformers import AutoConfig
 
     path = Path(path)
-    device = _check_device(device)
+    device = check_device(device)
     check_backend(backend)
     torch_dtype = parse_dtype(dtype)
     config = check_checkpoint(path, trust_remote_code, packed=True)
@@ -137,7 +137,7 @@ def _read_generation_config(model: torch.nn.Module, path: Path) -> None:
             raise LosaError(f"{path}: cannot read generation_config.json ({exc})") from None
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -63,6 +63,7 @@ class HFRunner:
         from ..api import load, load_model, sparsify_, use_fast_attention
         from ..models.checkpoint import is_packed
         from ..runtime.loader import packing_block
+        from ..runtime.serving import kernel_path
         from ..runtime.sparse_linear import SparseLinear
 
         if self.threads:
@@ -87,17 +88,11 @@ class HFRunner:
             use_fast_attention(self.model)
         modules = list(model.modules())
         sparse = [m for m in modules if isinstance(m, SparseLinear)]
-        formats = {}
-        for m in sparse:
-            formats[m.format] = formats.get(m.format, 0) + 1
         dense = sum(type(m) is torch.nn.Linear for m in modules)
-        path = (f"losa SparseLinear ({', '.join(f'{n} {f}' for f, n in sorted(formats.items()))}) + {dense} dense "
-                f"nn.Linear" if sparse else f"torch nn.Linear ({dense} dense)")
+        path = kernel_path(model)
         if base is not None:
             path += ", unmerged PEFT LoRA adapter"
         attention = getattr(model.config, "_attn_implementation", None)
-        if attention == "losa_cpu":
-            path += ", losa_cpu attention"
         if self.engine == "losa":
             path += ", in-place KV cache"
         names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
