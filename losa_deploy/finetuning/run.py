@@ -260,7 +260,8 @@ def _base_is_input(lm, base_path: Path) -> bool:
     """Whether every adapted base weight equals the input's stored weight."""
     weights = {f"{name}.weight": layer.weight.detach().cpu() for name, layer in adapters_of(lm).items()}
     seen = 0
-    for key, stored in iter_model_tensors(base_path, get_architecture(lm), keep=weights.__contains__):
+    # Read, not mapped: each weight is compared and let go, beside a model that already fills memory.
+    for key, stored in iter_model_tensors(base_path, get_architecture(lm), keep=weights.__contains__, mmap=False):
         if stored.shape != weights[key].shape or not torch.equal(stored.to(weights[key].dtype), weights[key]):
             return False
         seen += 1
