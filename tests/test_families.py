@@ -117,6 +117,8 @@ def test_losa_on_every_family_merges_to_the_reference(family, stories_dir, tinys
         sparsity.append(float((w == 0).double().mean()))
         assert not bool(((dense[key] == 0) & (w != 0)).any())  # no zero of the input regrows
     assert sum(sparsity) / len(sparsity) == pytest.approx(0.5, abs=0.02)
+    # OUT/base carries a sidecar that matches its zeros, under each family's module names
+    assert ld.inspect(out / "base")["sidecar"]["verified_modules"] == len(sparsity)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "opt"])

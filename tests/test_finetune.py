@@ -45,6 +45,20 @@ def losa_run(stories_dir, tinystories, tmp_path_factory):
     return out, json.loads((out.parent / "r.json").read_text())
 
 
+def assert_base_sidecar(base):
+    """OUT/base carries a sidecar of its own zeros, like every pruned model we write (it was missing)."""
+    import losa_deploy as ld
+
+    report = ld.inspect(base)  # raises where the sidecar disagrees with the weights
+    assert report["sidecar"]["verified_modules"] == len(report["layers"]) == len(linears(weights(base)))
+    sidecar = json.loads((base / "losa_sparsity.json").read_text())
+    assert sidecar["global_sparsity"] == pytest.approx(report["global_sparsity"], abs=1e-6)
+    assert sidecar["checks"]["negative_zeros"] == 0 and "merged_zero_pattern_equals_mask" not in sidecar["checks"]
+    assert sidecar["method"]["merge"].startswith("none")
+    for name, w in linears(weights(base)).items():
+        assert sidecar["modules"][name.removesuffix(".weight")]["nnz"] == int((w != 0).sum()), name
+
+
 def test_losa_follows_the_schedule_and_merges_exactly(losa_run):
     out, report = losa_run
     phases = report["phases"]
@@ -68,6 +82,7 @@ def test_losa_follows_the_schedule_and_merges_exactly(losa_run):
     assert sidecar["checks"]["merged_zero_pattern_equals_mask"] is True
     assert (out / "finetune.png").stat().st_size > 0 and (out / "adapter" / "adapter_config.json").is_file()
     assert not Path(f"{out}.ckpt").exists()
+    assert_base_sidecar(out / "base")
     written = json.loads((out / "finetune.json").read_text())
     assert written["final_eval_ppl"] == report["final_eval_ppl"] == phases[-1]["eval_ppl"]
 
@@ -260,6 +275,7 @@ def test_a_bf16_model_comes_out_bf16(cli, sparse_stories, tinystories, tmp_path)
         assert all(torch.equal(linears(state)[k] == 0, before[k] == 0) for k in before), path
     merged, again = weights(out), weights(tmp_path / "m")
     assert all(torch.equal(merged[k], again[k]) for k in merged)
+    assert_base_sidecar(out / "base")  # hashed from the bf16 tensors written, not the fp32 ones trained
     # The tied embedding is stored once in every output, OUT/base included (casting each entry on its own
     # had untied it there: a second vocab x hidden copy).
     assert all(set(weights(path)) == set(weights(model)) for path in (out, out / "base", tmp_path / "m"))

@@ -85,7 +85,9 @@ class PackSource:
         from safetensors import SafetensorError
 
         total = len(self.stored) or None  # None: a source built by hand, with no header read
-        stream = tqdm(iter_tensors(self.path), total=total, desc="packing", unit="tensor",
+        # Read, not mapped: _prepare copies each tensor (cast or clone), and a mapped one's pages would stay
+        # resident until the whole file had streamed by.
+        stream = tqdm(iter_tensors(self.path, mmap=False), total=total, desc="packing", unit="tensor",
                       disable=not self.progress)
         try:
             for key, tensor in stream:

@@ -3,8 +3,9 @@
     OUT/                  the fine-tuned checkpoint: merged and exactly sparse (losa, sparse-lora), or the
                           pruned base (lora, whose dense adapter must stay unmerged), with its sidecar
     OUT/adapter/          the adapter in PEFT format (per-module ranks), for unmerged use
-    OUT/base/             with ``save_base``, the pruned base of a masked method before the merge (the
-                          adapter's base: ``merge OUT/base --adapter OUT/adapter`` rebuilds OUT exactly)
+    OUT/base/             with ``save_base``, the pruned base of a masked method before the merge, with its
+                          sidecar (the adapter's base: ``merge OUT/base --adapter OUT/adapter`` rebuilds OUT
+                          exactly)
     OUT/finetune.json     the run: per phase sparsity, λ, errors, ranks, losses, timings
     OUT/finetune.png      per-block sparsity and rank across phases, and the loss curve
     OUT/shears.png        shears: adapter size vs validation loss of the scored sub-adapters
@@ -259,11 +260,37 @@ def _base_is_input(lm, base_path: Path) -> bool:
     """Whether every adapted base weight equals the input's stored weight."""
     weights = {f"{name}.weight": layer.weight.detach().cpu() for name, layer in adapters_of(lm).items()}
     seen = 0
-    for key, stored in iter_model_tensors(base_path, get_architecture(lm), keep=weights.__contains__):
+    # Read, not mapped: each weight is compared and let go, beside a model that already fills memory.
+    for key, stored in iter_model_tensors(base_path, get_architecture(lm), keep=weights.__contains__, mmap=False):
         if stored.shape != weights[key].shape or not torch.equal(stored.to(weights[key].dtype), weights[key]):
             return False
         seen += 1
     return seen == len(weights)
+
+
+def _method_record(method: MethodConfig, report: dict) -> dict:
+    """The sidecar's ``method`` entry, shared by OUT and OUT/base (each adds how it stands to the merge)."""
+    return {"finetune": method.method, "pruner": method.pruner, "structure": method.structure,
+            "target_sparsity": method.sparsity, "steps": method.phases, "lambda_schedule": method.lambda_schedule,
+            "allocation": method.allocation, "ranks_per_block": report["phases"][-1].get("ranks"),
+            "alpha": method.alpha, "scale": method.alpha / method.scale_rank, "producer": f"losa-deploy {__version__}"}
+
+
+def _save_base(lm, tokenizer, directory: Path, stored: torch.dtype, base_path: Path, record: dict) -> None:
+    """OUT/base: the adapted model without its adapters, in the stored dtype, with the sidecar of the zeros
+    it holds (the final mask), so that it packs, inspects and merges like any pruned model of ours."""
+    adapter_keys = ("lora_A", "lora_B", "mask_words")
+    state = _cast_shared({k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys},
+                         stored)
+    lm.save_pretrained(directory, state_dict=state)
+    _set_config_dtype(directory, stored)  # transformers wrote the fp32 model's dtype
+    tokenizer.save_pretrained(directory)
+    # Described from the tensors just written, not the fp32 ones training left in the model.
+    weights = {name: state[f"{name}.weight"] for name in get_architecture(lm).linears(lm)}
+    sidecar = build_sidecar(weights.items(), base_model=base_model_record(base_path),
+                            method={**record, "merge": "none: the base of adapter/, before the merge"})
+    sidecar["checks"]["negative_zeros"] = negative_zeros(weights.values())
+    (directory / SIDECAR).write_text(json_text(sidecar))
 
 
 def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, report: dict, settings: dict,
@@ -280,12 +307,7 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         info["adapter_base"] = _adapter_base(lm, output, method, save_base, base_path)
         save_peft_adapter(lm, tmp / "adapter", info["adapter_base"])
         if method.masked and save_base:
-            adapter_keys = ("lora_A", "lora_B", "mask_words")
-            state = _cast_shared({k: v for k, v in lm.state_dict().items() if k.rsplit(".", 1)[-1] not in adapter_keys},
-                                 stored)
-            lm.save_pretrained(tmp / "base", state_dict=state)
-            _set_config_dtype(tmp / "base", stored)  # transformers wrote the fp32 model's dtype
-            tokenizer.save_pretrained(tmp / "base")
+            _save_base(lm, tokenizer, tmp / "base", stored, base_path, _method_record(method, report))
         if method.masked:
             info["merge"] = merge_adapters(lm, dtype=stored)  # refuses a non-zero outside the mask
         else:
@@ -296,13 +318,8 @@ def _write_output(lm, tokenizer, base_path: Path, output, method: MethodConfig, 
         arch = get_architecture(lm)
         weights = {n: m.weight for n, m in arch.linears(lm).items()}
         sidecar = build_sidecar(weights.items(), base_model=base_model_record(base_path),
-            method={"finetune": method.method, "pruner": method.pruner, "structure": method.structure,
-                    "target_sparsity": method.sparsity, "steps": method.phases,
-                    "lambda_schedule": method.lambda_schedule, "allocation": method.allocation,
-                    "ranks_per_block": report["phases"][-1].get("ranks"), "alpha": method.alpha,
-                    "scale": method.alpha / method.scale_rank,
-                    "merge": "masked" if method.masked else "unmerged (adapter/)",
-                    "producer": f"losa-deploy {__version__}"})
+                                method={**_method_record(method, report),
+                                        "merge": "masked" if method.masked else "unmerged (adapter/)"})
         sidecar["checks"]["merged_zero_pattern_equals_mask"] = bool(method.masked)
         sidecar["checks"]["negative_zeros"] = negative_zeros(weights.values())
         (tmp / SIDECAR).write_text(json_text(sidecar))

@@ -55,11 +55,11 @@ def _read_safetensors(file: Path, keep: Callable[[str], bool]) -> Iterator[tuple
             yield key, tensor
 
 
-def iter_model_tensors(path: str | os.PathLike, arch: Architecture, keep: Callable[[str], bool] = lambda key: True
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_model_tensors(path: str | os.PathLike, arch: Architecture, keep: Callable[[str], bool] = lambda key: True,
+                       mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """:func:`iter_tensors` under the model's own key names (``model.decoder.layers...`` whatever the file
     calls them: :meth:`Architecture.model_keys`), so the architecture's module names find the stored
-    weights."""
+    weights. ``mmap`` as there: False where each tensor is looked at once and let go."""
     model_key = arch.model_keys(stored_shapes(path))
-    for key, tensor in iter_tensors(path, lambda k: keep(model_key(k))):
+    for key, tensor in iter_tensors(path, lambda k: keep(model_key(k)), mmap=mmap):
         yield model_key(key), tensor

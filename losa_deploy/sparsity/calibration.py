@@ -262,6 +262,8 @@ def checkpoint_reference(path: str | os.PathLike, arch: Architecture) -> Referen
 
     def weights(index: int) -> dict[str, torch.Tensor]:
         prefix = f"{arch.blocks_path}.{index}."
+        # Mapped (the default): the block's state is held for the whole block anyway, and mapped pages are
+        # clean file pages the kernel may drop, where a read copy would be anonymous memory.
         state = {k[len(prefix):]: v for k, v in iter_model_tensors(path, arch, lambda k: k.startswith(prefix))}
         # An empty state would load nothing and make the reference the block as it is now (pruned): refuse.
         if not state:

@@ -64,7 +64,8 @@ def inspect_checkpoint(path: str | os.PathLike, trust_remote_code: bool = False)
 def _dense_weights(path: Path, arch) -> Iterator[tuple[str, torch.Tensor]]:
     """(module, weight) for every prunable linear of an unpacked checkpoint."""
     key_re = arch.weight_key_pattern()
-    for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None):
+    # Read, not mapped: each weight is checked and let go, and mapped pages would stay resident to the end.
+    for key, weight in iter_model_tensors(path, arch, lambda k: key_re.match(k) is not None, mmap=False):
         yield key[: -len(".weight")], weight
 
 
