@@ -99,6 +99,26 @@ def test_mixed_nm_linear(rng, backend):
     check_close(sparse_linear(x, packed, backend=backend), x, w, None)
 
 
+@pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4", "mixed"])
+def test_amx_tiles_every_token_count_they_take(rng, fmt):
+    # bf16 x bf16 calls of 4-32 tokens run on the tiles (amx_linear.cpp): ragged rows (not whole 16-row
+    # tiles), columns (not whole 32-column chunks) and token groups (one or two C tiles), with a bias.
+    rows, cols = 16 * int(torch.randint(1, 5, (), generator=rng)) + 7, 32 * int(torch.randint(1, 6, (), generator=rng)) + 9
+    if fmt == "bitmask":
+        w = random_sparse(rows, cols, float(torch.rand((), generator=rng)), rng, torch.bfloat16)
+        packed = BitmaskWeight.from_dense(w)
+    else:
+        w = random_nm(rows, cols, 2 if fmt == "2:4" else torch.randint(1, 8, (rows,), generator=rng), 4 if fmt == "2:4" else 8,
+                      rng, dtype=torch.bfloat16)
+        packed = NMWeight.from_dense(w, 2 if fmt == "2:4" else None, 4 if fmt == "2:4" else 8,
+                                     rows_per_block=16 if fmt == "2:4" else 1).kernel_layout()
+    for tokens in (4, 5, 15, 16, 17, 31, 32):
+        x = torch.randn(tokens, cols, generator=rng).bfloat16()
+        bias = torch.randn(rows, generator=rng) if tokens % 2 else None
+        check_close(sparse_linear(x, packed, bias, backend="amx"), x, w, bias)
+
+
 @settings(max_examples=50, deadline=None)
 @given(rows=st.integers(1, 70), cols=st.integers(1, 200), tokens=st.integers(1, 67),
        sparsity=st.floats(0.0, 1.0), nm=st.booleans(), backend=st.sampled_from([*CPU_BACKENDS, "torch"]),

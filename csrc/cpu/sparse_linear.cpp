@@ -58,17 +58,19 @@ bool detect(Isa isa) {
              has_feature("avx512vl") && has_feature("avx512vbmi2");
     case Isa::kAvx512Bf16:
       return detect(Isa::kAvx512) && has_feature("avx512bf16");
+    case Isa::kAmx:
+      return detect(Isa::kAvx512Bf16) && amx_usable();
   }
   return false;
 }
 
 bool supports(Isa isa) {
-  static const std::array<bool, 4> known = {detect(Isa::kPortable), detect(Isa::kAvx2), detect(Isa::kAvx512),
-                                            detect(Isa::kAvx512Bf16)};
+  static const std::array<bool, 5> known = {detect(Isa::kPortable), detect(Isa::kAvx2), detect(Isa::kAvx512),
+                                            detect(Isa::kAvx512Bf16), detect(Isa::kAmx)};
   return known[static_cast<int>(isa)];
 }
 
-constexpr std::array<Isa, 4> kAllIsas = {Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
+constexpr std::array<Isa, 5> kAllIsas = {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512, Isa::kAvx2, Isa::kPortable};
 
 }  // namespace
 
@@ -82,6 +84,8 @@ const char* isa_name(Isa isa) {
       return "avx512";
     case Isa::kAvx512Bf16:
       return "avx512_bf16";
+    case Isa::kAmx:
+      return "amx";
   }
   return "?";
 }
@@ -98,7 +102,7 @@ Isa resolve_isa(const std::string& requested) {
       return isa;
     }
   }
-  LOSA_CHECK(false, "losa: unknown CPU kernel '", name, "' (auto, avx512_bf16, avx512, avx2, portable)");
+  LOSA_CHECK(false, "losa: unknown CPU kernel '", name, "' (auto, amx, avx512_bf16, avx512, avx2, portable)");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -831,9 +835,15 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
   const at::Tensor x2 = x.reshape({-1, w.cols});
 
   at::Tensor y;
-  if (isa == Isa::kAvx512Bf16 && xdt == at::kBFloat16 && w.dtype == at::kBFloat16)
+  const bool bf16 = xdt == at::kBFloat16 && w.dtype == at::kBFloat16;
+  const int64_t tokens = x2.size(0);
+  if (isa == Isa::kAmx && bf16 && tokens >= kAmxMinTokens && tokens <= kAmxMaxTokens && tokens < panel_tokens &&
+      w.rows > 0) {
+    y = amx_sparse_linear(w, x2);
+    if (bias) y.add_(bias->to(at::kFloat));
+  } else if ((isa == Isa::kAvx512Bf16 || isa == Isa::kAmx) && bf16)
     y = run<Avx512Bf16>(w, x2, bias, at::kBFloat16, panel_tokens);
-  else if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16)
+  else if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16 || isa == Isa::kAmx)
     y = run_fp32<Avx512>(w, x2, bias, panel_tokens);
   else if (isa == Isa::kAvx2)
     y = run_fp32<Avx2>(w, x2, bias, panel_tokens);

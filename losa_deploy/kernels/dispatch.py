@@ -14,7 +14,9 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   the weights kept the positions kernel (``bitmask_gemv_positions.cu``), otherwise the value-group
   kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
   ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W[:R]``).
-* ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks it).
+* ``amx``, ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks
+  it). ``amx`` runs bf16 x bf16 calls of 4-32 tokens on Intel AMX tiles, everything else as ``avx512_bf16``;
+  ``auto`` picks it where the CPU and the OS allow tiles.
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
 * ``triton``: the Triton kernels (a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``).
@@ -51,7 +53,7 @@ from .formats.delta import DeltaWeight
 from .formats.gpu import BitmaskGPULayout, DeltaGPULayout, GPULayout, NMGPULayout, gpu_layout
 from .formats.nm import NMKernelLayout, NMWeight
 
-CPU_BACKENDS = ("avx512_bf16", "avx512", "avx2", "portable")
+CPU_BACKENDS = ("amx", "avx512_bf16", "avx512", "avx2", "portable")
 GPU_BACKENDS = ("cuda", "triton")
 BACKENDS = ("auto", "torch", *GPU_BACKENDS, *CPU_BACKENDS)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
