@@ -102,7 +102,7 @@ def test_mixed_nm_linear(rng, backend):
 @pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
 @pytest.mark.parametrize("fmt", ["bitmask", "2:4", "mixed"])
 def test_amx_tiles_every_token_count_they_take(rng, fmt):
-    # bf16 x bf16 calls of 4-32 tokens run on the tiles (amx_linear.cpp): ragged rows (not whole 16-row
+    # bf16 x bf16 calls of 4-64 tokens run on the tiles (amx_linear.cpp): ragged rows (not whole 16-row
     # tiles), columns (not whole 32-column chunks) and token groups (one or two C tiles), with a bias.
     rows, cols = 16 * int(torch.randint(1, 5, (), generator=rng)) + 7, 32 * int(torch.randint(1, 6, (), generator=rng)) + 9
     if fmt == "bitmask":
@@ -113,7 +113,7 @@ def test_amx_tiles_every_token_count_they_take(rng, fmt):
                       rng, dtype=torch.bfloat16)
         packed = NMWeight.from_dense(w, 2 if fmt == "2:4" else None, 4 if fmt == "2:4" else 8,
                                      rows_per_block=16 if fmt == "2:4" else 1).kernel_layout()
-    for tokens in (4, 5, 15, 16, 17, 31, 32):
+    for tokens in (4, 5, 15, 16, 17, 31, 32, 33, 50, 64):  # over 32: passes of 32 tokens
         x = torch.randn(tokens, cols, generator=rng).bfloat16()
         bias = torch.randn(rows, generator=rng) if tokens % 2 else None
         check_close(sparse_linear(x, packed, bias, backend="amx"), x, w, bias)

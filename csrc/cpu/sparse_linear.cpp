@@ -831,7 +831,7 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
     LOSA_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point");
   }
   const Isa isa = resolve_isa(isa_request);
-  if (panel_tokens <= 0) panel_tokens = kDefaultPanelTokens;
+  if (panel_tokens <= 0) panel_tokens = isa == Isa::kAmx ? kAmxMaxTokens + 1 : kDefaultPanelTokens;
   const at::Tensor x2 = x.reshape({-1, w.cols});
 
   at::Tensor y;

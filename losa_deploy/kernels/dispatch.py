@@ -15,7 +15,7 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
   ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W[:R]``).
 * ``amx``, ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks
-  it). ``amx`` runs bf16 x bf16 calls of 4-32 tokens on Intel AMX tiles, everything else as ``avx512_bf16``;
+  it). ``amx`` runs bf16 x bf16 calls of 4-64 tokens on Intel AMX tiles, everything else as ``avx512_bf16``;
   ``auto`` picks it where the CPU and the OS allow tiles.
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
