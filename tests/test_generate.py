@@ -52,6 +52,9 @@ def test_sampling_follows_the_seed(packed_stories):
     others = {tuple(ld.generate(packed_stories, PROMPT, seed=s, **kw)["token_ids"]) for s in (2, 3, 4)}
     assert others != {tuple(first["token_ids"])}  # a sampler that ignored the seed would repeat itself
     assert first["sampling"] == "temperature 1.3, top-p 0.95, seed 1"
+    state = torch.get_rng_state()
+    ld.generate(packed_stories, PROMPT, seed=5, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left alone
 
 
 def test_cli_streams_prompt_and_text_and_writes_json(cli, packed_stories, tmp_path):

@@ -80,11 +80,13 @@ def generate_text(model, tokenizer, input_ids: torch.Tensor, max_new_tokens: int
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
     start = time.perf_counter()
-    sequences = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=pad,
-                               streamer=streamer, **sampling)
+    # The seed applies to this generation only: the caller's random state is restored afterwards.
+    with torch.random.fork_rng(devices=[ids.device] if ids.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        sequences = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=pad,
+                                   streamer=streamer, **sampling)
     new = sequences[0, ids.shape[1]:].tolist()
     stamps = streamer.stamps
     decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else None
