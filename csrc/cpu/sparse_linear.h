@@ -68,7 +68,7 @@ struct SparseRows {
 // and y = x · Wᵀ in fp32 [tokens, rows] for bf16 values and bf16 x2 [tokens, cols], 1-kAmxMaxTokens tokens.
 // Against the panel path (decompress, then oneDNN's AMX GEMM) on a 2-thread Xeon, 7B shapes at 70%: 1.95-2.42x
 // at 32 tokens, 1.5-2x at 48-64, about even at 128 (benchmarks/RESULTS.md).
-constexpr int64_t kAmxMinTokens = 4;  // at 2 tokens the row kernel is as fast (0.93-1.08x), at 4 it is 1.34-1.60x slower
+constexpr int64_t kAmxMinTokens = 4;  // the row kernel: as fast at 2 tokens, 1.11-1.46x slower at 4 (amx_cpu.py)
 constexpr int64_t kAmxMaxTokens = 64;  // and the panel path's threshold when the amx kernels are chosen
 bool amx_usable();
 at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2);
