@@ -831,21 +831,24 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
     LOSA_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be floating point");
   }
   const Isa isa = resolve_isa(isa_request);
-  if (panel_tokens <= 0) panel_tokens = isa == Isa::kAmx ? kAmxMaxTokens + 1 : kDefaultPanelTokens;
   const at::Tensor x2 = x.reshape({-1, w.cols});
+  const bool bf16 = xdt == at::kBFloat16 && w.dtype == at::kBFloat16;
+  // The tiles take bf16 x bf16 calls up to kAmxMaxTokens, so for those the panel path starts after them;
+  // every other call of the amx backend is an avx512_bf16 call, threshold included.
+  const bool tiles = isa == Isa::kAmx && bf16;
+  if (panel_tokens <= 0) panel_tokens = tiles ? kAmxMaxTokens + 1 : kDefaultPanelTokens;
+  const Isa kernels = isa == Isa::kAmx ? Isa::kAvx512Bf16 : isa;
+  const int64_t tokens = x2.size(0);
 
   at::Tensor y;
-  const bool bf16 = xdt == at::kBFloat16 && w.dtype == at::kBFloat16;
-  const int64_t tokens = x2.size(0);
-  if (isa == Isa::kAmx && bf16 && tokens >= kAmxMinTokens && tokens <= kAmxMaxTokens && tokens < panel_tokens &&
-      w.rows > 0) {
+  if (tiles && tokens >= kAmxMinTokens && tokens <= kAmxMaxTokens && tokens < panel_tokens && w.rows > 0) {
     y = amx_sparse_linear(w, x2);
     if (bias) y.add_(bias->to(at::kFloat));
-  } else if ((isa == Isa::kAvx512Bf16 || isa == Isa::kAmx) && bf16)
+  } else if (kernels == Isa::kAvx512Bf16 && bf16)
     y = run<Avx512Bf16>(w, x2, bias, at::kBFloat16, panel_tokens);
-  else if (isa == Isa::kAvx512 || isa == Isa::kAvx512Bf16 || isa == Isa::kAmx)
+  else if (kernels == Isa::kAvx512 || kernels == Isa::kAvx512Bf16)
     y = run_fp32<Avx512>(w, x2, bias, panel_tokens);
-  else if (isa == Isa::kAvx2)
+  else if (kernels == Isa::kAvx2)
     y = run_fp32<Avx2>(w, x2, bias, panel_tokens);
   else
     y = run_fp32<Portable>(w, x2, bias, panel_tokens);
