@@ -18,7 +18,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -30,6 +29,7 @@
 #include <immintrin.h>
 
 #include "check.h"
+#include "cpu/cpu_features.h"
 #include "cpu/sparse_linear.h"
 
 namespace losa::cpu {
@@ -51,12 +51,6 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-
-bool cpu_has_amx_bf16() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  return (d >> 24 & 1) && (d >> 22 & 1);  // AMX-TILE, AMX-BF16
-}
 
 // Linux hands a process the (8 KiB) tile state only on request; without it the first tile instruction
 // raises SIGILL. The request is process-wide, so once is enough.
@@ -156,7 +150,7 @@ LOSA_AMX void run_blocks(const SparseRows& w, const std::vector<Plan>& passes, c
 }  // namespace
 
 bool amx_usable() {
-  static const bool usable = cpu_has_amx_bf16() && os_grants_tiles();
+  static const bool usable = has_feature("amx_tile") && has_feature("amx_bf16") && os_grants_tiles();
   return usable;
 }
 

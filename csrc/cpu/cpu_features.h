@@ -26,6 +26,8 @@ inline std::map<std::string, bool> detect_features() {
   f["avx512bf16"] = __builtin_cpu_supports("avx512bf16");
   f["avx512vbmi2"] = __builtin_cpu_supports("avx512vbmi2");
   f["avx512vpopcntdq"] = __builtin_cpu_supports("avx512vpopcntdq");
+  f["amx_tile"] = __builtin_cpu_supports("amx-tile");  // the CPU's; the OS must also grant the tile state
+  f["amx_bf16"] = __builtin_cpu_supports("amx-bf16");
 #endif
   return f;
 }
