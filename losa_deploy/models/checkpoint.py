@@ -193,6 +193,12 @@ def is_packed(config: dict) -> bool:
     return "losa_sparse" in config or (config.get("quantization_config") or {}).get("quant_method") == "losa_sparse"
 
 
+def is_packed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the folder ``path`` holds a packed checkpoint (a config.json that :func:`is_packed` accepts)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and is_packed(read_config(path))
+
+
 def check_safetensors(file: str | os.PathLike) -> None:
     """Check, from the header alone, that a safetensors file is whole and consistent: every tensor's bytes lie
     in the file and match its dtype and shape (a wrong dtype or shape otherwise surfaces as a library

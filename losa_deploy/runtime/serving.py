@@ -8,7 +8,6 @@ and it decodes on our CPU attention and the in-place KV cache, as ``load`` sets 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,14 +21,13 @@ def open_model(path: str | os.PathLike, dtype: str | None = None, device: str = 
     """The model at ``path`` (a resolved checkpoint directory) in eval mode on our runtime; ``dtype``
     None keeps the stored one."""
     from ..api import load, load_model, sparsify_, use_fast_attention
-    from ..models.checkpoint import is_packed
+    from ..models.checkpoint import is_packed_checkpoint
     from .cache import use_growing_cache
     from .loader import check_device
 
     check_device(device)
     path = Path(path)
-    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if is_packed(config):
+    if is_packed_checkpoint(path):
         return load(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     sparsify_(model, progress=progress)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..envinfo import deepsparse_python
 from ..errors import LosaError
+from ..models.checkpoint import is_packed_checkpoint
 from ..models.zoo import cache_dir
 from .runners import adapter_base
 
@@ -79,7 +80,7 @@ class TorchEngine(Engine):
 
     def check(self, model: Path) -> None:
         _refuse_onnx_export(self.name, model)
-        if _is_packed(model):
+        if is_packed_checkpoint(model):
             raise LosaError(f"engine torch runs plain HF checkpoints; {model} is packed (use --engine losa)")
 
 
@@ -101,7 +102,7 @@ class VLLMEngine(Engine):
         _check_vllm_cpu_head_size(model)
 
     def prepare(self, model: Path, dtype: str, progress: bool) -> Path:
-        if _is_packed(model) or _global_sparsity(model) < SPARSE_FROM:
+        if is_packed_checkpoint(model) or _global_sparsity(model) < SPARSE_FROM:
             return model
         return packed(model, "vllm", dtype, progress)
 
@@ -145,7 +146,7 @@ class OnnxEngine(Engine):
             raise LosaError(f"engine {self.name}: {model} is an unmerged LoRA adapter; bench its merged model")
         if (model / "model.onnx").is_file():
             return
-        if _is_packed(model):
+        if is_packed_checkpoint(model):
             raise LosaError(f"engine {self.name} needs a plain HF checkpoint or a deepsparse-format folder, "
                             f"not the packed {model}")
         _check_onnx_family(self.name, model)
@@ -222,12 +223,6 @@ def _refuse_onnx_export(engine: str, model: Path) -> None:
     if (model / "model.onnx").is_file() and not weight_files(model):
         raise LosaError(f"engine {engine} runs HF checkpoints; {model} is an ONNX export (bench it with "
                         "--engine onnxruntime or deepsparse)")
-
-
-def _is_packed(model: Path) -> bool:
-    from ..models.checkpoint import is_packed, read_config
-
-    return (model / "config.json").is_file() and is_packed(read_config(model))
 
 
 def _global_sparsity(model: Path) -> float:
