@@ -263,8 +263,8 @@ def generate(model: str | os.PathLike, prompt: str, max_new_tokens: int = 64, te
 
     Greedy at ``temperature`` 0, else sampled (``top_p``, ``seed``); ``chat`` wraps the prompt in the
     tokenizer's chat template; ``ignore_eos`` always decodes ``max_new_tokens``; ``stream`` (a text file
-    such as ``sys.stdout``) receives the text as it is decoded (after the prompt's, with ``echo_prompt``). Returns the text, token counts, prefill
-    seconds, decode tokens/s and the kernel path.
+    such as ``sys.stdout``) receives the text as it is decoded (after the prompt's, with ``echo_prompt``).
+    Returns the text, token counts, prefill seconds, decode tokens/s and the kernel path.
     """
     from .runtime.generate import check_sampling, generate_text, prompt_ids
     from .runtime.loader import check_device
