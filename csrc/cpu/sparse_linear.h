@@ -65,11 +65,13 @@ struct SparseRows {
 };
 
 // The AMX path (amx_linear.cpp): whether the CPU has AMX-BF16 and the OS lets this process use tiles,
-// and y = x · Wᵀ in fp32 [tokens, rows] for bf16 values and bf16 x2 [tokens, cols], 1-kAmxMaxTokens tokens.
-// Against the panel path (decompress, then oneDNN's AMX GEMM) on a 2-thread Xeon, 7B shapes at 70%: 1.95-2.42x
-// at 32 tokens, 1.5-2x at 48-64, about even at 128 (benchmarks/RESULTS.md).
-constexpr int64_t kAmxMinTokens = 4;  // the row kernel: as fast at 2 tokens, 1.11-1.46x slower at 4 (amx_cpu.py)
-constexpr int64_t kAmxMaxTokens = 64;  // and the panel path's threshold when the amx kernels are chosen
+// and y = x · Wᵀ in fp32 [tokens, rows] for bf16 values and bf16 x2 [tokens, cols], any token count.
+// The dispatcher gives it kAmxMinTokens-kAmxMaxTokens tokens. On a 2-thread Xeon (benchmarks/RESULTS.md,
+// 7B shapes, 50% / 70% / 2:4): at 1-2 tokens the row kernel is faster (0.4-0.95x), at 3 about even, at 4
+// the tiles win (0.94-1.47x); against the panel path (decompress + oneDNN's AMX GEMM) the tiles win up to
+// 256 tokens (1.02-1.51x there) and lose from 512 (0.60-0.98x, 1.31x once).
+constexpr int64_t kAmxMinTokens = 4;
+constexpr int64_t kAmxMaxTokens = 256;  // and the panel path's threshold when the amx kernels are chosen
 bool amx_usable();
 at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2);
 
