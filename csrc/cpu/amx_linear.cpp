@@ -48,10 +48,9 @@ namespace {
 
 #define LOSA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2")))
 
-constexpr int kGroup = 16;      // tokens per C tile (a tile row holds 16 fp32)
+constexpr int kGroup = 16;      // tokens per C tile at most (a tile row holds 16 fp32)
 constexpr int kMaxGroups = 5;   // C tiles 0-4, B tiles 5-6 (alternating), A tile 7
 constexpr int kBlockRows = 16;  // output rows per A / C tile
-constexpr int64_t kChunkWords = 16 * kGroup;  // uint32 words of one packed B tile (16 pairs x 16 tokens)
 
 // The 64-byte operand of LDTILECFG (palette 1).
 struct alignas(64) TileConfig {
@@ -62,12 +61,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Every tile is 16 rows of 64 bytes: C 16 rows x 16 fp32, B 16 pairs x 16 tokens, A 16 rows x 32 bf16.
-TileConfig tile_config() {
+// Every tile has 16 rows: C 16 rows x `width` fp32, B 16 pairs x `width` tokens, A 16 rows x 32 bf16.
+// `width` is 16, or the token count below 16: narrower B and C tiles make the products cheaper
+// (4-8 tokens on 16-wide tiles were 1.3-1.5x slower).
+TileConfig tile_config(int width) {
   TileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = 16;
-    c.colsb[t] = 64;
+    c.colsb[t] = static_cast<uint16_t>(t == 7 ? 64 : width * 4);
   }
   return c;
 }
@@ -79,17 +80,17 @@ bool os_grants_tiles() {
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-// x [tokens, cols] bf16 -> [groups][words][16 pairs][16 tokens] uint32 (zero past cols and past tokens).
+// x [tokens, cols] bf16 -> [groups][words][16 pairs][width tokens] uint32 (zero past cols and tokens).
 // One masked load per token and chunk gives the chunk's 16 pairs; a scatter puts them in a tile column.
-LOSA_AMX void pack_chunk(const uint16_t* x, int64_t tokens, int64_t cols, int64_t words, int64_t group,
-                         int64_t k, uint32_t* out) {
+LOSA_AMX void pack_chunk(const uint16_t* x, int64_t tokens, int64_t cols, int64_t words, int width,
+                         int64_t group, int64_t k, uint32_t* out) {
   const int64_t left = cols - k * 32;
   const __mmask32 valid = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
   const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(kGroup));
-  uint32_t* tile = out + (group * words + k) * kChunkWords;
-  for (int64_t t = 0; t < kGroup; ++t) {
-    const int64_t token = group * kGroup + t;
+                                            _mm512_set1_epi32(width));
+  uint32_t* tile = out + (group * words + k) * 16 * width;
+  for (int64_t t = 0; t < width; ++t) {
+    const int64_t token = group * width + t;
     const __m512i pairs = token < tokens ? _mm512_maskz_loadu_epi16(valid, x + token * cols + k * 32)
                                          : _mm512_setzero_si512();
     _mm512_i32scatter_epi32(tile + t, column, pairs, 4);
@@ -101,6 +102,7 @@ struct Block {
   const uint32_t* xv;  // packed x of this pass's first group
   float* yt;           // yᵀ [rows rounded up to 16][padded tokens] at this pass's first token
   int64_t yt_stride;   // padded tokens
+  int width;           // tokens per group
   // The next block's values and mask words, fetched into L2 while this block runs (empty when none).
   const char* next = nullptr;
   int64_t next_lines = 0;
@@ -151,19 +153,19 @@ LOSA_AMX inline void expand_chunk(const SparseRows& w, int64_t r0, int64_t n, in
   __asm__ volatile("tilestored %%tmm" #tile ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
 // C tile c += A tile 7 · B tile b (B tiles alternate, so one group's load does not wait for the previous
 // group's product to finish reading its tile).
-#define LOSA_GROUP_PRODUCT(c, b, xv, words, k)                                 \
+#define LOSA_GROUP_PRODUCT(c, b, xv, words, k, width)                          \
   do {                                                                         \
-    LOSA_TILE_LOAD(b, (xv) + ((c) * (words) + (k)) * kChunkWords, 64);         \
+    LOSA_TILE_LOAD(b, (xv) + ((c) * (words) + (k)) * 16 * (width), (width) * 4); \
     __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm7, %%tmm" #c ::);            \
   } while (0)
 
 template <int kGroups>
-LOSA_AMX inline void multiply_chunk(const uint32_t* xv, int64_t words, int64_t k) {
-  LOSA_GROUP_PRODUCT(0, 5, xv, words, k);
-  if constexpr (kGroups > 1) LOSA_GROUP_PRODUCT(1, 6, xv, words, k);
-  if constexpr (kGroups > 2) LOSA_GROUP_PRODUCT(2, 5, xv, words, k);
-  if constexpr (kGroups > 3) LOSA_GROUP_PRODUCT(3, 6, xv, words, k);
-  if constexpr (kGroups > 4) LOSA_GROUP_PRODUCT(4, 5, xv, words, k);
+LOSA_AMX inline void multiply_chunk(const uint32_t* xv, int64_t words, int64_t k, int width) {
+  LOSA_GROUP_PRODUCT(0, 5, xv, words, k, width);
+  if constexpr (kGroups > 1) LOSA_GROUP_PRODUCT(1, 6, xv, words, k, width);
+  if constexpr (kGroups > 2) LOSA_GROUP_PRODUCT(2, 5, xv, words, k, width);
+  if constexpr (kGroups > 3) LOSA_GROUP_PRODUCT(3, 6, xv, words, k, width);
+  if constexpr (kGroups > 4) LOSA_GROUP_PRODUCT(4, 5, xv, words, k, width);
   static_assert(kGroups >= 1 && kGroups <= kMaxGroups);
 }
 
@@ -177,15 +179,14 @@ LOSA_AMX inline void zero_accumulators() {
 }
 
 template <int kGroups>
-LOSA_AMX inline void store_accumulators(float* yt, int64_t stride) {
+LOSA_AMX inline void store_accumulators(float* yt, int64_t stride, int width) {
   LOSA_TILE_STORE(0, yt, stride * 4);
-  if constexpr (kGroups > 1) LOSA_TILE_STORE(1, yt + kGroup, stride * 4);
-  if constexpr (kGroups > 2) LOSA_TILE_STORE(2, yt + 2 * kGroup, stride * 4);
-  if constexpr (kGroups > 3) LOSA_TILE_STORE(3, yt + 3 * kGroup, stride * 4);
-  if constexpr (kGroups > 4) LOSA_TILE_STORE(4, yt + 4 * kGroup, stride * 4);
+  if constexpr (kGroups > 1) LOSA_TILE_STORE(1, yt + 1 * width, stride * 4);
+  if constexpr (kGroups > 2) LOSA_TILE_STORE(2, yt + 2 * width, stride * 4);
+  if constexpr (kGroups > 3) LOSA_TILE_STORE(3, yt + 3 * width, stride * 4);
+  if constexpr (kGroups > 4) LOSA_TILE_STORE(4, yt + 4 * width, stride * 4);
 }
 
-// One pass of kGroups token groups over the 16-row block at r0.
 // One pass of kGroups token groups over the 16-row block at r0. The expanded A tiles go to a ring of two
 // buffers, or, when the block has more passes to run, to `keep` ([words][16][32] bf16), from which those
 // passes load them (`reuse`) instead of expanding again.
@@ -197,7 +198,7 @@ LOSA_AMX void run_block(const Block& b, int64_t r0, uint16_t* keep, bool reuse) 
   if (reuse) {
     for (int64_t k = 0; k < w.words; ++k) {
       LOSA_TILE_LOAD(7, keep + k * kTile, 64);
-      multiply_chunk<kGroups>(b.xv, w.words, k);
+      multiply_chunk<kGroups>(b.xv, w.words, k, b.width);
     }
   } else {
     alignas(64) uint16_t ring[2][kTile];
@@ -212,7 +213,7 @@ LOSA_AMX void run_block(const Block& b, int64_t r0, uint16_t* keep, bool reuse) 
     expand_chunk(w, r0, n, 0, cursor, tile(0));
     for (int64_t k = 0; k < w.words; ++k) {
       LOSA_TILE_LOAD(7, tile(k), 64);
-      multiply_chunk<kGroups>(b.xv, w.words, k);
+      multiply_chunk<kGroups>(b.xv, w.words, k, b.width);
       if (k + 1 < w.words) expand_chunk(w, r0, n, k + 1, cursor, tile(k + 1));
       if (b.next) {
         prefetch_share(b.next, b.next_lines, k, w.words);
@@ -220,7 +221,7 @@ LOSA_AMX void run_block(const Block& b, int64_t r0, uint16_t* keep, bool reuse) 
       }
     }
   }
-  store_accumulators<kGroups>(b.yt + r0 * b.yt_stride, b.yt_stride);
+  store_accumulators<kGroups>(b.yt + r0 * b.yt_stride, b.yt_stride, b.width);
 }
 
 LOSA_AMX void run_pass(int groups, const Block& b, int64_t r0, uint16_t* keep, bool reuse) {
@@ -261,13 +262,13 @@ struct Pass {
 // was read from L3 for every block: 0.6-0.8x the panel path at 256-512 tokens.
 constexpr int64_t kSweepBytes = int64_t{1} << 20;
 
-std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words) {
+std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words, int width) {
   const int64_t passes = (groups + kMaxGroups - 1) / kMaxGroups;
   std::vector<std::vector<Pass>> sweeps;
   int64_t bytes = 0;
   for (int64_t p = 0, g0 = 0; p < passes; ++p) {
     const int n = static_cast<int>(groups / passes + (p < groups % passes));
-    const int64_t pass_bytes = n * words * kChunkWords * 4;
+    const int64_t pass_bytes = n * words * 16 * width * 4;
     if (sweeps.empty() || bytes + pass_bytes > kSweepBytes) {
       sweeps.emplace_back();
       bytes = 0;
@@ -280,16 +281,16 @@ std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words) {
 }
 
 // Row blocks [b0, b1), each for every pass of a sweep.
-LOSA_AMX void run_blocks(const SparseRows& w, const uint32_t* xv, float* yt, int64_t yt_stride,
+LOSA_AMX void run_blocks(const SparseRows& w, const uint32_t* xv, float* yt, int width, int64_t yt_stride,
                          const std::vector<Pass>& sweep, int64_t b0, int64_t b1) {
-  static const TileConfig config = tile_config();
+  const TileConfig config = tile_config(width);
   _tile_loadconfig(&config);  // tile configuration is thread state
   // A block's expanded tiles, kept for its later passes: 16 x words x 32 bf16 (128 KiB at 4096 columns).
   const AlignedTiles keep(sweep.size() > 1 ? w.words * kBlockRows * 32 : 0);
   for (int64_t blk = b0; blk < b1; ++blk)
     for (size_t i = 0; i < sweep.size(); ++i) {
       const Pass& p = sweep[i];
-      Block b{w, xv + p.first_group * w.words * kChunkWords, yt + p.first_group * kGroup, yt_stride};
+      Block b{w, xv + p.first_group * w.words * 16 * width, yt + p.first_group * width, yt_stride, width};
       if (i == 0 && blk + 1 < b1) set_next_block(b, (blk + 1) * kBlockRows);
       run_pass(p.groups, b, blk * kBlockRows, keep.data(), i > 0);
     }
@@ -310,18 +311,20 @@ at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2) {
   LOSA_CHECK(tokens >= 1, "amx_sparse_linear: no tokens");
   const at::Tensor x = x2.contiguous();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const int64_t groups = (tokens + kGroup - 1) / kGroup, blocks = (w.rows + kBlockRows - 1) / kBlockRows;
-  auto packed = at::empty({groups * w.words * kChunkWords}, x.options().dtype(at::kInt));
+  const int width = static_cast<int>(std::min<int64_t>(tokens, kGroup));
+  const int64_t groups = (tokens + width - 1) / width, blocks = (w.rows + kBlockRows - 1) / kBlockRows;
+  auto packed = at::empty({groups * w.words * 16 * width}, x.options().dtype(at::kInt));
   auto* xv = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
-  at::parallel_for(0, groups * w.words, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) pack_chunk(xs, tokens, w.cols, w.words, c / w.words, c % w.words, xv);
+  // One thread for a small x (a parallel region costs more than packing 4 tokens of 4096 columns).
+  at::parallel_for(0, groups * w.words, 512, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) pack_chunk(xs, tokens, w.cols, w.words, width, c / w.words, c % w.words, xv);
   });
   // yᵀ with whole tiles: rows rounded up to 16, tokens to 16, so every tile store stays inside it.
-  auto yt = at::empty({blocks * kBlockRows, groups * kGroup}, x.options().dtype(at::kFloat));
+  auto yt = at::empty({blocks * kBlockRows, groups * width}, x.options().dtype(at::kFloat));
   float* out = yt.data_ptr<float>();
-  for (const auto& sweep : plan_sweeps(groups, w.words))
+  for (const auto& sweep : plan_sweeps(groups, w.words, width))
     at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-      run_blocks(w, xv, out, groups * kGroup, sweep, b0, b1);
+      run_blocks(w, xv, out, width, groups * width, sweep, b0, b1);
     });
   return yt.narrow(0, 0, w.rows).narrow(1, 0, tokens).t().contiguous();
 }
