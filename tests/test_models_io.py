@@ -193,3 +193,23 @@ def test_reading_tensors_gives_what_the_mapped_file_holds(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-4])
     with pytest.raises(LosaError, match="is truncated"):
         list(iter_tensors(tmp_path, mmap=False))
+
+
+def test_reading_a_header_that_contradicts_itself_names_the_tensor(tmp_path):
+    """A header whose byte range for a tensor does not match its shape and dtype is called that, not a
+    truncated file (the file is whole)."""
+    import json
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(4, 6), "v": torch.randn(3)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + header_len])
+    header["w"]["shape"] = [4, 5]  # 80 bytes, where the offsets hold 96
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)
+    assert len(text) == header_len
+    (tmp_path / "model.safetensors").write_bytes(data[:8] + text + data[8 + header_len:])
+    with pytest.raises(LosaError, match=r"gives w 96 bytes, but its shape \[4, 5\] in F32 needs 80"):
+        list(iter_tensors(tmp_path, mmap=False))

@@ -49,8 +49,12 @@ def _read_safetensors(file: Path, keep: Callable[[str], bool]) -> Iterator[tuple
                 raise LosaError(f"{file}: {key} is stored as {entry['dtype']}, which losa-deploy does not read")
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+            nbytes = tensor.numel() * tensor.element_size()
+            if end - begin != nbytes:  # the header contradicts itself: no read can fix that
+                raise LosaError(f"{file}: the header gives {key} {end - begin} bytes, but its shape "
+                                f"{list(entry['shape'])} in {entry['dtype']} needs {nbytes}")
             raw.seek(8 + header_len + begin)
-            if raw.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+            if raw.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
                 raise LosaError(f"{file} is truncated: {key} ends past the end of the file")
             yield key, tensor
 
