@@ -41,15 +41,24 @@ def test_hf_output_is_the_input_in_the_new_dtype(sparse_stories, tmp_path, dtype
     assert load_model(tmp_path / "out").dtype == torch_dtype
 
 
-def test_negative_zeros_are_scrubbed(sparse_stories, tmp_path):
+@pytest.mark.parametrize("stored", ["safetensors", "pickle"])
+def test_negative_zeros_are_scrubbed(sparse_stories, tmp_path, stored):
+    # The scrub writes over the tensors as read; the source files stay as they were (a pickle is mapped
+    # privately, so its pages are copied on that write, never written back).
     src = tmp_path / "negzero"
     shutil.copytree(sparse_stories, src)
     state = load_file(src / "model.safetensors")
     key = "model.layers.1.mlp.down_proj.weight"
     zeros = state[key] == 0
     state[key][zeros] = -0.0
-    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    if stored == "safetensors":
+        save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    else:
+        (src / "model.safetensors").unlink()
+        torch.save(state, src / "pytorch_model.bin")
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
     result = pack(src, tmp_path / "out", progress=False)
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before
     out = _stored(tmp_path / "out")[key]
     assert result["negative_zeros_scrubbed"] == int(zeros.sum()) > 0
     assert torch.equal(out == 0, zeros) and not bool(torch.signbit(out[zeros]).any())

@@ -85,8 +85,8 @@ class PackSource:
         from safetensors import SafetensorError
 
         total = len(self.stored) or None  # None: a source built by hand, with no header read
-        # Read, not mapped: _prepare copies each tensor (cast or clone), and a mapped one's pages would stay
-        # resident until the whole file had streamed by.
+        # Read, not mapped: a mapped tensor's pages would stay resident until the whole file had streamed by,
+        # and _prepare scrubs the tensor it is given in place.
         stream = tqdm(iter_tensors(self.path, mmap=False), total=total, desc="packing", unit="tensor",
                       disable=not self.progress)
         try:
@@ -113,8 +113,9 @@ class PackSource:
                                 "choose a wider --dtype")
             if name is not None:
                 self.stats["underflowed_to_zero"] += int(((tensor != 0) & (out == 0)).sum())
-        else:
-            out = out.clone()  # never scrub a caller's tensor in place
+        # Else out is the tensor as read: tensors() reads each into memory of its own (a pickle's into a
+        # private mapping), so the scrub below writes over nobody's data, and a clone would only add the
+        # largest tensor to the peak.
         zeros = out == 0
         self.stats["negative_zeros_scrubbed"] += int((zeros & torch.signbit(out)).sum())
         out.masked_fill_(zeros, 0.0)  # -0.0 == 0, so this writes +0.0 over both signs
