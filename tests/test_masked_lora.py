@@ -222,6 +222,17 @@ def test_bfloat16_autocast(rng, backend):
 
 
 @needs_ext
+def test_an_unknown_instruction_set_cap_is_refused_by_every_kernel_that_reads_it(monkeypatch):
+    # One parser (cpu_features.h) for the masked-LoRA and attention kernels: the same error from each.
+    monkeypatch.setenv("LOSA_CPU_ISA", "sse4")
+    for read_cap in (ops().masked_lora_isa, ops().causal_attention_isa):
+        with pytest.raises(RuntimeError, match="LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got 'sse4'"):
+            read_cap()
+    monkeypatch.setenv("LOSA_CPU_ISA", "avx2")
+    assert ops().masked_lora_isa() in ("default", "avx2") and ops().causal_attention_isa() != "avx512"
+
+
+@needs_ext
 @pytest.mark.parametrize("isa", ["default", "avx2", "avx512", "avx512_bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_cpu_instruction_set_variant(rng, monkeypatch, isa, dtype):

@@ -39,17 +39,23 @@ inline bool has_feature(const std::string& name) {
   return it != features.end() && it->second;
 }
 
-// Whether an AVX-512 (F, BW, VL) variant may run: the CPU has it and LOSA_CPU_ISA (default | avx2 |
-// avx512 | avx512_bf16), which caps every CPU kernel so tests can cover each variant on one machine,
-// allows it.
-inline bool avx512_allowed() {
-  const bool has = has_feature("avx512f") && has_feature("avx512bw") && has_feature("avx512vl");
+// LOSA_CPU_ISA (default | avx2 | avx512 | avx512_bf16) caps the instruction set of the masked-LoRA and
+// attention CPU kernels, so tests can cover each variant on one machine. As a level: 0 default, 1 avx2,
+// 2 avx512, 3 avx512_bf16; 3 (no cap) when unset. The one parser of it.
+inline int isa_cap_level() {
   const char* cap = std::getenv("LOSA_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return has;
+  if (cap == nullptr || *cap == '\0') return 3;
   const std::string c(cap);
-  LOSA_CHECK(c == "default" || c == "avx2" || c == "avx512" || c == "avx512_bf16",
-             "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
-  return has && (c == "avx512" || c == "avx512_bf16");
+  const char* names[] = {"default", "avx2", "avx512", "avx512_bf16"};
+  for (int level = 0; level < 4; ++level)
+    if (c == names[level]) return level;
+  LOSA_CHECK(false, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", c, "'");
+  return 0;
+}
+
+// Whether an AVX-512 (F, BW, VL) variant may run: the CPU has it and LOSA_CPU_ISA allows it.
+inline bool avx512_allowed() {
+  return has_feature("avx512f") && has_feature("avx512bw") && has_feature("avx512vl") && isa_cap_level() >= 2;
 }
 
 }  // namespace losa::cpu

@@ -350,7 +350,7 @@ LOSA_AVX512 void contract_panel_avx512(const Contraction<T, float>& c, const T* 
 
 // ---- run-time choice of instruction set ----
 
-enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };
+enum class Isa { kDefault, kAvx2, kAvx512, kAvx512Bf16 };  // the levels of isa_cap_level()
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -361,8 +361,8 @@ const char* isa_name(Isa isa) {
   }
 }
 
-// The best the CPU supports, capped by LOSA_CPU_ISA (default, avx2, avx512, avx512_bf16) so tests can
-// cover every variant on one machine.
+// The best the CPU supports, capped by LOSA_CPU_ISA (cpu_features.h) so tests can cover every variant on
+// one machine.
 Isa chosen_isa() {
   Isa best = Isa::kDefault;
   if (losa::cpu::has_feature("avx2") && losa::cpu::has_feature("fma")) best = Isa::kAvx2;
@@ -370,11 +370,7 @@ Isa chosen_isa() {
       losa::cpu::has_feature("avx512vl")) {
     best = losa::cpu::has_feature("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
   }
-  const char* cap = std::getenv("LOSA_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return best;
-  for (const Isa isa : {Isa::kDefault, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
-    if (cap == std::string(isa_name(isa))) return std::min(best, isa);
-  LOSA_CHECK(false, "LOSA_CPU_ISA must be default, avx2, avx512 or avx512_bf16, got '", cap, "'");
+  return std::min(best, static_cast<Isa>(losa::cpu::isa_cap_level()));  // the levels are Isa's order
 }
 
 template <typename T, typename Acc>
