@@ -123,7 +123,7 @@ def test_amx_tiles_every_token_count_they_take(rng, fmt):
 @pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
 @pytest.mark.parametrize("tokens", [96, 250])
 def test_amx_tiles_with_x_past_one_sweep(rng, tokens):
-    # Wide rows: each pass's packed x (3-5 groups x 211 chunks x 1 KiB) fills a sweep of its own, so the
+    # Wide rows: each pass's packed x (3-4 groups x 211 chunks x 1 KiB) fills a sweep of its own, so the
     # blocks go by once per pass, each expanding its tiles again.
     rows, cols = 16 * 5 + 3, 32 * 210 + 5
     w = random_sparse(rows, cols, 0.7, rng, torch.bfloat16)

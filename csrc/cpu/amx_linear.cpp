@@ -7,18 +7,19 @@
 // what is left is the decode, which is what a sparse kernel should spend its time on.
 //
 // How, per block of 16 output rows (one thread each):
-//   * x is packed once per call (all threads) into AMX's B layout: per group of 16 tokens (zero past the
-//     last token) and 32-column chunk, 16 rows of column pairs, each row holding (x[t][2p], x[t][2p + 1])
-//     for the group's 16 tokens t;
+//   * x is packed once per call into AMX's B layout: per group of `width` tokens (16, or the token count
+//     below 16; zero past the last token) and 32-column chunk, 16 rows of column pairs, each row holding
+//     (x[t][2p], x[t][2p + 1]) for the group's tokens t;
 //   * each 32-column chunk of the block's rows is expanded from the packed values (a masked load of the
 //     kept values, then vpexpandw from the register, per row and chunk: vpexpandw straight from memory was
 //     the bottleneck, 64 tokens 3.45 -> 1.87 ms at 4096x4096 70%) into a 16 x 32 bf16 buffer, loaded as
 //     the A tile. Two buffers alternate: the next chunk is expanded while the tile unit works on this one,
 //     and a tile load never waits on the stores just made;
-//   * TDPBF16PS adds A · B into C = yᵀ [16 rows x 16 tokens], fp32, one C tile per token group: up to 5
+//   * TDPBF16PS adds A · B into C = yᵀ [16 rows x width tokens], fp32, one C tile per token group: up to 5
 //     groups (80 tokens) per pass over the block, so 5 independent accumulations hide the TDP latency;
-//   * with more than 80 tokens, the block's first pass keeps every expanded tile (16 x 32 x words bf16,
-//     in L2), and its later passes load them back instead of expanding again;
+//   * with more than 80 tokens, the passes are gathered into sweeps whose packed x fits L2 (see
+//     kSweepBytes); within a sweep, a block's first pass keeps every expanded tile (16 x 32 x words bf16),
+//     and its later passes load them back instead of expanding again;
 //   * while a block runs, the next block's values and mask words are prefetched into L2, in order;
 //   * C is stored straight into yᵀ, which is transposed once at the end.
 // The masked load reads only the kept values (masked lanes never fault), so the value stream needs no
@@ -288,7 +289,9 @@ std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words, int wi
 LOSA_AMX void run_blocks(const SparseRows& w, const uint32_t* xv, float* yt, int width, int64_t yt_stride,
                          const std::vector<Pass>& sweep, int64_t b0, int64_t b1) {
   const TileConfig config = tile_config(width);
-  _tile_loadconfig(&config);  // tile configuration is thread state
+  // Tile configuration is thread state. GCC 12's _tile_loadconfig declares that it reads 8 bytes of the
+  // config only, which would let the compiler drop the stores of the rest; this names all 64.
+  __asm__ volatile("ldtilecfg %0" ::"m"(config));
   // A block's expanded tiles, kept for its later passes: 16 x words x 32 bf16 (128 KiB at 4096 columns).
   const AlignedTiles keep(sweep.size() > 1 ? w.words * kBlockRows * 32 : 0);
   for (int64_t blk = b0; blk < b1; ++blk)
@@ -313,6 +316,7 @@ at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2) {
   LOSA_CHECK(w.dtype == at::kBFloat16 && x2.scalar_type() == at::kBFloat16, "amx_sparse_linear: bf16 only");
   const int64_t tokens = x2.size(0);
   LOSA_CHECK(tokens >= 1, "amx_sparse_linear: no tokens");
+  if (w.words == 0) return at::zeros({tokens, w.rows}, x2.options().dtype(at::kFloat));  // no columns: y = 0
   const at::Tensor x = x2.contiguous();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const int width = static_cast<int>(std::min<int64_t>(tokens, kGroup));
