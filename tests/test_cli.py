@@ -53,6 +53,14 @@ def test_env_reports_an_unrunnable_deepsparse_python_and_the_rest(cli, stories_d
     assert code == 2 and err.count("\n") == 1 and f"{python} is not executable" in err
 
 
+def test_bench_refuses_a_deepsparse_python_without_deepsparse(cli, stories_dir, monkeypatch):
+    """LOSA_DEEPSPARSE_PYTHON naming a Python that runs but lacks the package (this venv's): refused in one
+    line before any worker loads, not at the worker's import."""
+    monkeypatch.setenv("LOSA_DEEPSPARSE_PYTHON", sys.executable)
+    code, _, err = cli("bench", stories_dir, "--engine", "torch,deepsparse")
+    assert code == 2 and err.count("\n") == 1 and f"{sys.executable} cannot import deepsparse" in err
+
+
 def test_readme_source_paths_exist():
     """Every file path the README names in backticks (with a folder: bare names are read in context) is in
     the repository, at its root or under losa_deploy/; only DeepSparse's own files are elsewhere."""

@@ -6,8 +6,10 @@ worker's command line. The workers themselves are :mod:`.worker` (torch, losa, v
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,17 @@ from ..errors import LosaError
 from ..models.checkpoint import is_packed_checkpoint
 from ..models.zoo import cache_dir
 from .runners import adapter_base
+
+
+@functools.cache
+def _finds_deepsparse(python: str) -> bool:
+    """Whether that Python has the deepsparse package (found, not imported: an import takes seconds)."""
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepsparse') is None)"
+    try:
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
 
 # Below this global sparsity the vllm engine serves the dense checkpoint with stock vLLM (the dense
 # baseline); from it on, the packed checkpoint through our plugin (sparsify_'s own default threshold).
@@ -138,6 +151,9 @@ class OnnxEngine(Engine):
         if not os.access(python, os.X_OK):  # else the worker's start fails, after the other cells loaded
             raise LosaError(f"engine deepsparse: {python} is not executable (LOSA_DEEPSPARSE_PYTHON or "
                             ".venv-deepsparse)")
+        if not _finds_deepsparse(str(python)):  # likewise: a Python without it fails only at its import
+            raise LosaError(f"engine deepsparse: {python} cannot import deepsparse (LOSA_DEEPSPARSE_PYTHON or "
+                            ".venv-deepsparse; `make deepsparse-venv` builds it)")
         return str(python)
 
     def check(self, model: Path) -> None:
