@@ -101,8 +101,8 @@ LOSA_AMX void pack_chunk(const uint16_t* x, int64_t tokens, int64_t cols, int64_
 // Walks a byte range a few cache lines per chunk, so the range is fetched over the block's chunks.
 // Why: the 16 rows' value streams advance a few bytes per chunk each, too scattered for the hardware
 // prefetcher, and a value load missing to memory stalled the whole pass (perf: 45% of the samples on the
-// instruction after it). The next block is one contiguous range, fetched in order, well ahead of use.
-// (Spreading it with a division per chunk cost 4-8 token calls about 1.3x.)
+// instruction after it). The next block is one contiguous range, fetched in order, well ahead of use:
+// 1.1-1.4x at 64-128 tokens, no difference at 4-16 (RESULTS.md).
 struct Prefetcher {
   const char* at = nullptr;
   const char* end = nullptr;
