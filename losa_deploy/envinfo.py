@@ -83,12 +83,12 @@ def engine_info() -> dict:
     py = deepsparse_python()
     ds = {"installed": False, "version": None, "python": str(py) if py else None}
     if py is not None:
-        ds.update(_deepsparse_version(py))
+        ds.update(deepsparse_version(py))
     engines["deepsparse"] = ds
     return engines
 
 
-def _deepsparse_version(python: Path) -> dict:
+def deepsparse_version(python: Path) -> dict:
     """installed/version, or the reason the interpreter cannot run: it is only one entry of the report."""
     try:
         done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('deepsparse'))"],

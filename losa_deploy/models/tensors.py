@@ -10,7 +10,13 @@ import torch
 
 from ..errors import LosaError
 from .arch import Architecture
-from .checkpoint import SAFETENSORS_DTYPES, _safetensors_header, stored_shapes, weight_files
+from .checkpoint import (
+    SAFETENSORS_DTYPES,
+    _safetensors_header,
+    check_safetensors,
+    stored_shapes,
+    weight_files,
+)
 
 
 def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda key: True, mmap: bool = True
@@ -39,6 +45,7 @@ def iter_tensors(path: str | os.PathLike, keep: Callable[[str], bool] = lambda k
 
 def _read_safetensors(file: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of one safetensors file, in safe_open's (sorted) key order, each read into a new tensor."""
+    check_safetensors(file)  # a header that contradicts itself, or a file shorter than it says, named as such
     header_len, entries = _safetensors_header(file)
     with open(file, "rb") as raw:
         for key in sorted(entries):
@@ -49,12 +56,8 @@ def _read_safetensors(file: Path, keep: Callable[[str], bool]) -> Iterator[tuple
                 raise LosaError(f"{file}: {key} is stored as {entry['dtype']}, which losa-deploy does not read")
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - begin != nbytes:  # the header contradicts itself: no read can fix that
-                raise LosaError(f"{file}: the header gives {key} {end - begin} bytes, but its shape "
-                                f"{list(entry['shape'])} in {entry['dtype']} needs {nbytes}")
             raw.seek(8 + header_len + begin)
-            if raw.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
+            if raw.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
                 raise LosaError(f"{file} is truncated: {key} ends past the end of the file")
             yield key, tensor
 

@@ -6,30 +6,17 @@ worker's command line. The workers themselves are :mod:`.worker` (torch, losa, v
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..envinfo import deepsparse_python
+from ..envinfo import deepsparse_python, deepsparse_version
 from ..errors import LosaError
 from ..models.checkpoint import is_packed_checkpoint
 from ..models.zoo import cache_dir
 from .runners import adapter_base
-
-
-@functools.cache
-def _finds_deepsparse(python: str) -> bool:
-    """Whether that Python has the deepsparse package (found, not imported: an import takes seconds)."""
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepsparse') is None)"
-    try:
-        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
 
 # Below this global sparsity the vllm engine serves the dense checkpoint with stock vLLM (the dense
 # baseline); from it on, the packed checkpoint through our plugin (sparsify_'s own default threshold).
@@ -151,7 +138,7 @@ class OnnxEngine(Engine):
         if not os.access(python, os.X_OK):  # else the worker's start fails, after the other cells loaded
             raise LosaError(f"engine deepsparse: {python} is not executable (LOSA_DEEPSPARSE_PYTHON or "
                             ".venv-deepsparse)")
-        if not _finds_deepsparse(str(python)):  # likewise: a Python without it fails only at its import
+        if not deepsparse_version(python).get("installed"):  # likewise: a Python without it fails at its import
             raise LosaError(f"engine deepsparse: {python} cannot import deepsparse (LOSA_DEEPSPARSE_PYTHON or "
                             ".venv-deepsparse; `make deepsparse-venv` builds it)")
         return str(python)
