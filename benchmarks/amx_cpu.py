@@ -3,7 +3,7 @@
 For LLaMA-2-7B linear shapes, patterns (70% and 50% unstructured: bitmask; 2:4: N:M) and token counts,
 one process times, interleaved (each repetition runs every contender once, the order alternating):
 
-* ``amx``: ``sparse_linear(..., backend="amx")`` (csrc/cpu/amx_linear.cpp for 4-256 tokens);
+* ``amx``: ``sparse_linear(..., backend="amx")`` (csrc/cpu/amx_linear.cpp from 4 tokens on);
 * ``rows``: ``backend="avx512_bf16"``, what it replaces there: the row kernel, and from 32 tokens the panel path
   (decompress panels of rows, then oneDNN's GEMM);
 * ``dense``: ``F.linear`` on the same zero-filled bf16 weight (oneDNN; on an AMX CPU it uses the tiles).
@@ -12,7 +12,7 @@ bf16 values and activations; medians of ``--reps`` calls. The weights stay in th
 calls as far as they fit (benchmarks/kernels_cpu.py measures with cold weights); this compares the
 arithmetic, which is what bounds these token counts. Needs a CPU with AMX-BF16 (Sapphire Rapids or later).
 
-    .venv/bin/python benchmarks/amx_cpu.py [--tokens 1 2 4 8 16 32 64 128 256 512] [--reps 11] [--json out.json]
+    .venv/bin/python benchmarks/amx_cpu.py [--tokens 1 2 4 8 16 32 64 128 256 512 1024] [--reps 11] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def measure(w, packed, tokens: int, reps: int, gen: torch.Generator) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     p.add_argument("--reps", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)

@@ -102,9 +102,9 @@ def test_mixed_nm_linear(rng, backend):
 @pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
 @pytest.mark.parametrize("fmt", ["bitmask", "2:4", "mixed"])
 def test_amx_tiles_every_token_count_they_take(rng, fmt):
-    # bf16 x bf16 calls of 4-256 tokens run on the tiles (amx_linear.cpp): ragged rows (not whole 16-row
+    # bf16 x bf16 calls from 4 tokens on run on the tiles (amx_linear.cpp): ragged rows (not whole 16-row
     # tiles), columns (not whole 32-column chunks) and token groups (1-5 C tiles per pass, passes that
-    # reuse the expanded tiles), with a bias.
+    # reuse the expanded tiles), with a bias (added before the kernel rounds its output to bf16).
     rows, cols = 16 * int(torch.randint(1, 5, (), generator=rng)) + 7, 32 * int(torch.randint(1, 6, (), generator=rng)) + 9
     if fmt == "bitmask":
         w = random_sparse(rows, cols, float(torch.rand((), generator=rng)), rng, torch.bfloat16)
@@ -114,21 +114,22 @@ def test_amx_tiles_every_token_count_they_take(rng, fmt):
                       rng, dtype=torch.bfloat16)
         packed = NMWeight.from_dense(w, 2 if fmt == "2:4" else None, 4 if fmt == "2:4" else 8,
                                      rows_per_block=16 if fmt == "2:4" else 1).kernel_layout()
-    for tokens in (4, 5, 15, 16, 17, 33, 64, 79, 80, 81, 96, 130, 161, 256):  # over 80: passes of <= 80
+    for tokens in (4, 5, 15, 16, 17, 33, 64, 79, 80, 81, 96, 130, 161, 256, 257, 423):  # over 80: passes of <= 80
         x = torch.randn(tokens, cols, generator=rng).bfloat16()
         bias = torch.randn(rows, generator=rng) if tokens % 2 else None
         check_close(sparse_linear(x, packed, bias, backend="amx"), x, w, bias)
 
 
 @pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
-@pytest.mark.parametrize("tokens", [96, 250])
+@pytest.mark.parametrize("tokens", [96, 250, 601])
 def test_amx_tiles_with_x_past_one_sweep(rng, tokens):
     # Wide rows: each pass's packed x (3-4 groups x 211 chunks x 1 KiB) fills a sweep of its own, so the
     # blocks go by once per pass, each expanding its tiles again.
     rows, cols = 16 * 5 + 3, 32 * 210 + 5
     w = random_sparse(rows, cols, 0.7, rng, torch.bfloat16)
     x = torch.randn(tokens, cols, generator=rng).bfloat16()
-    check_close(sparse_linear(x, BitmaskWeight.from_dense(w), backend="amx"), x, w, None)
+    bias = torch.randn(rows, generator=rng) if tokens % 2 else None
+    check_close(sparse_linear(x, BitmaskWeight.from_dense(w), bias, backend="amx"), x, w, bias)
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,12 +1,12 @@
-// y = x · Wᵀ for bf16 values and bf16 activations on Intel AMX (Sapphire Rapids and later); the dispatcher
-// gives it 4-256 tokens (sparse_linear.h).
+// y = x · Wᵀ + bias for bf16 values and bf16 activations on Intel AMX (Sapphire Rapids and later); the
+// dispatcher gives it every call from 4 tokens on (sparse_linear.h).
 //
 // Why: from a few tokens on, the AVX-512 row kernel (sparse_linear.cpp) is bound by its dot products, and
 // on an AMX Xeon oneDNN's dense bf16 GEMM overtakes it: 4096x4096 at 70%, 2 threads, 8 tokens, 2.11 ms
 // against dense's 1.26 ms (benchmarks/RESULTS.md). The tile unit does the multiply almost for free, so
 // what is left is the decode, which is what a sparse kernel should spend its time on.
 //
-// How, per block of 16 output rows (one thread each):
+// How, per block of 16 output rows (the threads claim runs of blocks):
 //   * x is packed once per call into AMX's B layout: per group of `width` tokens (16, or the token count
 //     below 16; zero past the last token) and 32-column chunk, 16 rows of column pairs, each row holding
 //     (x[t][2p], x[t][2p + 1]) for the group's tokens t;
@@ -15,13 +15,13 @@
 //     the bottleneck, 64 tokens 3.45 -> 1.87 ms at 4096x4096 70%) into a 16 x 32 bf16 buffer, loaded as
 //     the A tile. Two buffers alternate: the next chunk is expanded while the tile unit works on this one,
 //     and a tile load never waits on the stores just made;
-//   * TDPBF16PS adds A · B into C = yᵀ [16 rows x width tokens], fp32, one C tile per token group: up to 5
+//   * TDPBF16PS adds A · B into C [16 rows x width tokens], fp32, one C tile per token group: up to 5
 //     groups (80 tokens) per pass over the block, so 5 independent accumulations hide the TDP latency;
 //   * with more than 80 tokens, the passes are gathered into sweeps whose packed x fits L2 (see
 //     kSweepBytes); within a sweep, a block's first pass keeps every expanded tile (16 x 32 x words bf16),
 //     and its later passes load them back instead of expanding again;
 //   * while a block runs, the next block's values and mask words are prefetched into L2, in order;
-//   * C is stored straight into yᵀ, which is transposed once at the end.
+//   * each pass's C goes through a small buffer to y: gathered per token, biased, rounded to bf16.
 // The masked load reads only the kept values (masked lanes never fault), so the value stream needs no
 // padding. Both packed layouts work: a mask word's popcount is its chunk's value count in each
 // (sparse_linear.h).
@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -47,7 +48,8 @@ namespace losa::cpu {
 
 namespace {
 
-#define LOSA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2")))
+#define LOSA_AMX \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt,bmi2")))
 
 constexpr int kGroup = 16;      // tokens per C tile at most (a tile row holds 16 fp32)
 constexpr int kMaxGroups = 5;   // C tiles 0-4, B tiles 5-6 (alternating), A tile 7
@@ -115,12 +117,19 @@ struct Prefetcher {
   }
 };
 
+// Where a pass's results go: y [tokens][rows] bf16, plus the bias (fp32, or none) before the rounding.
+struct Output {
+  uint16_t* y;
+  const float* bias;
+  int64_t tokens, rows;
+};
+
 struct Block {
   const SparseRows& w;
-  const uint32_t* xv;  // packed x of this pass's first group
-  float* yt;           // yᵀ [rows rounded up to 16][padded tokens] at this pass's first token
-  int64_t yt_stride;   // padded tokens
-  int width;           // tokens per group
+  const uint32_t* xv;    // packed x of this pass's first group
+  const Output& out;
+  int64_t first_token;  // this pass's
+  int width;            // tokens per group
   // The next block's values and mask words, fetched into L2 while this block runs (empty when none).
   Prefetcher next_values, next_mask;
 };
@@ -185,12 +194,37 @@ LOSA_AMX inline void zero_accumulators() {
 }
 
 template <int kGroups>
-LOSA_AMX inline void store_accumulators(float* yt, int64_t stride, int width) {
-  LOSA_TILE_STORE(0, yt, stride * 4);
-  if constexpr (kGroups > 1) LOSA_TILE_STORE(1, yt + 1 * width, stride * 4);
-  if constexpr (kGroups > 2) LOSA_TILE_STORE(2, yt + 2 * width, stride * 4);
-  if constexpr (kGroups > 3) LOSA_TILE_STORE(3, yt + 3 * width, stride * 4);
-  if constexpr (kGroups > 4) LOSA_TILE_STORE(4, yt + 4 * width, stride * 4);
+LOSA_AMX inline void store_accumulators(float* c, int64_t stride, int width) {
+  LOSA_TILE_STORE(0, c, stride * 4);
+  if constexpr (kGroups > 1) LOSA_TILE_STORE(1, c + 1 * width, stride * 4);
+  if constexpr (kGroups > 2) LOSA_TILE_STORE(2, c + 2 * width, stride * 4);
+  if constexpr (kGroups > 3) LOSA_TILE_STORE(3, c + 3 * width, stride * 4);
+  if constexpr (kGroups > 4) LOSA_TILE_STORE(4, c + 4 * width, stride * 4);
+}
+
+// A pass's C ([16 rows][stride] fp32, its tokens along a row) goes out transposed: per token, a gather
+// down C's column gives the token's 16 outputs, which get the bias, are rounded to bf16 and stored in y.
+// Why here: a yᵀ in memory, transposed, biased and rounded by ATen afterwards took as long as the tile
+// products at 128 tokens (4096 rows: 1.7 ms of fp32 passes over memory).
+LOSA_AMX void write_outputs(const float* c, int64_t stride, const Output& out, int64_t first_token, int64_t count,
+                            int64_t r0) {
+  const int64_t n = std::min<int64_t>(kBlockRows, out.rows - r0);
+  const __mmask16 rows = static_cast<__mmask16>((1u << n) - 1);
+  const __m512i down = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(stride)));
+  uint16_t* y = out.y + first_token * out.rows + r0;
+  if (out.bias) {
+    const __m512 bias = _mm512_maskz_loadu_ps(rows, out.bias + r0);
+    for (int64_t t = 0; t < count; ++t, y += out.rows) {
+      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(down, c + t, 4), bias);
+      _mm256_mask_storeu_epi16(y, rows, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  } else {
+    for (int64_t t = 0; t < count; ++t, y += out.rows) {
+      const __m512 v = _mm512_i32gather_ps(down, c + t, 4);
+      _mm256_mask_storeu_epi16(y, rows, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
 }
 
 // One pass of kGroups token groups over the 16-row block at r0. The expanded A tiles go to a ring of two
@@ -226,7 +260,10 @@ LOSA_AMX void run_block(const Block& b, int64_t r0, uint16_t* keep, bool reuse) 
       next_mask.step();
     }
   }
-  store_accumulators<kGroups>(b.yt + r0 * b.yt_stride, b.yt_stride, b.width);
+  alignas(64) float c[kBlockRows * kMaxGroups * kGroup];
+  const int64_t stride = kGroups * b.width;
+  store_accumulators<kGroups>(c, stride, b.width);
+  write_outputs(c, stride, b.out, b.first_token, std::min<int64_t>(stride, b.out.tokens - b.first_token), r0);
 }
 
 LOSA_AMX void run_pass(int groups, const Block& b, int64_t r0, uint16_t* keep, bool reuse) {
@@ -285,38 +322,51 @@ std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words, int wi
   return sweeps;
 }
 
-// Row blocks [b0, b1), each for every pass of a sweep.
-LOSA_AMX void run_blocks(const SparseRows& w, const uint32_t* xv, float* yt, int width, int64_t yt_stride,
-                         const std::vector<Pass>& sweep, int64_t b0, int64_t b1) {
+// The row blocks of one sweep, each for every pass of the sweep. The threads claim runs of blocks as they
+// finish, the runs shrinking as the blocks run out (as parallel_row_blocks does for the row kernel): the
+// two vCPUs of a shared VM do not run at the same speed, and with a fixed half each the slower one set
+// the time (perf: 15% of the samples in libgomp's barrier at 256 tokens).
+LOSA_AMX void run_claims(const SparseRows& w, const uint32_t* xv, const Output& out, int width,
+                         const std::vector<Pass>& sweep, int64_t blocks, int threads, std::atomic<int64_t>& next) {
   const TileConfig config = tile_config(width);
   // Tile configuration is thread state. GCC 12's _tile_loadconfig declares that it reads 8 bytes of the
   // config only, which would let the compiler drop the stores of the rest; this names all 64.
   __asm__ volatile("ldtilecfg %0" ::"m"(config));
   // A block's expanded tiles, kept for its later passes: 16 x words x 32 bf16 (128 KiB at 4096 columns).
   const AlignedTiles keep(sweep.size() > 1 ? w.words * kBlockRows * 32 : 0);
-  for (int64_t blk = b0; blk < b1; ++blk)
-    for (size_t i = 0; i < sweep.size(); ++i) {
-      const Pass& p = sweep[i];
-      Block b{w, xv + p.first_group * w.words * 16 * width, yt + p.first_group * width, yt_stride, width};
-      if (i == 0 && blk + 1 < b1) set_next_block(b, (blk + 1) * kBlockRows);
-      run_pass(p.groups, b, blk * kBlockRows, keep.data(), i > 0);
-    }
+  int64_t b0 = next.load(std::memory_order_relaxed);
+  while (b0 < blocks) {
+    const int64_t b1 = std::min(blocks, b0 + std::max<int64_t>(1, (blocks - b0) / (2 * threads)));
+    if (!next.compare_exchange_weak(b0, b1, std::memory_order_relaxed)) continue;  // b0 is the current value
+    for (int64_t blk = b0; blk < b1; ++blk)
+      for (size_t i = 0; i < sweep.size(); ++i) {
+        const Pass& p = sweep[i];
+        Block b{w, xv + p.first_group * w.words * 16 * width, out, p.first_group * width, width};
+        if (i == 0 && blk + 1 < b1) set_next_block(b, (blk + 1) * kBlockRows);
+        run_pass(p.groups, b, blk * kBlockRows, keep.data(), i > 0);
+      }
+    b0 = next.load(std::memory_order_relaxed);
+  }
   _tile_release();
 }
 
 }  // namespace
 
 bool amx_usable() {
-  static const bool usable = has_feature("amx_tile") && has_feature("amx_bf16") && os_grants_tiles();
+  static const bool usable =
+      has_feature("amx_tile") && has_feature("amx_bf16") && has_feature("avx512bf16") && os_grants_tiles();
   return usable;
 }
 
-at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2) {
+at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias) {
   LOSA_CHECK(amx_usable(), "amx_sparse_linear: this CPU or OS does not allow AMX tiles");
   LOSA_CHECK(w.dtype == at::kBFloat16 && x2.scalar_type() == at::kBFloat16, "amx_sparse_linear: bf16 only");
   const int64_t tokens = x2.size(0);
   LOSA_CHECK(tokens >= 1, "amx_sparse_linear: no tokens");
-  if (w.words == 0) return at::zeros({tokens, w.rows}, x2.options().dtype(at::kFloat));  // no columns: y = 0
+  if (w.words == 0) {  // no columns: y = bias
+    auto y = at::zeros({tokens, w.rows}, x2.options());
+    return bias ? y.add_(bias->to(at::kFloat)) : y;
+  }
   const at::Tensor x = x2.contiguous();
   const auto* xs = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const int width = static_cast<int>(std::min<int64_t>(tokens, kGroup));
@@ -327,14 +377,17 @@ at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2) {
   at::parallel_for(0, groups * w.words, 512, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) pack_chunk(xs, tokens, w.cols, w.words, width, c / w.words, c % w.words, xv);
   });
-  // yᵀ with whole tiles: rows rounded up to 16, tokens to 16, so every tile store stays inside it.
-  auto yt = at::empty({blocks * kBlockRows, groups * width}, x.options().dtype(at::kFloat));
-  float* out = yt.data_ptr<float>();
-  for (const auto& sweep : plan_sweeps(groups, w.words, width))
-    at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-      run_blocks(w, xv, out, width, groups * width, sweep, b0, b1);
-    });
-  return yt.narrow(0, 0, w.rows).narrow(1, 0, tokens).t().contiguous();
+  auto y = at::empty({tokens, w.rows}, x.options());
+  const at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const Output out{reinterpret_cast<uint16_t*>(y.data_ptr()), bias ? b.data_ptr<float>() : nullptr, tokens, w.rows};
+  // At least 4 blocks a thread: a parallel region costs more than a few blocks.
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), (blocks + 3) / 4));
+  for (const auto& sweep : plan_sweeps(groups, w.words, width)) {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1,
+                     [&](int64_t, int64_t) { run_claims(w, xv, out, width, sweep, blocks, threads, next); });
+  }
+  return y;
 }
 
 }  // namespace losa::cpu

@@ -24,8 +24,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <utility>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -833,17 +834,16 @@ at::Tensor sparse_linear_cpu(const SparseRows& w, const at::Tensor& x, const std
   const Isa isa = resolve_isa(isa_request);
   const at::Tensor x2 = x.reshape({-1, w.cols});
   const bool bf16 = xdt == at::kBFloat16 && w.dtype == at::kBFloat16;
-  // The tiles take bf16 x bf16 calls up to kAmxMaxTokens, so for those the panel path starts after them;
-  // every other call of the amx backend is an avx512_bf16 call, threshold included.
+  // The tiles take bf16 x bf16 calls from kAmxMinTokens on, so for those the panel path runs only when
+  // panel_tokens asks for it; every other call of the amx backend is an avx512_bf16 call, threshold included.
   const bool tiles = isa == Isa::kAmx && bf16;
-  if (panel_tokens <= 0) panel_tokens = tiles ? kAmxMaxTokens + 1 : kDefaultPanelTokens;
+  if (panel_tokens <= 0) panel_tokens = tiles ? std::numeric_limits<int64_t>::max() : kDefaultPanelTokens;
   const Isa kernels = isa == Isa::kAmx ? Isa::kAvx512Bf16 : isa;
   const int64_t tokens = x2.size(0);
 
   at::Tensor y;
-  if (tiles && tokens >= kAmxMinTokens && tokens <= kAmxMaxTokens && tokens < panel_tokens && w.rows > 0) {
-    y = amx_sparse_linear(w, x2);
-    if (bias) y.add_(bias->to(at::kFloat));
+  if (tiles && tokens >= kAmxMinTokens && tokens < panel_tokens && w.rows > 0) {
+    y = amx_sparse_linear(w, x2, bias);
   } else if (kernels == Isa::kAvx512Bf16 && bf16)
     y = run<Avx512Bf16>(w, x2, bias, at::kBFloat16, panel_tokens);
   else if (kernels == Isa::kAvx512 || kernels == Isa::kAvx512Bf16)

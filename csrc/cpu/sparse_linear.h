@@ -23,7 +23,7 @@
 
 namespace losa::cpu {
 
-// kAmx: the avx512_bf16 kernels, with bf16 x bf16 calls of kAmxMinTokens-kAmxMaxTokens tokens on Intel AMX
+// kAmx: the avx512_bf16 kernels, with bf16 x bf16 calls of kAmxMinTokens tokens or more on Intel AMX
 // tiles (amx_linear.cpp).
 enum class Isa { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
@@ -65,15 +65,15 @@ struct SparseRows {
 };
 
 // The AMX path (amx_linear.cpp): whether the CPU has AMX-BF16 and the OS lets this process use tiles,
-// and y = x · Wᵀ in fp32 [tokens, rows] for bf16 values and bf16 x2 [tokens, cols], any token count.
-// The dispatcher gives it kAmxMinTokens-kAmxMaxTokens tokens. On a 2-thread Xeon (benchmarks/RESULTS.md,
-// 7B shapes, 50% / 70% / 2:4): at 1-2 tokens the row kernel is faster (0.4-0.95x), at 3 about even, at 4
-// the tiles win (0.94-1.47x); against the panel path (decompress + oneDNN's AMX GEMM) the tiles win up to
-// 256 tokens (1.02-1.51x there) and lose from 512 (0.60-0.98x, 1.31x once).
+// and y = x · Wᵀ + bias in bf16 [tokens, rows] for bf16 values and bf16 x2 [tokens, cols], any token count
+// (the bias is added in fp32, before the rounding). The dispatcher gives it every call from kAmxMinTokens
+// tokens on. On a 2-thread Xeon (benchmarks/RESULTS.md, 7B shapes, 50% / 70% / 2:4): at 1-2 tokens the
+// row kernel is faster (0.4-0.95x), at 3 about even, at 4 the tiles win (0.94-1.47x); against the panel
+// path (decompress + oneDNN's AMX GEMM) they win or tie at 512-2048 tokens too, since the output is
+// written by the kernel itself (RESULTS.md, "The AMX kernel, third pass").
 constexpr int64_t kAmxMinTokens = 4;
-constexpr int64_t kAmxMaxTokens = 256;  // and the panel path's threshold when the amx kernels are chosen
 bool amx_usable();
-at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2);
+at::Tensor amx_sparse_linear(const SparseRows& w, const at::Tensor& x2, const std::optional<at::Tensor>& bias);
 
 // Checks x and bias against the weight and runs the kernel. x is (..., cols); the result is
 // (..., rows) in x's dtype, accumulated in fp32.

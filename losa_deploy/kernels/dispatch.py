@@ -15,7 +15,7 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
   kernel (``bitmask_gemv_groups.cu``) where it fits, else the row walk (``bitmask_gemv.cu``);
   ``$LOSA_CUDA_KERNEL`` overrides that choice (``rows``, ``groups:W:P[:window]``, ``positions:W[:R]``).
 * ``amx``, ``avx512_bf16``, ``avx512``, ``avx2``, ``portable``: that CPU kernel (an error when the CPU lacks
-  it). ``amx`` runs bf16 x bf16 calls of 4-256 tokens on Intel AMX tiles, everything else as ``avx512_bf16``;
+  it). ``amx`` runs bf16 x bf16 calls of 4 tokens or more on Intel AMX tiles, everything else as ``avx512_bf16``;
   ``auto`` picks it where the CPU and the OS allow tiles.
 * ``cuda``: the CUDA op (CUDA tensors, any token count, 16 tokens per launch; other dtypes than 16-bit x
   with same-dtype values are decompressed and run densely).
@@ -23,7 +23,7 @@ Backends, chosen by ``backend=`` or ``$LOSA_SPARSE_BACKEND`` (default ``auto``):
 * ``torch``: decompress and ``F.linear`` in fp32 (slow, exact; every device).
 
 ``panel_tokens``: the token count from which the CPU op decompresses panels of rows and runs torch's
-dense GEMM on them instead of its row kernel or tiles (default: the op's: 32, or 257 for the ``amx`` tiles;
+dense GEMM on them instead of its row kernel or tiles (default: the op's: 32, or never for the ``amx`` tiles;
 tuned by benchmarks/kernels_cpu.py and benchmarks/amx_cpu.py).
 
 The GPU kernels read a :mod:`GPU layout <.formats.gpu>` (the packed arrays plus small offset tables):
