@@ -121,6 +121,24 @@ def test_amx_tiles_every_token_count_they_take(rng, fmt):
 
 
 @pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
+def test_amx_tiles_round_their_output_like_torch(rng):
+    # The tiles round their fp32 output to bf16 themselves, as torch's conversion (which the other paths
+    # end with) does: nearest even, denormals kept, the same NaN. With x = 0, y is the bias, so y must
+    # equal bias.to(bf16) bit for bit, as the avx512_bf16 path's does.
+    rows = 37
+    w = random_sparse(rows, 70, 0.5, rng, torch.bfloat16)
+    bias = torch.randn(rows, generator=rng) * torch.logspace(-40, 38, rows).float()
+    bias[:4] = torch.tensor([1e-39, -3e-40, float("nan"), float("inf")])
+    bias[4:8] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.3895e38])  # ties round to even
+    y = sparse_linear(torch.zeros(9, 70, dtype=torch.bfloat16), BitmaskWeight.from_dense(w), bias, backend="amx")
+    assert torch.equal(y[0].view(torch.int16), bias.bfloat16().view(torch.int16))
+    rows_path = sparse_linear(torch.zeros(9, 70, dtype=torch.bfloat16), BitmaskWeight.from_dense(w), bias,
+                              backend="avx512_bf16")
+    assert torch.equal(y.view(torch.int16), rows_path.view(torch.int16))
+    assert torch.equal(y.view(torch.int16), y[:1].view(torch.int16).expand_as(y))  # every token alike
+
+
+@pytest.mark.skipif(not _supported("amx"), reason="no AMX tiles on this CPU / OS")
 @pytest.mark.parametrize("tokens", [96, 250, 601])
 def test_amx_tiles_with_x_past_one_sweep(rng, tokens):
     # Wide rows: each pass's packed x (3-4 groups x 211 chunks x 1 KiB) fills a sweep of its own, so the

@@ -48,8 +48,7 @@ namespace losa::cpu {
 
 namespace {
 
-#define LOSA_AMX \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,popcnt,bmi2")))
+#define LOSA_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt,bmi2")))
 
 constexpr int kGroup = 16;      // tokens per C tile at most (a tile row holds 16 fp32)
 constexpr int kMaxGroups = 5;   // C tiles 0-4, B tiles 5-6 (alternating), A tile 7
@@ -202,6 +201,17 @@ LOSA_AMX inline void store_accumulators(float* c, int64_t stride, int width) {
   if constexpr (kGroups > 4) LOSA_TILE_STORE(4, c + 4 * width, stride * 4);
 }
 
+// fp32 -> bf16 as ATen's vectorised conversion (Tensor.to) does it, which the op's other paths end with:
+// nearest even, denormals kept, NaN as 0xFFFF. Not VCVTNEPS2BF16, which flushes denormals to zero.
+LOSA_AMX inline __m256i round_to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __m512i nan = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i out = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, nan);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(out, 16));
+}
+
 // A pass's C ([16 rows][stride] fp32, its tokens along a row) goes out transposed: per token, a gather
 // down C's column gives the token's 16 outputs, which get the bias, are rounded to bf16 and stored in y.
 // Why here: a yᵀ in memory, transposed, biased and rounded by ATen afterwards took as long as the tile
@@ -217,12 +227,11 @@ LOSA_AMX void write_outputs(const float* c, int64_t stride, const Output& out, i
     const __m512 bias = _mm512_maskz_loadu_ps(rows, out.bias + r0);
     for (int64_t t = 0; t < count; ++t, y += out.rows) {
       const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(down, c + t, 4), bias);
-      _mm256_mask_storeu_epi16(y, rows, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      _mm256_mask_storeu_epi16(y, rows, round_to_bf16(v));
     }
   } else {
     for (int64_t t = 0; t < count; ++t, y += out.rows) {
-      const __m512 v = _mm512_i32gather_ps(down, c + t, 4);
-      _mm256_mask_storeu_epi16(y, rows, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      _mm256_mask_storeu_epi16(y, rows, round_to_bf16(_mm512_i32gather_ps(down, c + t, 4)));
     }
   }
 }
@@ -328,12 +337,13 @@ std::vector<std::vector<Pass>> plan_sweeps(int64_t groups, int64_t words, int wi
 // the time (perf: 15% of the samples in libgomp's barrier at 256 tokens).
 LOSA_AMX void run_claims(const SparseRows& w, const uint32_t* xv, const Output& out, int width,
                          const std::vector<Pass>& sweep, int64_t blocks, int threads, std::atomic<int64_t>& next) {
+  // A block's expanded tiles, kept for its later passes: 16 x words x 32 bf16 (128 KiB at 4096 columns).
+  // Allocated before the tiles are configured, so a failed allocation leaves no tile state behind.
+  const AlignedTiles keep(sweep.size() > 1 ? w.words * kBlockRows * 32 : 0);
   const TileConfig config = tile_config(width);
   // Tile configuration is thread state. GCC 12's _tile_loadconfig declares that it reads 8 bytes of the
   // config only, which would let the compiler drop the stores of the rest; this names all 64.
   __asm__ volatile("ldtilecfg %0" ::"m"(config));
-  // A block's expanded tiles, kept for its later passes: 16 x words x 32 bf16 (128 KiB at 4096 columns).
-  const AlignedTiles keep(sweep.size() > 1 ? w.words * kBlockRows * 32 : 0);
   int64_t b0 = next.load(std::memory_order_relaxed);
   while (b0 < blocks) {
     const int64_t b1 = std::min(blocks, b0 + std::max<int64_t>(1, (blocks - b0) / (2 * threads)));
@@ -353,8 +363,7 @@ LOSA_AMX void run_claims(const SparseRows& w, const uint32_t* xv, const Output& 
 }  // namespace
 
 bool amx_usable() {
-  static const bool usable =
-      has_feature("amx_tile") && has_feature("amx_bf16") && has_feature("avx512bf16") && os_grants_tiles();
+  static const bool usable = has_feature("amx_tile") && has_feature("amx_bf16") && os_grants_tiles();
   return usable;
 }
 
