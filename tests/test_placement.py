@@ -9,14 +9,15 @@ from sparse_weights import random_nm, random_sparse
 from losa_deploy.kernels import has_extension
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
 from losa_deploy.kernels.formats.nm import NMKernelLayout, NMWeight
-from losa_deploy.kernels.placement import HUGE_PAGE_BYTES, on_huge_pages, place_for_decode
+from losa_deploy.kernels.placement import HUGE_PAGE_BYTES, HUGE_PAGE_OFFSET, on_huge_pages, place_for_decode
 from losa_deploy.runtime import SparseLinear
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
 
 
 def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % HUGE_PAGE_BYTES == 0
+    """Where a placed copy starts: one cache line into a huge page (placement.HUGE_PAGE_OFFSET)."""
+    return t.data_ptr() % HUGE_PAGE_BYTES == HUGE_PAGE_OFFSET
 
 
 def test_large_tensor_copied_exactly_onto_aligned_memory(rng):
@@ -95,3 +96,51 @@ def test_building_and_converting_a_layer_checks_its_bits_once(rng, kind, monkeyp
     x = torch.randn(5, cols, generator=rng).to(torch.bfloat16)
     ref = x.double() @ weight.to(torch.bfloat16).double().T
     torch.testing.assert_close(layer(x).double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
+
+
+def _anon_huge_kib(t: torch.Tensor) -> int:
+    """AnonHugePages of the mapping that holds ``t``'s first byte (/proc/self/smaps)."""
+    ptr, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(" ", 1)[0]
+            if "-" in head:  # a mapping's first line: "lo-hi perms ..."
+                lo, _, hi = head.partition("-")
+                try:
+                    inside = int(lo, 16) <= ptr < int(hi, 16)
+                except ValueError:
+                    inside = False
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
+def test_placed_tensor_is_backed_by_huge_pages(rng):
+    """Not only aligned: the kernel really backs the copy with 2 MiB pages (what benchmarks/huge_pages.py
+    compares against the default allocator)."""
+    pages = 3
+    src = torch.randn(pages * HUGE_PAGE_BYTES // 4 - int(torch.randint(1, 999, (1,), generator=rng)), generator=rng)
+    out = on_huge_pages(src)
+    out.add_(0)  # touch every page
+    assert _anon_huge_kib(out) >= (pages - 1) * HUGE_PAGE_BYTES // 1024
+    assert torch.equal(out, src)
+
+
+def test_huge_page_copy_refuses_an_offset_off_the_cache_lines(rng):
+    from losa_deploy.kernels import ops
+
+    src = torch.randn(HUGE_PAGE_BYTES // 4 + 3, generator=rng)
+    for bad in (-64, 32, HUGE_PAGE_BYTES):
+        with pytest.raises(RuntimeError, match="offset must be a multiple of 64"):
+            ops().huge_page_copy(src, bad)
+    out = ops().huge_page_copy(src, 4096)
+    assert out.data_ptr() % HUGE_PAGE_BYTES == 4096 and torch.equal(out, src)

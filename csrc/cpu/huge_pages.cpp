@@ -2,16 +2,23 @@
 //
 // Decode reads every packed weight once per token. On 4 KiB pages a 7B-shaped layer spans thousands of
 // pages, more than the second-level TLB holds, so every page costs a page walk, and the hardware
-// prefetchers stop at each page boundary. On 2 MiB pages neither happens: on the reference machine (Zen 4,
-// 2 threads, one token, weights cold) the bitmask kernel moved 10-20% more bytes per second.
+// prefetchers stop at each page boundary. On 2 MiB pages neither happens (benchmarks/huge_pages.py).
 //
 // Linux only (madvise(MADV_HUGEPAGE), which works in the kernel's default "madvise" THP mode); elsewhere,
 // and for tensors under one huge page, the op returns a plain copy. The memory is released by the
 // tensor's deleter. Allocation rounds up to whole huge pages, so small tensors are left alone.
+//
+// The memory is a fresh anonymous mapping, not malloc's: the advice only takes effect when a page is first
+// touched, and malloc hands back memory it has touched before (after a free, glibc raises its mmap
+// threshold and serves blocks of that size from its heap), which stayed on 4 KiB pages. A test in a busy
+// process found such a copy with no huge page at all.
+//
+// The copy starts `offset` bytes (a multiple of 64) into its first page, not on the 2 MiB boundary: the
+// caller's policy (kernels/placement.py says why).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
 
 #ifdef __linux__
@@ -24,18 +31,25 @@ namespace {
 
 constexpr int64_t kHugePage = int64_t{2} << 20;
 
-at::Tensor huge_page_copy(const at::Tensor& tensor) {
+at::Tensor huge_page_copy(const at::Tensor& tensor, int64_t offset) {
   LOSA_CHECK(tensor.device().is_cpu(), "huge_page_copy: need a CPU tensor, got ", tensor.device());
+  LOSA_CHECK(offset >= 0 && offset < kHugePage && offset % 64 == 0,
+             "huge_page_copy: offset must be a multiple of 64 in [0, 2 MiB), got ", offset);
   const at::Tensor src = tensor.contiguous();
   const int64_t nbytes = static_cast<int64_t>(src.nbytes());
 #ifdef __linux__
   if (nbytes >= kHugePage) {
-    const int64_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = std::aligned_alloc(kHugePage, size);
-    LOSA_CHECK(data != nullptr, "huge_page_copy: out of memory allocating ", size, " bytes");
-    madvise(data, size, MADV_HUGEPAGE);  // advice before the first touch; ignored when THP is off
-    std::memcpy(data, src.data_ptr(), nbytes);
-    return at::from_blob(data, src.sizes(), [](void* p) { std::free(p); }, src.options());
+    const int64_t size = (offset + nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t length = static_cast<size_t>(size + kHugePage);  // room to start on a 2 MiB boundary
+    void* map = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    LOSA_CHECK(map != MAP_FAILED, "huge_page_copy: out of memory mapping ", length, " bytes");
+    const auto start = (reinterpret_cast<uintptr_t>(map) + kHugePage - 1) / kHugePage * kHugePage;
+    auto* base = reinterpret_cast<char*>(start);
+    madvise(base, size, MADV_HUGEPAGE);  // advice before the first touch; ignored when THP is off
+    std::memcpy(base + offset, src.data_ptr(), nbytes);
+    // The untouched slack before and after `base` costs address space only.
+    return at::from_blob(base + offset, src.sizes(), [map, length](void*) { munmap(map, length); },
+                         src.options());
   }
 #endif
   return src.clone();
@@ -43,6 +57,6 @@ at::Tensor huge_page_copy(const at::Tensor& tensor) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(losa, m) { m.def("huge_page_copy(Tensor tensor) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(losa, m) { m.def("huge_page_copy(Tensor tensor, int offset=0) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(losa, CPU, m) { m.impl("huge_page_copy", &huge_page_copy); }

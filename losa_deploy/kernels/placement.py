@@ -1,9 +1,10 @@
 """Where packed weights live for the CPU decode kernels: on transparent huge pages.
 
 Decode streams every packed weight once per token. On 4 KiB pages a 7B-shaped layer spans thousands of
-pages (more than the TLB holds) and the hardware prefetchers stop at each page boundary; on 2 MiB pages
-the bitmask kernel moved 10-20% more bytes per second on the reference machine (one token, 2 threads,
-weights cold; benchmarks/RESULTS.md). ``SparseLinear`` and the vLLM plugin place their CPU weights here.
+pages (more than the TLB holds) and the hardware prefetchers stop at each page boundary. Measured alone
+(benchmarks/huge_pages.py, one token, 2 threads, weights cold) on an Intel Xeon, 2 MiB pages made the
+kernels 1.01-1.09x faster (noted as 10-20% on the AMD EPYC where this was added; benchmarks/RESULTS.md).
+``SparseLinear`` and the vLLM plugin place their CPU weights here.
 
 Tensors under one huge page stay where they are (the allocation rounds up to whole pages). Set
 ``LOSA_HUGE_PAGES=0`` to keep every tensor on the default allocator (e.g. to measure the difference).
@@ -18,6 +19,12 @@ import torch
 from ._ext import ops
 
 HUGE_PAGE_BYTES = 2 << 20
+# Each copy starts one cache line into its first huge page, not on the 2 MiB boundary. On the Intel Xeon,
+# 2:4 weights whose rows start exactly on 4 KiB boundaries (4096 columns: 4 KiB of values a row) decoded
+# 5-11% slower from 2 MiB-aligned copies than from the default allocator's, and 4-6% faster with this
+# offset (one token, 2 threads, layer streams, interleaved: RESULTS.md, "huge pages"). The default
+# allocator's large blocks do not start on a page boundary either.
+HUGE_PAGE_OFFSET = 64
 
 
 def huge_pages_enabled() -> bool:
@@ -30,7 +37,7 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     if (tensor.device.type != "cpu" or tensor.nbytes < HUGE_PAGE_BYTES or tensor.is_shared()
             or not huge_pages_enabled()):
         return tensor
-    return ops().huge_page_copy(tensor)
+    return ops().huge_page_copy(tensor, HUGE_PAGE_OFFSET)
 
 
 def place_for_decode(packed, changed: set[str] | None = None):
@@ -42,4 +49,4 @@ def place_for_decode(packed, changed: set[str] | None = None):
     return packed.replace(**moved) if moved else packed
 
 
-__all__ = ["HUGE_PAGE_BYTES", "huge_pages_enabled", "on_huge_pages", "place_for_decode"]
+__all__ = ["HUGE_PAGE_BYTES", "HUGE_PAGE_OFFSET", "huge_pages_enabled", "on_huge_pages", "place_for_decode"]
