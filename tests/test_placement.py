@@ -135,6 +135,18 @@ def test_placed_tensor_is_backed_by_huge_pages(rng):
     assert torch.equal(out, src)
 
 
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
+def test_offset_copy_of_whole_huge_pages_takes_no_extra_huge_page(rng):
+    """A tensor of exactly k huge pages, copied 64 bytes in: its last 64 bytes spill onto an ordinary page,
+    not onto a (k+1)-th huge page (2:4 4096x4096 values and masks are exact multiples: +2 MiB each)."""
+    pages = 2
+    src = torch.randn(pages * HUGE_PAGE_BYTES // 4, generator=rng)
+    out = on_huge_pages(src)
+    out.add_(0)
+    assert torch.equal(out, src)
+    assert _anon_huge_kib(out) == pages * HUGE_PAGE_BYTES // 1024
+
+
 def test_huge_page_copy_refuses_an_offset_off_the_cache_lines(rng):
     from losa_deploy.kernels import ops
 

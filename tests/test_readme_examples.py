@@ -1,6 +1,8 @@
 """The README's Python examples against the package: every import they show imports, and every call they
 make to our API names a function that exists and takes those arguments (by position and keyword), so a
-renamed function or keyword cannot leave the README describing an API we no longer have."""
+renamed function or keyword cannot leave the README describing an API we no longer have. Out of scope:
+calls on the objects our functions return (``model.generate``), and the ```bash blocks (the CLI's options
+are checked by the CLI tests)."""
 
 import ast
 import importlib
@@ -23,7 +25,7 @@ def imported_names(tree):
     """What the block's imports bind, imported for real (a missing module or name raises here)."""
     names = {"ld": losa_deploy}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "losa_deploy":
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "losa_deploy":
             module = importlib.import_module(node.module)
             for alias in node.names:
                 names[alias.asname or alias.name] = getattr(module, alias.name)
@@ -61,9 +63,14 @@ def test_readme_example_calls_match_the_api(index):
             continue
         args = [None] * len(call.args)
         kwargs = {k.arg: None for k in call.keywords if k.arg is not None}
+        where = f"README line `{ast.get_source_segment(block, call)}`"
+        signature = inspect.signature(callee)
         try:
-            inspect.signature(callee).bind(*args, **kwargs)
+            signature.bind(*args, **kwargs)
         except TypeError as e:
-            pytest.fail(f"README line `{ast.get_source_segment(block, call)}`: {e}")
+            pytest.fail(f"{where}: {e}")
+        # A **kwargs parameter accepts any keyword: the README's must still be named parameters.
+        unnamed = set(kwargs) - set(signature.parameters)
+        assert not unnamed, f"{where}: {sorted(unnamed)} only reach **kwargs"
         checked += 1
     assert checked, "the example calls none of our functions"

@@ -31,6 +31,26 @@ namespace {
 
 constexpr int64_t kHugePage = int64_t{2} << 20;
 
+// An anonymous mapping, unmapped when this goes out of scope unless released (to the tensor's deleter).
+class Mapping {
+ public:
+  explicit Mapping(size_t length)
+      : length_(length), p_(mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)) {
+    LOSA_CHECK(p_ != MAP_FAILED, "huge_page_copy: out of memory mapping ", length, " bytes");
+  }
+  ~Mapping() {
+    if (p_ != nullptr) munmap(p_, length_);
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  char* data() const { return static_cast<char*>(p_); }
+  void release() { p_ = nullptr; }
+
+ private:
+  size_t length_;
+  void* p_;
+};
+
 at::Tensor huge_page_copy(const at::Tensor& tensor, int64_t offset) {
   LOSA_CHECK(tensor.device().is_cpu(), "huge_page_copy: need a CPU tensor, got ", tensor.device());
   LOSA_CHECK(offset >= 0 && offset < kHugePage && offset % 64 == 0,
@@ -39,17 +59,20 @@ at::Tensor huge_page_copy(const at::Tensor& tensor, int64_t offset) {
   const int64_t nbytes = static_cast<int64_t>(src.nbytes());
 #ifdef __linux__
   if (nbytes >= kHugePage) {
-    const int64_t size = (offset + nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    const size_t length = static_cast<size_t>(size + kHugePage);  // room to start on a 2 MiB boundary
-    void* map = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    LOSA_CHECK(map != MAP_FAILED, "huge_page_copy: out of memory mapping ", length, " bytes");
-    const auto start = (reinterpret_cast<uintptr_t>(map) + kHugePage - 1) / kHugePage * kHugePage;
-    auto* base = reinterpret_cast<char*>(start);
+    // Huge pages cover the tensor's size rounded up; the last `offset` bytes may spill past them onto
+    // ordinary pages (a tensor of exactly k huge pages would otherwise take a whole page more).
+    const int64_t size = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    const int64_t spill = (offset + 4095) / 4096 * 4096;
+    const size_t length = static_cast<size_t>(kHugePage + size + spill);  // room to start on a 2 MiB boundary
+    Mapping map(length);
+    char* base = map.data() + (kHugePage - reinterpret_cast<uintptr_t>(map.data()) % kHugePage) % kHugePage;
     madvise(base, size, MADV_HUGEPAGE);  // advice before the first touch; ignored when THP is off
     std::memcpy(base + offset, src.data_ptr(), nbytes);
-    // The untouched slack before and after `base` costs address space only.
-    return at::from_blob(base + offset, src.sizes(), [map, length](void*) { munmap(map, length); },
-                         src.options());
+    // The untouched slack before and after the copy costs address space only.
+    at::Tensor out = at::from_blob(
+        base + offset, src.sizes(), [p = map.data(), length](void*) { munmap(p, length); }, src.options());
+    map.release();
+    return out;
   }
 #endif
   return src.clone();
