@@ -156,3 +156,18 @@ def test_huge_page_copy_refuses_an_offset_off_the_cache_lines(rng):
             ops().huge_page_copy(src, bad)
     out = ops().huge_page_copy(src, 4096)
     assert out.data_ptr() % HUGE_PAGE_BYTES == 4096 and torch.equal(out, src)
+
+
+def test_deep_copied_and_unpickled_layers_are_placed_again(rng):
+    import copy
+    import pickle
+
+    rows, cols = 1789, 2311  # ragged; values over one huge page at 40%
+    weight = random_sparse(rows, cols, 0.4, rng)
+    layer = SparseLinear(BitmaskWeight.from_dense(weight))
+    x = torch.randn(4, cols, generator=rng)
+    ref = (x.double() @ weight.double().T).float()
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert _aligned(twin.packed.values) and twin.packed.values is twin.values
+        assert twin.packed.values.data_ptr() != layer.packed.values.data_ptr()
+        torch.testing.assert_close(twin(x), ref, rtol=1e-4, atol=1e-4)

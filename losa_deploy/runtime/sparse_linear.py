@@ -131,6 +131,11 @@ class SparseLinear(nn.Module):
         self._set_packed(packed, {name for name, t in packed.tensors().items() if t.data_ptr() != before[name]})
         return self
 
+    def __setstate__(self, state):
+        # Unpickled and deep-copied tensors come back on the default allocator: place them again.
+        super().__setstate__(state)
+        self._set_packed(self.packed)
+
     def _refresh_gpu_layout(self) -> None:
         on_cuda = self.packed.values.device.type == "cuda"
         self.gpu_layout: GPULayout | None = model_gpu_layout(self.packed) if on_cuda else None
