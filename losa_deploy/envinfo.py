@@ -1,4 +1,5 @@
-"""What ``losa-deploy env`` reports: versions, compiled kernels, CPU features or CUDA arch, engines."""
+"""What ``losa-deploy env`` reports: versions, compiled kernels, CPU features or CUDA arch, where packed
+weights live (huge pages), engines."""
 
 from __future__ import annotations
 
@@ -67,6 +68,12 @@ def kernel_info() -> dict:
             "build": ext.build_info() if ext is not None else None, "ops": ops}
 
 
+def memory_info() -> dict:
+    from .kernels.placement import placement_summary, thp_mode
+
+    return {"transparent_huge_pages": thp_mode(), "packed_weights": placement_summary()}
+
+
 def deepsparse_python() -> Path | None:
     """The interpreter of the separate DeepSparse venv (``$LOSA_DEEPSPARSE_PYTHON`` or ``.venv-deepsparse``)."""
     explicit = os.environ.get("LOSA_DEEPSPARSE_PYTHON")
@@ -109,5 +116,6 @@ def environment() -> dict:
         "kernels": kernel_info(),
         "cpu": cpu_info(),
         "cuda": cuda_info(),
+        "memory": memory_info(),
         "engines": engine_info(),
     }

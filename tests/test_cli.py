@@ -33,6 +33,20 @@ def test_env_reports_kernels_and_cpu(cli, tmp_path):
     assert set(env["cpu"]["features"]) >= {"avx2", "avx512f", "avx512bf16", "avx512vnni", "avx512vbmi2"}
     assert "losa::pack_mask" in env["kernels"]["ops"] or not env["kernels"]["compiled"]
     assert "kernels:" in out and "features:" in out
+    from losa_deploy.kernels.placement import thp_mode
+
+    mode = thp_mode()
+    assert env["memory"]["transparent_huge_pages"] == mode
+    expected = "2 MiB huge pages" if mode in ("always", "madvise") else "4 KiB pages"
+    assert env["memory"]["packed_weights"].startswith(expected) and f"memory:    packed CPU weights on {expected}" in out
+
+
+def test_env_says_when_placement_is_off(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOSA_HUGE_PAGES", "0")
+    code, out, _ = cli("env", "--json", tmp_path / "env.json")
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert code == 0 and env["memory"]["packed_weights"] == "default allocator (LOSA_HUGE_PAGES=0)"
+    assert "packed CPU weights on default allocator (LOSA_HUGE_PAGES=0)" in out
 
 
 def test_env_reports_an_unrunnable_deepsparse_python_and_the_rest(cli, stories_dir, tmp_path, monkeypatch):

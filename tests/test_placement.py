@@ -9,7 +9,13 @@ from sparse_weights import random_nm, random_sparse
 from losa_deploy.kernels import has_extension
 from losa_deploy.kernels.formats.bitmask import BitmaskWeight
 from losa_deploy.kernels.formats.nm import NMKernelLayout, NMWeight
-from losa_deploy.kernels.placement import HUGE_PAGE_BYTES, HUGE_PAGE_OFFSET, on_huge_pages, place_for_decode
+from losa_deploy.kernels.placement import (
+    HUGE_PAGE_BYTES,
+    HUGE_PAGE_OFFSET,
+    on_huge_pages,
+    place_for_decode,
+    thp_mode,
+)
 from losa_deploy.runtime import SparseLinear
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
@@ -98,14 +104,6 @@ def test_building_and_converting_a_layer_checks_its_bits_once(rng, kind, monkeyp
     torch.testing.assert_close(layer(x).double(), ref, rtol=2e-2, atol=2e-2)
 
 
-def _thp_mode() -> str:
-    try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return "unknown"
-    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
-
-
 def _anon_huge_kib(t: torch.Tensor) -> int:
     """AnonHugePages of the mapping that holds ``t``'s first byte (/proc/self/smaps)."""
     ptr, inside = t.data_ptr(), False
@@ -123,7 +121,7 @@ def _anon_huge_kib(t: torch.Tensor) -> int:
     return 0
 
 
-@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
+@pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
 def test_placed_tensor_is_backed_by_huge_pages(rng):
     """Not only aligned: the kernel really backs the copy with 2 MiB pages (what benchmarks/huge_pages.py
     compares against the default allocator)."""
@@ -135,7 +133,7 @@ def test_placed_tensor_is_backed_by_huge_pages(rng):
     assert torch.equal(out, src)
 
 
-@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
+@pytest.mark.skipif(thp_mode() not in ("madvise", "always"), reason="transparent huge pages are off")
 def test_offset_copy_of_whole_huge_pages_takes_no_extra_huge_page(rng):
     """A tensor of exactly k huge pages, copied 64 bytes in: its last 64 bytes spill onto an ordinary page,
     not onto a (k+1)-th huge page (2:4 4096x4096 values and masks are exact multiples: +2 MiB each)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-HELP = "show versions, compiled kernels, CPU features / CUDA arch and which engines are installed"
+HELP = "show versions, compiled kernels, CPU features / CUDA arch, huge-page placement and the engines installed"
 
 
 def add_arguments(parser) -> None:
@@ -22,6 +22,7 @@ def run(args) -> dict:
     print(f"cpu:       {cpu['model']} ({cpu['logical_cores']} logical cores, torch threads {env['torch_threads']})")
     print(f"features:  {' '.join(feats) or 'none of interest'}")
     print("cuda:      " + (f"{cuda['device']} {cuda['arch']}" if cuda["available"] else "not available"))
+    print(f"memory:    packed CPU weights on {env['memory']['packed_weights']}")
     for name, e in env["engines"].items():
         state = e["version"] if e["installed"] else f"unusable ({e['error']})" if e.get("error") else "not installed"
         print(f"engine:    {name:<12} {state}")

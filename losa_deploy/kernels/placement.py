@@ -31,6 +31,27 @@ def huge_pages_enabled() -> bool:
     return os.environ.get("LOSA_HUGE_PAGES", "1") not in ("0", "") and ops() is not None
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page mode: ``always``, ``madvise``, ``never``, or ``unknown``."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:  # not Linux, or no THP support
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
+
+
+def placement_summary() -> str:
+    """Where packed weights will live, in a few words (``losa-deploy env``)."""
+    if ops() is None:
+        return "default allocator (the compiled extension is not built)"
+    if not huge_pages_enabled():
+        return "default allocator (LOSA_HUGE_PAGES=0)"
+    mode = thp_mode()
+    if mode in ("always", "madvise"):
+        return f"2 MiB huge pages (transparent huge pages: {mode})"
+    return f"4 KiB pages (transparent huge pages: {mode}; the advice is ignored)"
+
+
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of a CPU ``tensor`` on huge pages, or ``tensor`` itself (small, not on the CPU, disabled, or
     in shared memory, where a copy would stop sharing it: ``Module.share_memory()``)."""
@@ -49,4 +70,5 @@ def place_for_decode(packed, changed: set[str] | None = None):
     return packed.replace(**moved) if moved else packed
 
 
-__all__ = ["HUGE_PAGE_BYTES", "HUGE_PAGE_OFFSET", "huge_pages_enabled", "on_huge_pages", "place_for_decode"]
+__all__ = ["HUGE_PAGE_BYTES", "HUGE_PAGE_OFFSET", "huge_pages_enabled", "on_huge_pages", "place_for_decode",
+           "placement_summary", "thp_mode"]
