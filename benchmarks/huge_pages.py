@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from kernels_cpu import SHAPES, make_weight, pack
+from kernels_cpu import SHAPES, fresh_copy, make_weight, pack
 
 from losa_deploy.envinfo import cpu_info
 from losa_deploy.kernels import ops, sparse_linear
@@ -27,11 +27,6 @@ from losa_deploy.kernels.placement import huge_pages_enabled, place_for_decode
 from losa_deploy.utils.fs import write_json
 
 PATTERNS = ("50%", "70%", "2:4")
-
-
-def default_pages(packed):
-    """``packed`` with every tensor copied onto the default allocator (fresh, so not on huge pages)."""
-    return packed.replace(**{name: t.clone() for name, t in packed.tensors().items()})
 
 
 def stream_ms(layers, x) -> float:
@@ -46,8 +41,8 @@ def measure(shape, pattern: str, tokens: int, stream_bytes: int, reps: int, gen)
     first, _ = pack(make_weight(*shape, pattern, seed=0), pattern)
     nbytes = first.nbytes
     count = max(2, -(-stream_bytes // nbytes))
-    small = [default_pages(first) for _ in range(count)]
-    huge = [place_for_decode(default_pages(first)) for _ in range(count)]
+    small = [fresh_copy(first) for _ in range(count)]
+    huge = [place_for_decode(fresh_copy(first)) for _ in range(count)]
     moved = sum(h.values.data_ptr() != s.values.data_ptr() for h, s in zip(huge, small))
     x = torch.randn(tokens, shape[1], generator=gen).bfloat16()
     assert torch.equal(sparse_linear(x, huge[0]), sparse_linear(x, small[0]))

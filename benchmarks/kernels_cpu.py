@@ -226,12 +226,16 @@ def pack(dense: torch.Tensor, pattern: str):
     return BitmaskWeight.from_dense(dense), "bitmask"
 
 
+def fresh_copy(packed):
+    """``packed`` with every tensor copied onto the default allocator (not on huge pages)."""
+    return packed.replace(**{name: t.clone() for name, t in packed.tensors().items()})
+
+
 def layer_stream(packed, x: torch.Tensor):
     """Our side of the layer stream: copies of ``packed`` in their own memory (huge pages, as in decode),
     together at least STREAM_BYTES, and a call that runs x through each once; returns (call, layers)."""
     count = stream_layers(packed.nbytes)
-    copies = [place_for_decode(packed.replace(**{k: v.clone() for k, v in packed.tensors().items()}))
-              for _ in range(count)]
+    copies = [place_for_decode(fresh_copy(packed)) for _ in range(count)]
 
     def run():
         for weight in copies:

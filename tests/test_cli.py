@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from losa_deploy.cli import COMMANDS
+from losa_deploy.kernels.placement import thp_mode
 
 
 @pytest.mark.parametrize("command", [c[0] for c in COMMANDS])
@@ -33,8 +34,6 @@ def test_env_reports_kernels_and_cpu(cli, tmp_path):
     assert set(env["cpu"]["features"]) >= {"avx2", "avx512f", "avx512bf16", "avx512vnni", "avx512vbmi2"}
     assert "losa::pack_mask" in env["kernels"]["ops"] or not env["kernels"]["compiled"]
     assert "kernels:" in out and "features:" in out
-    from losa_deploy.kernels.placement import thp_mode
-
     mode = thp_mode()
     assert env["memory"]["transparent_huge_pages"] == mode
     expected = "2 MiB huge pages" if mode in ("always", "madvise") else "4 KiB pages"

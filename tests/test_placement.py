@@ -21,7 +21,7 @@ from losa_deploy.runtime import SparseLinear
 pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled extension not built")
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def _placed(t: torch.Tensor) -> bool:
     """Where a placed copy starts: one cache line into a huge page (placement.HUGE_PAGE_OFFSET)."""
     return t.data_ptr() % HUGE_PAGE_BYTES == HUGE_PAGE_OFFSET
 
@@ -30,7 +30,7 @@ def test_large_tensor_copied_exactly_onto_aligned_memory(rng):
     n = HUGE_PAGE_BYTES // 2 + int(torch.randint(1, 5000, (1,), generator=rng))  # bf16: just over 1 page
     src = torch.randn(n, generator=rng).to(torch.bfloat16)
     out = on_huge_pages(src)
-    assert out is not src and _aligned(out)
+    assert out is not src and _placed(out)
     assert out.dtype == src.dtype and out.shape == src.shape
     assert torch.equal(out.view(torch.int16), src.view(torch.int16))  # bit-exact
     del src
@@ -49,7 +49,7 @@ def test_sparse_linear_places_weights_and_keeps_outputs(rng):
     rows, cols = 2531, 2123  # ragged; values > 2 MiB at 50%, in fp32 and in bf16
     weight = random_sparse(rows, cols, 0.5, rng)
     layer = SparseLinear(BitmaskWeight.from_dense(weight))
-    assert layer.packed.values.nbytes >= HUGE_PAGE_BYTES and _aligned(layer.packed.values)
+    assert layer.packed.values.nbytes >= HUGE_PAGE_BYTES and _placed(layer.packed.values)
     assert layer.packed.values is layer.values  # the buffer and the kernel's view are one tensor
     x = torch.randn(3, cols, generator=rng)
     ref = (x.double() @ weight.double().T).float()
@@ -59,7 +59,7 @@ def test_sparse_linear_places_weights_and_keeps_outputs(rng):
     assert layer.packed.mask is placed_mask
     layer.to(torch.bfloat16)  # new value tensor (half the bytes, still > 1 page): placed again
     assert layer.packed.mask is placed_mask  # the int tensors stay where they are
-    assert layer.packed.values.dtype == torch.bfloat16 and _aligned(layer.packed.values)
+    assert layer.packed.values.dtype == torch.bfloat16 and _placed(layer.packed.values)
     ref16 = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
     torch.testing.assert_close(layer(x.to(torch.bfloat16)).double(), ref16, rtol=2e-2, atol=2e-2)
 
@@ -166,6 +166,6 @@ def test_deep_copied_and_unpickled_layers_are_placed_again(rng):
     x = torch.randn(4, cols, generator=rng)
     ref = (x.double() @ weight.double().T).float()
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert _aligned(twin.packed.values) and twin.packed.values is twin.values
+        assert _placed(twin.packed.values) and twin.packed.values is twin.values
         assert twin.packed.values.data_ptr() != layer.packed.values.data_ptr()
         torch.testing.assert_close(twin(x), ref, rtol=1e-4, atol=1e-4)

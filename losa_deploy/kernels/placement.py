@@ -13,6 +13,7 @@ Tensors under one huge page stay where they are (the allocation rounds up to who
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -34,7 +35,7 @@ def huge_pages_enabled() -> bool:
 def thp_mode() -> str:
     """The kernel's transparent-huge-page mode: ``always``, ``madvise``, ``never``, or ``unknown``."""
     try:
-        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:  # not Linux, or no THP support
         return "unknown"
     return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "unknown"
